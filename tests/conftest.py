@@ -80,7 +80,7 @@ def ray_cluster(s3_endpoint: str) -> Iterator[None]:
     that Ray workers inherit its environment."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield
     finally:
