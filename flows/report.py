@@ -1,0 +1,235 @@
+"""Run reports: a markdown summary for Prefect artifacts and a self-contained HTML page.
+
+The HTML report (written to ``<output>/report.html``) has a class-distribution bar chart as inline SVG
+and a gallery of image / mask overlays as base64 PNG thumbnails: no scripts, no external assets.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from dataclasses import dataclass, field
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from PIL import Image, ImageOps
+
+from fcn.image import to_rgb_array
+
+THUMBNAIL_SIZE = 160
+OVERLAY_ALPHA = 0.5
+
+
+@dataclass(frozen=True)
+class ClassDistribution:
+    """Pixels per class summed over the images segmented without error, and how many images each
+    class dominates."""
+
+    class_names: list[str]
+    pixels: list[int]
+    dominant_images: list[int]
+
+    @classmethod
+    def from_stats(cls, stats: pa.Table, class_names: list[str]) -> ClassDistribution:
+        """Aggregate the ``pixel_counts`` and ``dominant_class`` columns of the ok rows."""
+        ok = stats.filter(pc.equal(stats["status"], "ok"))
+        n = len(class_names)
+        pixels = np.zeros(n, dtype=np.int64)
+        for counts in ok["pixel_counts"].to_pylist():
+            pixels[: len(counts)] += np.asarray(counts[:n], dtype=np.int64)
+        dominant = np.bincount(np.asarray(ok["dominant_class"].to_pylist(), dtype=np.int64), minlength=n)
+        return cls(list(class_names), pixels.tolist(), dominant[:n].tolist())
+
+    @property
+    def total_pixels(self) -> int:
+        return int(sum(self.pixels))
+
+
+@dataclass(frozen=True)
+class GalleryItem:
+    """One image with its mask blended on top, as a PNG data URI."""
+
+    image_uri: str
+    caption: str
+    data_uri: str
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """Everything a person wants to know about one segmentation run."""
+
+    title: str
+    model: str
+    ok: int
+    error: int
+    skipped: int
+    images_per_second: float
+    distribution: ClassDistribution
+    palette: list[int]
+    links: dict[str, str] = field(default_factory=dict)
+    errors: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        return "failed" if self.ok == 0 and self.error > 0 else ("partial" if self.error else "ok")
+
+
+def error_rows(stats: pa.Table, limit: int = 20) -> list[tuple[str, str]]:
+    """Up to ``limit`` (image_uri, reason) pairs of the rows with status ``error``."""
+    bad = stats.filter(pc.equal(stats["status"], "error")).slice(0, limit)
+    return list(zip(bad["image_uri"].to_pylist(), bad["error"].to_pylist(), strict=True))
+
+
+def _percent(part: int, whole: int) -> str:
+    return f"{100.0 * part / whole:.1f}%" if whole else "0.0%"
+
+
+def markdown_summary(report: RunReport) -> str:
+    """Markdown for ``prefect.artifacts.create_markdown_artifact``: counts, throughput, model, the
+    class-distribution table (classes with any pixels) and links to the outputs."""
+    dist = report.distribution
+    lines = [
+        f"# {report.title}",
+        "",
+        "| status | images |",
+        "|---|---:|",
+        f"| ok | {report.ok} |",
+        f"| error | {report.error} |",
+        f"| skipped (already done) | {report.skipped} |",
+        "",
+        f"**Throughput:** {report.images_per_second:.2f} images/s  ",
+        f"**Model:** `{report.model}`",
+        "",
+        "## Class distribution",
+        "",
+        "| class | pixels | share | images dominated |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, pixels, dominant in zip(dist.class_names, dist.pixels, dist.dominant_images, strict=True):
+        if pixels or dominant:
+            lines.append(f"| {name} | {pixels} | {_percent(pixels, dist.total_pixels)} | {dominant} |")
+    if report.links:
+        lines += ["", "## Outputs", ""]
+        lines += [f"- {name}: [{uri}]({uri})" for name, uri in report.links.items()]
+    if report.errors:
+        lines += ["", "## Errors (first rows)", "", "| image | reason |", "|---|---|"]
+        lines += [f"| `{uri}` | {reason.replace('|', '/')} |" for uri, reason in report.errors]
+    return "\n".join(lines) + "\n"
+
+
+def _colour(palette: list[int], index: int) -> str:
+    r, g, b = (palette[3 * index : 3 * index + 3] + [128, 128, 128])[:3]
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def class_chart_svg(dist: ClassDistribution, palette: list[int]) -> str:
+    """Horizontal bar chart of the pixel share of each class present, as an inline SVG element."""
+    rows = [(i, p) for i, p in enumerate(dist.pixels) if p]
+    bar_height, gap, label_width, bar_width = 18, 6, 140, 420
+    height = max(1, len(rows)) * (bar_height + gap) + gap
+    biggest = max((p for _, p in rows), default=1)
+    parts = [
+        f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" width="{label_width + bar_width + 80}" '
+        f'height="{height}" role="img" aria-label="class distribution">'
+    ]
+    for row, (index, pixels) in enumerate(rows):
+        y = gap + row * (bar_height + gap)
+        width = max(1, round(bar_width * pixels / biggest))
+        name = html.escape(dist.class_names[index])
+        share = _percent(pixels, dist.total_pixels)
+        parts.append(
+            f'<text x="{label_width - 6}" y="{y + bar_height - 4}" text-anchor="end">{name}</text>'
+            f'<rect class="bar" x="{label_width}" y="{y}" width="{width}" height="{bar_height}" '
+            f'fill="{_colour(palette, index)}" stroke="#333"><title>{name}: {pixels} px</title></rect>'
+            f'<text x="{label_width + width + 6}" y="{y + bar_height - 4}">{share}</text>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def overlay_thumbnail(image_uri: str, mask_uri: str, *, size: int = THUMBNAIL_SIZE) -> str:
+    """The image and the mask blended over it, side by side, scaled to fit ``size`` px, as a PNG data URI."""
+    with fsspec.open(image_uri, "rb") as f:
+        image = Image.open(io.BytesIO(f.read()))
+        image = Image.fromarray(to_rgb_array(ImageOps.exif_transpose(image)))
+    with fsspec.open(mask_uri, "rb") as f:
+        mask = Image.open(io.BytesIO(f.read())).convert("RGB")
+    image.thumbnail((size, size), Image.Resampling.BILINEAR)
+    mask = mask.resize(image.size, Image.Resampling.NEAREST)
+    blended = Image.blend(image, mask, OVERLAY_ALPHA)
+    pair = Image.new("RGB", (2 * image.width + 4, image.height), "white")
+    pair.paste(image, (0, 0))
+    pair.paste(blended, (image.width + 4, 0))
+    buffer = io.BytesIO()
+    pair.save(buffer, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def sample_gallery(stats: pa.Table, class_names: list[str], size: int) -> list[GalleryItem]:
+    """Overlays of ``size`` ok rows spread evenly over the run (sorted by image URI)."""
+    ok = stats.filter(pc.equal(stats["status"], "ok")).sort_by("image_uri")
+    if size <= 0 or ok.num_rows == 0:
+        return []
+    picks = np.unique(np.linspace(0, ok.num_rows - 1, num=min(size, ok.num_rows)).round().astype(int))
+    items = []
+    for row in ok.take(pa.array(picks)).to_pylist():
+        caption = f"{row['image_uri'].rsplit('/', 1)[-1]} ({row['width']}x{row['height']}, " \
+                  f"mostly {class_names[row['dominant_class']]})"
+        items.append(GalleryItem(row["image_uri"], caption, overlay_thumbnail(row["image_uri"], row["mask_uri"])))
+    return items
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2rem;color:#222}
+table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.25rem .6rem;text-align:right}
+td:first-child,th:first-child{text-align:left}
+.chart text{font-size:12px;dominant-baseline:auto}
+.gallery{display:flex;flex-wrap:wrap;gap:1rem}
+figure{margin:0;max-width:340px}figcaption{font-size:12px;word-break:break-all}
+"""
+
+
+def html_report(report: RunReport, gallery: list[GalleryItem]) -> str:
+    """A self-contained HTML page: counts, the class chart, the overlay gallery and output links."""
+    esc = html.escape
+    dist = report.distribution
+    rows = "".join(
+        f"<tr><td>{esc(name)}</td><td>{pixels}</td><td>{_percent(pixels, dist.total_pixels)}</td>"
+        f"<td>{dominant}</td></tr>"
+        for name, pixels, dominant in zip(dist.class_names, dist.pixels, dist.dominant_images, strict=True)
+        if pixels or dominant
+    )
+    figures = "".join(
+        f'<figure><img src="{item.data_uri}" alt="{esc(item.image_uri)}">'
+        f"<figcaption>{esc(item.caption)}</figcaption></figure>"
+        for item in gallery
+    )
+    links = "".join(f"<li>{esc(name)}: <code>{esc(uri)}</code></li>" for name, uri in report.links.items())
+    errors = "".join(f"<tr><td>{esc(uri)}</td><td>{esc(reason)}</td></tr>" for uri, reason in report.errors)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{esc(report.title)}</title><style>{_CSS}</style></head>
+<body>
+<h1>{esc(report.title)}</h1>
+<p>Model <code>{esc(report.model)}</code> &middot; {report.images_per_second:.2f} images/s</p>
+<table><tr><th>status</th><th>images</th></tr>
+<tr><td>ok</td><td>{report.ok}</td></tr><tr><td>error</td><td>{report.error}</td></tr>
+<tr><td>skipped (already done)</td><td>{report.skipped}</td></tr></table>
+<h2>Class distribution</h2>
+{class_chart_svg(dist, report.palette)}
+<table><tr><th>class</th><th>pixels</th><th>share</th><th>images dominated</th></tr>{rows}</table>
+<h2>Gallery: {len(gallery)} sample images (image | mask overlay)</h2>
+<div class="gallery">{figures}</div>
+{f"<h2>Errors (first rows)</h2><table><tr><th>image</th><th>reason</th></tr>{errors}</table>" if errors else ""}
+<h2>Outputs</h2><ul>{links}</ul>
+</body></html>
+"""
+
+
+def write_text(uri: str, text: str) -> str:
+    """Write ``text`` to any fsspec URI and return the URI."""
+    with fsspec.open(uri, "w", encoding="utf-8") as f:
+        f.write(text)
+    return uri
