@@ -5,23 +5,119 @@ Layout::
     <registry>/runs/<run_name>/epoch-<NNNN>/checkpoint.pt, metrics.json
     <registry>/models/<version>/checkpoint.pt, metrics.json
     <registry>/champion.json   {"version", "checkpoint", "metrics", "promoted_at"}
+
+A version's ``metrics.json`` is written after its ``checkpoint.pt``, so a version is complete once it
+has metrics. ``champion.json`` is replaced atomically: on a local disk through a temporary file and
+``os.replace``, on object stores by a single PUT, so a reader sees the old or the new champion, never
+a partial file. Registration and promotion assume one writer at a time (e.g. one nightly job).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import uuid
+from datetime import datetime, timezone
+from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 CHAMPION_FILE = "champion.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.json"
+SCORE_METRIC = "mean_iu"
 
 
 def resolve_checkpoint_uri(uri: str) -> str:
     """Return the champion's checkpoint URI if ``uri`` is a registry root, else ``uri`` unchanged."""
-    fs, path = fsspec.core.url_to_fs(uri)
-    pointer = path.rstrip("/") + "/" + CHAMPION_FILE
-    if not fs.isfile(pointer):
-        return uri
-    with fs.open(pointer, "r") as f:
-        champion = json.load(f)
-    return champion["checkpoint"]
+    champion = get_champion(uri)
+    return uri if champion is None else champion["checkpoint"]
+
+
+def get_champion(registry: str) -> dict[str, Any] | None:
+    """The parsed ``champion.json`` of ``registry``, or None if there is no champion."""
+    fs, root = fsspec.core.url_to_fs(registry)
+    try:  # a direct read, not a (possibly cached) listing
+        return json.loads(fs.cat_file(f"{root.rstrip('/')}/{CHAMPION_FILE}"))
+    except FileNotFoundError:
+        return None
+
+
+def list_versions(registry: str) -> list[str]:
+    """Complete versions (those with metrics) in ascending order."""
+    fs, root = fsspec.core.url_to_fs(registry)
+    fs.invalidate_cache(f"{root.rstrip('/')}/models")
+    found = fs.glob(f"{root.rstrip('/')}/models/v*/{METRICS_FILE}")
+    return sorted(p.rsplit("/", 2)[-2] for p in found)
+
+
+def read_version(registry: str, version: str) -> dict[str, Any]:
+    """The metrics of ``version`` plus its ``checkpoint`` URI; ValueError if there is no such version."""
+    fs, root = fsspec.core.url_to_fs(registry)
+    folder = f"{root.rstrip('/')}/models/{version}"
+    try:
+        metrics = json.loads(fs.cat_file(f"{folder}/{METRICS_FILE}"))
+    except FileNotFoundError:
+        raise ValueError(f"registry {registry!r} has no model version {version!r}") from None
+    return {"version": version, "checkpoint": fs.unstrip_protocol(f"{folder}/{CHECKPOINT_FILE}"), "metrics": metrics}
+
+
+def register_model(registry: str, checkpoint_uri: str, metrics: dict[str, Any]) -> str:
+    """Copy a checkpoint file into the next version ``models/vNNNN/`` with its metrics; return the version."""
+    if SCORE_METRIC not in metrics:
+        raise ValueError(f"metrics must contain {SCORE_METRIC!r} to register a model")
+    fs, root = fsspec.core.url_to_fs(registry)
+    root = root.rstrip("/")
+    existing = [v for v in (p.rsplit("/", 1)[-1] for p in _listdir(fs, f"{root}/models")) if v[1:].isdigit()]
+    version = f"v{max((int(v[1:]) for v in existing), default=0) + 1:04d}"
+    folder = f"{root}/models/{version}"
+    fs.makedirs(folder, exist_ok=True)
+    with fsspec.open(checkpoint_uri, "rb") as src:
+        data = src.read()
+    fs.pipe_file(f"{folder}/{CHECKPOINT_FILE}", data)
+    fs.pipe_file(f"{folder}/{METRICS_FILE}", json.dumps(metrics, indent=2, sort_keys=True).encode())
+    return version
+
+
+def promote(registry: str, version: str) -> dict[str, Any]:
+    """Make ``version`` the champion (atomically); return the new ``champion.json`` content."""
+    entry = read_version(registry, version)
+    champion = {**entry, "promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    fs, root = fsspec.core.url_to_fs(registry)
+    _write_atomic(fs, f"{root.rstrip('/')}/{CHAMPION_FILE}", json.dumps(champion, indent=2).encode())
+    return champion
+
+
+def promote_if_better(registry: str, version: str, *, margin: float = 0.0) -> bool:
+    """Promote ``version`` if its validation mean IU beats the champion's by more than ``margin``
+    (or there is no champion yet); return whether it was promoted."""
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    candidate = read_version(registry, version)["metrics"][SCORE_METRIC]
+    champion = get_champion(registry)
+    if champion is not None and not candidate > champion["metrics"][SCORE_METRIC] + margin:
+        return False
+    promote(registry, version)
+    return True
+
+
+def _listdir(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    fs.invalidate_cache(path)
+    try:
+        return [p.rstrip("/") for p in fs.ls(path, detail=False)]
+    except FileNotFoundError:
+        return []
+
+
+def _write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Replace ``path`` so that readers see either the old or the new content."""
+    if isinstance(fs, LocalFileSystem):
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)  # object stores: one PUT is atomic for readers

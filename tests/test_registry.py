@@ -1,0 +1,89 @@
+"""Model registry: versions, champion pointer, promote-if-better with a margin, atomic pointer, on local disk and S3."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from fcn import registry
+
+
+def _checkpoint(fs_uri: str, payload: bytes) -> str:
+    with fsspec.open(fs_uri, "wb") as f:
+        f.write(payload)
+    return fs_uri
+
+
+@pytest.fixture(params=["local", "s3"])
+def registry_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "registry")
+    return request.getfixturevalue("s3_bucket") + "/registry"
+
+
+def test_register_and_promote_with_margin(registry_uri: str) -> None:
+    assert registry.get_champion(registry_uri) is None
+    assert registry.resolve_checkpoint_uri(registry_uri) == registry_uri  # no champion -> unchanged
+    run = _checkpoint(f"{registry_uri}/runs/r1/epoch-0001/checkpoint.pt", b"weights-1")
+
+    v1 = registry.register_model(registry_uri, run, {"mean_iu": 0.50, "run_name": "r1"})
+    assert v1 == "v0001" and registry.list_versions(registry_uri) == ["v0001"]
+    assert registry.promote_if_better(registry_uri, v1, margin=0.01)  # no champion yet
+    champion = registry.get_champion(registry_uri)
+    assert champion["version"] == "v0001" and champion["metrics"]["mean_iu"] == 0.50
+    assert champion["checkpoint"].endswith("models/v0001/checkpoint.pt")
+    assert registry.resolve_checkpoint_uri(registry_uri) == champion["checkpoint"]
+    with fsspec.open(champion["checkpoint"], "rb") as f:
+        assert f.read() == b"weights-1"
+
+    v2 = registry.register_model(registry_uri, _checkpoint(f"{registry_uri}/x.pt", b"weights-2"), {"mean_iu": 0.505})
+    assert v2 == "v0002"
+    assert not registry.promote_if_better(registry_uri, v2, margin=0.01)  # better, but not by the margin
+    assert registry.get_champion(registry_uri)["version"] == "v0001"
+    v3 = registry.register_model(registry_uri, _checkpoint(f"{registry_uri}/y.pt", b"weights-3"), {"mean_iu": 0.52})
+    assert registry.promote_if_better(registry_uri, v3, margin=0.01)
+    assert registry.get_champion(registry_uri)["version"] == "v0003"
+    assert not registry.promote_if_better(registry_uri, v1)  # worse never replaces the champion
+    assert registry.list_versions(registry_uri) == ["v0001", "v0002", "v0003"]
+    assert registry.read_version(registry_uri, "v0002")["metrics"]["mean_iu"] == 0.505
+
+
+def test_bad_inputs(tmp_path: Path) -> None:
+    uri = str(tmp_path)
+    with pytest.raises(ValueError, match="no model version 'v0009'"):
+        registry.promote(uri, "v0009")
+    with pytest.raises(ValueError, match="mean_iu"):
+        registry.register_model(uri, _checkpoint(f"{uri}/c.pt", b"x"), {"loss": 1.0})
+    with pytest.raises(ValueError, match="margin"):
+        registry.promote_if_better(uri, "v0001", margin=-1)
+
+
+def test_local_promotion_is_atomic_for_readers(tmp_path: Path) -> None:
+    """Readers polling champion.json while versions are promoted back and forth always parse a whole file."""
+    uri = str(tmp_path)
+    for i in range(2):
+        registry.register_model(uri, _checkpoint(f"{uri}/c{i}.pt", b"w"), {"mean_iu": 0.1 * i, "pad": "x" * 200_000})
+    registry.promote(uri, "v0001")
+    stop = threading.Event()
+    seen: list[str] = []
+    errors: list[Exception] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                seen.append(json.loads((tmp_path / "champion.json").read_bytes())["version"])
+            except Exception as exc:  # a torn read would show up here
+                errors.append(exc)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    for i in range(20):
+        registry.promote(uri, f"v000{1 + i % 2}")
+    stop.set()
+    thread.join()
+    assert not errors and seen and set(seen) <= {"v0001", "v0002"}
+    assert not list(tmp_path.glob("*.tmp"))  # no temporary files left behind
