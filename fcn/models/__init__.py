@@ -1,0 +1,33 @@
+"""The paper's FCNs: one module per network, a builder per name, and ``get_model``."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+from torch import nn
+
+from fcn.models.fcn8s import fcn8s_atonce_vgg16, fcn8s_vgg16
+from fcn.models.fcn16s import fcn16s_vgg16
+from fcn.models.fcn32s import fcn32s_vgg16
+
+BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "fcn32s_vgg16": fcn32s_vgg16,
+    "fcn16s_vgg16": fcn16s_vgg16,
+    "fcn8s_vgg16": fcn8s_vgg16,
+    "fcn8s_atonce_vgg16": fcn8s_atonce_vgg16,
+}
+
+__all__ = ["BUILDERS", "get_model", *BUILDERS]
+
+
+def get_model(name: str, **kwargs: object) -> nn.Module:
+    """Build the network ``name`` with builder arguments ``kwargs``; ValueError names a bad name or argument."""
+    if name not in BUILDERS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(BUILDERS)}")
+    builder = BUILDERS[name]
+    accepted = inspect.signature(builder).parameters
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(f"{name}: unknown argument(s) {unknown}; accepted: {sorted(accepted)}")
+    return builder(**kwargs)

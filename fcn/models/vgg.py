@@ -1,0 +1,110 @@
+"""VGG16 convolutionalized (paper 3.1): the shared trunk of FCN-32s, FCN-16s and FCN-8s.
+
+Layers keep the paper's / pytorch-fcn's names (conv1_1 ... conv5_3, pool1 ... pool5, fc6, fc7), so
+the module's state_dict keys are those of the published PyTorch FCN weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fcn.geometry import CoordMap, coord_map, receptive_field
+from fcn.models._common import arch_dict, check_args, check_input, conv1_padding, fc6_padding, rarefy, scaled
+
+VGG16_BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
+"""(channels, convolutions) of VGG16's five blocks, each followed by a 2x2 stride-2 max pool."""
+FC_CHANNELS = 4096
+TAPS = ("pool3", "pool4", "fc7")
+
+
+class VGG16FCN(nn.Module):
+    """VGG16 with fc6 as a 7x7 convolution and fc7 as a 1x1 one; ``features`` returns pool3, pool4, fc7.
+
+    ``geometry="reference"``: conv1_1 padding 100, fc6 padding 0 (Caffe voc-fcn*s).
+    ``geometry="aligned"``: conv1_1 padding 4, fc6 padding 3 -- the same score grid, without carrying
+    96 zero pixels per side through every convolution. Pooling rounds up (ceil mode) in both.
+    """
+
+    backbone_family = "vgg16"
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        num_classes: int,
+        geometry: str,
+        width: float,
+        output_stride: int,
+        learnable_upsampling: bool,
+    ) -> None:
+        super().__init__()
+        check_args(
+            name,
+            num_classes=num_classes,
+            geometry=geometry,
+            width=width,
+            output_stride=output_stride,
+            learnable_upsampling=learnable_upsampling,
+        )
+        self.arch = arch_dict(
+            name,
+            num_classes=num_classes,
+            geometry=geometry,
+            width=float(width),
+            output_stride=output_stride,
+            learnable_upsampling=learnable_upsampling,
+        )
+        self.num_classes = num_classes
+        self.output_stride = output_stride
+        self.layer_names: list[str] = []
+        in_channels = 3
+        for block, (channels, convs) in enumerate(VGG16_BLOCKS, start=1):
+            out_channels = scaled(channels, width)
+            for i in range(1, convs + 1):
+                padding = conv1_padding(geometry) if (block, i) == (1, 1) else 1
+                self._add(f"conv{block}_{i}", nn.Conv2d(in_channels, out_channels, 3, padding=padding))
+                self._add(f"relu{block}_{i}", nn.ReLU(inplace=True))
+                in_channels = out_channels
+            self._add(f"pool{block}", nn.MaxPool2d(2, stride=2, ceil_mode=True))
+        self.pool3_channels = scaled(VGG16_BLOCKS[2][0], width)
+        self.pool4_channels = scaled(VGG16_BLOCKS[3][0], width)
+        self.fc7_channels = scaled(FC_CHANNELS, width)
+        self._add("fc6", nn.Conv2d(in_channels, self.fc7_channels, 7, padding=fc6_padding(geometry)))
+        self._add("relu6", nn.ReLU(inplace=True))
+        self._add("drop6", nn.Dropout(0.5))
+        self._add("fc7", nn.Conv2d(self.fc7_channels, self.fc7_channels, 1))
+        self._add("relu7", nn.ReLU(inplace=True))
+        self._add("drop7", nn.Dropout(0.5))
+        layers = [getattr(self, n) for n in self.layer_names]
+        rarefy(layers, output_stride)
+        self.receptive_field = receptive_field(layers)
+        for m in layers:
+            if isinstance(m, nn.Conv2d):
+                if m.kernel_size == (3, 3):  # torchvision's VGG init
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                else:  # fc6, fc7: torchvision's Linear init
+                    nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def _add(self, name: str, module: nn.Module) -> None:
+        setattr(self, name, module)
+        self.layer_names.append(name)
+
+    def tap_maps(self) -> dict[str, CoordMap]:
+        """Coordinate maps (cell -> input pixel) of the pool3, pool4 and fc7 outputs."""
+        maps = {}
+        for tap in TAPS:
+            upto = self.layer_names[: self.layer_names.index(tap) + 1]
+            maps[tap] = coord_map(getattr(self, n) for n in upto)
+        return maps
+
+    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Run the trunk; return the pool3, pool4 and (post-dropout) fc7 maps."""
+        check_input(x)
+        taps = {}
+        for name in self.layer_names:
+            x = getattr(self, name)(x)
+            if name in ("pool3", "pool4", "drop7"):
+                taps["fc7" if name == "drop7" else name] = x
+        return taps
