@@ -40,6 +40,9 @@ class BadSample(Exception):
         self.sample_id = sample_id
         self.reason = reason
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return BadSample, (self.sample_id, self.reason)
+
 
 @dataclass(frozen=True)
 class Sample:

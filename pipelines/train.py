@@ -1,0 +1,671 @@
+"""Distributed FCN training on Ray Train (V2): N data-parallel workers, whole-image batches, a
+checkpoint and validation every epoch, then registration in the model registry.
+
+    python -m pipelines.train --data s3://bucket/voc --registry s3://bucket/registry \\
+        --model fcn8s_vgg16 --workers 2 --epochs 20
+
+Every epoch writes ``<registry>/runs/<run>/epoch-NNNN/{checkpoint.pt,metrics.json,train_state.pt}``
+(``checkpoint.pt`` is the model library's format; ``train_state.pt`` holds optimizer and schedule).
+A worker failure restarts the workers from the latest checkpoint (``--max-failures``), and starting
+the command again with the same ``--run-name`` continues that run. At the end the best epoch (by
+validation mean IU) is registered as a new model version and promoted to champion if it beats the
+current champion by more than ``--promote-margin``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+import fcn
+from fcn import registry
+from fcn.classes import voc_palette
+from fcn.conventions import InputConvention, get_convention
+from pipelines.datasets import IGNORE_LABEL, BadSample, Sample, load_sample, open_dataset
+
+logger = logging.getLogger("pipelines.train")
+
+SCORES = ("pixel_accuracy", "mean_accuracy", "mean_iu", "fw_iu")
+TRAIN_STATE_FILE = "train_state.pt"
+EPOCH_DIR = "epoch-{:04d}"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Optimisation settings of a training recipe."""
+
+    name: str
+    optimizer: str  # "sgd" or "adamw"
+    momentum: float  # SGD only
+    weight_decay: float
+    loss_reduction: str  # "sum" (reference solvers) or "mean"
+    poly_power: float | None  # None: fixed learning rate
+    hflip: bool
+    scale_range: tuple[float, float] | None
+    lr: float | None = None  # None: per-model rate from PAPER_LR
+
+    def learning_rate(self, model: str, override: float | None) -> float:
+        if override is not None:
+            return override
+        if self.lr is not None:
+            return self.lr
+        if model not in PAPER_LR:
+            raise ValueError(f"lr: the {self.name} recipe has no learning rate for {model!r}; pass --lr")
+        return PAPER_LR[model]
+
+    def make_optimizer(self, params: Any, lr: float) -> torch.optim.Optimizer:
+        if self.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=lr, weight_decay=self.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=self.momentum, weight_decay=self.weight_decay)
+
+
+PAPER_LR = {"fcn32s_vgg16": 1e-10, "fcn16s_vgg16": 1e-12, "fcn8s_vgg16": 1e-14, "fcn8s_atonce_vgg16": 1e-10}
+"""The reference solvers' fixed rates for the unnormalised (summed) loss, batch 1, momentum 0.99."""
+
+RECIPES = {
+    "paper": Recipe("paper", "sgd", momentum=0.99, weight_decay=5e-4, loss_reduction="sum", poly_power=None,
+                    hflip=False, scale_range=None),
+    "modern": Recipe("modern", "adamw", momentum=0.0, weight_decay=1e-4, loss_reduction="mean", poly_power=0.9,
+                     hflip=True, scale_range=(0.75, 1.25), lr=1e-3),
+}  # fmt: skip
+
+
+@dataclass
+class TrainConfig:
+    """A training run. ``registry`` receives the run's checkpoints and the registered model."""
+
+    data: str
+    registry: str
+    model: str = "fcn8s_vgg16"
+    init: str | None = None
+    workers: int = 2
+    gpus_per_worker: float = 0
+    epochs: int = 10
+    recipe: str = "modern"
+    width: float = 1.0
+    run_name: str | None = None
+    promote_margin: float = 0.0
+    geometry: str = "reference"
+    backbone_weights: str | None = None
+    classes: str | None = None
+    lr: float | None = None
+    batch_size: int = 1
+    loss_sample_rate: float = 1.0
+    input_convention: str | None = None
+    cpus_per_worker: float = 1
+    max_failures: int = 1
+    keep_checkpoints: int | None = None
+    strict: bool = False
+    seed: int = 0
+    ray_address: str | None = None
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad parameter."""
+        checks = [
+            ("workers", self.workers >= 1, "must be >= 1"),
+            ("gpus_per_worker", self.gpus_per_worker >= 0, "must be >= 0"),
+            ("cpus_per_worker", self.cpus_per_worker > 0, "must be > 0"),
+            ("epochs", self.epochs >= 1, "must be >= 1"),
+            ("recipe", self.recipe in RECIPES, f"must be one of {sorted(RECIPES)}"),
+            ("width", self.width > 0 and math.isfinite(self.width), "must be a positive number"),
+            ("promote_margin", self.promote_margin >= 0, "must be >= 0"),
+            ("lr", self.lr is None or (self.lr > 0 and math.isfinite(self.lr)), "must be a positive number"),
+            ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("loss_sample_rate", 0 < self.loss_sample_rate <= 1, "must be in (0, 1]"),
+            ("max_failures", self.max_failures >= -1, "must be >= -1 (-1 = unlimited)"),
+            ("keep_checkpoints", self.keep_checkpoints is None or self.keep_checkpoints >= 1, "must be >= 1"),
+            ("run_name", self.run_name is None or _safe_name(self.run_name), "may only contain letters, digits, . _ -"),
+        ]
+        for name, ok, message in checks:
+            if not ok:
+                raise ValueError(f"{name}: {message}, got {getattr(self, name)!r}")
+        if self.input_convention is not None:
+            _checked("input_convention", get_convention, self.input_convention)
+        RECIPES[self.recipe].learning_rate(self.model, self.lr)
+        with torch.device("meta"):
+            _checked("model", fcn.get_model, self.model, **self.model_kwargs(2))
+
+    def model_kwargs(self, num_classes: int) -> dict[str, Any]:
+        return {
+            "num_classes": num_classes,
+            "width": self.width,
+            "geometry": self.geometry,
+            "backbone_weights": self.backbone_weights,
+        }
+
+
+@dataclass
+class TrainSummary:
+    """What a finished run produced."""
+
+    run_name: str
+    checkpoint_uri: str
+    metrics: dict[str, Any]
+    version: str | None
+    promoted: bool
+    epochs: int = 0
+    skipped: dict[str, str] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run_training(config: TrainConfig) -> TrainSummary:
+    """Train on Ray Train, register the best epoch and promote it if it beats the champion."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.ray_utils import connect
+
+    config.validate()
+    data = open_dataset(config.data, classes=config.classes)
+    if config.strict:
+        _check_all_samples(data.train + data.val, data.num_classes)
+    run_name = config.run_name or f"{config.model}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    runs_uri = f"{config.registry.rstrip('/')}/runs"
+    connect(config.ray_address)
+    init = _load_init(config.init) if config.init else None
+    convention = config.input_convention or (init["input_convention"] if init else "torchvision")
+    loop_config = {
+        "config": asdict(config),
+        "run_name": run_name,
+        "class_names": list(data.class_names),
+        "train": list(data.train),
+        "val": list(data.val),
+        "convention": convention,
+        "init": init,
+    }
+    storage_path, storage_filesystem = ray_storage(runs_uri)
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config=loop_config,
+        scaling_config=_scaling(config.workers, config.gpus_per_worker, config.cpus_per_worker),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=config.keep_checkpoints, checkpoint_score_attribute="mean_iu", checkpoint_score_order="max"
+            ),
+        ),
+    )
+    result = trainer.fit()
+    run_uri = f"{runs_uri}/{run_name}"
+    history = read_run_history(run_uri)
+    if not history:
+        raise RuntimeError(f"run {run_name!r} finished without a checkpoint under {run_uri}")
+    best = max(history, key=lambda m: -1.0 if math.isnan(m["mean_iu"]) else m["mean_iu"])
+    checkpoint_uri = f"{run_uri}/{EPOCH_DIR.format(best['epoch'])}/{registry.CHECKPOINT_FILE}"
+    version, promoted = None, False
+    if math.isfinite(best["mean_iu"]):
+        version = registry.register_model(config.registry, checkpoint_uri, best)
+        promoted = registry.promote_if_better(config.registry, version, margin=config.promote_margin)
+    else:
+        logger.warning("run %s: validation mean IU is undefined; not registering a model", run_name)
+    logger.info("run %s done (ray result at %s)", run_name, result.path)
+    return TrainSummary(
+        run_name=run_name,
+        checkpoint_uri=checkpoint_uri,
+        metrics=best,
+        version=version,
+        promoted=promoted,
+        epochs=history[-1]["epoch"],
+        skipped=history[-1]["skipped_samples"],
+        history=history,
+    )
+
+
+def run_evaluation(
+    data: str,
+    checkpoint: str,
+    *,
+    workers: int = 1,
+    gpus_per_worker: float = 0,
+    classes: str | None = None,
+    split: str = "val",
+    ray_address: str | None = None,
+) -> dict[str, Any]:
+    """Score ``checkpoint`` (a file or a registry root) on a split of ``data`` with N Ray Train workers;
+    returns the four metrics, per_class_iu, hist, and the skipped samples."""
+    from ray.train import RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.ray_utils import connect
+
+    if split not in ("train", "val"):
+        raise ValueError(f"split: must be 'train' or 'val', got {split!r}")
+    dataset = open_dataset(data, classes=classes)
+    connect(ray_address)
+    storage = tempfile.mkdtemp(prefix="fcn-eval-")
+    trainer = TorchTrainer(
+        _eval_loop,
+        train_loop_config={
+            "checkpoint": registry.resolve_checkpoint_uri(checkpoint),
+            "samples": list(getattr(dataset, split)),
+            "num_classes": dataset.num_classes,
+        },
+        scaling_config=_scaling(workers, gpus_per_worker, 1),
+        run_config=RunConfig(name=f"eval-{uuid.uuid4().hex[:8]}", storage_path=storage),
+    )
+    return dict(trainer.fit().metrics)
+
+
+def ray_storage(uri: str) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for Ray Train's RunConfig from any fsspec URI.
+
+    Local paths go to Ray as they are; other filesystems (S3 with a custom endpoint, GCS, ...) are
+    wrapped as a pyarrow filesystem around the fsspec one, so Ray Train writes with the same
+    settings (endpoint, credentials from fsspec's config) as the rest of the pipeline.
+    """
+    import pyarrow.fs
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        return path, None
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def _scaling(workers: int, gpus_per_worker: float, cpus_per_worker: float) -> Any:
+    from ray.train import ScalingConfig
+
+    resources = {"CPU": cpus_per_worker} | ({"GPU": gpus_per_worker} if gpus_per_worker else {})
+    return ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources)
+
+
+def _safe_name(name: str) -> bool:
+    return bool(name) and all(c.isalnum() or c in "._-" for c in name)
+
+
+def _checked(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{name}: {exc}") from None
+
+
+def _load_init(uri: str) -> dict[str, Any]:
+    """State dict and input convention of the checkpoint (or registry champion) to start from."""
+    try:
+        ckpt = fcn.load_checkpoint(uri)
+    except FileNotFoundError:
+        raise ValueError(f"init: no checkpoint at {uri!r}") from None
+    import ray
+
+    return {
+        "uri": ckpt.uri,
+        "state_dict": ray.put({k: v.cpu() for k, v in ckpt.model.state_dict().items()}),
+        "input_convention": ckpt.input_convention,
+    }
+
+
+def _check_all_samples(samples: Sequence[Sample], num_classes: int) -> None:
+    """--strict: load every sample up front; raise ValueError listing the bad ones."""
+
+    def check(sample: Sample) -> str | None:
+        try:
+            load_sample(sample, num_classes)
+        except BadSample as bad:
+            return str(bad)
+        return None
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        problems = [p for p in pool.map(check, samples) if p]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; ... ({len(problems) - 5} more)" if len(problems) > 5 else "")
+        raise ValueError(f"strict: {len(problems)} bad samples: {shown}")
+
+
+def read_run_history(run_uri: str) -> list[dict[str, Any]]:
+    """The metrics.json of every finished epoch of a run, in epoch order."""
+    fs, root = fsspec.core.url_to_fs(run_uri)
+    fs.invalidate_cache(root)
+    history = [json.loads(fs.cat_file(p)) for p in sorted(fs.glob(f"{root}/epoch-*/{registry.METRICS_FILE}"))]
+    return sorted(history, key=lambda m: m["epoch"])
+
+
+def copy_matching_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """Copy every tensor whose name and shape match (e.g. FCN-32s -> FCN-16s); return (copied, left)."""
+    own = model.state_dict()
+    copied = [k for k, v in state_dict.items() if k in own and own[k].shape == v.shape]
+    model.load_state_dict({k: state_dict[k] for k in copied}, strict=False)
+    return copied, [k for k in own if k not in copied]
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker side
+
+
+class _Images(Dataset):
+    """Samples as (image tensor 3xHxW, labels HxW int64) or the BadSample they raise."""
+
+    def __init__(self, samples: Sequence[Sample], num_classes: int, convention: InputConvention,
+                 recipe: Recipe | None, seed: int) -> None:  # fmt: skip
+        self.samples, self.num_classes, self.convention = list(samples), num_classes, convention
+        self.recipe, self.seed, self.epoch = recipe, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | BadSample:
+        try:
+            rgb, labels = load_sample(self.samples[index], self.num_classes)
+        except BadSample as bad:
+            return bad
+        image, target = self.convention.to_tensor(rgb), torch.from_numpy(labels.astype(np.int64))
+        if self.recipe is not None:
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            image, target = augment(image, target, self.recipe, rng)
+        return image, target
+
+
+def augment(
+    image: torch.Tensor, target: torch.Tensor, recipe: Recipe, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recipe's random horizontal flip and random rescale (bilinear image, nearest labels)."""
+    if recipe.hflip and rng.random() < 0.5:
+        image, target = image.flip(-1), target.flip(-1)
+    if recipe.scale_range is not None:
+        scale = rng.uniform(*recipe.scale_range)
+        size = [max(1, round(s * scale)) for s in image.shape[-2:]]
+        image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+        target = F.interpolate(target[None, None].float(), size=size, mode="nearest")[0, 0].long()
+    return image, target
+
+
+def pad_collate(items: list[Any]) -> tuple[torch.Tensor | None, torch.Tensor | None, list[BadSample]]:
+    """Batch whole images of different sizes: pad to the largest, image with 0, labels with 255 (ignored)."""
+    bad = [x for x in items if isinstance(x, BadSample)]
+    good = [x for x in items if not isinstance(x, BadSample)]
+    if not good:
+        return None, None, bad
+    height = max(x.shape[-2] for x, _ in good)
+    width = max(x.shape[-1] for x, _ in good)
+    images = torch.zeros(len(good), 3, height, width)
+    targets = torch.full((len(good), height, width), IGNORE_LABEL, dtype=torch.int64)
+    for i, (x, y) in enumerate(good):
+        images[i, :, : x.shape[-2], : x.shape[-1]] = x
+        targets[i, : y.shape[-2], : y.shape[-1]] = y
+    return images, targets, bad
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _train_loop(loop_config: dict[str, Any]) -> None:
+    import ray
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    config = TrainConfig(**loop_config["config"])
+    recipe = RECIPES[config.recipe]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    class_names = loop_config["class_names"]
+    num_classes = len(class_names)
+    convention = get_convention(loop_config["convention"])
+    torch.manual_seed(config.seed)
+
+    model = fcn.get_model(config.model, **config.model_kwargs(num_classes))
+    start_epoch, train_state = 0, None
+    resume = ray.train.get_checkpoint()
+    if resume is not None:
+        with resume.as_directory() as folder:
+            model.load_state_dict(fcn.load_checkpoint(os.path.join(folder, registry.CHECKPOINT_FILE)).model.state_dict())
+            train_state = torch.load(os.path.join(folder, TRAIN_STATE_FILE), weights_only=True)
+        start_epoch = train_state["epoch"]
+        if rank == 0:
+            logger.info("run %s: resuming after epoch %d", loop_config["run_name"], start_epoch)
+    elif loop_config["init"] is not None:
+        copied, left = copy_matching_weights(model, ray.get(loop_config["init"]["state_dict"]))
+        if rank == 0:
+            logger.info("init from %s: copied %d tensors, %d new: %s", loop_config["init"]["uri"],
+                        len(copied), len(left), left)  # fmt: skip
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+    dataset = _Images(loop_config["train"], num_classes, convention,
+                      recipe if recipe.hflip or recipe.scale_range else None, config.seed)  # fmt: skip
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.seed)
+    loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, collate_fn=pad_collate)
+    lr = recipe.learning_rate(config.model, config.lr)
+    optimizer = recipe.make_optimizer(model.parameters(), lr)
+    total_steps = config.epochs * len(loader)
+    power = recipe.poly_power or 0.0
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (1 - min(step, total_steps) / total_steps) ** power)
+    if train_state is not None:
+        optimizer.load_state_dict(train_state["optimizer"])
+        schedule.load_state_dict(train_state["schedule"])
+    loss_generator = torch.Generator(device=device).manual_seed(config.seed * 1000 + rank)
+
+    for epoch in range(start_epoch, config.epochs):
+        sampler.set_epoch(epoch)
+        dataset.epoch = epoch
+        model.train()
+        loss_sum, steps, skipped = 0.0, 0, {}
+        joined = model.join() if isinstance(model, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
+        with joined:
+            for images, targets, bad in loader:
+                skipped.update({b.sample_id: b.reason for b in bad})
+                if images is None:
+                    continue
+                images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+                if device.type == "cuda":
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with _autocast(device):
+                    logits = model(images)
+                loss = fcn.cross_entropy(logits.float(), targets, reduction=recipe.loss_reduction,
+                                         sample_rate=config.loss_sample_rate, generator=loss_generator)  # fmt: skip
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"loss is {loss.item()} at epoch {epoch + 1}; lower the learning rate (lr={lr:g})"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                loss_sum += loss.item()
+                steps += 1
+        hist, val_skipped = _validate(module, loop_config["val"], num_classes, convention, device, rank, world)
+        totals = torch.tensor([loss_sum, steps], dtype=torch.float64)
+        gathered: list[dict[str, str]] = [skipped | val_skipped]
+        if world > 1:
+            dist.all_reduce(totals)
+            gathered = [{} for _ in range(world)]
+            dist.all_gather_object(gathered, skipped | val_skipped)
+        all_skipped = {k: v for part in gathered for k, v in sorted(part.items())}
+        scores = fcn.ConfusionMatrix(num_classes, hist).scores()
+        metrics = {
+            "epoch": epoch + 1,
+            "run_name": loop_config["run_name"],
+            "model": config.model,
+            "recipe": config.recipe,
+            "lr": schedule.get_last_lr()[0],
+            "train_loss": float(totals[0] / max(totals[1], 1)),
+            **{k: scores[k] for k in SCORES},
+            "per_class_iu": scores["per_class_iu"],
+            "class_names": class_names,
+            "hist": hist.tolist(),
+            "skipped": len(all_skipped),
+            "skipped_samples": all_skipped,
+            "resumed_from_epoch": start_epoch if resume is not None else None,
+            "world_size": world,
+        }
+        if all_skipped and rank == 0:
+            logger.warning("epoch %d: skipped %d bad samples: %s", epoch + 1, len(all_skipped),
+                           "; ".join(f"{k}: {v}" for k, v in list(all_skipped.items())[:5]))  # fmt: skip
+        if rank == 0:
+            logger.info("epoch %d/%d loss %.4f | %s", epoch + 1, config.epochs, metrics["train_loss"],
+                        " ".join(f"{k} {metrics[k]:.4f}" for k in SCORES))  # fmt: skip
+        _report(metrics, module, optimizer, schedule, loop_config, convention, rank)
+
+
+def _report(metrics: dict[str, Any], module: nn.Module, optimizer: torch.optim.Optimizer, schedule: Any,
+            loop_config: dict[str, Any], convention: InputConvention, rank: int) -> None:  # fmt: skip
+    """Rank 0 writes the epoch's checkpoint folder; every rank reports (Ray Train needs all of them)."""
+    import ray.train
+
+    flat = {k: v for k, v in metrics.items() if isinstance(v, int | float) and v is not None}
+    name = EPOCH_DIR.format(metrics["epoch"])
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if rank == 0:
+            fcn.save_checkpoint(
+                module, os.path.join(folder, registry.CHECKPOINT_FILE), class_names=metrics["class_names"],
+                palette=voc_palette(), input_convention=convention.name, epoch=metrics["epoch"],
+                run_name=metrics["run_name"], recipe=metrics["recipe"], mean_iu=metrics["mean_iu"],
+            )  # fmt: skip
+            torch.save({"epoch": metrics["epoch"], "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict()}, os.path.join(folder, TRAIN_STATE_FILE))  # fmt: skip
+            with open(os.path.join(folder, registry.METRICS_FILE), "w") as f:
+                json.dump(metrics, f, indent=1)
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(flat, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+
+def _validate(module: nn.Module, samples: Sequence[Sample], num_classes: int, convention: InputConvention,
+              device: torch.device, rank: int, world: int) -> tuple[np.ndarray, dict[str, str]]:  # fmt: skip
+    """Confusion matrix over this worker's share of ``samples`` (every world-th one, no duplicates),
+    summed over all workers with an all-reduce; returns (hist, bad samples seen here)."""
+    import torch.distributed as dist
+
+    module.eval()
+    matrix = fcn.ConfusionMatrix(num_classes)
+    skipped = {}
+    with torch.no_grad():
+        for sample in samples[rank::world]:
+            try:
+                rgb, labels = load_sample(sample, num_classes)
+            except BadSample as bad:
+                skipped[bad.sample_id] = bad.reason
+                continue
+            x = convention.to_tensor(rgb, device)[None]
+            with _autocast(device):
+                pred = module(x).argmax(1)[0]
+            matrix.update(pred, torch.from_numpy(labels))
+    hist = torch.from_numpy(matrix.hist).to(device)
+    if world > 1:
+        dist.all_reduce(hist)
+    return hist.cpu().numpy(), skipped
+
+
+def _eval_loop(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    device = ray.train.torch.get_device()
+    ckpt = fcn.load_checkpoint(loop_config["checkpoint"])
+    module = ckpt.model.to(device)
+    num_classes = loop_config["num_classes"]
+    hist, skipped = _validate(module, loop_config["samples"], num_classes, get_convention(ckpt.input_convention),
+                              device, context.get_world_rank(), context.get_world_size())  # fmt: skip
+    scores = fcn.ConfusionMatrix(num_classes, hist).scores()
+    ray.train.report({**scores, "hist": hist.tolist(), "skipped_samples": skipped})
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.train",
+        description="Train an FCN with Ray Train on a VOC-layout or images/+masks/ dataset and register it.",
+    )
+    add = parser.add_argument
+    add("--data", required=True, help="dataset root (any fsspec URI): VOC layout or images/ + masks/")
+    add("--registry", required=True, help="model registry root (any fsspec URI)")
+    add("--model", default="fcn8s_vgg16", help="network builder name (default: %(default)s)")
+    add("--init", help="checkpoint or registry to start from; tensors with matching names and shapes are copied")
+    add("--backbone-weights", help="backbone weights for the builder (see fcn.get_model)")
+    add("--workers", type=int, default=2, help="data-parallel workers (default: %(default)s)")
+    add("--gpus-per-worker", type=float, default=0, help="GPUs per worker; > 0 trains with NCCL on GPUs")
+    add("--cpus-per-worker", type=float, default=1)
+    add("--epochs", type=int, default=10)
+    add("--recipe", default="modern", help="'modern' (mean loss, poly lr, flips, scale) or 'paper' (summed loss, "
+        "SGD momentum 0.99, fixed lr 1e-10/1e-12/1e-14 for 32s/16s/8s)")  # fmt: skip
+    add("--lr", type=float, help="learning rate (default: the recipe's)")
+    add("--width", type=float, default=1.0, help="channel width multiplier (default: %(default)s)")
+    add("--geometry", default="reference", help="'reference' (pad 100, as the paper) or 'aligned'")
+    add("--batch-size", type=int, default=1, help="images per worker step, padded with ignored pixels")
+    add("--loss-sample-rate", type=float, default=1.0, help="fraction of loss terms kept (paper 3.4)")
+    add("--input-convention", help="'torchvision' or 'caffe' (default: the --init checkpoint's, else torchvision)")
+    add("--classes", help="file with one class name per line (default: <data>/class_names.txt or VOC)")
+    add("--run-name", help="run folder under <registry>/runs/; an existing run is resumed")
+    add("--promote-margin", type=float, default=0.0, help="mean IU the run must beat the champion by")
+    add("--max-failures", type=int, default=1, help="worker failures to recover from (-1: unlimited)")
+    add("--keep-checkpoints", type=int, help="keep only the N best epochs (default: all)")
+    add("--strict", action="store_true", help="check every sample first; fail on any bad sample")
+    add("--seed", type=int, default=0)
+    add("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local cluster)")
+    add("-v", "--verbose", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point: exit 0 on success, 2 on bad arguments or data, 1 if training fails."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    logging.basicConfig(level=logging.DEBUG if args.pop("verbose") else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    config = TrainConfig(**args)
+    try:
+        config.validate()
+        summary = run_training(config)
+    except ValueError as exc:
+        parser.error(_cli_message(str(exc)))
+    except Exception as exc:  # noqa: BLE001  (report, do not dump a traceback on the user)
+        logger.debug("training failed", exc_info=True)
+        print(f"training failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(_summary_report(summary), indent=2))
+    return 0
+
+
+def _cli_message(message: str) -> str:
+    """'batch_size: ...' -> '--batch-size: ...' so the message names the option as typed."""
+    name, sep, rest = message.partition(":")
+    if sep and name in {f.replace("-", "_") for f in TrainConfig.__dataclass_fields__}:
+        return f"--{name.replace('_', '-')}:{rest}"
+    return message
+
+
+def _summary_report(summary: TrainSummary) -> dict[str, Any]:
+    return {
+        "run_name": summary.run_name,
+        "checkpoint": summary.checkpoint_uri,
+        "epochs": summary.epochs,
+        "best_epoch": summary.metrics["epoch"],
+        **{k: summary.metrics[k] for k in SCORES},
+        "version": summary.version,
+        "promoted": summary.promoted,
+        "skipped": summary.skipped,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
