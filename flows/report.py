@@ -9,15 +9,17 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 from dataclasses import dataclass, field
 
 import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from PIL import Image, ImageOps
+from PIL import Image
 
-from fcn.image import to_rgb_array
+from fcn.classes import voc_palette
+from pipelines.decode import decode_image
 
 THUMBNAIL_SIZE = 160
 OVERLAY_ALPHA = 0.5
@@ -75,6 +77,16 @@ class RunReport:
     @property
     def status(self) -> str:
         return "failed" if self.ok == 0 and self.error > 0 else ("partial" if self.error else "ok")
+
+
+def schema_classes(schema: pa.Schema) -> tuple[list[str], list[int]]:
+    """Class names and palette stored in the statistics' schema metadata (palette: VOC if absent)."""
+    metadata = schema.metadata or {}
+    if b"class_names" not in metadata:
+        raise ValueError("the statistics' schema metadata has no class_names")
+    names = json.loads(metadata[b"class_names"])
+    palette = json.loads(metadata[b"palette"]) if b"palette" in metadata else voc_palette()
+    return names, palette
 
 
 def error_rows(stats: pa.Table, limit: int = 20) -> list[tuple[str, str]]:
@@ -150,11 +162,11 @@ def class_chart_svg(dist: ClassDistribution, palette: list[int]) -> str:
     return "".join(parts)
 
 
-def overlay_thumbnail(image_uri: str, mask_uri: str, *, size: int = THUMBNAIL_SIZE) -> str:
-    """The image and the mask blended over it, side by side, scaled to fit ``size`` px, as a PNG data URI."""
+def overlay_thumbnail(image_uri: str, mask_uri: str, pixels: int, *, size: int = THUMBNAIL_SIZE) -> str:
+    """The image (as displayed, ``pixels`` = its width x height) and its mask blended over it, side by
+    side, scaled to fit ``size`` px, as a PNG data URI."""
     with fsspec.open(image_uri, "rb") as f:
-        image = Image.open(io.BytesIO(f.read()))
-        image = Image.fromarray(to_rgb_array(ImageOps.exif_transpose(image)))
+        image = Image.fromarray(decode_image(f.read(), max_pixels=pixels))
     with fsspec.open(mask_uri, "rb") as f:
         mask = Image.open(io.BytesIO(f.read())).convert("RGB")
     image.thumbnail((size, size), Image.Resampling.BILINEAR)
@@ -178,7 +190,8 @@ def sample_gallery(stats: pa.Table, class_names: list[str], size: int) -> list[G
     for row in ok.take(pa.array(picks)).to_pylist():
         caption = f"{row['image_uri'].rsplit('/', 1)[-1]} ({row['width']}x{row['height']}, " \
                   f"mostly {class_names[row['dominant_class']]})"
-        items.append(GalleryItem(row["image_uri"], caption, overlay_thumbnail(row["image_uri"], row["mask_uri"])))
+        thumbnail = overlay_thumbnail(row["image_uri"], row["mask_uri"], row["width"] * row["height"])
+        items.append(GalleryItem(row["image_uri"], caption, thumbnail))
     return items
 
 

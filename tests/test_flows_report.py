@@ -1,0 +1,148 @@
+"""The run report (markdown artifact and self-contained HTML) and the flows' parameter validation."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+from prefect.exceptions import ParameterTypeError
+from pydantic import ValidationError
+
+from fcn.classes import voc_palette
+from flows.report import ClassDistribution, RunReport, error_rows, html_report, markdown_summary, sample_gallery
+from pipelines.stats import COLUMNS, stats_schema
+
+CLASSES = ["background", "disc", "box", "ring"]
+
+
+def _write_pair(folder: Path, name: str, labels: np.ndarray) -> tuple[str, str]:
+    """An RGB image and its indexed mask with the VOC palette; returns their URIs."""
+    rng = np.random.default_rng(labels.size)
+    image = folder / f"{name}.jpg"
+    Image.fromarray(rng.integers(0, 255, (*labels.shape, 3), dtype=np.uint8)).save(image)
+    mask = Image.fromarray(labels.astype(np.uint8), mode="P")
+    mask.putpalette(voc_palette())
+    mask_path = folder / f"{name}.png"
+    mask.save(mask_path)
+    return image.as_uri(), mask_path.as_uri()
+
+
+def _stats(tmp_path: Path, ok: int, errors: int) -> pa.Table:
+    rows = []
+    for i in range(ok):
+        labels = np.zeros((40 + i, 50), np.uint8)
+        labels[: 10 + i, :] = 1 + i % 3  # class 1..3 on top, background below
+        image_uri, mask_uri = _write_pair(tmp_path, f"img{i:02d}", labels)
+        counts = np.bincount(labels.ravel(), minlength=len(CLASSES)).tolist()
+        rows.append({
+            "image_uri": image_uri, "key": f"img{i:02d}.jpg", "width": 50, "height": 40 + i,
+            "pixel_counts": counts, "class_fractions": [c / labels.size for c in counts],
+            "dominant_class": int(np.argmax(counts)), "mask_uri": mask_uri, "status": "ok",
+        })  # fmt: skip
+    for i in range(errors):
+        rows.append({"image_uri": f"file:///bucket/bad{i}.jpg", "key": f"bad{i}.jpg", "status": "error",
+                     "error": f"decode: not an image | row {i}"})  # fmt: skip
+    schema = stats_schema(CLASSES, voc_palette(), {"id": "file:///m.pt"})
+    return pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in rows], schema=schema)
+
+
+def _report(stats: pa.Table, ok: int, errors: int) -> RunReport:
+    return RunReport(
+        title="segment-bucket: file:///bucket",
+        model="file:///m.pt (v0001)",
+        ok=ok,
+        error=errors,
+        skipped=1,
+        images_per_second=3.5,
+        distribution=ClassDistribution.from_stats(stats, CLASSES),
+        palette=voc_palette(),
+        links={"masks": "file:///out/masks", "HTML report": "file:///out/report.html"},
+        errors=error_rows(stats),
+    )
+
+
+def test_class_distribution_sums_pixel_counts_of_ok_rows(tmp_path: Path) -> None:
+    stats = _stats(tmp_path, ok=5, errors=2)
+    dist = ClassDistribution.from_stats(stats, CLASSES)
+    ok_pixels = sum((40 + i) * 50 for i in range(5))
+    assert dist.total_pixels == ok_pixels
+    expected_disc = sum((10 + i) * 50 for i in range(5) if 1 + i % 3 == 1)
+    assert dist.pixels[1] == expected_disc
+    assert dist.dominant_images == [5, 0, 0, 0]  # background dominates every image
+    assert sum(dist.dominant_images) == 5
+
+
+def test_markdown_summary_has_counts_table_and_links(tmp_path: Path) -> None:
+    stats = _stats(tmp_path, ok=5, errors=2)
+    text = markdown_summary(_report(stats, ok=5, errors=2))
+    assert "| ok | 5 |" in text and "| error | 2 |" in text and "| skipped (already done) | 1 |" in text
+    assert "3.50 images/s" in text
+    dist = ClassDistribution.from_stats(stats, CLASSES)
+    table_rows = re.findall(r"^\| (\w+) \| (\d+) \| ([\d.]+)% \| (\d+) \|$", text, flags=re.M)
+    assert {name: int(px) for name, px, _, _ in table_rows} == {
+        name: px for name, px in zip(CLASSES, dist.pixels, strict=True) if px
+    }
+    assert sum(float(share) for _, _, share, _ in table_rows) == pytest.approx(100, abs=0.3)
+    assert "[file:///out/report.html](file:///out/report.html)" in text
+    assert text.count("`file:///bucket/bad") == 2
+    assert "not an image / row 0" in text  # a '|' in a reason must not break the table
+
+
+def test_html_report_is_self_contained_with_chart_and_gallery(tmp_path: Path) -> None:
+    stats = _stats(tmp_path, ok=7, errors=1)
+    gallery = sample_gallery(stats, CLASSES, size=4)
+    page = html_report(_report(stats, ok=7, errors=1), gallery)
+    assert "<svg" in page and page.count('class="bar"') == 4  # every class has pixels here
+    assert page.count('<img src="data:image/png;base64,') == 4
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page), "no external assets"
+    assert "<script" not in page
+    # thumbnails decode: image and overlay side by side, scaled to fit
+    first = re.search(r'src="data:image/png;base64,([^"]+)"', page).group(1)
+    thumb = Image.open(io.BytesIO(base64.b64decode(first)))
+    assert thumb.height <= 160 and thumb.width > thumb.height
+    # the sample is spread over the run, not the first N
+    captions = re.findall(r"<figcaption>(img\d+)\.jpg", page)
+    assert captions[0] == "img00" and captions[-1] == "img06"
+    assert "bad0.jpg" in page  # error rows are listed
+
+
+def test_gallery_is_capped_by_available_rows(tmp_path: Path) -> None:
+    stats = _stats(tmp_path, ok=2, errors=3)
+    assert len(sample_gallery(stats, CLASSES, size=10)) == 2
+    assert sample_gallery(stats, CLASSES, size=0) == []
+
+
+# -------------------------------------------------------------------------------- parameters
+
+
+def test_segment_bucket_rejects_bad_parameters_naming_them() -> None:
+    from flows.segment_bucket import SegmentBucketParams, segment_bucket
+
+    good = {"input": "s3://b/in/", "output": "s3://b/out/", "model": "s3://b/registry"}
+    assert segment_bucket.validate_parameters(good)["device"] == "auto"
+    for bad, name in [({"actors": 0}, "actors"), ({"device": "gpu"}, "device"), ({"input": ""}, "input"),
+                      ({"gallery_size": -1}, "gallery_size")]:  # fmt: skip
+        with pytest.raises(ParameterTypeError, match=rf"- {name}:"):
+            segment_bucket.validate_parameters(good | bad)
+        with pytest.raises(ValidationError, match=name):
+            SegmentBucketParams(**(good | {"ray_address": None, "actors": None, "device": "auto",
+                                            "gallery_size": 1} | bad))  # fmt: skip
+    with pytest.raises(ParameterTypeError, match="model"):
+        segment_bucket.validate_parameters({"input": "a", "output": "b"})
+
+
+def test_nightly_retrain_rejects_bad_parameters_naming_them() -> None:
+    from flows.nightly_retrain import nightly_retrain
+
+    good = {"data": "s3://b/voc", "registry": "s3://b/registry"}
+    assert nightly_retrain.validate_parameters(good)["epochs"] == 10
+    for bad, name in [({"epochs": 0}, "epochs"), ({"width": 0}, "width"), ({"recipe": "new"}, "recipe"),
+                      ({"promote_margin": -0.1}, "promote_margin"), ({"workers": 0}, "workers")]:  # fmt: skip
+        with pytest.raises(ParameterTypeError, match=rf"- {name}:"):
+            nightly_retrain.validate_parameters(good | bad)
