@@ -15,8 +15,6 @@ def connect(address: str | None) -> None:
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init()
+    # "local" starts a new local cluster; plain ray.init() would attach to any cluster that
+    # `ray start` left running on this machine.
+    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local")

@@ -1,0 +1,36 @@
+"""Encode label maps as indexed PNG masks (with a palette) and colour overlays for people."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+OVERLAY_ALPHA = 0.5
+OVERLAY_QUALITY = 85
+
+
+def encode_mask(labels: np.ndarray, palette: list[int]) -> bytes:
+    """PNG bytes of an ``HxW`` label map: indexed (mode ``P``) with ``palette`` when every label fits
+    in 8 bits, else 16-bit greyscale (label = pixel value)."""
+    if labels.dtype == np.uint8 or int(labels.max(initial=0)) < 256:
+        image = Image.fromarray(labels.astype(np.uint8, copy=False), mode="P")
+        image.putpalette(palette)
+    else:
+        image = Image.fromarray(labels.astype(np.uint16), mode="I;16")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def encode_overlay(rgb: np.ndarray, labels: np.ndarray, palette: list[int]) -> bytes:
+    """JPEG bytes of ``rgb`` blended with the palette colour of each pixel's label."""
+    colours = np.zeros((256, 3), np.uint8)
+    table = np.asarray(palette[:768], np.uint8).reshape(-1, 3)
+    colours[: len(table)] = table
+    tinted = colours[np.minimum(labels, 255)]
+    blended = (rgb.astype(np.float32) * (1 - OVERLAY_ALPHA) + tinted * OVERLAY_ALPHA).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(blended).save(buffer, format="JPEG", quality=OVERLAY_QUALITY)
+    return buffer.getvalue()
