@@ -30,7 +30,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
             image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise DecodeError(f"not an image Pillow can read ({len(data)} bytes starting {data[:8]!r})") from None
-    except Image.DecompressionBombError as error:
+    except Image.DecompressionBombError as error:  # Pillow's own limit (Image.MAX_IMAGE_PIXELS)
         raise DecodeError(f"decompression bomb refused: {error}") from None
     width, height = image.size
     if width * height > max_pixels:

@@ -15,10 +15,10 @@ def encode_mask(labels: np.ndarray, palette: list[int]) -> bytes:
     """PNG bytes of an ``HxW`` label map: indexed (mode ``P``) with ``palette`` when every label fits
     in 8 bits, else 16-bit greyscale (label = pixel value)."""
     if labels.dtype == np.uint8 or int(labels.max(initial=0)) < 256:
-        image = Image.fromarray(labels.astype(np.uint8, copy=False), mode="P")
-        image.putpalette(palette)
+        image = Image.fromarray(labels.astype(np.uint8, copy=False))  # mode L
+        image.putpalette(palette)  # L + palette -> P
     else:
-        image = Image.fromarray(labels.astype(np.uint16), mode="I;16")
+        image = Image.fromarray(labels.astype(np.uint16))  # mode I;16
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()

@@ -238,7 +238,7 @@ class Segmenter:
         self.palette = checkpoint.palette
         self.max_image_pixels = max_image_pixels
         self.overlays = overlays
-        Image.MAX_IMAGE_PIXELS = max_image_pixels  # Pillow's own guard at the same limit (this worker only)
+        Image.MAX_IMAGE_PIXELS = None  # decode_image applies --max-image-pixels itself, naming the flag
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Decode every image of the batch, run the network on the decodable ones (equal sizes share
@@ -498,8 +498,9 @@ def _segment_on_ray(
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # our own bar counts images, skips included
-    blocks = min(MAX_INPUT_BLOCKS, max(1, math.ceil(len(todo) / config.batch_size)))
-    ds = ray.data.from_items(todo, override_num_blocks=blocks)
+    sources = pa.Table.from_pylist(todo, schema=pa.schema(_SOURCE_COLUMNS))
+    rows_per_block = max(config.batch_size, math.ceil(len(todo) / MAX_INPUT_BLOCKS))
+    ds = ray.data.from_arrow([sources.slice(i, rows_per_block) for i in range(0, len(todo), rows_per_block)])
     ds = ds.map_batches(
         read_sources,
         batch_format="pyarrow",

@@ -1,0 +1,222 @@
+"""Segmentation pipeline parts without Ray: decoding, listing, stats files and resume bookkeeping, CLI errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from fcn.image import to_rgb_array
+from pipelines import stats as stats_table
+from pipelines.decode import DecodeError, decode_image
+from pipelines.listing import InputError, list_images
+from pipelines.masks import encode_mask
+from pipelines.segment import main
+from segment_cases import awkward_images, displayed, good_images, tiny_checkpoint, upload
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- decoding --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", sorted(awkward_images()[0]))
+def test_decode_gives_displayed_pixels_or_a_reason(key: str) -> None:
+    files, expected = awkward_images()
+    data = files[key]
+    if expected[key] == "ok":
+        rgb = decode_image(data, max_pixels=10**8)
+        np.testing.assert_array_equal(rgb, to_rgb_array(displayed(data)))
+        assert rgb.dtype == np.uint8 and rgb.shape[2] == 3
+    else:
+        with pytest.raises(DecodeError, match=re.escape(expected[key])):
+            decode_image(data, max_pixels=10**8)
+
+
+def test_exif_rotation_swaps_width_and_height() -> None:
+    files, _ = awkward_images()
+    stored = Image.open(io.BytesIO(files["odd/exif_rotated.jpg"]))
+    rgb = decode_image(files["odd/exif_rotated.jpg"], max_pixels=10**8)
+    assert stored.size == (60, 40) and rgb.shape[:2] == (60, 40)  # (W, H) stored -> (H, W) displayed
+
+
+def test_pixel_limit_is_checked_from_the_header_and_names_the_flag() -> None:
+    data = next(iter(good_images(count=1).values()))  # 64 x 48
+    with pytest.raises(DecodeError, match=r"64x48 = 3,072 pixels.*--max-image-pixels"):
+        decode_image(data, max_pixels=3000)
+    assert decode_image(data, max_pixels=3072).shape == (48, 64, 3)
+
+
+# --- masks -----------------------------------------------------------------------------------
+
+
+def test_mask_is_an_indexed_png_with_the_palette() -> None:
+    labels = np.array([[0, 1, 2], [3, 3, 0]], np.uint8)
+    palette = [10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 110, 120]
+    mask = Image.open(io.BytesIO(encode_mask(labels, palette)))
+    assert mask.mode == "P" and mask.size == (3, 2)
+    np.testing.assert_array_equal(np.asarray(mask), labels)
+    assert mask.getpalette()[:12] == palette
+
+
+def test_mask_with_more_than_256_classes_is_16_bit() -> None:
+    labels = np.array([[0, 300], [65535, 7]], np.int32)
+    mask = Image.open(io.BytesIO(encode_mask(labels, [])))
+    np.testing.assert_array_equal(np.asarray(mask).astype(np.int64), labels)
+
+
+# --- listing ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    root = tmp_path / "in"
+    upload(str(root), good_images(count=4))
+    upload(str(root), {"notes.txt": b"not an image", ".hidden/x.jpg": b"", "photos/.cache.png": b""})
+    return root
+
+
+def test_prefix_lists_images_with_keys_relative_to_the_prefix(folder: Path) -> None:
+    listing = list_images(str(folder), {}, exclude=str(folder / "photos" / "night"))
+    keys = [image["key"] for image in listing.images]
+    assert keys == sorted(keys) and keys == ["photos/day/img0_1.png", "photos/day/img0_2.jpg"]
+    assert listing.kind == "prefix" and listing.ignored == 1  # notes.txt
+    first = listing.images[0]
+    assert first["image_uri"] == f"file://{folder}/photos/day/img0_1.png"
+    assert first["source_size"] == (folder / "photos/day/img0_1.png").stat().st_size
+    assert first["source_mtime"].tzinfo is not None and first["source_etag"] is None
+
+
+def test_glob_keys_are_relative_to_the_folder_before_the_wildcard(folder: Path) -> None:
+    listing = list_images(f"{folder}/photos/*/*.png", {})
+    assert [i["key"] for i in listing.images] == ["day/img0_1.png", "night/img0_3.png"]
+    assert listing.kind == "glob"
+
+
+def test_manifest_with_relative_absolute_missing_and_duplicate_entries(folder: Path, tmp_path: Path) -> None:
+    manifest = folder / "list.txt"
+    manifest.write_text(
+        "# images to segment\n"
+        "photos/day/img0_1.png\n"
+        f"file://{folder}/photos/night/img0_0.jpg\n"
+        "\n"
+        "photos/day/img0_1.png\n"
+        "photos/day/missing.jpg\n"
+    )
+    listing = list_images(str(manifest), {})
+    assert listing.kind == "manifest"
+    assert [(i["key"], i["source_size"] is None) for i in listing.images] == [
+        ("day/img0_1.png", False),
+        ("day/missing.jpg", True),
+        ("night/img0_0.jpg", False),
+    ]
+
+
+def test_missing_or_empty_input_is_an_input_error(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="does not exist"):
+        list_images(str(tmp_path / "nope"), {})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no images found"):
+        list_images(str(tmp_path / "empty"), {})
+
+
+# --- stats files and resume bookkeeping ------------------------------------------------------
+
+SCHEMA = stats_table.stats_schema(["bg", "fg"], [0, 0, 0, 255, 255, 255], {"uri": "m.pt", "version": "v0001"})
+T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+def _rows(keys: list[str], status: str, at: datetime, run_id: str, size: int = 10) -> pa.Table:
+    return pa.Table.from_pylist(
+        [
+            {"key": k, "image_uri": f"s3://b/{k}", "source_size": size, "source_etag": f"e-{k}", "status": status,
+             "model_id": "m.pt", "model_version": "v0001", "run_id": run_id, "processed_at": at,
+             "pixel_counts": [1, 2] if status == "ok" else None}
+            for k in keys
+        ],
+        schema=SCHEMA,
+    )
+
+
+def test_compaction_keeps_the_newest_row_per_key(tmp_path: Path) -> None:
+    stats_uri = str(tmp_path / "stats")
+    stats_table.write_part(stats_uri, _rows(["a", "b", "c"], "error", T0, "run1"), "run1", {})
+    stats_table.write_part(stats_uri, _rows(["b"], "ok", T0 + timedelta(hours=1), "run2"), "run2", {})
+    stats_table.write_part(stats_uri, _rows(["b", "d"], "ok", T0 + timedelta(hours=2), "run2"), "run2", {})
+    state = stats_table.compact(stats_uri, {})
+    assert sorted(state["key"].to_pylist()) == ["a", "b", "c", "d"]
+    table = duckdb.sql(f"select key, status, run_id, processed_at from read_parquet('{stats_uri}/**/*.parquet') order by key").fetchall()
+    assert [(k, s) for k, s, _, _ in table] == [("a", "error"), ("b", "ok"), ("c", "error"), ("d", "ok")]
+    assert table[1][3] == T0 + timedelta(hours=2)
+    assert not [p for p in Path(stats_uri).iterdir() if not p.name.endswith(".parquet")]  # no temp files left
+    assert json.loads(pq.read_schema(next(Path(stats_uri).glob("*.parquet"))).metadata[b"class_names"]) == ["bg", "fg"]
+
+
+def test_done_keys_need_ok_same_source_and_same_model(tmp_path: Path) -> None:
+    stats_uri = str(tmp_path / "stats")
+    stats_table.write_part(stats_uri, _rows(["a", "b", "c", "d"], "ok", T0, "run1"), "run1", {})
+    stats_table.write_part(stats_uri, _rows(["d"], "error", T0 + timedelta(hours=1), "run2"), "run2", {})
+    state = stats_table.read_state(stats_uri, {})
+    images = [
+        {"key": "a", "source_size": 10, "source_etag": "e-a", "source_mtime": None},  # unchanged -> done
+        {"key": "b", "source_size": 11, "source_etag": "e-b", "source_mtime": None},  # size changed
+        {"key": "c", "source_size": 10, "source_etag": "other", "source_mtime": None},  # etag changed
+        {"key": "d", "source_size": 10, "source_etag": "e-d", "source_mtime": None},  # newest row is an error
+        {"key": "e", "source_size": 10, "source_etag": "e-e", "source_mtime": None},  # new
+    ]
+    assert stats_table.done_keys(state, images, "m.pt", "v0001") == {"a"}
+    assert stats_table.done_keys(state, images, "m.pt", "v0002") == set()
+
+
+# --- CLI -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return tiny_checkpoint(str(tmp_path_factory.mktemp("model") / "model.pt"))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--actors", "0"], "--actors: must be > 0"),
+        (["--batch-size", "x"], "argument --batch-size: invalid int value"),
+        (["--device", "tpu"], "argument --device: invalid choice"),
+        (["--storage-options", "{nope"], "--storage-options: not valid JSON"),
+        (["--storage-options", "[1]"], "--storage-options: must be a JSON object"),
+        (["--model", "/nonexistent/model.pt"], "--model: no checkpoint at /nonexistent/model.pt"),
+        (["--input", "/nonexistent/images"], "--input: /nonexistent/images does not exist"),
+    ],
+)
+def test_bad_parameters_exit_2_naming_the_parameter(
+    extra: list[str], message: str, folder: Path, tmp_path: Path, checkpoint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--input", str(folder), "--output", str(tmp_path / "out"), "--model", checkpoint, *extra]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+
+
+def test_cli_help_and_bad_parameter_without_traceback(tmp_path: Path) -> None:
+    run = [sys.executable, "-m", "pipelines.segment"]
+    help_text = subprocess.run([*run, "--help"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    for flag in ("--input", "--output", "--model", "--ray-address", "--actors", "--device", "--storage-options", "--overlays"):
+        assert flag in help_text
+    bad = subprocess.run(
+        [*run, "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--model", "m.pt", "--read-retries", "-1"],
+        cwd=REPO, capture_output=True, text=True,
+    )
+    assert bad.returncode == 2 and "--read-retries: must be >= 0" in bad.stderr and "Traceback" not in bad.stderr
