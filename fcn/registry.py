@@ -40,7 +40,7 @@ def get_champion(registry: str) -> dict[str, Any] | None:
     fs, root = fsspec.core.url_to_fs(registry)
     try:  # a direct read, not a (possibly cached) listing
         return json.loads(fs.cat_file(f"{root.rstrip('/')}/{CHAMPION_FILE}"))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no champion, or ``registry`` is a file
         return None
 
 
