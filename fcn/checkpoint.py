@@ -104,20 +104,23 @@ def load_checkpoint(uri: str, *, map_location: str | torch.device = "cpu") -> Ch
     """
     uri = resolve_checkpoint_uri(uri)
     payload = _read_payload(uri, map_location)
-    arch = payload["arch"]
+    name, kwargs = payload["arch"]["name"], payload["arch"]["kwargs"]
     try:
         with torch.device("meta"):  # no random init: the weights are assigned from the file below
-            model = get_model(arch["name"], **arch["kwargs"])
+            model = get_model(name, **kwargs)
     except (ValueError, TypeError) as error:
-        raise CheckpointError(f"checkpoint {uri} describes network {arch.get('name')!r} that cannot be built: {error}") from None
+        raise CheckpointError(f"checkpoint {uri}: network {name!r} cannot be built: {error}") from None
     try:
         model.load_state_dict(payload["state_dict"], strict=True, assign=True)
     except RuntimeError as error:
-        raise CheckpointError(f"checkpoint {uri}: weights do not fit network {arch['name']!r}: {error}") from None
+        raise CheckpointError(f"checkpoint {uri}: weights do not fit network {name!r}: {error}") from None
+    unset = [key for key, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if unset:  # a tensor outside the state_dict (non-persistent buffer) cannot come from the file
+        raise RuntimeError(f"network {name!r} has tensors that a checkpoint cannot restore: {unset}")
     class_names = list(payload["class_names"])
     if len(class_names) != model.num_classes:
         raise CheckpointError(
-            f"checkpoint {uri}: {len(class_names)} class names but network {arch['name']!r} has {model.num_classes} classes"
+            f"checkpoint {uri}: {len(class_names)} class names but network {name!r} has {model.num_classes} classes"
         )
     try:
         convention = get_convention(payload["input_convention"]).name
@@ -125,7 +128,7 @@ def load_checkpoint(uri: str, *, map_location: str | torch.device = "cpu") -> Ch
         raise CheckpointError(f"checkpoint {uri}: {error}") from None
     return Checkpoint(
         model=model.eval(),
-        arch=arch,
+        arch=payload["arch"],
         class_names=class_names,
         palette=list(payload["palette"]),
         input_convention=convention,
@@ -155,10 +158,13 @@ def _read_payload(uri: str, map_location: str | torch.device) -> dict[str, Any]:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{uri} is a torch file but not an fcn checkpoint (no {FORMAT!r} marker)")
     if payload.get("version", 0) > VERSION:
-        raise CheckpointError(f"{uri} has checkpoint format version {payload['version']}; this code reads <= {VERSION}")
+        raise CheckpointError(f"{uri} has checkpoint format version {payload['version']}; this code reads {VERSION}")
     missing = sorted(_FIELDS - payload.keys())
     if missing:
         raise CheckpointError(f"{uri} is an incomplete fcn checkpoint: missing {missing}")
+    arch = payload["arch"]
+    if not isinstance(arch, dict) or not isinstance(arch.get("name"), str) or not isinstance(arch.get("kwargs"), dict):
+        raise CheckpointError(f"{uri} has a malformed network description: {arch!r}")
     return payload
 
 

@@ -154,6 +154,8 @@ def test_bad_files_name_the_problem(model: torch.nn.Module, tmp_path: Path) -> N
         (lambda p: p.update(class_names=NAMES[:2]), "2 class names but network 'fcn8s_vgg16' has 3 classes"),
         (lambda p: p.update(input_convention="bgr"), "input convention 'bgr'"),
         (lambda p: p.update(version=99), "format version 99"),
+        (lambda p: p.pop("state_dict"), r"missing \['state_dict'\]"),
+        (lambda p: p.update(arch="fcn8s_vgg16"), "malformed network description"),
     ]:
         edited = {**payload, "arch": {**payload["arch"]}}
         change(edited)

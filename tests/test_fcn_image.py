@@ -32,7 +32,8 @@ def test_rgb_and_grey_modes() -> None:
     _check(to_rgb_array(Image.fromarray(RGB)), RGB)
     grey3 = np.repeat(GREY[:, :, None], 3, axis=2)
     _check(to_rgb_array(Image.fromarray(GREY)), grey3)
-    _check(to_rgb_array(Image.fromarray(GREY).convert("1", dither=Image.Dither.NONE)), np.repeat((GREY >= 128)[:, :, None] * 255, 3, 2))
+    bilevel = Image.fromarray(GREY).convert("1", dither=Image.Dither.NONE)
+    _check(to_rgb_array(bilevel), np.repeat((GREY >= 128)[:, :, None] * 255, 3, 2).astype(np.uint8))
 
 
 def test_palette_with_and_without_transparency() -> None:
