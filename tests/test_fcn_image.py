@@ -60,7 +60,8 @@ def test_alpha_is_composited_over_the_background() -> None:
     black = to_rgb_array(rgba, background=(0, 0, 0))
     np.testing.assert_array_equal(black[alpha == 0], 0)
     np.testing.assert_array_equal(black[alpha == 255], RGB[alpha == 255])
-    la = Image.fromarray(np.dstack([GREY, alpha]), mode="LA")
+    la = Image.fromarray(np.dstack([GREY, alpha]))
+    assert la.mode == "LA"
     grey_expected = (GREY * a[..., 0] + 255 * (255 - a[..., 0]) + 127) // 255
     _check(to_rgb_array(la), np.repeat(grey_expected[:, :, None], 3, 2).astype(np.uint8))
 
@@ -83,7 +84,8 @@ def test_sixteen_bit_png_scales_to_eight_bits() -> None:
 def test_float_images_are_taken_in_unit_range() -> None:
     values = np.array([[0.0, 0.5, 1.0, 2.0, -1.0]], dtype=np.float32)
     expected = np.repeat(np.array([[0, 128, 255, 255, 0]], dtype=np.uint8)[:, :, None], 3, 2)
-    _check(to_rgb_array(Image.fromarray(values, mode="F")), expected)
+    assert Image.fromarray(values).mode == "F"
+    _check(to_rgb_array(Image.fromarray(values)), expected)
     _check(to_rgb_array(values.astype(np.float64)), expected)
 
 
