@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,7 +93,8 @@ def save_checkpoint(
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     fs, path = fsspec.core.url_to_fs(uri)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    if posixpath.dirname(path):
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
     _write_atomic(fs, path, buffer.getvalue())
     return uri
 

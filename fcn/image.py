@@ -42,13 +42,13 @@ def _pil_to_array(image: Image.Image) -> np.ndarray:
     if image.width == 0 or image.height == 0:
         raise ValueError(f"empty image of size {image.width}x{image.height}")
     mode = image.mode
+    if mode in _SIXTEEN_BIT_MODES:
+        # "I" is 32-bit signed; Pillow uses it (and the I;16 variants) for 16-bit PNG/TIFF data.
+        return np.clip(np.asarray(image, dtype=np.int64), 0, 65535).astype(np.uint16)
     if mode in _ALPHA_CONVERT_MODES or "transparency" in image.info:
         return np.asarray(image.convert("RGBA"))
     if mode in _DIRECT_MODES:
         return np.asarray(image)
-    if mode in _SIXTEEN_BIT_MODES:
-        # "I" is 32-bit signed; Pillow uses it (and the I;16 variants) for 16-bit PNG/TIFF data.
-        return np.clip(np.asarray(image, dtype=np.int64), 0, 65535).astype(np.uint16)
     try:
         return np.asarray(image.convert("RGB"))
     except ValueError as error:

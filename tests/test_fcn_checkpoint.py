@@ -53,13 +53,14 @@ def test_local_round_trip_keeps_everything(model: torch.nn.Module, tmp_path: Pat
     assert [p for p in os.listdir(tmp_path / "runs" / "a")] == ["checkpoint.pt"]  # no temp file left
 
 
-def test_defaults_and_numpy_metadata(tmp_path: Path) -> None:
+def test_defaults_and_numpy_metadata(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import numpy as np
 
     net = fcn.get_model("fcn32s_vgg16", width=1 / 16)
-    uri = f"file://{tmp_path}/voc.pt"
-    save_checkpoint(net, uri, score=np.float32(0.25), steps=np.int64(7), shape=(1, 2))
-    ckpt = load_checkpoint(uri)
+    save_checkpoint(net, "memory://root.pt")
+    monkeypatch.chdir(tmp_path)
+    save_checkpoint(net, "voc.pt", score=np.float32(0.25), steps=np.int64(7), shape=(1, 2))  # relative path
+    ckpt = load_checkpoint(f"file://{tmp_path}/voc.pt")
     assert ckpt.class_names == list(fcn.VOC_CLASSES) and ckpt.palette == fcn.voc_palette()
     assert ckpt.input_convention == "torchvision"
     assert ckpt.meta == {"score": 0.25, "steps": 7, "shape": (1, 2)}
