@@ -31,8 +31,15 @@ from typing import Any
 
 import fsspec
 import numpy as np
+import pyarrow.fs
+import ray
+import ray.train
+import ray.train.torch
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
@@ -42,6 +49,7 @@ from fcn import registry
 from fcn.classes import voc_palette
 from fcn.conventions import InputConvention, get_convention
 from pipelines.datasets import IGNORE_LABEL, BadSample, Sample, load_sample, open_dataset
+from pipelines.ray_utils import connect
 
 logger = logging.getLogger("pipelines.train")
 
@@ -72,6 +80,11 @@ class Recipe:
         if model not in PAPER_LR:
             raise ValueError(f"lr: the {self.name} recipe has no learning rate for {model!r}; pass --lr")
         return PAPER_LR[model]
+
+    def lr_factor(self, total_steps: int) -> Any:
+        """The learning-rate multiplier as a function of the step: poly decay, or constant."""
+        power, total = self.poly_power or 0.0, max(total_steps, 1)
+        return lambda step: (1 - min(step, total) / total) ** power
 
     def make_optimizer(self, params: Any, lr: float) -> torch.optim.Optimizer:
         if self.optimizer == "adamw":
@@ -170,20 +183,17 @@ class TrainSummary:
 
 def run_training(config: TrainConfig) -> TrainSummary:
     """Train on Ray Train, register the best epoch and promote it if it beats the champion."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from pipelines.ray_utils import connect
-
     config.validate()
     data = open_dataset(config.data, classes=config.classes)
     if config.strict:
         _check_all_samples(data.train + data.val, data.num_classes)
     run_name = config.run_name or f"{config.model}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     runs_uri = f"{config.registry.rstrip('/')}/runs"
-    connect(config.ray_address)
     init = _load_init(config.init) if config.init else None
     convention = config.input_convention or (init["input_convention"] if init else "torchvision")
+    connect(config.ray_address)
+    if init is not None:
+        init["state_dict"] = ray.put(init["state_dict"])  # shipped once through the object store
     loop_config = {
         "config": asdict(config),
         "run_name": run_name,
@@ -243,19 +253,20 @@ def run_evaluation(
     classes: str | None = None,
     split: str = "val",
     ray_address: str | None = None,
+    storage: str | None = None,
 ) -> dict[str, Any]:
     """Score ``checkpoint`` (a file or a registry root) on a split of ``data`` with N Ray Train workers;
-    returns the four metrics, per_class_iu, hist, and the skipped samples."""
-    from ray.train import RunConfig
-    from ray.train.torch import TorchTrainer
+    returns the four metrics, per_class_iu, hist, and the skipped samples.
 
-    from pipelines.ray_utils import connect
-
+    ``storage`` (any fsspec URI) holds Ray Train's run folder; the default, a local temporary
+    folder, works on a single node; multi-node clusters need shared storage.
+    """
     if split not in ("train", "val"):
         raise ValueError(f"split: must be 'train' or 'val', got {split!r}")
     dataset = open_dataset(data, classes=classes)
     connect(ray_address)
-    storage = tempfile.mkdtemp(prefix="fcn-eval-")
+    storage = storage or tempfile.mkdtemp(prefix="fcn-eval-")
+    storage_path, storage_filesystem = ray_storage(storage)
     trainer = TorchTrainer(
         _eval_loop,
         train_loop_config={
@@ -264,9 +275,12 @@ def run_evaluation(
             "num_classes": dataset.num_classes,
         },
         scaling_config=_scaling(workers, gpus_per_worker, 1),
-        run_config=RunConfig(name=f"eval-{uuid.uuid4().hex[:8]}", storage_path=storage),
+        run_config=RunConfig(
+            name=f"eval-{uuid.uuid4().hex[:8]}", storage_path=storage_path, storage_filesystem=storage_filesystem
+        ),
     )
-    return dict(trainer.fit().metrics)
+    with trainer.fit().checkpoint.as_directory() as folder, open(os.path.join(folder, registry.METRICS_FILE)) as f:
+        return json.load(f)
 
 
 def ray_storage(uri: str) -> tuple[str, Any]:
@@ -276,8 +290,6 @@ def ray_storage(uri: str) -> tuple[str, Any]:
     wrapped as a pyarrow filesystem around the fsspec one, so Ray Train writes with the same
     settings (endpoint, credentials from fsspec's config) as the rest of the pipeline.
     """
-    import pyarrow.fs
-
     fs, path = fsspec.core.url_to_fs(uri)
     if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
         return path, None
@@ -285,8 +297,6 @@ def ray_storage(uri: str) -> tuple[str, Any]:
 
 
 def _scaling(workers: int, gpus_per_worker: float, cpus_per_worker: float) -> Any:
-    from ray.train import ScalingConfig
-
     resources = {"CPU": cpus_per_worker} | ({"GPU": gpus_per_worker} if gpus_per_worker else {})
     return ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources)
 
@@ -306,13 +316,11 @@ def _load_init(uri: str) -> dict[str, Any]:
     """State dict and input convention of the checkpoint (or registry champion) to start from."""
     try:
         ckpt = fcn.load_checkpoint(uri)
-    except FileNotFoundError:
-        raise ValueError(f"init: no checkpoint at {uri!r}") from None
-    import ray
-
+    except fcn.CheckpointError as exc:
+        raise ValueError(f"init: {exc}") from None
     return {
         "uri": ckpt.uri,
-        "state_dict": ray.put({k: v.cpu() for k, v in ckpt.model.state_dict().items()}),
+        "state_dict": {k: v.cpu() for k, v in ckpt.model.state_dict().items()},
         "input_convention": ckpt.input_convention,
     }
 
@@ -412,10 +420,6 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def _train_loop(loop_config: dict[str, Any]) -> None:
-    import ray
-    import ray.train
-    import ray.train.torch
-    import torch.distributed as dist
 
     config = TrainConfig(**loop_config["config"])
     recipe = RECIPES[config.recipe]
@@ -453,9 +457,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, collate_fn=pad_collate)
     lr = recipe.learning_rate(config.model, config.lr)
     optimizer = recipe.make_optimizer(model.parameters(), lr)
-    total_steps = config.epochs * len(loader)
-    power = recipe.poly_power or 0.0
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (1 - min(step, total_steps) / total_steps) ** power)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, recipe.lr_factor(config.epochs * len(loader)))
     if train_state is not None:
         optimizer.load_state_dict(train_state["optimizer"])
         schedule.load_state_dict(train_state["schedule"])
@@ -491,12 +493,9 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
                 steps += 1
         hist, val_skipped = _validate(module, loop_config["val"], num_classes, convention, device, rank, world)
         totals = torch.tensor([loss_sum, steps], dtype=torch.float64)
-        gathered: list[dict[str, str]] = [skipped | val_skipped]
         if world > 1:
             dist.all_reduce(totals)
-            gathered = [{} for _ in range(world)]
-            dist.all_gather_object(gathered, skipped | val_skipped)
-        all_skipped = {k: v for part in gathered for k, v in sorted(part.items())}
+        all_skipped = _merge_across_workers(skipped | val_skipped, world)
         scores = fcn.ConfusionMatrix(num_classes, hist).scores()
         metrics = {
             "epoch": epoch + 1,
@@ -520,52 +519,58 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             logger.info("epoch %d/%d loss %.4f | %s", epoch + 1, config.epochs, metrics["train_loss"],
                         " ".join(f"{k} {metrics[k]:.4f}" for k in SCORES))  # fmt: skip
-        _report(metrics, module, optimizer, schedule, loop_config, convention, rank)
+
+        def write(folder: str) -> None:
+            fcn.save_checkpoint(
+                module, os.path.join(folder, registry.CHECKPOINT_FILE), class_names=class_names,
+                palette=voc_palette(), input_convention=convention.name, epoch=epoch + 1,
+                run_name=loop_config["run_name"], recipe=config.recipe, mean_iu=metrics["mean_iu"],
+            )  # fmt: skip
+            torch.save({"epoch": epoch + 1, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()},
+                       os.path.join(folder, TRAIN_STATE_FILE))  # fmt: skip
+
+        _report(metrics, EPOCH_DIR.format(epoch + 1), rank, write)
 
 
-def _report(metrics: dict[str, Any], module: nn.Module, optimizer: torch.optim.Optimizer, schedule: Any,
-            loop_config: dict[str, Any], convention: InputConvention, rank: int) -> None:  # fmt: skip
-    """Rank 0 writes the epoch's checkpoint folder; every rank reports (Ray Train needs all of them)."""
-    import ray.train
+def _merge_across_workers(local: dict[str, str], world: int) -> dict[str, str]:
+    """Union of every worker's dict (here: bad sample id -> reason), sorted by key."""
+    parts = [local]
+    if world > 1:
+        parts = [{} for _ in range(world)]
+        dist.all_gather_object(parts, local)
+    return dict(sorted(kv for part in parts for kv in part.items()))
 
-    flat = {k: v for k, v in metrics.items() if isinstance(v, int | float) and v is not None}
-    name = EPOCH_DIR.format(metrics["epoch"])
+
+def _report(metrics: dict[str, Any], dir_name: str, rank: int, write: Any = None) -> None:
+    """Every rank reports (Ray Train needs all of them); rank 0 also persists a folder with
+    ``metrics.json`` and whatever ``write(folder)`` adds, as ``<run>/<dir_name>/``."""
+    flat = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
         if rank == 0:
-            fcn.save_checkpoint(
-                module, os.path.join(folder, registry.CHECKPOINT_FILE), class_names=metrics["class_names"],
-                palette=voc_palette(), input_convention=convention.name, epoch=metrics["epoch"],
-                run_name=metrics["run_name"], recipe=metrics["recipe"], mean_iu=metrics["mean_iu"],
-            )  # fmt: skip
-            torch.save({"epoch": metrics["epoch"], "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict()}, os.path.join(folder, TRAIN_STATE_FILE))  # fmt: skip
+            if write is not None:
+                write(folder)
             with open(os.path.join(folder, registry.METRICS_FILE), "w") as f:
                 json.dump(metrics, f, indent=1)
             checkpoint = ray.train.Checkpoint.from_directory(folder)
-        ray.train.report(flat, checkpoint=checkpoint, checkpoint_dir_name=name)
+        ray.train.report(flat, checkpoint=checkpoint, checkpoint_dir_name=dir_name)
 
 
 def _validate(module: nn.Module, samples: Sequence[Sample], num_classes: int, convention: InputConvention,
               device: torch.device, rank: int, world: int) -> tuple[np.ndarray, dict[str, str]]:  # fmt: skip
     """Confusion matrix over this worker's share of ``samples`` (every world-th one, no duplicates),
     summed over all workers with an all-reduce; returns (hist, bad samples seen here)."""
-    import torch.distributed as dist
-
-    module.eval()
+    cuda = device.type == "cuda"
+    predictor = fcn.Predictor(module, input_convention=convention, device=device, bf16=cuda, channels_last=cuda)
     matrix = fcn.ConfusionMatrix(num_classes)
     skipped = {}
-    with torch.no_grad():
-        for sample in samples[rank::world]:
-            try:
-                rgb, labels = load_sample(sample, num_classes)
-            except BadSample as bad:
-                skipped[bad.sample_id] = bad.reason
-                continue
-            x = convention.to_tensor(rgb, device)[None]
-            with _autocast(device):
-                pred = module(x).argmax(1)[0]
-            matrix.update(pred, torch.from_numpy(labels))
+    for sample in samples[rank::world]:
+        try:
+            rgb, labels = load_sample(sample, num_classes)
+        except BadSample as bad:
+            skipped[bad.sample_id] = bad.reason
+            continue
+        matrix.update(predictor(rgb).labels, labels)
     hist = torch.from_numpy(matrix.hist).to(device)
     if world > 1:
         dist.all_reduce(hist)
@@ -573,9 +578,6 @@ def _validate(module: nn.Module, samples: Sequence[Sample], num_classes: int, co
 
 
 def _eval_loop(loop_config: dict[str, Any]) -> None:
-    import ray.train
-    import ray.train.torch
-
     context = ray.train.get_context()
     device = ray.train.torch.get_device()
     ckpt = fcn.load_checkpoint(loop_config["checkpoint"])
@@ -584,7 +586,9 @@ def _eval_loop(loop_config: dict[str, Any]) -> None:
     hist, skipped = _validate(module, loop_config["samples"], num_classes, get_convention(ckpt.input_convention),
                               device, context.get_world_rank(), context.get_world_size())  # fmt: skip
     scores = fcn.ConfusionMatrix(num_classes, hist).scores()
-    ray.train.report({**scores, "hist": hist.tolist(), "skipped_samples": skipped})
+    skipped = _merge_across_workers(skipped, context.get_world_size())
+    # The results travel to the driver as a checkpoint folder holding only metrics.json.
+    _report({**scores, "hist": hist.tolist(), "skipped_samples": skipped}, "evaluation", context.get_world_rank())
 
 
 # ----------------------------------------------------------------------------------------------
