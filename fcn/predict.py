@@ -47,9 +47,12 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available here; use 'auto' or 'cpu'")
+    return resolved
 
 
 class Predictor:
@@ -71,6 +74,9 @@ class Predictor:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         tile_size: int = DEFAULT_TILE_SIZE,
     ) -> None:
+        missing = [a for a in ("num_classes", "receptive_field", "output_stride") if not hasattr(model, a)]
+        if missing:
+            raise ValueError(f"model lacks {missing}; build it with fcn.get_model")
         self.device = resolve_device(device)
         self.convention = get_convention(input_convention)
         self.bf16 = bool(bf16)

@@ -196,6 +196,11 @@ def test_bad_parameters_name_the_problem(model: torch.nn.Module) -> None:
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ValueError, match="device 'gpu0'"):
         Predictor(model, device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            Predictor(model, device="cuda")
+    with pytest.raises(ValueError, match="receptive_field"):
+        Predictor(torch.nn.Conv2d(3, 2, 1), device="cpu")
     with pytest.raises(ValueError, match="tile_size"):
         Predictor(model, device="cpu", tile_size=300)
     with pytest.raises(ValueError, match="max_pixels"):
