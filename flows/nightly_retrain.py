@@ -230,6 +230,6 @@ def nightly_retrain(
         "metrics": {k: candidate.metrics.get(k) for k in SCORES},
         "promoted": promoted,
         "reason": decision.reason,
-        "champion": model_registry.get_champion(params.registry),
+        "champion": (model_registry.get_champion(params.registry) or {}).get("version"),
         "resegmented": resegmented,
     }

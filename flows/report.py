@@ -164,13 +164,15 @@ def class_chart_svg(dist: ClassDistribution, palette: list[int]) -> str:
 
 def overlay_thumbnail(image_uri: str, mask_uri: str, pixels: int, *, size: int = THUMBNAIL_SIZE) -> str:
     """The image (as displayed, ``pixels`` = its width x height) and its mask blended over it, side by
-    side, scaled to fit ``size`` px, as a PNG data URI."""
+    side, scaled so that the longer side is ``size`` px, as a PNG data URI."""
     with fsspec.open(image_uri, "rb") as f:
         image = Image.fromarray(decode_image(f.read(), max_pixels=pixels))
     with fsspec.open(mask_uri, "rb") as f:
         mask = Image.open(io.BytesIO(f.read())).convert("RGB")
-    image.thumbnail((size, size), Image.Resampling.BILINEAR)
-    mask = mask.resize(image.size, Image.Resampling.NEAREST)
+    scale = size / max(image.size)
+    fitted = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    image = image.resize(fitted, Image.Resampling.BILINEAR)
+    mask = mask.resize(fitted, Image.Resampling.NEAREST)
     blended = Image.blend(image, mask, OVERLAY_ALPHA)
     pair = Image.new("RGB", (2 * image.width + 4, image.height), "white")
     pair.paste(image, (0, 0))
@@ -205,6 +207,13 @@ figure{margin:0;max-width:340px}figcaption{font-size:12px;word-break:break-all}
 """
 
 
+def _relative(uri: str, report_uri: str) -> str:
+    """``uri`` relative to the report's folder when it lies below it (links work wherever the output is
+    browsed, e.g. a local folder or a static website bucket), else ``uri`` itself."""
+    base = report_uri.rsplit("/", 1)[0] + "/"
+    return uri[len(base):] or "." if report_uri and uri.startswith(base) else uri
+
+
 def html_report(report: RunReport, gallery: list[GalleryItem]) -> str:
     """A self-contained HTML page: counts, the class chart, the overlay gallery and output links."""
     esc = html.escape
@@ -220,7 +229,10 @@ def html_report(report: RunReport, gallery: list[GalleryItem]) -> str:
         f"<figcaption>{esc(item.caption)}</figcaption></figure>"
         for item in gallery
     )
-    links = "".join(f"<li>{esc(name)}: <code>{esc(uri)}</code></li>" for name, uri in report.links.items())
+    links = "".join(
+        f'<li>{esc(name)}: <a href="{esc(_relative(uri, report.links.get("HTML report", "")))}">{esc(uri)}</a></li>'
+        for name, uri in report.links.items()
+    )
     errors = "".join(f"<tr><td>{esc(uri)}</td><td>{esc(reason)}</td></tr>" for uri, reason in report.errors)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(report.title)}</title><style>{_CSS}</style></head>

@@ -105,11 +105,12 @@ def test_html_report_is_self_contained_with_chart_and_gallery(tmp_path: Path) ->
     # thumbnails decode: image and overlay side by side, scaled to fit
     first = re.search(r'src="data:image/png;base64,([^"]+)"', page).group(1)
     thumb = Image.open(io.BytesIO(base64.b64decode(first)))
-    assert thumb.height <= 160 and thumb.width > thumb.height
+    assert max(thumb.height, (thumb.width - 4) // 2) == 160 and thumb.width > thumb.height  # small images scaled up
     # the sample is spread over the run, not the first N
     captions = re.findall(r"<figcaption>(img\d+)\.jpg", page)
     assert captions[0] == "img00" and captions[-1] == "img06"
     assert "bad0.jpg" in page  # error rows are listed
+    assert 'href="masks"' in page  # outputs below the report's folder are linked relatively
 
 
 def test_gallery_is_capped_by_available_rows(tmp_path: Path) -> None:
