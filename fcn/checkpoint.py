@@ -150,12 +150,14 @@ def _read_payload(uri: str, map_location: str | torch.device) -> dict[str, Any]:
             payload = torch.load(f, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"no checkpoint at {uri}: file not found") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{uri} is a folder, neither a checkpoint file nor a registry with a champion") from None
     except pickle.UnpicklingError as error:
         first_line = str(error).strip().splitlines()[0]
         raise CheckpointError(
             f"{uri} refused: it holds objects other than tensors and plain data ({first_line})"
         ) from None
-    except (RuntimeError, EOFError, OSError) as error:
+    except (RuntimeError, EOFError) as error:
         raise CheckpointError(f"{uri} is truncated or corrupt: {error}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{uri} is a torch file but not an fcn checkpoint (no {FORMAT!r} marker)")

@@ -148,6 +148,9 @@ def test_bad_files_name_the_problem(model: torch.nn.Module, tmp_path: Path) -> N
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(str(tmp_path / "missing.pt"))
 
+    with pytest.raises(CheckpointError, match="is a folder"):
+        load_checkpoint(str(tmp_path))
+
     payload = torch.load(good, weights_only=True)
     for change, message in [
         (lambda p: p["arch"].update(name="fcn64s_vgg16"), "fcn64s_vgg16"),
