@@ -83,7 +83,7 @@ def test_bilinear_upsampling_reproduces_a_linear_ramp() -> None:
 def _impulse_net(name: str, geometry: str, path: str) -> nn.Module:
     """A net that carries input channel 0 straight through (max pooling spreads it over one cell) and
     scores class 1 from only one of the three paths (fc7, pool4 or pool3)."""
-    model = get_model(name, width=WIDTH, geometry=geometry, num_classes=2).eval()
+    model = get_model(name, width=1 / 64, geometry=geometry, num_classes=2).eval()  # only channel 0 matters
     with torch.no_grad():
         for layer_name in model.layer_names:
             conv = getattr(model, layer_name)
@@ -132,3 +132,100 @@ def test_score_peaks_sit_at_the_centre_of_the_pixels_they_pool(name: str, path: 
     for c, ps in full:
         assert ps == list(range(ps[0], ps[0] + stride))
         assert c == pytest.approx((ps[0] + ps[-1]) / 2), f"peak at {c}, block {ps[0]}..{ps[-1]}"
+
+
+def _interior_cells(model: nn.Module, tap: str, size: int) -> list[int]:
+    """Cells of a tap whose receptive field lies inside a ``size``-pixel image (no padding seen)."""
+    upto = model.layer_names[: model.layer_names.index(tap if tap != "fc7" else "drop7") + 1]
+    field = receptive_field(getattr(model, n) for n in upto)
+    m = model.tap_maps()[tap]
+    half = Fraction(field - 1, 2)
+    return [i for i in range(size) if m(i) - half >= 0 and m(i) + half <= size - 1]
+
+
+def test_aligned_equals_reference_wherever_no_padding_is_seen() -> None:
+    """Both geometries put the score grid at the same image positions (pad 100 = pad 4 + three fc6
+    cells), and every cell that sees no padding is equal to float tolerance, for any weights; only
+    the border band, which sees zeros at different depths, may differ."""
+    torch.manual_seed(0)
+    size = 448
+    reference = get_model("fcn8s_vgg16", width=WIDTH, num_classes=4).eval()
+    aligned = get_model("fcn8s_vgg16", width=WIDTH, num_classes=4, geometry="aligned").eval()
+    aligned.load_state_dict(reference.state_dict())
+    assert reference.tap_maps()["fc7"] == aligned.tap_maps()["fc7"]
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        ref, ali = reference.features(x), aligned.features(x)
+    for tap in ("pool3", "pool4", "fc7"):
+        cells = _interior_cells(reference, tap, size)
+        assert len(cells) >= 2, tap
+        ref_at = {reference.tap_maps()[tap](i): i for i in cells}
+        ali_at = {aligned.tap_maps()[tap](i): i for i in _interior_cells(aligned, tap, size)}
+        assert ref_at.keys() == ali_at.keys(), tap  # the same image positions, maybe other indices
+        i = torch.tensor([ref_at[p] for p in sorted(ref_at)])
+        j = torch.tensor([ali_at[p] for p in sorted(ali_at)])
+        a = ref[tap][..., i[:, None], i]
+        b = ali[tap][..., j[:, None], j]
+        assert a.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # the border band does differ (this is what the agreement numbers in the README measure)
+    assert not torch.allclose(ref["fc7"][..., :2, :2], ali["fc7"][..., :2, :2], rtol=1e-3, atol=1e-4)
+
+
+def _conv_macs(model: nn.Module, size: int) -> int:
+    macs = 0
+
+    def hook(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal macs
+        kernel = module.weight[0].numel() if isinstance(module, nn.Conv2d) else module.weight[:, 0].numel()
+        macs += output.numel() * kernel
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)]
+    with torch.no_grad():
+        model(torch.empty(1, 3, size, size, device="meta"))
+    for h in handles:
+        h.remove()
+    return macs
+
+
+def test_aligned_saves_the_pad_100_flops() -> None:
+    with torch.device("meta"):
+        reference = get_model("fcn8s_vgg16").eval()
+        aligned = get_model("fcn8s_vgg16", geometry="aligned").eval()
+    ref, ali = _conv_macs(reference, 500), _conv_macs(aligned, 500)
+    # 500x500: conv1 runs on 698x698 vs 508x508 pixels; fc6/fc7 run on the same 16x16 cells.
+    assert 1.5 < ref / ali < 1.8, (ref, ali)
+
+
+@pytest.mark.parametrize(("output_stride", "geometry"), [(16, "reference"), (16, "aligned"), (8, "aligned")])
+def test_rarefaction_equals_shift_and_stitch(output_stride: int, geometry: str) -> None:
+    """Paper 3.2: dropping pooling strides and dilating later filters (output_stride < 32) gives, at
+    every fc7 cell, the stride-32 net's fc7 on the input shifted by a multiple of output_stride.
+    Compared on cells that see no padding (padding makes any shift differ at the border)."""
+    torch.manual_seed(0)
+    size = 440
+    coarse = get_model("fcn32s_vgg16", width=WIDTH, geometry=geometry).eval()
+    fine = get_model("fcn32s_vgg16", width=WIDTH, geometry=geometry, output_stride=output_stride).eval()
+    trunk = {k: v for k, v in coarse.state_dict().items() if not k.startswith("upscore")}
+    fine.load_state_dict(trunk, strict=False)
+    image = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        dense = fine.features(image)["fc7"]
+    dense_at = {fine.tap_maps()["fc7"](i): i for i in _interior_cells(fine, "fc7", size)}
+    phases: set[Fraction] = set()
+    for dy in range(0, 32, output_stride):
+        for dx in range(0, 32, output_stride):
+            with torch.no_grad():
+                shifted = coarse.features(image[..., dy:, dx:])["fc7"]
+            cells = _interior_cells(coarse, "fc7", size - max(dy, dx))
+            m = coarse.tap_maps()["fc7"]
+            rows = [(i, m(i) + dy) for i in cells if m(i) + dy in dense_at]
+            cols = [(j, m(j) + dx) for j in cells if m(j) + dx in dense_at]
+            assert rows and cols, (dy, dx)
+            i = torch.tensor([i for i, _ in rows])
+            j = torch.tensor([j for j, _ in cols])
+            y = torch.tensor([dense_at[y] for _, y in rows])
+            x = torch.tensor([dense_at[x] for _, x in cols])
+            torch.testing.assert_close(dense[..., y[:, None], x], shifted[..., i[:, None], j], rtol=1e-4, atol=1e-5)
+            phases.add(rows[0][1] % 32)
+    assert len(phases) == 32 // output_stride  # the stitched cells interlace every phase of the fine grid
