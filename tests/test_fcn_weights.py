@@ -1,0 +1,153 @@
+"""Weight surgery: torchvision classifiers convolutionalized, pytorch-fcn state_dicts imported, bad files named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import fsspec
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from fcn.models import get_model
+from fcn.weights import load_backbone, load_pytorch_fcn, read_state_dict
+
+WIDTH = 1 / 16
+
+PYTORCH_FCN_CONVS = [
+    "conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3",
+    "conv4_1", "conv4_2", "conv4_3", "conv5_1", "conv5_2", "conv5_3", "fc6", "fc7",
+]  # fmt: skip
+PYTORCH_FCN_HEADS = {
+    "fcn32s_vgg16": {"score_fr.weight": (21, 4096, 1, 1), "upscore.weight": (21, 21, 64, 64)},
+    "fcn16s_vgg16": {
+        "score_fr.weight": (21, 4096, 1, 1),
+        "score_pool4.weight": (21, 512, 1, 1),
+        "upscore2.weight": (21, 21, 4, 4),
+        "upscore16.weight": (21, 21, 32, 32),
+    },
+    "fcn8s_vgg16": {
+        "score_fr.weight": (21, 4096, 1, 1),
+        "score_pool4.weight": (21, 512, 1, 1),
+        "score_pool3.weight": (21, 256, 1, 1),
+        "upscore2.weight": (21, 21, 4, 4),
+        "upscore_pool4.weight": (21, 21, 4, 4),
+        "upscore8.weight": (21, 21, 16, 16),
+    },
+}
+
+
+def pytorch_fcn_keys(name: str) -> set[str]:
+    """The state_dict keys of pytorch-fcn's FCN32s/FCN16s/FCN8s (wkentaro/pytorch-fcn models)."""
+    keys = {f"{conv}.{p}" for conv in PYTORCH_FCN_CONVS for p in ("weight", "bias")}
+    for head in PYTORCH_FCN_HEADS[name]:
+        keys.add(head)
+        if head.startswith("score"):
+            keys.add(head.replace(".weight", ".bias"))
+    return keys
+
+
+@pytest.mark.parametrize("name", sorted(PYTORCH_FCN_HEADS))
+def test_full_width_nets_have_pytorch_fcn_names_and_shapes(name: str) -> None:
+    with torch.device("meta"):
+        state = get_model(name).state_dict()
+    assert set(state) == pytorch_fcn_keys(name)
+    assert state["conv1_1.weight"].shape == (64, 3, 3, 3)
+    assert state["fc6.weight"].shape == (4096, 512, 7, 7)
+    assert state["fc7.weight"].shape == (4096, 4096, 1, 1)
+    for key, shape in PYTORCH_FCN_HEADS[name].items():
+        assert state[key].shape == shape, key
+
+
+@pytest.mark.parametrize("name", ["fcn32s_vgg16", "fcn16s_vgg16", "fcn8s_vgg16"])
+def test_pytorch_fcn_state_dict_lands_where_it_belongs(name: str, tmp_path: Path) -> None:
+    shapes = {k: v.shape for k, v in get_model(name, width=WIDTH).state_dict().items()}
+    assert set(shapes) == pytorch_fcn_keys(name)
+    # every tensor gets a distinct value so a swap of any two would show
+    source = {k: torch.full(shapes[k], float(i + 1)) for i, k in enumerate(sorted(shapes))}
+    path = tmp_path / "fcn.pth"
+    torch.save(source, path)
+    model = load_pytorch_fcn(get_model(name, width=WIDTH, geometry="aligned"), str(path))
+    modules = dict(model.named_modules())
+    for key, value in source.items():
+        module, param = key.rsplit(".", 1)
+        torch.testing.assert_close(getattr(modules[module], param).detach(), value, msg=key)
+
+
+def test_pytorch_fcn_mismatch_names_the_keys() -> None:
+    state = get_model("fcn8s_vgg16", width=WIDTH).state_dict()
+    with pytest.raises(ValueError, match=r"missing \['score_pool3.weight'"):
+        load_pytorch_fcn(get_model("fcn8s_vgg16", width=WIDTH), {k: v for k, v in state.items() if "pool3" not in k})
+    with pytest.raises(ValueError, match=r"missing \['upscore16.weight'\], unexpected \['score_pool3.weight'"):
+        load_pytorch_fcn(get_model("fcn16s_vgg16", width=WIDTH), state)
+    with pytest.raises(ValueError, match=r"'conv1_1.weight' has shape \(4, 3, 3, 3\).*width=0.125\) expects \(8, 3, 3, 3\)"):
+        load_pytorch_fcn(get_model("fcn8s_vgg16", width=0.125), state)
+
+
+def _randomize_biases(model: nn.Module) -> nn.Module:
+    """torchvision initialises biases to zero; random ones make a misplaced bias visible."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model
+
+
+def test_vgg16_classifier_fc7_equals_fcn_fc7(tmp_path: Path) -> None:
+    """Paper 3.1: the convolutionalized classifier computes the same fc7 on a 224x224 input, at the
+    single position of an unpadded net (conv1_1 pad 1 as in VGG, fc6 pad 0)."""
+    torch.manual_seed(0)
+    classifier = _randomize_biases(torchvision.models.vgg16(weights=None)).eval()
+    path = tmp_path / "vgg16.pth"
+    torch.save(classifier.state_dict(), path)
+    model = get_model("fcn32s_vgg16", geometry="aligned", backbone_weights=str(path)).eval()
+    model.conv1_1.padding = (1, 1)
+    model.fc6.padding = (0, 0)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        expected = classifier.classifier[:5](torch.flatten(classifier.avgpool(classifier.features(x)), 1))
+        fc7 = model.features(x)["fc7"]
+    assert fc7.shape == (1, 4096, 1, 1)
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(fc7[:, :, 0, 0], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_backbone_weights_from_an_fsspec_uri_and_bad_ones() -> None:
+    fs = fsspec.filesystem("memory")
+    small = {k: v for k, v in get_model("fcn8s_vgg16", width=WIDTH).state_dict().items()}
+    # a torchvision-named VGG16 state_dict at this width (fc6 flattened as torchvision's Linear is)
+    names = [n for n in small if n.startswith(("conv", "fc")) and n.endswith("weight")]
+    indices = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
+    tv = {}
+    for i, name in enumerate(names[:13]):
+        for p in ("weight", "bias"):
+            tv[f"features.{indices[i]}.{p}"] = torch.randn(small[f"{name.split('.')[0]}.{p}"].shape)
+    tv["classifier.0.weight"] = torch.randn(small["fc6.weight"].shape).flatten(1)
+    tv["classifier.0.bias"] = torch.randn(small["fc6.bias"].shape)
+    tv["classifier.3.weight"] = torch.randn(small["fc7.weight"].shape).flatten(1)
+    tv["classifier.3.bias"] = torch.randn(small["fc7.bias"].shape)
+    tv["classifier.6.weight"] = torch.randn(1000, small["fc7.bias"].shape[0])
+    with fs.open("/weights/vgg16.pth", "wb") as f:
+        torch.save(tv, f)
+    model = get_model("fcn16s_vgg16", width=WIDTH, backbone_weights="memory://weights/vgg16.pth")
+    torch.testing.assert_close(model.conv3_3.weight.detach(), tv["features.14.weight"])
+    torch.testing.assert_close(model.conv5_1.bias.detach(), tv["features.24.bias"])
+    torch.testing.assert_close(model.fc6.weight.detach().flatten(1), tv["classifier.0.weight"])
+    torch.testing.assert_close(model.fc7.weight.detach()[:, :, 0, 0], tv["classifier.3.weight"])
+    assert model.score_fr.weight.abs().sum() == 0  # heads are not part of the backbone
+
+    with fs.open("/weights/truncated.pth", "wb") as f:
+        f.write(fs.cat_file("/weights/vgg16.pth")[:1000])
+    with pytest.raises(ValueError, match="truncated.pth: not a readable torch state_dict"):
+        get_model("fcn32s_vgg16", width=WIDTH, backbone_weights="memory://weights/truncated.pth")
+    with fs.open("/weights/tensor.pth", "wb") as f:
+        torch.save(torch.zeros(3), f)
+    with pytest.raises(ValueError, match="expected a mapping of parameter names to tensors"):
+        read_state_dict("memory://weights/tensor.pth")
+    with pytest.raises(ValueError, match="not a torchvision vgg16 state_dict: missing 'features.0.weight'"):
+        load_backbone(get_model("fcn32s_vgg16", width=WIDTH), {"fc.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"'conv1_1.weight' has shape \(4, 3, 3, 3\).*width=0.125"):
+        get_model("fcn32s_vgg16", width=0.125, backbone_weights="memory://weights/vgg16.pth")
+    with pytest.raises(FileNotFoundError):
+        get_model("fcn32s_vgg16", width=WIDTH, backbone_weights="memory://weights/absent.pth")
