@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+
 from fcn import registry
 from flows.segment_bucket import segment_bucket
 from pipelines.synthetic import render_scene, write_synthetic_voc
@@ -31,6 +33,8 @@ from pipelines.train import TrainConfig, run_training
 
 DEMO_DIR = Path("demo-data")
 LABELLED_SEED, BUCKET_SEED = 0, 1
+LABELLED_IMAGES = 160
+EPHEMERAL_STARTUP_TIMEOUT = 300
 
 
 def make_bucket(bucket: Path, num_images: int) -> None:
@@ -49,17 +53,17 @@ def make_bucket(bucket: Path, num_images: int) -> None:
     (bucket / "broken.jpg").write_text("this is not a JPEG\n")
 
 
-def obtain_model(registry_dir: Path, labelled: Path, *, epochs: int, width: float, workers: int) -> dict[str, Any]:
+def obtain_model(registry_dir: Path, labelled: Path, *, epochs: int, width: float, lr: float, workers: int) -> dict[str, Any]:
     """The registry's champion, training and promoting a small model first if there is none."""
     champion = registry.get_champion(registry_dir.as_uri())
     if champion is not None:
         return champion
     if not labelled.exists():
-        write_synthetic_voc(labelled.as_uri(), num_images=48, seed=LABELLED_SEED, min_size=64, max_size=96)
+        write_synthetic_voc(labelled.as_uri(), num_images=LABELLED_IMAGES, seed=LABELLED_SEED)
     print(f"training a small FCN-8s (width {width}, {epochs} epochs, {workers} Ray Train workers) ...", flush=True)
     run_training(
         TrainConfig(data=labelled.as_uri(), registry=registry_dir.as_uri(), model="fcn8s_vgg16", width=width,
-                    epochs=epochs, workers=workers, geometry="aligned", run_name="demo")  # fmt: skip
+                    epochs=epochs, lr=lr, workers=workers, geometry="aligned", run_name="demo")  # fmt: skip
     )
     champion = registry.get_champion(registry_dir.as_uri())
     if champion is None:
@@ -71,8 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", type=Path, default=DEMO_DIR, help="demo folder (default: %(default)s)")
     parser.add_argument("--images", type=int, default=24, help="synthetic scenes in the bucket")
-    parser.add_argument("--epochs", type=int, default=4, help="training epochs if no champion exists")
-    parser.add_argument("--width", type=float, default=0.125, help="network width multiplier for training")
+    parser.add_argument("--epochs", type=int, default=8, help="training epochs if no champion exists")
+    parser.add_argument("--width", type=float, default=0.0625, help="network width multiplier for training")
+    parser.add_argument("--lr", type=float, default=3e-3, help="learning rate for training")
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -81,9 +86,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     bucket, registry_dir, output = root / "bucket", root / "registry", root / "segmented"
     started = time.monotonic()
     make_bucket(bucket, args.images)
-    champion = obtain_model(registry_dir, root / "labelled", epochs=args.epochs, width=args.width,
+    champion = obtain_model(registry_dir, root / "labelled", epochs=args.epochs, width=args.width, lr=args.lr,
                             workers=args.workers)  # fmt: skip
-    result = segment_bucket(input=bucket.as_uri(), output=output.as_uri(), model=registry_dir.as_uri())
+    # Prefect's temporary server migrates its database on first use: allow a slow machine more than 20 s.
+    with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: EPHEMERAL_STARTUP_TIMEOUT}):
+        result = segment_bucket(input=bucket.as_uri(), output=output.as_uri(), model=registry_dir.as_uri())
     elapsed = time.monotonic() - started
     print(
         f"""

@@ -30,7 +30,7 @@ from flows.segment_bucket import (
     is_transient,
     segment_bucket,
 )
-from pipelines.train import SCORES, TrainConfig, TrainSummary, run_evaluation, run_training
+from pipelines.train import RECIPES, SCORES, TrainConfig, TrainSummary, run_evaluation, run_training
 
 ARTIFACT_KEY = "nightly-retrain"
 SCORE = model_registry.SCORE_METRIC
@@ -40,7 +40,7 @@ Width = Annotated[float, Field(gt=0, description="channel width multiplier of th
 Epochs = Annotated[int, Field(ge=1)]
 Workers = Annotated[int, Field(ge=1, description="Ray Train data-parallel workers")]
 GpusPerWorker = Annotated[float, Field(ge=0)]
-Recipe = Literal["modern", "paper"]
+Recipe = Literal[tuple(RECIPES)]  # "modern" | "paper"
 Margin = Annotated[float, Field(ge=0, description="mean IU the candidate must beat the champion by")]
 
 
@@ -154,12 +154,11 @@ def summary_markdown(params: NightlyRetrainParams, candidate: TrainSummary, deci
                      promoted: bool, resegmented: dict[str, Any] | None) -> str:  # fmt: skip
     """The run's markdown artifact: candidate vs champion metrics, the decision, re-segmentation."""
     champion = decision.champion_metrics or {}
-    rows = "".join(
-        f"| {name} | {candidate.metrics.get(name, float('nan')):.4f} | "
-        f"{champion[name]:.4f} |\n" if name in champion else
-        f"| {name} | {candidate.metrics.get(name, float('nan')):.4f} | - |\n"
-        for name in SCORES
-    )  # fmt: skip
+
+    def cell(metrics: dict[str, Any], name: str) -> str:
+        return f"{metrics[name]:.4f}" if name in metrics else "-"
+
+    rows = "".join(f"| {name} | {cell(candidate.metrics, name)} | {cell(champion, name)} |\n" for name in SCORES)
     lines = [
         f"# nightly-retrain: {'promoted ' + str(candidate.version) if promoted else 'champion kept'}",
         "",

@@ -20,9 +20,9 @@ from PIL import Image
 
 from fcn.classes import voc_palette
 from pipelines.decode import decode_image
+from pipelines.masks import encode_overlay
 
 THUMBNAIL_SIZE = 160
-OVERLAY_ALPHA = 0.5
 
 
 @dataclass(frozen=True)
@@ -162,27 +162,27 @@ def class_chart_svg(dist: ClassDistribution, palette: list[int]) -> str:
     return "".join(parts)
 
 
-def overlay_thumbnail(image_uri: str, mask_uri: str, pixels: int, *, size: int = THUMBNAIL_SIZE) -> str:
-    """The image (as displayed, ``pixels`` = its width x height) and its mask blended over it, side by
-    side, scaled so that the longer side is ``size`` px, as a PNG data URI."""
+def overlay_thumbnail(image_uri: str, mask_uri: str, pixels: int, palette: list[int], *,
+                      size: int = THUMBNAIL_SIZE) -> str:  # fmt: skip
+    """The image (as displayed; ``pixels`` = its width x height) and the same colour overlay as the
+    job's ``--overlays``, side by side, scaled so that the longer side is ``size`` px, as a PNG data URI."""
     with fsspec.open(image_uri, "rb") as f:
-        image = Image.fromarray(decode_image(f.read(), max_pixels=pixels))
+        rgb = decode_image(f.read(), max_pixels=pixels)
     with fsspec.open(mask_uri, "rb") as f:
-        mask = Image.open(io.BytesIO(f.read())).convert("RGB")
+        labels = np.asarray(Image.open(io.BytesIO(f.read())))
+    overlay = Image.open(io.BytesIO(encode_overlay(rgb, labels, palette)))
+    image = Image.fromarray(rgb)
     scale = size / max(image.size)
     fitted = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    image = image.resize(fitted, Image.Resampling.BILINEAR)
-    mask = mask.resize(fitted, Image.Resampling.NEAREST)
-    blended = Image.blend(image, mask, OVERLAY_ALPHA)
-    pair = Image.new("RGB", (2 * image.width + 4, image.height), "white")
-    pair.paste(image, (0, 0))
-    pair.paste(blended, (image.width + 4, 0))
+    pair = Image.new("RGB", (2 * fitted[0] + 4, fitted[1]), "white")
+    pair.paste(image.resize(fitted, Image.Resampling.BILINEAR), (0, 0))
+    pair.paste(overlay.resize(fitted, Image.Resampling.BILINEAR), (fitted[0] + 4, 0))
     buffer = io.BytesIO()
     pair.save(buffer, format="PNG", optimize=True)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def sample_gallery(stats: pa.Table, class_names: list[str], size: int) -> list[GalleryItem]:
+def sample_gallery(stats: pa.Table, class_names: list[str], palette: list[int], size: int) -> list[GalleryItem]:
     """Overlays of ``size`` ok rows spread evenly over the run (sorted by image URI)."""
     ok = stats.filter(pc.equal(stats["status"], "ok")).sort_by("image_uri")
     if size <= 0 or ok.num_rows == 0:
@@ -192,7 +192,7 @@ def sample_gallery(stats: pa.Table, class_names: list[str], size: int) -> list[G
     for row in ok.take(pa.array(picks)).to_pylist():
         caption = f"{row['image_uri'].rsplit('/', 1)[-1]} ({row['width']}x{row['height']}, " \
                   f"mostly {class_names[row['dominant_class']]})"
-        thumbnail = overlay_thumbnail(row["image_uri"], row["mask_uri"], row["width"] * row["height"])
+        thumbnail = overlay_thumbnail(row["image_uri"], row["mask_uri"], row["width"] * row["height"], palette)
         items.append(GalleryItem(row["image_uri"], caption, thumbnail))
     return items
 

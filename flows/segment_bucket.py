@@ -30,11 +30,11 @@ from flows.report import (
     write_text,
 )
 from pipelines.listing import list_images
-from pipelines.segment import SegmentConfig, SegmentSummary, run_segmentation
+from pipelines.segment import DEVICES, SegmentConfig, SegmentSummary, run_segmentation
 
 Uri = Annotated[str, Field(min_length=1, description="fsspec URI or local path")]
-Device = Literal["auto", "cpu", "cuda"]
-Actors = Annotated[int | None, Field(ge=1, description="FCN actors (default: one per GPU, else per 2 CPUs)")]
+Device = Literal[DEVICES]  # "auto" | "cpu" | "cuda"
+Actors = Annotated[int | None, Field(ge=1, description="FCN actors (default: one per GPU, else sized to the CPUs)")]
 GallerySize = Annotated[int, Field(ge=0, le=200, description="image/mask overlays in report.html")]
 
 REPORT_FILE = "report.html"
@@ -158,7 +158,7 @@ def publish(params: SegmentBucketParams, summary: SegmentSummary, stats: pa.Tabl
         },
         errors=error_rows(stats),
     )
-    write_text(report_uri, html_report(report, sample_gallery(stats, class_names, params.gallery_size)))
+    write_text(report_uri, html_report(report, sample_gallery(stats, class_names, palette, params.gallery_size)))
     create_markdown_artifact(markdown_summary(report), key=ARTIFACT_KEY, description=report.title)
     create_link_artifact(report_uri, link_text="HTML report", key=f"{ARTIFACT_KEY}-report")
     get_run_logger().info("report: %s", report_uri)

@@ -75,6 +75,7 @@ def prefect_env(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> I
         "PREFECT_UI_ENABLED": "false",
         "PREFECT_CLI_COLORS": "false",
         "PREFECT_CLI_WRAP_LINES": "false",
+        "PREFECT_RUNNER_POLL_FREQUENCY": "1",  # the served process picks up a new run within a second
     }
     log = home / "server.log"
     with open(log, "w") as out:

@@ -96,7 +96,7 @@ def test_markdown_summary_has_counts_table_and_links(tmp_path: Path) -> None:
 
 def test_html_report_is_self_contained_with_chart_and_gallery(tmp_path: Path) -> None:
     stats = _stats(tmp_path, ok=7, errors=1)
-    gallery = sample_gallery(stats, CLASSES, size=4)
+    gallery = sample_gallery(stats, CLASSES, voc_palette(), size=4)
     page = html_report(_report(stats, ok=7, errors=1), gallery)
     assert "<svg" in page and page.count('class="bar"') == 4  # every class has pixels here
     assert page.count('<img src="data:image/png;base64,') == 4
@@ -115,8 +115,8 @@ def test_html_report_is_self_contained_with_chart_and_gallery(tmp_path: Path) ->
 
 def test_gallery_is_capped_by_available_rows(tmp_path: Path) -> None:
     stats = _stats(tmp_path, ok=2, errors=3)
-    assert len(sample_gallery(stats, CLASSES, size=10)) == 2
-    assert sample_gallery(stats, CLASSES, size=0) == []
+    assert len(sample_gallery(stats, CLASSES, voc_palette(), size=10)) == 2
+    assert sample_gallery(stats, CLASSES, voc_palette(), size=0) == []
 
 
 # -------------------------------------------------------------------------------- parameters
@@ -147,3 +147,24 @@ def test_nightly_retrain_rejects_bad_parameters_naming_them() -> None:
                       ({"promote_margin": -0.1}, "promote_margin"), ({"workers": 0}, "workers")]:  # fmt: skip
         with pytest.raises(ParameterTypeError, match=rf"- {name}:"):
             nightly_retrain.validate_parameters(good | bad)
+
+
+def test_nightly_retrain_cross_field_check_and_summary() -> None:
+    from flows.nightly_retrain import Decision, NightlyRetrainParams, summary_markdown
+    from pipelines.train import TrainSummary
+
+    fields = {"data": "s3://b/voc", "registry": "s3://b/registry", "model": "fcn8s_vgg16", "width": 1.0,
+              "epochs": 2, "workers": 1, "gpus_per_worker": 0, "recipe": "modern", "warm_start": True,
+              "promote_margin": 0.0, "resegment_input": None, "resegment_output": None, "ray_address": None,
+              "actors": None, "device": "auto"}  # fmt: skip
+    with pytest.raises(ValidationError, match="resegment_input and resegment_output"):
+        NightlyRetrainParams(**(fields | {"resegment_input": "s3://b/photos"}))
+    candidate = TrainSummary(run_name="r1", checkpoint_uri="s3://b/registry/runs/r1/epoch-0002/checkpoint.pt",
+                             metrics={"pixel_accuracy": 0.9, "mean_accuracy": 0.5, "mean_iu": 0.4, "fw_iu": 0.8},
+                             version="v0002", promoted=False, epochs=2)  # fmt: skip
+    rescored = {"pixel_accuracy": 0.8, "mean_accuracy": 0.4, "mean_iu": 0.3, "fw_iu": 0.7}
+    text = summary_markdown(NightlyRetrainParams(**fields), candidate, Decision(True, "better", rescored), True, None)
+    assert text.startswith("# nightly-retrain: promoted v0002")
+    assert "| mean_iu | 0.4000 | 0.3000 |" in text
+    kept = summary_markdown(NightlyRetrainParams(**fields), candidate, Decision(False, "first", None), False, None)
+    assert "champion kept" in kept and "| mean_iu | 0.4000 | - |" in kept
