@@ -1,0 +1,191 @@
+"""The segmentation pipeline on a real local Ray cluster, against loopback S3 (moto) and local folders."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+import fcn
+from pipelines import segment
+from pipelines.segment import SegmentConfig, run_segmentation
+from segment_cases import awkward_images, displayed, good_images, tiny_checkpoint, upload
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 4
+
+
+def _config(input: str, output: str, model: str, **kwargs) -> SegmentConfig:
+    return SegmentConfig(input=input, output=output, model=model, actors=1, cpus_per_actor=1, batch_size=4, progress=False, **kwargs)
+
+
+def _stats(output: str):
+    fs, root = fsspec.core.url_to_fs(output)
+    fs.invalidate_cache()
+    return pq.read_table(f"{root}/stats", filesystem=fs)
+
+
+def _check_one_row_per_key(table, keys: set[str]) -> None:
+    rows = table["key"].to_pylist()
+    assert len(rows) == len(set(rows)) and set(rows) == keys
+
+
+def _check_masks(output: str, table, files: dict[str, bytes], model_uri: str) -> None:
+    """Every ok row's mask: palette PNG of the displayed size whose pixels are the network's labels
+    and whose class counts are the row's pixel_counts."""
+    checkpoint = fcn.load_checkpoint(model_uri)
+    predictor = fcn.Predictor.from_checkpoint(checkpoint, device="cpu")
+    for row in table.to_pylist():
+        if row["status"] != "ok":
+            continue
+        with fsspec.open(row["mask_uri"], "rb") as f:
+            mask = Image.open(io.BytesIO(f.read()))
+        image = displayed(files[row["key"]])
+        assert row["mask_uri"] == f"{output}/masks/{row['key']}.png"
+        assert mask.mode == "P" and mask.size == image.size == (row["width"], row["height"])
+        assert mask.getpalette()[: 3 * NUM_CLASSES] == checkpoint.palette[: 3 * NUM_CLASSES]
+        labels = np.asarray(mask)
+        expected = predictor(image).labels
+        assert (labels == expected).mean() > 0.99  # same network, same pixels (ties aside)
+        counts = np.bincount(labels.ravel(), minlength=NUM_CLASSES)
+        assert row["pixel_counts"] == counts.tolist() and sum(row["pixel_counts"]) == row["width"] * row["height"]
+        assert np.isclose(sum(row["class_fractions"]), 1.0) and row["dominant_class"] == int(counts.argmax())
+        assert 0.0 < row["mean_confidence"] <= 1.0
+
+
+def test_s3_bucket_end_to_end_then_reruns_skip_done_images(ray_cluster: None, s3_bucket: str) -> None:
+    model = tiny_checkpoint(f"{s3_bucket}/registry/model.pt", num_classes=NUM_CLASSES)
+    odd, expected = awkward_images()
+    files = {**good_images(count=3), **odd}
+    upload(f"{s3_bucket}/incoming", files)
+    output = f"{s3_bucket}/results"
+    config = _config(f"{s3_bucket}/incoming", output, model, rows_per_file=5)
+
+    summary = run_segmentation(config)
+
+    errors = {k for k, v in expected.items() if v != "ok"}
+    assert (summary.ok, summary.error, summary.skipped) == (len(files) - len(errors), len(errors), 0)
+    table = _stats(output)
+    _check_one_row_per_key(table, set(files))
+    assert len({r["run_id"] for r in table.to_pylist()}) == 1 and summary.listed == len(files)
+    for row in table.to_pylist():
+        if row["key"] in errors:
+            assert row["status"] == "error" and expected[row["key"]] in row["error"] and row["mask_uri"] is None
+        else:
+            assert row["status"] == "ok" and row["error"] is None, row
+        assert row["source_size"] == len(files[row["key"]]) and row["source_etag"]
+        assert row["image_uri"] == f"{s3_bucket}/incoming/{row['key']}"
+    _check_masks(output, table, files, model)
+    assert json.loads(table.schema.metadata[b"class_names"]) == [f"class_{i}" for i in range(NUM_CLASSES)]
+    fs, root = fsspec.core.url_to_fs(output)
+    assert fs.isfile(f"{root}/_SUCCESS")
+    manifest = json.loads(fs.cat_file(f"{root}/manifest.json"))
+    assert manifest["run_id"] == summary.run_id and (manifest["ok"], manifest["error"]) == (summary.ok, summary.error)
+    assert manifest["model_id"] == model and len(fs.find(f"{root}/stats")) >= 2  # rows_per_file=5 -> several parts
+
+    # Rerun after adding images and changing one: those are processed, error rows are retried,
+    # the other ok images are skipped; still exactly one row per image.
+    changed = "photos/night/img0_0.jpg"
+    extra = good_images(seed=7, count=2)
+    upload(f"{s3_bucket}/incoming", {**extra, changed: next(iter(good_images(seed=9, count=1).values()))})
+    again = run_segmentation(config)
+    assert (again.ok, again.error, again.skipped) == (len(extra) + 1, len(errors), summary.ok - 1)
+    table = _stats(output)
+    _check_one_row_per_key(table, set(files) | set(extra))
+    runs = {r["key"]: r["run_id"] for r in table.to_pylist()}
+    assert runs[changed] == runs["odd/zero.jpg"] == again.run_id and runs["odd/cmyk.jpg"] == summary.run_id
+
+
+def test_local_folder_manifest_overlays_and_an_actor_killed_mid_run(
+    ray_cluster: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Input from a manifest file in a local folder, with overlays; the FCN actor kills its own
+    process on its first batch: Ray restarts it, retries the batch, and every image lands once."""
+    import cloudpickle
+
+    marker = tmp_path / "crash-once"
+    marker.touch()
+
+    class CrashOnce(segment.Segmenter):
+        def __call__(self, batch):
+            try:
+                os.remove(marker)
+            except FileNotFoundError:
+                return super().__call__(batch)
+            os._exit(1)
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import test modules
+    monkeypatch.setattr(segment, "Segmenter", CrashOnce)
+    model = tiny_checkpoint(str(tmp_path / "model.pt"), num_classes=NUM_CLASSES)
+    files = good_images(seed=3, count=9)
+    upload(str(tmp_path / "in"), files)
+    chosen = sorted(files)[:8]
+    manifest = tmp_path / "in" / "todo.txt"
+    manifest.write_text("\n".join(chosen) + "\n")
+    output = f"file://{tmp_path}/out"
+
+    summary = run_segmentation(_config(str(manifest), output, model, overlays=True, batch_size=2))
+
+    assert not marker.exists()  # the actor really died once
+    assert (summary.ok, summary.error) == (len(chosen), 0)
+    table = _stats(output)
+    _check_one_row_per_key(table, {key.split("/", 1)[1] for key in chosen})  # relative to the common folder
+    [(count, pixels, area)] = duckdb.sql(
+        f"select count(*), sum(list_sum(pixel_counts)), sum(width * height) "
+        f"from read_parquet('{tmp_path}/out/stats/**/*.parquet') where status = 'ok'"
+    ).fetchall()
+    assert count == len(chosen) and pixels == area
+    for row in table.to_pylist():
+        overlay = Image.open(row["overlay_uri"].removeprefix("file://"))
+        assert overlay.size == (row["width"], row["height"])
+
+
+def test_interrupted_run_resumes_with_each_image_once(ray_cluster: None, tmp_path: Path) -> None:
+    import ray
+
+    model = tiny_checkpoint(str(tmp_path / "model.pt"), num_classes=NUM_CLASSES)
+    files = good_images(seed=11, count=24)
+    upload(str(tmp_path / "in"), files)
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "_SUCCESS").write_text("stale marker of an earlier run")
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.segment", "--input", str(tmp_path / "in"), "--output", str(output),
+         "--model", model, "--ray-address", ray.get_runtime_context().gcs_address,
+         "--actors", "1", "--cpus-per-actor", "1", "--batch-size", "1", "--rows-per-file", "1"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list((output / "stats").glob("*.parquet")):
+            assert driver.poll() is None, driver.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "no stats part file appeared"
+            time.sleep(0.05)
+        driver.send_signal(signal.SIGKILL)  # the driver dies mid-run, without any cleanup
+    finally:
+        driver.wait(30)
+    assert not (output / "_SUCCESS").exists()  # the stale marker was removed at the start
+    partial = _stats(str(output))
+    assert 0 < partial.num_rows < len(files)
+
+    config = _config(str(tmp_path / "in"), str(output), model)
+    summary = run_segmentation(config)
+
+    assert summary.skipped >= partial.num_rows - 1 and summary.ok + summary.skipped == len(files)
+    _check_one_row_per_key(_stats(str(output)), set(files))
+    assert (output / "_SUCCESS").exists()
+    again = run_segmentation(config)  # nothing left to do: no Ray work, a fresh manifest and _SUCCESS
+    assert (again.ok, again.error, again.skipped) == (0, 0, len(files))
+    assert json.loads((output / "manifest.json").read_text())["run_id"] == again.run_id
