@@ -28,7 +28,8 @@ NUM_CLASSES = 4
 
 
 def _config(input: str, output: str, model: str, **kwargs) -> SegmentConfig:
-    return SegmentConfig(input=input, output=output, model=model, actors=1, cpus_per_actor=1, batch_size=4, progress=False, **kwargs)
+    small = {"actors": 1, "cpus_per_actor": 1, "batch_size": 4, "progress": False}
+    return SegmentConfig(input=input, output=output, model=model, **(small | kwargs))
 
 
 def _stats(output: str):
