@@ -1,4 +1,12 @@
-from fcn.models import fcn8s_atonce_vgg16, fcn8s_vgg16, fcn16s_vgg16, fcn32s_vgg16, get_model  # noqa: F401
+from fcn.models import (  # noqa: F401
+    fcn8s_atonce_vgg16,
+    fcn8s_vgg16,
+    fcn16s_vgg16,
+    fcn32s_alexnet,
+    fcn32s_googlenet,
+    fcn32s_vgg16,
+    get_model,
+)
 from fcn.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint  # noqa: F401
 from fcn.classes import VOC_CLASSES, voc_palette  # noqa: F401
 from fcn.conventions import InputConvention, get_convention  # noqa: F401

@@ -53,8 +53,8 @@ def layer_map(module: nn.Module) -> CoordMap:
     """Coordinate map of one layer, read from its kernel size, stride, padding and dilation.
 
     Convolutions and poolings map ``x = s*y + ((k-1)*d/2 - p)``; a transposed convolution is the
-    inverse, ``x = (y - ((k-1)*d/2 - p)) / s``. Point-wise layers (ReLU, dropout, 1x1 stride-1
-    convs...) are the identity. ``nn.Sequential`` composes its children.
+    inverse, ``x = (y - ((k-1)*d/2 - p)) / s``; explicit padding shifts by ``-p``. Point-wise layers
+    (ReLU, dropout, 1x1 stride-1 convs...) are the identity. ``nn.Sequential`` composes its children.
     """
     if isinstance(module, nn.Sequential):
         return coord_map(module)
@@ -67,8 +67,8 @@ def layer_map(module: nn.Module) -> CoordMap:
         if isinstance(module, nn.ConvTranspose2d):
             return CoordMap(Fraction(1, s), -half / s)
         return CoordMap(Fraction(s), half)
-    if hasattr(module, "coord_map"):
-        return module.coord_map()
+    if isinstance(module, nn.ConstantPad2d):
+        return CoordMap(Fraction(1), -Fraction(_pair_first(module.padding)))
     return CoordMap()
 
 
@@ -110,7 +110,6 @@ def fuse_offset(a: CoordMap, b: CoordMap) -> int:
 def receptive_field(layers: Iterable[nn.Module]) -> int:
     """Receptive field in input pixels of one output cell of the composed layers (widest path).
 
-    Modules that are not plain layers may define ``receptive_growth() -> (extra_cells, stride)``.
     """
     field, jump = 1, 1
     for layer in layers:
@@ -124,10 +123,6 @@ def receptive_field(layers: Iterable[nn.Module]) -> int:
             d = _pair_first(getattr(layer, "dilation", 1))
             field += (k - 1) * d * jump
             jump *= _pair_first(layer.stride)
-        elif hasattr(layer, "receptive_growth"):
-            extra, stride = layer.receptive_growth()
-            field += extra * jump
-            jump *= stride
     return field
 
 

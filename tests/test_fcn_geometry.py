@@ -112,7 +112,9 @@ def _impulse_net(name: str, geometry: str, path: str) -> nn.Module:
         ("fcn8s_vgg16", "pool3", 8),
     ],
 )
-def test_score_peaks_sit_at_the_centre_of_the_pixels_they_pool(name: str, path: str, stride: int, geometry: str) -> None:
+def test_score_peaks_sit_at_the_centre_of_the_pixels_they_pool(
+    name: str, path: str, stride: int, geometry: str
+) -> None:
     """An impulse at column p lights the one cell whose pooling block holds p; the upsampled score
     must peak at the centre of that block. A crop off by even one pixel moves the peak off centre."""
     width_px = 128
@@ -128,7 +130,8 @@ def test_score_peaks_sit_at_the_centre_of_the_pixels_they_pool(name: str, path: 
     for p in range(width_px):
         blocks.setdefault(round(centre[p].item(), 3), []).append(p)
     full = [(c, ps) for c, ps in blocks.items() if len(ps) == stride]
-    assert len(full) >= width_px // stride - 2, f"expected blocks of {stride} pixels, got {[len(v) for v in blocks.values()]}"
+    sizes = [len(v) for v in blocks.values()]
+    assert len(full) >= width_px // stride - 2, f"expected blocks of {stride} pixels, got {sizes}"
     for c, ps in full:
         assert ps == list(range(ps[0], ps[0] + stride))
         assert c == pytest.approx((ps[0] + ps[-1]) / 2), f"peak at {c}, block {ps[0]}..{ps[-1]}"

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 import fcn
@@ -14,6 +15,7 @@ from fcn.models import BUILDERS, get_model
 
 WIDTH = 1 / 16
 VGG_NAMES = ["fcn32s_vgg16", "fcn16s_vgg16", "fcn8s_vgg16", "fcn8s_atonce_vgg16"]
+ALL_NAMES = [*VGG_NAMES, "fcn32s_alexnet", "fcn32s_googlenet"]
 
 
 def randomize_scores(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -28,7 +30,7 @@ def randomize_scores(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 @pytest.mark.parametrize("geometry", ["reference", "aligned"])
-@pytest.mark.parametrize("name", VGG_NAMES)
+@pytest.mark.parametrize("name", ALL_NAMES)
 def test_output_is_input_sized_for_any_input(name: str, geometry: str) -> None:
     model = get_model(name, width=WIDTH, geometry=geometry, num_classes=5).eval()
     with torch.no_grad():
@@ -40,7 +42,7 @@ def test_output_is_input_sized_for_any_input(name: str, geometry: str) -> None:
 
 @pytest.mark.parametrize("output_stride", [16, 8])
 @pytest.mark.parametrize("geometry", ["reference", "aligned"])
-@pytest.mark.parametrize("name", ["fcn32s_vgg16", "fcn16s_vgg16", "fcn8s_vgg16"])
+@pytest.mark.parametrize("name", [n for n in ALL_NAMES if n != "fcn8s_atonce_vgg16"])
 def test_rarefied_nets_are_input_sized(name: str, geometry: str, output_stride: int) -> None:
     model = get_model(name, width=WIDTH, geometry=geometry, output_stride=output_stride).eval()
     assert model.output_stride == output_stride
@@ -58,12 +60,17 @@ def test_large_odd_input_full_width_shape() -> None:
     assert model.fc7.weight.shape == (4096, 4096, 1, 1)
 
 
-@pytest.mark.parametrize("name", VGG_NAMES)
+RECEPTIVE_FIELDS = {"fcn32s_alexnet": 355, "fcn32s_googlenet": 379}
+"""Paper Table 1: 404 (VGG16), 355 (AlexNet); GoogLeNet 907 in the paper, which has true 5x5
+branches and counts the final 7x7 average pooling; torchvision's 3x3 "5x5" branches give 379."""
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
 def test_model_attributes(name: str) -> None:
     model = fcn.get_model(name, num_classes=7, width=0.125, geometry="aligned", learnable_upsampling=False)
     assert model.num_classes == 7
     assert model.output_stride == 32
-    assert model.receptive_field == 404
+    assert model.receptive_field == RECEPTIVE_FIELDS.get(name, 404)
     assert model.arch == {
         "name": name,
         "kwargs": {
@@ -160,6 +167,53 @@ def test_bad_input_tensor_names_the_problem() -> None:
 
 
 def test_package_exports_builders() -> None:
-    for name in VGG_NAMES:
+    assert sorted(BUILDERS) == sorted(ALL_NAMES)
+    for name in ALL_NAMES:
         assert getattr(fcn, name) is BUILDERS[name]
     assert fcn.get_model is get_model
+
+
+PAPER_PARAMETERS = {"fcn32s_alexnet": 57e6, "fcn32s_vgg16": 134e6, "fcn32s_googlenet": 6e6}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_PARAMETERS))
+def test_parameter_counts_match_the_paper(name: str) -> None:
+    """Paper Table 1 prints 57M, 134M, 6M: whole millions, so the tolerance is half a million
+    (for 6M, printed with one significant digit, that is [5.5M, 6.5M)). Counted: the
+    convolutionalized classifier plus the 21-class score layer; the upsampling layer (bilinear,
+    fixed in the paper's Table 1 comparison; 21x21x63x63 = 1.75M weights) is not part of it."""
+    with torch.device("meta"):
+        model = get_model(name)
+    count = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("upscore"))
+    assert abs(count - PAPER_PARAMETERS[name]) < 0.5e6, count
+
+
+@pytest.mark.parametrize(
+    ("name", "classifier", "dropped"),
+    [
+        ("fcn32s_alexnet", torchvision.models.alexnet, ()),
+        (
+            "fcn32s_googlenet",
+            lambda weights: torchvision.models.googlenet(weights=weights, aux_logits=False, init_weights=False),
+            ("fc.",),
+        ),
+    ],
+)
+def test_trunks_are_torchvision_definitions(name: str, classifier, dropped: tuple[str, ...]) -> None:
+    """At width 1 the rebuilt trunk has exactly the torchvision classifier's convolution shapes."""
+    with torch.device("meta"):
+        tv = classifier(weights=None)
+        model = get_model(name)
+    tv_convs = [m.weight.shape for n, m in tv.named_modules() if isinstance(m, nn.Conv2d)]
+    fcn_convs = [
+        m.weight.shape
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Conv2d) and not n.startswith(("fc", "score"))
+    ]
+    assert fcn_convs == tv_convs
+    if name == "fcn32s_googlenet":
+        tv_keys = {k for k in tv.state_dict() if not k.startswith(dropped)}
+        assert tv_keys == {k for k in model.state_dict() if not k.startswith(("score_fr", "upscore"))}
+    else:
+        assert model.fc6.weight.shape == (4096, 256, 6, 6) and model.fc7.weight.shape == (4096, 4096, 1, 1)
+        assert model.crops == {"score": 18}  # Caffe voc-fcn-alexnet

@@ -81,7 +81,8 @@ def test_pytorch_fcn_mismatch_names_the_keys() -> None:
         load_pytorch_fcn(get_model("fcn8s_vgg16", width=WIDTH), {k: v for k, v in state.items() if "pool3" not in k})
     with pytest.raises(ValueError, match=r"missing \['upscore16.weight'\], unexpected \['score_pool3.weight'"):
         load_pytorch_fcn(get_model("fcn16s_vgg16", width=WIDTH), state)
-    with pytest.raises(ValueError, match=r"'conv1_1.weight' has shape \(4, 3, 3, 3\).*width=0.125\) expects \(8, 3, 3, 3\)"):
+    expected = r"'conv1_1.weight' has shape \(4, 3, 3, 3\).*width=0.125\) expects \(8, 3, 3, 3\)"
+    with pytest.raises(ValueError, match=expected):
         load_pytorch_fcn(get_model("fcn8s_vgg16", width=0.125), state)
 
 
@@ -151,3 +152,44 @@ def test_backbone_weights_from_an_fsspec_uri_and_bad_ones() -> None:
         get_model("fcn32s_vgg16", width=0.125, backbone_weights="memory://weights/vgg16.pth")
     with pytest.raises(FileNotFoundError):
         get_model("fcn32s_vgg16", width=WIDTH, backbone_weights="memory://weights/absent.pth")
+
+
+def test_alexnet_classifier_fc7_equals_fcn_fc7() -> None:
+    torch.manual_seed(0)
+    classifier = _randomize_biases(torchvision.models.alexnet(weights=None)).eval()
+    fs = fsspec.filesystem("memory")
+    with fs.open("/weights/alexnet.pth", "wb") as f:
+        torch.save(classifier.state_dict(), f)
+    model = get_model("fcn32s_alexnet", backbone_weights="memory://weights/alexnet.pth").eval()
+    model.conv1.padding = classifier.features[0].padding  # unpadded: the classifier's own padding
+    model.fc6.padding = (0, 0)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        expected = classifier.classifier[:6](torch.flatten(classifier.avgpool(classifier.features(x)), 1))
+        fc7 = model.features(x)["fc7"]
+    assert fc7.shape == (1, 4096, 1, 1)
+    torch.testing.assert_close(fc7[:, :, 0, 0], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_googlenet_trunk_equals_torchvision(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    classifier = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True)
+    with torch.no_grad():  # non-trivial batch-norm statistics, so a misplaced buffer shows
+        for m in classifier.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+                m.bias.normal_(0, 0.1)
+    classifier.eval()
+    path = tmp_path / "googlenet.pth"
+    torch.save(classifier.state_dict(), path)
+    model = get_model("fcn32s_googlenet", backbone_weights=str(path)).eval()
+    model.conv1.conv.padding = classifier.conv1.conv.padding
+    seen = {}
+    classifier.inception5b.register_forward_hook(lambda _m, _i, out: seen.setdefault("out", out))
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        classifier(x)
+        ours = model.features(x)["inception5b"]
+    assert ours.shape == seen["out"].shape == (1, 1024, 7, 7)
+    torch.testing.assert_close(ours, seen["out"], rtol=1e-4, atol=1e-4)

@@ -7,15 +7,19 @@ from collections.abc import Callable
 
 from torch import nn
 
+from fcn.models.alexnet import fcn32s_alexnet
 from fcn.models.fcn8s import fcn8s_atonce_vgg16, fcn8s_vgg16
 from fcn.models.fcn16s import fcn16s_vgg16
 from fcn.models.fcn32s import fcn32s_vgg16
+from fcn.models.googlenet import fcn32s_googlenet
 
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "fcn32s_vgg16": fcn32s_vgg16,
     "fcn16s_vgg16": fcn16s_vgg16,
     "fcn8s_vgg16": fcn8s_vgg16,
     "fcn8s_atonce_vgg16": fcn8s_atonce_vgg16,
+    "fcn32s_alexnet": fcn32s_alexnet,
+    "fcn32s_googlenet": fcn32s_googlenet,
 }
 
 __all__ = ["BUILDERS", "get_model", *BUILDERS]

@@ -8,16 +8,18 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fcn.geometry import CoordMap, bilinear_kernel, fuse_offset, layer_map
+from fcn.geometry import CoordMap, bilinear_kernel, coord_map, fuse_offset, layer_map, receptive_field
 
 GEOMETRIES = ("reference", "aligned")
 OUTPUT_STRIDES = (32, 16, 8)
 REFERENCE_PAD = 100
 """conv1 padding of the reference nets (Caffe voc-fcn*): guarantees a score map for any input size."""
-ALIGNED_SHIFT_CELLS = 3
-"""Stride-32 cells of the pad-100 that "aligned" moves from conv1 (100 -> 4) to fc6 (0 -> 3): the
-score grid keeps the reference phase, and the image no longer drags 96 zero pixels per side through
-every convolution."""
+CELL = 32
+"""Stride of the trunks' score grid in pixels."""
+ALIGNED_SHIFT = 3
+"""Stride-32 cells of the pad-100 that "aligned" moves from conv1 to fc6 (VGG: 100 -> 4, 0 -> 3):
+the score grid keeps the reference phase, and the image no longer drags 96 zero pixels per side
+through every convolution. Trunks that need more padding for a 1x1 input move fewer cells."""
 
 
 def check_args(
@@ -46,17 +48,17 @@ def scaled(channels: int, width: float) -> int:
     return max(1, round(channels * width))
 
 
-def conv1_padding(geometry: str, reference_pad: int = REFERENCE_PAD) -> int:
-    """Padding of the first convolution for a geometry."""
-    return reference_pad if geometry == "reference" else reference_pad - 32 * ALIGNED_SHIFT_CELLS
+def conv1_padding(geometry: str, shift: int = ALIGNED_SHIFT) -> int:
+    """Padding of the first convolution: 100, or 100 less ``shift`` stride-32 cells when aligned."""
+    return REFERENCE_PAD if geometry == "reference" else REFERENCE_PAD - CELL * shift
 
 
-def fc6_padding(geometry: str) -> int:
-    """Padding of fc6 (in stride-32 cells) for a geometry."""
-    return 0 if geometry == "reference" else ALIGNED_SHIFT_CELLS
+def fc6_padding(geometry: str, shift: int = ALIGNED_SHIFT) -> int:
+    """Padding of fc6 (a stride-32 layer): 0, or the ``shift`` cells taken from conv1 when aligned."""
+    return 0 if geometry == "reference" else shift
 
 
-def rarefy(layers: Sequence[nn.Module], output_stride: int, total_stride: int = 32) -> None:
+def rarefy(layers: Sequence[nn.Module], output_stride: int, total_stride: int = CELL) -> None:
     """Filter rarefaction (paper 3.2), in place: reach ``output_stride`` by removing the stride of the
     last strided pooling layers and dilating every later filter by the removed stride.
 
@@ -74,21 +76,35 @@ def rarefy(layers: Sequence[nn.Module], output_stride: int, total_stride: int = 
         pool.stride = 1
         pool.padding = 1
         for later in layers[index + 1 :]:
-            for m in later.modules():
-                _dilate(m, factor)
+            _dilate(later, factor)
+            for parent in list(later.modules()):
+                for child_name, child in list(parent.named_children()):
+                    replacement = _dilate(child, factor)
+                    if replacement is not None:
+                        setattr(parent, child_name, replacement)
 
 
 def _int(value: int | tuple[int, ...]) -> int:
     return value[0] if isinstance(value, tuple) else value
 
 
-def _dilate(m: nn.Module, factor: int) -> None:
+def _dilate(m: nn.Module, factor: int) -> nn.Module | None:
+    """Dilate a conv / max pool in place; a padded pool whose padding would exceed what max_pool2d
+    accepts (half its kernel) is returned as explicit -inf padding followed by the dilated pool."""
     if isinstance(m, nn.Conv2d) and _int(m.kernel_size) > 1:
         m.dilation = tuple(d * factor for d in m.dilation)
         m.padding = tuple(p * factor for p in m.padding)
     elif isinstance(m, nn.MaxPool2d) and _int(m.kernel_size) > 1:
         m.dilation = _int(m.dilation) * factor
-        m.padding = _int(m.padding) * factor
+        padding = _int(m.padding) * factor
+        if padding <= _int(m.kernel_size) // 2:
+            m.padding = padding
+        else:
+            m.padding = 0
+            return nn.Sequential(nn.ConstantPad2d(padding, float("-inf")), m)
+    elif isinstance(m, nn.ConstantPad2d):  # one inserted above by an earlier rarefaction
+        m.padding = tuple(p * factor for p in m.padding)
+    return None
 
 
 def make_upsample(
@@ -158,3 +174,77 @@ def init_score(conv: nn.Conv2d) -> nn.Conv2d:
     nn.init.zeros_(conv.weight)
     nn.init.zeros_(conv.bias)
     return conv
+
+
+class FCNTrunk(nn.Module):
+    """A classifier's layers, in order and by name, run as a fully convolutional trunk.
+
+    Subclasses add their layers with ``_add`` and call ``_finish_trunk``; ``features`` returns the
+    outputs of the layers named in ``TAPS`` (layer name -> tap name), ``tap_maps`` their coordinate
+    maps. Carries the attributes every FCN has: ``arch``, ``num_classes``, ``output_stride``,
+    ``receptive_field``.
+    """
+
+    backbone_family: str
+    TAPS: dict[str, str]
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        num_classes: int,
+        geometry: str,
+        width: float,
+        output_stride: int,
+        learnable_upsampling: bool,
+    ) -> None:
+        super().__init__()
+        check_args(
+            name,
+            num_classes=num_classes,
+            geometry=geometry,
+            width=width,
+            output_stride=output_stride,
+            learnable_upsampling=learnable_upsampling,
+        )
+        self.arch = arch_dict(
+            name,
+            num_classes=num_classes,
+            geometry=geometry,
+            width=float(width),
+            output_stride=output_stride,
+            learnable_upsampling=learnable_upsampling,
+        )
+        self.num_classes = num_classes
+        self.output_stride = output_stride
+        self.layer_names: list[str] = []
+
+    def _add(self, name: str, module: nn.Module) -> None:
+        setattr(self, name, module)
+        self.layer_names.append(name)
+
+    def _finish_trunk(self) -> None:
+        """Rarefy to the output stride, then record the receptive field."""
+        rarefy([getattr(self, n) for n in self.layer_names], self.output_stride)
+        self.receptive_field = receptive_field(self._geometry_layers(self.layer_names))
+
+    def _geometry_layers(self, names: Sequence[str]) -> list[nn.Module]:
+        """Plain layers standing in for ``names`` in coordinate maps (override for composite blocks)."""
+        return [getattr(self, n) for n in names]
+
+    def tap_maps(self) -> dict[str, CoordMap]:
+        """Coordinate maps (cell -> input pixel) of the tapped outputs."""
+        return {
+            tap: coord_map(self._geometry_layers(self.layer_names[: self.layer_names.index(layer) + 1]))
+            for layer, tap in self.TAPS.items()
+        }
+
+    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Run the trunk on an image batch; return the tapped outputs by tap name."""
+        check_input(x)
+        taps = {}
+        for name in self.layer_names:
+            x = getattr(self, name)(x)
+            if name in self.TAPS:
+                taps[self.TAPS[name]] = x
+        return taps

@@ -6,19 +6,16 @@ the module's state_dict keys are those of the published PyTorch FCN weights.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from fcn.geometry import CoordMap, coord_map, receptive_field
-from fcn.models._common import arch_dict, check_args, check_input, conv1_padding, fc6_padding, rarefy, scaled
+from fcn.models._common import FCNTrunk, conv1_padding, fc6_padding, scaled
 
 VGG16_BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
 """(channels, convolutions) of VGG16's five blocks, each followed by a 2x2 stride-2 max pool."""
 FC_CHANNELS = 4096
-TAPS = ("pool3", "pool4", "fc7")
 
 
-class VGG16FCN(nn.Module):
+class VGG16FCN(FCNTrunk):
     """VGG16 with fc6 as a 7x7 convolution and fc7 as a 1x1 one; ``features`` returns pool3, pool4, fc7.
 
     ``geometry="reference"``: conv1_1 padding 100, fc6 padding 0 (Caffe voc-fcn*s).
@@ -27,6 +24,7 @@ class VGG16FCN(nn.Module):
     """
 
     backbone_family = "vgg16"
+    TAPS = {"pool3": "pool3", "pool4": "pool4", "drop7": "fc7"}
 
     def __init__(
         self,
@@ -38,8 +36,7 @@ class VGG16FCN(nn.Module):
         output_stride: int,
         learnable_upsampling: bool,
     ) -> None:
-        super().__init__()
-        check_args(
+        super().__init__(
             name,
             num_classes=num_classes,
             geometry=geometry,
@@ -47,17 +44,6 @@ class VGG16FCN(nn.Module):
             output_stride=output_stride,
             learnable_upsampling=learnable_upsampling,
         )
-        self.arch = arch_dict(
-            name,
-            num_classes=num_classes,
-            geometry=geometry,
-            width=float(width),
-            output_stride=output_stride,
-            learnable_upsampling=learnable_upsampling,
-        )
-        self.num_classes = num_classes
-        self.output_stride = output_stride
-        self.layer_names: list[str] = []
         in_channels = 3
         for block, (channels, convs) in enumerate(VGG16_BLOCKS, start=1):
             out_channels = scaled(channels, width)
@@ -76,35 +62,12 @@ class VGG16FCN(nn.Module):
         self._add("fc7", nn.Conv2d(self.fc7_channels, self.fc7_channels, 1))
         self._add("relu7", nn.ReLU(inplace=True))
         self._add("drop7", nn.Dropout(0.5))
-        layers = [getattr(self, n) for n in self.layer_names]
-        rarefy(layers, output_stride)
-        self.receptive_field = receptive_field(layers)
-        for m in layers:
+        self._finish_trunk()
+        for name in self.layer_names:
+            m = getattr(self, name)
             if isinstance(m, nn.Conv2d):
                 if m.kernel_size == (3, 3):  # torchvision's VGG init
                     nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 else:  # fc6, fc7: torchvision's Linear init
                     nn.init.normal_(m.weight, 0, 0.01)
                 nn.init.zeros_(m.bias)
-
-    def _add(self, name: str, module: nn.Module) -> None:
-        setattr(self, name, module)
-        self.layer_names.append(name)
-
-    def tap_maps(self) -> dict[str, CoordMap]:
-        """Coordinate maps (cell -> input pixel) of the pool3, pool4 and fc7 outputs."""
-        maps = {}
-        for tap in TAPS:
-            upto = self.layer_names[: self.layer_names.index(tap) + 1]
-            maps[tap] = coord_map(getattr(self, n) for n in upto)
-        return maps
-
-    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Run the trunk; return the pool3, pool4 and (post-dropout) fc7 maps."""
-        check_input(x)
-        taps = {}
-        for name in self.layer_names:
-            x = getattr(self, name)(x)
-            if name in ("pool3", "pool4", "drop7"):
-                taps["fc7" if name == "drop7" else name] = x
-        return taps

@@ -1,0 +1,107 @@
+"""FCN-AlexNet (paper Table 1): torchvision's AlexNet convolutionalized, scored and upsampled by 32.
+
+The trunk is rebuilt layer by layer from ``torchvision.models.alexnet``'s definition (read from a
+meta-device instance, never downloaded), with channels under ``width`` and the classifier's fc6
+(256*6*6 -> 4096) and fc7 turned into 6x6 and 1x1 convolutions. As in Caffe's voc-fcn-alexnet,
+pooling rounds up, conv1 is padded by 100 in the reference geometry and the upsampling kernel is 63
+(the even 6x6 fc6 puts the score grid on whole pixels, so an odd kernel keeps the crop integral: 18).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torchvision
+from torch import nn
+
+from fcn.geometry import CoordMap, crop_offset, layer_map
+from fcn.models._common import FCNTrunk, conv1_padding, crop_to, fc6_padding, init_score, make_upsample, scaled
+from fcn.weights import load_backbone
+
+ALIGNED_SHIFT = 2
+"""Cells "aligned" moves from conv1 to fc6: conv1 keeps 36 pixels, enough for its 11x11 kernel and
+three 3x3/2 poolings on a 1x1 input."""
+
+
+class FCNAlexNet(FCNTrunk):
+    """conv1 ... conv5, pool1/pool2/pool5, fc6 (6x6), fc7, score_fr, upscore, crop."""
+
+    backbone_family = "alexnet"
+    TAPS = {"drop7": "fc7"}
+
+    def __init__(
+        self,
+        *,
+        num_classes: int = 21,
+        geometry: str = "reference",
+        width: float = 1.0,
+        output_stride: int = 32,
+        learnable_upsampling: bool = True,
+    ) -> None:
+        super().__init__(
+            "fcn32s_alexnet",
+            num_classes=num_classes,
+            geometry=geometry,
+            width=width,
+            output_stride=output_stride,
+            learnable_upsampling=learnable_upsampling,
+        )
+        with torch.device("meta"):
+            template = torchvision.models.alexnet(weights=None)
+        in_channels, conv = 3, 0
+        for layer in template.features:
+            if isinstance(layer, nn.Conv2d):
+                conv += 1
+                out_channels = scaled(layer.out_channels, width)
+                padding = conv1_padding(geometry, ALIGNED_SHIFT) if conv == 1 else layer.padding
+                self._add(
+                    f"conv{conv}",
+                    nn.Conv2d(in_channels, out_channels, layer.kernel_size, stride=layer.stride, padding=padding),
+                )
+                in_channels = out_channels
+            elif isinstance(layer, nn.ReLU):
+                self._add(f"relu{conv}", nn.ReLU(inplace=True))
+            elif isinstance(layer, nn.MaxPool2d):
+                self._add(f"pool{conv}", nn.MaxPool2d(layer.kernel_size, stride=layer.stride, ceil_mode=True))
+        fc6, fc7 = template.classifier[1], template.classifier[4]
+        fc6_kernel = math.isqrt(fc6.in_features // template.features[10].out_channels)
+        self.fc7_channels = scaled(fc6.out_features, width)
+        fc6_pad = fc6_padding(geometry, ALIGNED_SHIFT)
+        self._add("fc6", nn.Conv2d(in_channels, self.fc7_channels, fc6_kernel, padding=fc6_pad))
+        self._add("relu6", nn.ReLU(inplace=True))
+        self._add("drop6", nn.Dropout(0.5))
+        self._add("fc7", nn.Conv2d(self.fc7_channels, scaled(fc7.out_features, width), 1))
+        self._add("relu7", nn.ReLU(inplace=True))
+        self._add("drop7", nn.Dropout(0.5))
+        self._finish_trunk()
+        self.score_fr = init_score(nn.Conv2d(self.fc7_channels, num_classes, 1))
+        score_fr = self.tap_maps()["fc7"]
+        self.upscore, _ = make_upsample(num_classes, score_fr, CoordMap(), learnable=learnable_upsampling)
+        self.crops = {"score": crop_offset(score_fr.then(layer_map(self.upscore)))}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        score_fr = self.score_fr(self.features(x)["fc7"])
+        return crop_to(self.upscore(score_fr), self.crops["score"], x.shape[-2:])
+
+
+def fcn32s_alexnet(
+    *,
+    num_classes: int = 21,
+    geometry: str = "reference",
+    width: float = 1.0,
+    backbone_weights: str | None = None,
+    output_stride: int = 32,
+    learnable_upsampling: bool = True,
+) -> FCNAlexNet:
+    """FCN-AlexNet; ``backbone_weights``: a torchvision AlexNet state_dict (path or fsspec URI)."""
+    model = FCNAlexNet(
+        num_classes=num_classes,
+        geometry=geometry,
+        width=width,
+        output_stride=output_stride,
+        learnable_upsampling=learnable_upsampling,
+    )
+    if backbone_weights is not None:
+        load_backbone(model, backbone_weights)
+    return model
