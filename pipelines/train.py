@@ -153,10 +153,19 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"{name}: {message}, got {getattr(self, name)!r}")
         if self.input_convention is not None:
-            _checked("input_convention", get_convention, self.input_convention)
+            try:
+                get_convention(self.input_convention)
+            except ValueError as exc:
+                raise ValueError(f"input_convention: {exc}") from None
+        if self.backbone_weights is not None and not _exists(self.backbone_weights):
+            raise ValueError(f"backbone_weights: no file at {self.backbone_weights!r}")
         RECIPES[self.recipe].learning_rate(self.model, self.lr)
-        with torch.device("meta"):
-            _checked("model", fcn.get_model, self.model, **self.model_kwargs(2))
+        try:
+            with torch.device("meta"):
+                fcn.get_model(self.model, **{**self.model_kwargs(2), "backbone_weights": None})
+        except (ValueError, TypeError) as exc:  # "fcn8s_vgg16: geometry must be ..." names the builder argument
+            argument = str(exc).split(": ", 1)[-1].split(" ", 1)[0]
+            raise ValueError(f"{argument if argument in ('geometry', 'width') else 'model'}: {exc}") from None
 
     def model_kwargs(self, num_classes: int) -> dict[str, Any]:
         return {
@@ -305,11 +314,9 @@ def _safe_name(name: str) -> bool:
     return bool(name) and all(c.isalnum() or c in "._-" for c in name)
 
 
-def _checked(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-    try:
-        return fn(*args, **kwargs)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"{name}: {exc}") from None
+def _exists(uri: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs.exists(path)
 
 
 def _load_init(uri: str) -> dict[str, Any]:

@@ -1,0 +1,87 @@
+"""`python -m pipelines.train`: --help, and bad arguments rejected with exit 2 and the option named
+(all before any Ray cluster is touched). Recipe settings from the paper."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipelines.synthetic import write_synthetic_voc
+from pipelines.train import RECIPES, TrainConfig, main
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = tmp_path_factory.mktemp("cli-data")
+    write_synthetic_voc(str(root), num_images=4, seed=0)
+    return str(root)
+
+
+def test_help() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "pipelines.train", "--help"],
+        capture_output=True, text=True, cwd=Path(__file__).parents[1],
+    )
+    assert done.returncode == 0
+    for option in ("--data", "--registry", "--model", "--init", "--workers", "--gpus-per-worker", "--epochs",
+                   "--recipe", "--width", "--run-name", "--promote-margin", "--strict", "--max-failures"):
+        assert option in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        (["--workers", "0"], "--workers"),
+        (["--epochs", "0"], "--epochs"),
+        (["--epochs", "many"], "--epochs"),
+        (["--model", "fcn99s_vgg16"], "--model"),
+        (["--recipe", "sgd"], "--recipe"),
+        (["--lr", "-1"], "--lr"),
+        (["--width", "0"], "--width"),
+        (["--geometry", "round"], "--geometry"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--loss-sample-rate", "1.5"], "--loss-sample-rate"),
+        (["--promote-margin", "-0.1"], "--promote-margin"),
+        (["--run-name", "a/b"], "--run-name"),
+        (["--input-convention", "bgr"], "--input-convention"),
+        (["--init", "/nonexistent/checkpoint.pt"], "--init"),
+        (["--classes", "/nonexistent/classes.txt"], "classes file"),
+        (["--backbone-weights", "/nonexistent/vgg16.pth"], "--backbone-weights"),
+    ],
+)
+def test_bad_arguments_exit_2_naming_the_option(
+    data: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], named: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", data, "--registry", str(tmp_path / "reg"), "--width", "0.0625", *extra])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err
+
+
+def test_bad_data_and_missing_required(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", str(tmp_path), "--registry", str(tmp_path / "reg")])
+    assert exit_info.value.code == 2 and "neither the VOC layout" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--registry", str(tmp_path)])
+    assert exit_info.value.code == 2 and "--data" in capsys.readouterr().err
+
+
+def test_paper_recipe() -> None:
+    paper = RECIPES["paper"]
+    assert [paper.learning_rate(m, None) for m in ("fcn32s_vgg16", "fcn16s_vgg16", "fcn8s_vgg16")] == [1e-10, 1e-12, 1e-14]
+    assert paper.loss_reduction == "sum" and paper.poly_power is None and not paper.hflip
+    optimizer = paper.make_optimizer([torch.nn.Parameter(torch.zeros(1))], 1e-10)
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert optimizer.defaults["momentum"] == 0.99 and optimizer.defaults["weight_decay"] == 5e-4
+    assert paper.lr_factor(100)(99) == 1.0  # fixed learning rate
+    modern = RECIPES["modern"]
+    assert modern.loss_reduction == "mean" and modern.lr_factor(100)(50) == pytest.approx(0.5**0.9)
+    with pytest.raises(ValueError, match="lr: .*pass --lr"):
+        paper.learning_rate("fcn32s_alexnet", None)
+    TrainConfig(data="d", registry="r", recipe="paper", model="fcn16s_vgg16", width=0.0625).validate()
