@@ -147,8 +147,8 @@ class SegmentSummary:
     ok: int
     error: int
     skipped: int
-    duration_s: float
-    images_per_second: float  # images processed (ok + error) per second of the Ray pipeline
+    duration_s: float  # the whole run: listing, Ray pipeline, compaction, manifest
+    images_per_second: float  # images processed (ok + error) per second of the Ray pipeline (actor start-up included)
     stats_uri: str
     masks_uri: str
     manifest_uri: str
@@ -407,9 +407,7 @@ def run_segmentation(config: SegmentConfig) -> SegmentSummary:
         "run %s: %d images at %s (%s), %d already done, %d to segment with %s",
         run_id, len(listing.images), listing.prefix or config.input, listing.kind, len(done), len(todo), model.label,
     )
-    start = time.monotonic()
-    ok, error, errors = _segment_on_ray(config, todo, output, run_id, model) if todo else (0, 0, [])
-    duration = time.monotonic() - start
+    ok, error, errors, seconds = _segment_on_ray(config, todo, output, run_id, model) if todo else (0, 0, [], 0.0)
 
     state = stats_table.compact(stats_uri, so)
     missing = {image["key"] for image in listing.images} - set(state["key"].to_pylist())
@@ -426,8 +424,8 @@ def run_segmentation(config: SegmentConfig) -> SegmentSummary:
         ok=ok,
         error=error,
         skipped=len(done),
-        duration_s=round(duration, 3),
-        images_per_second=round((ok + error) / duration, 3) if todo and duration > 0 else 0.0,
+        duration_s=round((datetime.now(timezone.utc) - started).total_seconds(), 3),
+        images_per_second=round((ok + error) / seconds, 3) if seconds > 0 else 0.0,
         stats_uri=stats_uri,
         masks_uri=masks_uri,
         manifest_uri=f"{output}/{MANIFEST_FILE}",
@@ -479,8 +477,8 @@ def describe_model(uri: str) -> ModelInfo:
 
 def _segment_on_ray(
     config: SegmentConfig, todo: list[dict[str, Any]], output: str, run_id: str, model: ModelInfo
-) -> tuple[int, int, list[dict[str, str]]]:
-    """Stream ``todo`` through the Ray Data pipeline; return (ok, error, first errors)."""
+) -> tuple[int, int, list[dict[str, str]], float]:
+    """Stream ``todo`` through the Ray Data pipeline; return (ok, error, first errors, seconds)."""
     import ray
 
     from pipelines.ray_utils import connect
@@ -535,6 +533,7 @@ def _segment_on_ray(
         num_cpus=0,
         udf_modifying_row_count=False,
     )
+    start = time.monotonic()
     progress = Progress(len(todo), live=config.progress)
     errors: list[dict[str, str]] = []
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -546,7 +545,7 @@ def _segment_on_ray(
                     errors.append({"image_uri": uri, "error": reason})
         progress.update(n_ok, len(status) - n_ok)
     progress.close()
-    return progress.ok, progress.error, errors
+    return progress.ok, progress.error, errors, time.monotonic() - start
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ FIELDS: list[tuple[str, pa.DataType, str]] = [
     ("inference_ms", pa.float64(), "time in the network (whole image, tiled above the pixel budget)"),
     ("write_ms", pa.float64(), "time to encode and write the mask (and overlay)"),
     ("status", pa.string(), "'ok' or 'error'"),
-    ("error", pa.string(), "reason, prefixed by the stage (read/decode/inference/write), for error rows"),
+    ("error", pa.string(), "reason, prefixed by the stage (read/decode/inference/encode/write), for error rows"),
     ("run_id", pa.string(), "the run that produced this row"),
     ("processed_at", pa.timestamp("us", tz="UTC"), "when the row was produced"),
 ]
