@@ -220,3 +220,17 @@ def test_cli_help_and_bad_parameter_without_traceback(tmp_path: Path) -> None:
         cwd=REPO, capture_output=True, text=True,
     )
     assert bad.returncode == 2 and "--read-retries: must be >= 0" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def test_read_sources_fetches_bytes_and_turns_missing_files_into_error_rows(folder: Path) -> None:
+    from pipelines.segment import read_sources
+
+    present = f"file://{folder}/photos/day/img0_1.png"
+    batch = pa.table({"image_uri": [present, f"file://{folder}/gone.jpg"], "key": ["a", "b"]})
+    out = read_sources(batch, storage_options={}, retries=2)
+    assert out["data"].to_pylist() == [(folder / "photos/day/img0_1.png").read_bytes(), None]
+    assert out["read_error"].to_pylist() == [None, "read: file not found"]
+    assert out["key"].to_pylist() == ["a", "b"] and all(ms >= 0 for ms in out["read_ms"].to_pylist())
