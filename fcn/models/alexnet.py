@@ -81,8 +81,11 @@ class FCNAlexNet(FCNTrunk):
         self.crops = {"score": crop_offset(score_fr.then(layer_map(self.upscore)))}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        score_fr = self.score_fr(self.features(x)["fc7"])
-        return crop_to(self.upscore(score_fr), self.crops["score"], x.shape[-2:])
+        return self.head(self.features(x), x.shape[-2:])
+
+    def head(self, feats: dict[str, torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """Score, upsample and crop the trunk's ``features`` to an image of ``size``."""
+        return crop_to(self.upscore(self.score_fr(feats["fc7"])), self.crops["score"], size)
 
 
 def fcn32s_alexnet(

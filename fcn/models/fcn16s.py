@@ -45,11 +45,14 @@ class FCN16s(VGG16FCN):
         }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = self.features(x)
+        return self.head(self.features(x), x.shape[-2:])
+
+    def head(self, feats: dict[str, torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """Score, fuse, upsample and crop the trunk's ``features`` to an image of ``size``."""
         upscore2 = self.upscore2(self.score_fr(feats["fc7"]))
         score_pool4 = self.score_pool4(feats["pool4"])
         fuse_pool4 = fuse(upscore2, score_pool4, self.crops["score_pool4c"])
-        return crop_to(self.upscore16(fuse_pool4), self.crops["score"], x.shape[-2:])
+        return crop_to(self.upscore16(fuse_pool4), self.crops["score"], size)
 
 
 def fcn16s_vgg16(

@@ -58,13 +58,16 @@ class FCN8s(VGG16FCN):
         }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = self.features(x)
+        return self.head(self.features(x), x.shape[-2:])
+
+    def head(self, feats: dict[str, torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """Score, fuse, upsample and crop the trunk's ``features`` to an image of ``size``."""
         upscore2 = self.upscore2(self.score_fr(feats["fc7"]))
         score_pool4 = self.score_pool4(feats["pool4"] * self.pool4_scale)
         upscore_pool4 = self.upscore_pool4(fuse(upscore2, score_pool4, self.crops["score_pool4c"]))
         score_pool3 = self.score_pool3(feats["pool3"] * self.pool3_scale)
         fuse_pool3 = fuse(upscore_pool4, score_pool3, self.crops["score_pool3c"])
-        return crop_to(self.upscore8(fuse_pool3), self.crops["score"], x.shape[-2:])
+        return crop_to(self.upscore8(fuse_pool3), self.crops["score"], size)
 
 
 def fcn8s_vgg16(

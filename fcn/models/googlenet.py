@@ -104,8 +104,11 @@ class FCNGoogLeNet(FCNTrunk):
         return layers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        score_fr = self.score_fr(self.features(x)["inception5b"])
-        return crop_to(self.upscore(score_fr), self.crops["score"], x.shape[-2:])
+        return self.head(self.features(x), x.shape[-2:])
+
+    def head(self, feats: dict[str, torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """Score, upsample and crop the trunk's ``features`` to an image of ``size``."""
+        return crop_to(self.upscore(self.score_fr(feats["inception5b"])), self.crops["score"], size)
 
 
 def fcn32s_googlenet(
