@@ -15,6 +15,7 @@ a partial file. Registration and promotion assume one writer at a time (e.g. one
 from __future__ import annotations
 
 import json
+import math
 import os
 import uuid
 from datetime import datetime, timezone
@@ -91,11 +92,13 @@ def promote(registry: str, version: str) -> dict[str, Any]:
 
 def promote_if_better(registry: str, version: str, *, margin: float = 0.0) -> bool:
     """Promote ``version`` if its validation mean IU beats the champion's by more than ``margin``
-    (or there is no champion yet); return whether it was promoted."""
+    (or there is no champion yet); return whether it was promoted. An undefined (NaN) score never wins."""
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
     candidate = read_version(registry, version)["metrics"][SCORE_METRIC]
     champion = get_champion(registry)
+    if not math.isfinite(candidate):
+        return False
     if champion is not None and not candidate > champion["metrics"][SCORE_METRIC] + margin:
         return False
     promote(registry, version)

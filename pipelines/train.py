@@ -38,6 +38,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from fsspec.implementations.local import LocalFileSystem
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from torch import nn
@@ -300,7 +301,7 @@ def ray_storage(uri: str) -> tuple[str, Any]:
     settings (endpoint, credentials from fsspec's config) as the rest of the pipeline.
     """
     fs, path = fsspec.core.url_to_fs(uri)
-    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+    if isinstance(fs, LocalFileSystem):
         return path, None
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
@@ -427,7 +428,8 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def _train_loop(loop_config: dict[str, Any]) -> None:
-
+    """The per-worker training function: build or restore the model, then train, validate and
+    report one checkpoint per epoch."""
     config = TrainConfig(**loop_config["config"])
     recipe = RECIPES[config.recipe]
     context = ray.train.get_context()
@@ -462,8 +464,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
                       recipe if recipe.hflip or recipe.scale_range else None, config.seed)  # fmt: skip
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.seed)
     loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, collate_fn=pad_collate)
-    lr = recipe.learning_rate(config.model, config.lr)
-    optimizer = recipe.make_optimizer(model.parameters(), lr)
+    optimizer = recipe.make_optimizer(model.parameters(), recipe.learning_rate(config.model, config.lr))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, recipe.lr_factor(config.epochs * len(loader)))
     if train_state is not None:
         optimizer.load_state_dict(train_state["optimizer"])
@@ -473,31 +474,8 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, config.epochs):
         sampler.set_epoch(epoch)
         dataset.epoch = epoch
-        model.train()
-        loss_sum, steps, skipped = 0.0, 0, {}
-        joined = model.join() if isinstance(model, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
-        with joined:
-            for images, targets, bad in loader:
-                skipped.update({b.sample_id: b.reason for b in bad})
-                if images is None:
-                    continue
-                images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-                if device.type == "cuda":
-                    images = images.contiguous(memory_format=torch.channels_last)
-                with _autocast(device):
-                    logits = model(images)
-                loss = fcn.cross_entropy(logits.float(), targets, reduction=recipe.loss_reduction,
-                                         sample_rate=config.loss_sample_rate, generator=loss_generator)  # fmt: skip
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"loss is {loss.item()} at epoch {epoch + 1}; lower the learning rate (lr={lr:g})"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                loss_sum += loss.item()
-                steps += 1
+        loss_sum, steps, skipped = _train_epoch(model, loader, optimizer, schedule, recipe.loss_reduction,
+                                                config.loss_sample_rate, loss_generator, device)  # fmt: skip
         hist, val_skipped = _validate(module, loop_config["val"], num_classes, convention, device, rank, world)
         totals = torch.tensor([loss_sum, steps], dtype=torch.float64)
         if world > 1:
@@ -537,6 +515,41 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
                        os.path.join(folder, TRAIN_STATE_FILE))  # fmt: skip
 
         _report(metrics, EPOCH_DIR.format(epoch + 1), rank, write)
+
+
+def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, schedule: Any,
+                 reduction: str, sample_rate: float, generator: torch.Generator,
+                 device: torch.device) -> tuple[float, int, dict[str, str]]:  # fmt: skip
+    """One pass over this worker's share; returns (summed loss, steps, bad samples seen).
+
+    Workers may take different numbers of steps (bad samples are skipped), so DDP's ``join`` keeps
+    the gradient all-reduces matched.
+    """
+    model.train()
+    loss_sum, steps, skipped = 0.0, 0, {}
+    joined = model.join() if isinstance(model, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
+    with joined:
+        for images, targets, bad in loader:
+            skipped.update({b.sample_id: b.reason for b in bad})
+            if images is None:
+                continue
+            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            if device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            with _autocast(device):
+                logits = model(images)
+            loss = fcn.cross_entropy(logits.float(), targets, reduction=reduction, sample_rate=sample_rate,
+                                     generator=generator)  # fmt: skip
+            if not torch.isfinite(loss):
+                lr = schedule.get_last_lr()[0]
+                raise FloatingPointError(f"loss is {loss.item()} at step {steps}; lower the learning rate (lr={lr:g})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            loss_sum += loss.item()
+            steps += 1
+    return loss_sum, steps, skipped
 
 
 def _merge_across_workers(local: dict[str, str], world: int) -> dict[str, str]:

@@ -50,6 +50,8 @@ def test_register_and_promote_with_margin(registry_uri: str) -> None:
     assert not registry.promote_if_better(registry_uri, v1)  # worse never replaces the champion
     assert registry.list_versions(registry_uri) == ["v0001", "v0002", "v0003"]
     assert registry.read_version(registry_uri, "v0002")["metrics"]["mean_iu"] == 0.505
+    v4 = registry.register_model(registry_uri, run, {"mean_iu": float("nan")})
+    assert not registry.promote_if_better(registry_uri, v4)  # an undefined score never wins
 
 
 def test_bad_inputs(tmp_path: Path) -> None:
