@@ -6,7 +6,7 @@
 #   - the deployments of prefect.yaml served by `python -m flows.serve`.
 # Every service binds 127.0.0.1. State, logs and pids go to $STACK_DIR (default demo-data/stack);
 # `source $STACK_DIR/env` sets AWS_*, RAY_ADDRESS and PREFECT_API_URL for your shell.
-# Stop with infra/local/stop.sh. Ports: S3_PORT, RAY_PORT, RAY_DASHBOARD_PORT, PREFECT_PORT (keep the Ray
+# Stop with infra/local/stop.sh. Ports: S3_PORT, RAY_PORT, RAY_DASHBOARD_PORT, RAY_AGENT_PORT, PREFECT_PORT (keep Ray's
 # ports outside Ray's worker port range, 10002-19999).
 set -Eeuo pipefail
 
@@ -17,6 +17,7 @@ STACK_DIR=${STACK_DIR:-$ROOT/demo-data/stack}
 S3_PORT=${S3_PORT:-9000}
 RAY_PORT=${RAY_PORT:-6380}
 RAY_DASHBOARD_PORT=${RAY_DASHBOARD_PORT:-8265}
+RAY_AGENT_PORT=${RAY_AGENT_PORT:-52365}  # the job API's agent
 PREFECT_PORT=${PREFECT_PORT:-4200}
 BUCKET=fcn-demo
 
@@ -32,6 +33,7 @@ done
 [[ -s $STACK_DIR/ray-auth-token ]] || (umask 077 && "$PYTHON" -c "import secrets; print(secrets.token_hex(32))" >"$STACK_DIR/ray-auth-token")
 
 cat >"$STACK_DIR/env" <<ENV
+export PATH=$BIN:\$PATH  # the project's Python first: Ray job entrypoints run \`python -m ...\`
 export AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local AWS_DEFAULT_REGION=us-east-1
 export AWS_ENDPOINT_URL=http://127.0.0.1:$S3_PORT FSSPEC_S3_ENDPOINT_URL=http://127.0.0.1:$S3_PORT
 export RAY_ADDRESS=127.0.0.1:$RAY_PORT
@@ -82,7 +84,8 @@ trap 'echo "start failed; stopping the stack" >&2; "$(dirname "$0")/stop.sh"' ER
 
 launch s3 "$BIN/moto_server" -H 127.0.0.1 -p "$S3_PORT"
 launch ray "$BIN/ray" start --head --block --node-ip-address=127.0.0.1 --port="$RAY_PORT" \
-  --dashboard-host=127.0.0.1 --dashboard-port="$RAY_DASHBOARD_PORT" --disable-usage-stats
+  --dashboard-host=127.0.0.1 --dashboard-port="$RAY_DASHBOARD_PORT" \
+  --dashboard-agent-listen-port="$RAY_AGENT_PORT" --disable-usage-stats
 launch prefect "$BIN/prefect" server start --host 127.0.0.1 --port "$PREFECT_PORT"
 
 wait_for s3 "http://127.0.0.1:$S3_PORT/moto-api/"
