@@ -240,3 +240,50 @@ def test_read_sources_fetches_bytes_and_turns_missing_files_into_error_rows(fold
     assert out["data"].to_pylist() == [(folder / "photos/day/img0_1.png").read_bytes(), None]
     assert out["read_error"].to_pylist() == [None, "read: file not found"]
     assert out["key"].to_pylist() == ["a", "b"] and all(ms >= 0 for ms in out["read_ms"].to_pylist())
+
+
+def test_read_sources_retries_transient_server_errors() -> None:
+    """A real HTTP server on loopback answers 503 to the first request for each object."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from pipelines.segment import read_sources
+
+    seen: set[str] = set()
+
+    class FlakyStore(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            first = self.path not in seen
+            seen.add(self.path)
+            body = b"busy" if first else self.path.encode()
+            self.send_response(503 if first else 200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FlakyStore)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        batch = pa.table({"image_uri": [f"{base}/a.jpg", f"{base}/b.jpg"]})
+        out = read_sources(batch, storage_options={}, retries=2)
+        assert out["data"].to_pylist() == [b"/a.jpg", b"/b.jpg"] and out["read_error"].to_pylist() == [None, None]
+        failing = read_sources(pa.table({"image_uri": [f"{base}/c.jpg"]}), storage_options={}, retries=0)
+        assert failing["data"].to_pylist() == [None] and "503" in failing["read_error"][0].as_py()
+    finally:
+        server.shutdown()
+
+
+def test_progress_bar_shows_rate_and_eta() -> None:
+    from pipelines.progress import Progress
+
+    stream = io.StringIO()
+    progress = Progress(10, live=True, stream=stream)
+    progress.update(3, 1)
+    progress.close()
+    last = stream.getvalue().split("\r")[-1]
+    assert last.startswith("[#########") and "4/10 images (40.0%) ok 3 error 1" in last
+    assert "img/s" in last and "ETA" in last and last.endswith("\n")
