@@ -62,13 +62,8 @@ def _healthy(url: str) -> bool:
         return False
 
 
-@pytest.fixture(scope="module")
-def prefect_env(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> Iterator[dict[str, str]]:
-    """A real Prefect server (sqlite, temporary PREFECT_HOME) on 127.0.0.1; yields the environment that
-    points the CLI and the served flows at it (including the S3 endpoint's variables)."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {
+def _prefect_settings(home: Path) -> dict[str, str]:
+    return {
         "PREFECT_HOME": str(home),
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -77,16 +72,30 @@ def prefect_env(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> I
         "PREFECT_CLI_WRAP_LINES": "false",
         "PREFECT_RUNNER_POLL_FREQUENCY": "1",  # the served process picks up a new run within a second
     }
+
+
+def _without_prefect_settings() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+
+
+@pytest.fixture(scope="module")
+def prefect_env(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
+    """A real Prefect server (sqlite, temporary PREFECT_HOME) on 127.0.0.1; yields the environment that
+    points the CLI and the served flows at it, with the S3 endpoint's variables and Ray's."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
     log = home / "server.log"
     with open(log, "w") as out:
         server = subprocess.Popen(
             [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env=_without_prefect_settings() | _prefect_settings(home),
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:
+        request.getfixturevalue("ray_cluster")  # S3 endpoint and Ray start while the server migrates its db
         api = f"http://127.0.0.1:{port}/api"
         _wait_until(lambda: _healthy(f"{api}/health"), "the Prefect server", STARTUP_TIMEOUT, server, log)
-        yield env | {"PREFECT_API_URL": api}
+        yield _without_prefect_settings() | _prefect_settings(home) | {"PREFECT_API_URL": api}
     finally:
         _stop(server)
 
