@@ -275,25 +275,28 @@ def run_evaluation(
         raise ValueError(f"split: must be 'train' or 'val', got {split!r}")
     dataset = open_dataset(data, classes=classes)
     connect(ray_address)
-    storage = storage or tempfile.mkdtemp(prefix="fcn-eval-")
-    storage_path, storage_filesystem = ray_storage(storage)
-    trainer = TorchTrainer(
-        _eval_loop,
-        train_loop_config={
-            "checkpoint": registry.resolve_checkpoint_uri(checkpoint),
-            "samples": list(getattr(dataset, split)),
-            "num_classes": dataset.num_classes,
-        },
-        scaling_config=_scaling(workers, gpus_per_worker, 1),
-        run_config=RunConfig(
-            name=f"eval-{uuid.uuid4().hex[:8]}", storage_path=storage_path, storage_filesystem=storage_filesystem
-        ),
-    )
-    with trainer.fit().checkpoint.as_directory() as folder, open(os.path.join(folder, registry.METRICS_FILE)) as f:
-        return json.load(f)
+    with contextlib.ExitStack() as stack:
+        if storage is None:
+            storage = stack.enter_context(tempfile.TemporaryDirectory(prefix="fcn-eval-"))
+        storage_path, storage_filesystem = ray_storage(storage)
+        trainer = TorchTrainer(
+            _eval_loop,
+            train_loop_config={
+                "checkpoint": registry.resolve_checkpoint_uri(checkpoint),
+                "samples": list(getattr(dataset, split)),
+                "num_classes": dataset.num_classes,
+            },
+            scaling_config=_scaling(workers, gpus_per_worker, 1),
+            run_config=RunConfig(
+                name=f"eval-{uuid.uuid4().hex[:8]}", storage_path=storage_path, storage_filesystem=storage_filesystem
+            ),
+        )
+        result = trainer.fit()
+        with result.checkpoint.as_directory() as folder, open(os.path.join(folder, registry.METRICS_FILE)) as f:
+            return json.load(f)
 
 
-def ray_storage(uri: str) -> tuple[str, Any]:
+def ray_storage(uri: str) -> tuple[str, pyarrow.fs.FileSystem | None]:
     """(storage_path, storage_filesystem) for Ray Train's RunConfig from any fsspec URI.
 
     Local paths go to Ray as they are; other filesystems (S3 with a custom endpoint, GCS, ...) are
@@ -306,7 +309,7 @@ def ray_storage(uri: str) -> tuple[str, Any]:
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
-def _scaling(workers: int, gpus_per_worker: float, cpus_per_worker: float) -> Any:
+def _scaling(workers: int, gpus_per_worker: float, cpus_per_worker: float) -> ScalingConfig:
     resources = {"CPU": cpus_per_worker} | ({"GPU": gpus_per_worker} if gpus_per_worker else {})
     return ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources)
 
