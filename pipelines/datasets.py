@@ -181,7 +181,7 @@ def load_sample(sample: Sample, num_classes: int) -> tuple[np.ndarray, np.ndarra
     bad = np.unique(labels[(labels >= num_classes) & (labels != IGNORE_LABEL)])
     if bad.size:
         raise BadSample(sample.id, f"labels {bad.tolist()[:5]} outside the {num_classes} classes and {IGNORE_LABEL}")
-    return rgb, labels
+    return np.require(rgb, requirements="W"), labels  # writable: torch.from_numpy needs no copy or warning
 
 
 def _read_image(sample_id: str, uri: str, what: str) -> Image.Image:
@@ -203,7 +203,7 @@ _PALETTE_LOOKUP = {tuple(voc_palette()[3 * i : 3 * i + 3]): i for i in range(256
 def _mask_labels(sample_id: str, mask: Image.Image) -> np.ndarray:
     """Class indices of a mask: palette/grey PNGs hold them directly; RGB masks use the VOC colours."""
     if mask.mode in ("P", "L"):
-        return np.asarray(mask, dtype=np.uint8)
+        return np.array(mask, dtype=np.uint8)
     if mask.mode == "RGB":
         rgb = np.asarray(mask)
         colours, inverse = np.unique(rgb.reshape(-1, 3), axis=0, return_inverse=True)
