@@ -20,7 +20,6 @@ import os
 import socket
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 

@@ -51,30 +51,16 @@ MAX_INPUT_BLOCKS = 10_000
 _PERMANENT_READ_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 _REGISTRY_VERSION = re.compile(r"/models/(v\d+)/[^/]+$")
 
-# Columns the Segmenter actors add to each row, on top of the listing's (see stats.FIELDS).
+_TYPES = {name: type_ for name, type_, _ in stats_table.FIELDS}
+# What the listing knows of each image, and what the Segmenter actors add (plus the encoded files).
+_SOURCE_COLUMNS = [(name, _TYPES[name]) for name in ("image_uri", "key", "source_size", "source_etag", "source_mtime")]
 _ACTOR_COLUMNS = [
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("pixel_counts", pa.list_(pa.int64())),
-    ("class_fractions", pa.list_(pa.float64())),
-    ("dominant_class", pa.int32()),
-    ("dominant_class_name", pa.string()),
-    ("mean_confidence", pa.float64()),
-    ("read_ms", pa.float64()),
-    ("decode_ms", pa.float64()),
-    ("inference_ms", pa.float64()),
-    ("write_ms", pa.float64()),
-    ("status", pa.string()),
-    ("error", pa.string()),
+    *((name, _TYPES[name]) for name in (
+        "width", "height", "pixel_counts", "class_fractions", "dominant_class", "dominant_class_name",
+        "mean_confidence", "read_ms", "decode_ms", "inference_ms", "write_ms", "status", "error",
+    )),
     ("mask_png", pa.large_binary()),
     ("overlay_jpg", pa.large_binary()),
-]
-_SOURCE_COLUMNS = [
-    ("image_uri", pa.string()),
-    ("key", pa.string()),
-    ("source_size", pa.int64()),
-    ("source_etag", pa.string()),
-    ("source_mtime", pa.timestamp("us", tz="UTC")),
 ]
 _ACTOR_OUTPUT_SCHEMA = pa.schema(_SOURCE_COLUMNS + _ACTOR_COLUMNS)
 

@@ -154,9 +154,3 @@ def compact(stats_uri: str, storage_options: dict[str, Any]) -> pa.Table:
             write_atomic(fs, f"{directory}/part-compacted-{uuid.uuid4().hex[:12]}.parquet", _parquet_bytes(table.filter(pa.array(flags))))
         fs.rm_file(path)
     return state.filter(pa.array(keep))
-
-
-def counts_by_status(table: pa.Table) -> dict[str, int]:
-    """``{"ok": n, "error": m}`` for a table with a ``status`` column."""
-    counts = pc.value_counts(table["status"]).to_pylist() if table.num_rows else []
-    return {STATUS_OK: 0, STATUS_ERROR: 0} | {c["values"]: c["counts"] for c in counts}
