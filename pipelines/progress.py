@@ -24,7 +24,9 @@ class Progress:
         self.ok = 0
         self.error = 0
         self.start = time.monotonic()
-        self._shown = 0.0
+        self._shown = self.start
+        if self.live:
+            self._show(final=False)  # 0/total at once: results arrive a Parquet part file at a time
 
     @property
     def done(self) -> int:
