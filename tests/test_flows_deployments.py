@@ -234,7 +234,7 @@ def test_segment_bucket_deployment_runs_from_the_cli(served: dict[str, str], ray
 def test_bad_parameter_is_rejected_by_the_deployment_schema(served: dict[str, str]) -> None:
     result = _cli(served, "deployment", "run", "segment-bucket/segment-bucket", "--param", "actors=0")
     assert result.returncode != 0
-    assert "actors" in result.stdout + result.stderr
+    assert "Validation failed for field 'actors'" in result.stdout + result.stderr
 
 
 def test_nightly_retrain_deployment_promotes_a_champion_and_resegments(
