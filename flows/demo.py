@@ -53,7 +53,9 @@ def make_bucket(bucket: Path, num_images: int) -> None:
     (bucket / "broken.jpg").write_text("this is not a JPEG\n")
 
 
-def obtain_model(registry_dir: Path, labelled: Path, *, epochs: int, width: float, lr: float, workers: int) -> dict[str, Any]:
+def obtain_model(
+    registry_dir: Path, labelled: Path, *, epochs: int, width: float, lr: float, workers: int
+) -> dict[str, Any]:
     """The registry's champion, training and promoting a small model first if there is none."""
     champion = registry.get_champion(registry_dir.as_uri())
     if champion is not None:

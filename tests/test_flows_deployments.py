@@ -27,7 +27,10 @@ STARTUP_TIMEOUT = 240
 RUN_TIMEOUT = 300
 
 
-def _wait_until(check: Any, what: str, timeout: float, process: subprocess.Popen | None = None, log: Path | None = None) -> Any:
+def _wait_until(
+    check: Any, what: str, timeout: float, process: subprocess.Popen | None = None, log: Path | None = None
+) -> Any:
+    """Poll ``check()`` until it returns something truthy; fail early if ``process`` exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
