@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ import pytest
 from conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = ROOT / ".venv" / "bin"
+BIN = Path(sys.executable).parent  # the environment running the tests (prefect CLI beside python)
 CLASSES = ("background", "disc", "box", "triangle", "ring", "wire")
 STARTUP_TIMEOUT = 240
 RUN_TIMEOUT = 300
@@ -109,7 +110,7 @@ def served(prefect_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [str(BIN / "python"), "-m", "flows.serve"],
+            [sys.executable, "-m", "flows.serve"],
             cwd=ROOT, env=prefect_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:

@@ -7,6 +7,7 @@ import json
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ def _assert_cli_accepts(module: str, flags: list[str]) -> None:
     """The module exists and its --help lists every flag."""
     assert importlib.util.find_spec(module) is not None, f"no module {module}"
     result = subprocess.run(
-        [str(ROOT / ".venv/bin/python"), "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
     for flag in flags:
