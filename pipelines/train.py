@@ -377,7 +377,7 @@ class _Images(Dataset):
     """Samples as (image tensor 3xHxW, labels HxW int64) or the BadSample they raise."""
 
     def __init__(self, samples: Sequence[Sample], num_classes: int, convention: InputConvention,
-                 recipe: Recipe | None, seed: int) -> None:  # fmt: skip
+                 recipe: Recipe, seed: int) -> None:  # fmt: skip
         self.samples, self.num_classes, self.convention = list(samples), num_classes, convention
         self.recipe, self.seed, self.epoch = recipe, seed, 0
 
@@ -390,10 +390,7 @@ class _Images(Dataset):
         except BadSample as bad:
             return bad
         image, target = self.convention.to_tensor(rgb), torch.from_numpy(labels.astype(np.int64))
-        if self.recipe is not None:
-            rng = np.random.default_rng([self.seed, self.epoch, index])
-            image, target = augment(image, target, self.recipe, rng)
-        return image, target
+        return augment(image, target, self.recipe, np.random.default_rng([self.seed, self.epoch, index]))
 
 
 def augment(
@@ -463,8 +460,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)
     module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
-    dataset = _Images(loop_config["train"], num_classes, convention,
-                      recipe if recipe.hflip or recipe.scale_range else None, config.seed)  # fmt: skip
+    dataset = _Images(loop_config["train"], num_classes, convention, recipe, config.seed)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.seed)
     loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, collate_fn=pad_collate)
     optimizer = recipe.make_optimizer(model.parameters(), recipe.learning_rate(config.model, config.lr))
