@@ -65,9 +65,7 @@ def convolutionalize(family: str, state: Mapping[str, torch.Tensor]) -> dict[str
         pairs = [(f"features.{i}", f"conv{n}") for n, i in enumerate(ALEXNET_CONV_INDICES, start=1)]
         pairs += [("classifier.1", "fc6"), ("classifier.4", "fc7")]
     elif family == "googlenet":
-        return {
-            k: v for k, v in state.items() if not k.startswith(("fc.", "aux1.", "aux2.")) and k != "transform_input"
-        }
+        return {k: v for k, v in state.items() if not k.startswith(("fc.", "aux1.", "aux2."))}
     else:
         raise ValueError(f"no torchvision classifier conversion for backbone family {family!r}")
     for src, dst in pairs:
@@ -99,7 +97,11 @@ def _assign(model: nn.Module, tensors: Mapping[str, torch.Tensor], what: str) ->
 def load_backbone(model: nn.Module, source: str | Mapping[str, torch.Tensor]) -> nn.Module:
     """Load a torchvision classifier state_dict (path, fsspec URI or mapping) into ``model``'s trunk."""
     state = read_state_dict(source)
-    _assign(model, convolutionalize(model.backbone_family, state), "backbone_weights")
+    trunk = convolutionalize(model.backbone_family, state)
+    missing = [k for k in model.state_dict() if not k.startswith(("score", "upscore")) and k not in trunk]
+    if missing:
+        raise ValueError(f"backbone_weights lacks {model.backbone_family} trunk tensors: {missing[:5]}")
+    _assign(model, trunk, "backbone_weights")
     return model
 
 

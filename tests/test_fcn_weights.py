@@ -193,3 +193,10 @@ def test_googlenet_trunk_equals_torchvision(tmp_path: Path) -> None:
         ours = model.features(x)["inception5b"]
     assert ours.shape == seen["out"].shape == (1, 1024, 7, 7)
     torch.testing.assert_close(ours, seen["out"], rtol=1e-4, atol=1e-4)
+
+
+def test_incomplete_googlenet_weights_are_named() -> None:
+    state = get_model("fcn32s_googlenet", width=WIDTH).state_dict()
+    del state["inception4c.branch2.1.conv.weight"]
+    with pytest.raises(ValueError, match=r"lacks googlenet trunk tensors: \['inception4c.branch2.1.conv.weight'\]"):
+        load_backbone(get_model("fcn32s_googlenet", width=WIDTH), state)
