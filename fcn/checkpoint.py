@@ -28,7 +28,7 @@ from torch import nn
 from fcn.classes import VOC_CLASSES, voc_palette
 from fcn.conventions import get_convention
 from fcn.models import get_model
-from fcn.registry import _write_atomic, resolve_checkpoint_uri
+from fcn.registry import write_atomic, resolve_checkpoint_uri
 
 FORMAT = "fcn-checkpoint"
 VERSION = 1
@@ -95,7 +95,7 @@ def save_checkpoint(
     fs, path = fsspec.core.url_to_fs(uri)
     if posixpath.dirname(path):
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    _write_atomic(fs, path, buffer.getvalue())
+    write_atomic(fs, path, buffer.getvalue())
     return uri
 
 

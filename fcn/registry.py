@@ -37,12 +37,16 @@ def resolve_checkpoint_uri(uri: str) -> str:
 
 
 def get_champion(registry: str) -> dict[str, Any] | None:
-    """The parsed ``champion.json`` of ``registry``, or None if there is no champion."""
+    """The parsed ``champion.json`` of ``registry`` with ``checkpoint`` as a full URI, or None if there
+    is no champion. The file stores the checkpoint relative to the registry root, so a registry can be
+    copied elsewhere (e.g. from a local disk to S3) and still resolve."""
     fs, root = fsspec.core.url_to_fs(registry)
+    root = root.rstrip("/")
     try:  # a direct read, not a (possibly cached) listing
-        return json.loads(fs.cat_file(f"{root.rstrip('/')}/{CHAMPION_FILE}"))
+        champion = json.loads(fs.cat_file(f"{root}/{CHAMPION_FILE}"))
     except (FileNotFoundError, NotADirectoryError):  # no champion, or ``registry`` is a file
         return None
+    return {**champion, "checkpoint": fs.unstrip_protocol(f"{root}/{champion['checkpoint']}")}
 
 
 def list_versions(registry: str) -> list[str]:
@@ -84,10 +88,14 @@ def register_model(registry: str, checkpoint_uri: str, metrics: dict[str, Any]) 
 def promote(registry: str, version: str) -> dict[str, Any]:
     """Make ``version`` the champion (atomically); return the new ``champion.json`` content."""
     entry = read_version(registry, version)
-    champion = {**entry, "promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    stored = {
+        **entry,
+        "checkpoint": f"models/{version}/{CHECKPOINT_FILE}",
+        "promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
     fs, root = fsspec.core.url_to_fs(registry)
-    _write_atomic(fs, f"{root.rstrip('/')}/{CHAMPION_FILE}", json.dumps(champion, indent=2).encode())
-    return champion
+    write_atomic(fs, f"{root.rstrip('/')}/{CHAMPION_FILE}", json.dumps(stored, indent=2).encode())
+    return {**stored, "checkpoint": entry["checkpoint"]}
 
 
 def promote_if_better(registry: str, version: str, *, margin: float = 0.0) -> bool:
@@ -113,7 +121,7 @@ def _listdir(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
         return []
 
 
-def _write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Replace ``path`` so that readers see either the old or the new content."""
     if isinstance(fs, LocalFileSystem):
         tmp = f"{path}.{uuid.uuid4().hex}.tmp"

@@ -93,7 +93,7 @@ def read_champion(registry_uri: str) -> dict[str, Any] | None:
 @task(name="train", cache_policy=NO_CACHE)
 def train(params: NightlyRetrainParams, warm_start_from: str | None) -> TrainSummary:
     """Train on Ray Train; the best epoch is registered as a new model version (promotion is left to
-    the ``promote`` task, hence the infinite margin here)."""
+    the ``promote`` task)."""
     config = TrainConfig(
         data=params.data,
         registry=params.registry,
@@ -104,7 +104,7 @@ def train(params: NightlyRetrainParams, warm_start_from: str | None) -> TrainSum
         epochs=params.epochs,
         recipe=params.recipe,
         width=params.width,
-        promote_margin=math.inf,
+        promote=False,
         ray_address=params.ray_address,
     )
     summary = run_training(config)

@@ -25,12 +25,14 @@ def encode_mask(labels: np.ndarray, palette: list[int]) -> bytes:
 
 
 def encode_overlay(rgb: np.ndarray, labels: np.ndarray, palette: list[int]) -> bytes:
-    """JPEG bytes of ``rgb`` blended with the palette colour of each pixel's label."""
+    """JPEG bytes of ``rgb`` blended with the palette colour of each pixel's label; background
+    (class 0) pixels are left as they are, so the image stays readable."""
     colours = np.zeros((256, 3), np.uint8)
     table = np.asarray(palette[:768], np.uint8).reshape(-1, 3)
     colours[: len(table)] = table
-    tinted = colours[np.minimum(labels, 255)]
-    blended = (rgb.astype(np.float32) * (1 - OVERLAY_ALPHA) + tinted * OVERLAY_ALPHA).astype(np.uint8)
+    clipped = np.minimum(labels, 255)
+    alpha = np.where(clipped == 0, 0.0, OVERLAY_ALPHA).astype(np.float32)[..., None]
+    blended = (rgb.astype(np.float32) * (1 - alpha) + colours[clipped] * alpha).astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(blended).save(buffer, format="JPEG", quality=OVERLAY_QUALITY)
     return buffer.getvalue()

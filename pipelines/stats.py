@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from fcn.registry import _write_atomic as write_atomic
+from fcn.registry import write_atomic
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"

@@ -119,6 +119,7 @@ class TrainConfig:
     width: float = 1.0
     run_name: str | None = None
     promote_margin: float = 0.0
+    promote: bool = True
     geometry: str = "reference"
     backbone_weights: str | None = None
     classes: str | None = None
@@ -238,7 +239,9 @@ def run_training(config: TrainConfig) -> TrainSummary:
     version, promoted = None, False
     if math.isfinite(best["mean_iu"]):
         version = registry.register_model(config.registry, checkpoint_uri, best)
-        promoted = registry.promote_if_better(config.registry, version, margin=config.promote_margin)
+        promoted = config.promote and registry.promote_if_better(
+            config.registry, version, margin=config.promote_margin
+        )
     else:
         logger.warning("run %s: validation mean IU is undefined; not registering a model", run_name)
     logger.info("run %s done (ray result at %s)", run_name, result.path)
@@ -640,6 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--classes", help="file with one class name per line (default: <data>/class_names.txt or VOC)")
     add("--run-name", help="run folder under <registry>/runs/; an existing run is resumed")
     add("--promote-margin", type=float, default=0.0, help="mean IU the run must beat the champion by")
+    add("--no-promote", dest="promote", action="store_false", help="register the model version only")
     add("--max-failures", type=int, default=1, help="worker failures to recover from (-1: unlimited)")
     add("--keep-checkpoints", type=int, help="keep only the N best epochs (default: all)")
     add("--strict", action="store_true", help="check every sample first; fail on any bad sample")

@@ -89,3 +89,16 @@ def test_local_promotion_is_atomic_for_readers(tmp_path: Path) -> None:
     thread.join()
     assert not errors and seen and set(seen) <= {"v0001", "v0002"}
     assert not list(tmp_path.glob("*.tmp"))  # no temporary files left behind
+
+
+def test_copied_registry_resolves_to_its_own_champion(tmp_path: Path) -> None:
+    """champion.json points inside the registry, so a copied registry does not point back to the original."""
+    original = str(tmp_path / "original")
+    version = registry.register_model(original, _checkpoint(f"{original}/a.pt", b"weights-a"), {"mean_iu": 0.4})
+    registry.promote(original, version)
+    copy = f"memory://{tmp_path.name}/copy"
+    fsspec.filesystem("memory").put(original, copy.removeprefix("memory://"), recursive=True)
+    resolved = registry.resolve_checkpoint_uri(copy)
+    assert resolved.startswith("memory://") and resolved.endswith("models/v0001/checkpoint.pt")
+    with fsspec.open(resolved, "rb") as f:
+        assert f.read() == b"weights-a"

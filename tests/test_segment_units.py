@@ -21,7 +21,7 @@ from fcn.image import to_rgb_array
 from pipelines import stats as stats_table
 from pipelines.decode import DecodeError, decode_image
 from pipelines.listing import InputError, list_images
-from pipelines.masks import encode_mask
+from pipelines.masks import encode_mask, encode_overlay
 from pipelines.segment import main
 from segment_cases import awkward_images, displayed, good_images, tiny_checkpoint, upload
 
@@ -287,3 +287,13 @@ def test_progress_bar_shows_rate_and_eta() -> None:
     last = stream.getvalue().split("\r")[-1]
     assert last.startswith("[#########") and "4/10 images (40.0%) ok 3 error 1" in last
     assert "img/s" in last and "ETA" in last and last.endswith("\n")
+
+
+def test_overlay_tints_objects_and_leaves_background_untouched() -> None:
+    rgb = np.full((8, 8, 3), 200, np.uint8)
+    labels = np.zeros((8, 8), np.uint8)
+    labels[:, 4:] = 1
+    palette = [0, 0, 0, 255, 0, 0] + [0] * 762
+    overlay = np.asarray(Image.open(io.BytesIO(encode_overlay(rgb, labels, palette))).convert("RGB")).astype(int)
+    assert np.abs(overlay[:, :2] - 200).max() <= 3  # background keeps the photo (JPEG tolerance)
+    assert overlay[:, 6:, 0].mean() > overlay[:, 6:, 1].mean() + 60  # class 1 is tinted red
