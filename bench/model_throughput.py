@@ -15,7 +15,7 @@ times slower than fp32. Its mask agreement is then measured with bf16-rounded nu
 fp32 (inputs, weights and outputs of every convolution rounded to bf16; fp32 accumulation, as in
 oneDNN and cuDNN), and its speed is reported as the prediction.
 
-    python -m bench.model_throughput [--size 500] [--iters 1] [--bf16-budget-s 150]
+    python -m bench.model_throughput [--size 500] [--iters 3] [--bf16-budget-s 150]
 """
 
 from __future__ import annotations
@@ -42,23 +42,26 @@ def device_sync(device: torch.device) -> None:
 def timed(
     fn: Callable[[], object], device: torch.device, iters: int, warmup: bool = True
 ) -> tuple[float, object]:
-    """Seconds per call (optional warm-up call, then the mean of ``iters`` calls) and the last result."""
+    """Seconds per call and the last result: the fastest of ``iters`` calls after an optional warm-up
+    (on a shared machine the minimum is the measurement least disturbed by other work)."""
     out = fn() if warmup else None
-    device_sync(device)
-    start = time.perf_counter()
+    best = float("inf")
     for _ in range(iters):
+        device_sync(device)
+        start = time.perf_counter()
         out = fn()
-    device_sync(device)
-    return (time.perf_counter() - start) / iters, out
+        device_sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best, out
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, n: int, seconds: float) -> float:
-    """GFLOP/s of square ``n`` matmuls: the best of three windows of about ``seconds / 3`` each."""
+    """GFLOP/s of square ``n`` matmuls: the fastest of the calls made in about ``seconds``."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     per_call, _ = timed(lambda: a @ b, device, 1)
-    iters = max(1, int(seconds / 3 / max(per_call, 1e-6)))
-    return max(2 * n**3 / timed(lambda: a @ b, device, iters, warmup=False)[0] / 1e9 for _ in range(3))
+    iters = max(3, int(seconds / max(per_call, 1e-6)))
+    return 2 * n**3 / timed(lambda: a @ b, device, iters, warmup=False)[0] / 1e9
 
 
 def conv_rate(dtype: torch.dtype, device: torch.device, channels_last: bool) -> float:
@@ -67,7 +70,7 @@ def conv_rate(dtype: torch.dtype, device: torch.device, channels_last: bool) -> 
     x = torch.randn(1, 64, 64, 64, device=device).to(dtype).contiguous(memory_format=memory_format)
     conv = nn.Conv2d(64, 64, 3, padding=1).to(device=device, dtype=dtype, memory_format=memory_format)
     with torch.no_grad():
-        seconds, _ = timed(lambda: conv(x), device, 1)
+        seconds, _ = timed(lambda: conv(x), device, 3)
     return 2 * 64 * 64 * 64 * 64 * 9 / seconds / 1e9
 
 
@@ -129,7 +132,7 @@ def emulate_bf16(model: nn.Module) -> nn.Module:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=500)
-    parser.add_argument("--iters", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--fit-steps", type=int, default=40)
     parser.add_argument("--bf16-budget-s", type=float, default=150.0)
     parser.add_argument("--seed", type=int, default=0)
