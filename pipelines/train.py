@@ -466,7 +466,8 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     dataset = _Images(loop_config["train"], num_classes, convention, recipe, config.seed)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.seed)
     loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, collate_fn=pad_collate)
-    optimizer = recipe.make_optimizer(model.parameters(), recipe.learning_rate(config.model, config.lr))
+    trainable = [p for p in model.parameters() if p.requires_grad]  # frozen bilinear upsampling stays fixed
+    optimizer = recipe.make_optimizer(trainable, recipe.learning_rate(config.model, config.lr))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, recipe.lr_factor(config.epochs * len(loader)))
     if train_state is not None:
         optimizer.load_state_dict(train_state["optimizer"])

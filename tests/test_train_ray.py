@@ -14,7 +14,6 @@ from pathlib import Path
 
 import fsspec
 import pytest
-import torch
 
 import fcn
 from fcn import registry

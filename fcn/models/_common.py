@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fcn.geometry import CoordMap, bilinear_kernel, coord_map, fuse_offset, layer_map, receptive_field
+from fcn.geometry import CoordMap, bilinear_kernel, coord_map, crop_offset, fuse_offset, layer_map, receptive_field
 
 GEOMETRIES = ("reference", "aligned")
 OUTPUT_STRIDES = (32, 16, 8)
@@ -219,6 +219,13 @@ class FCNTrunk(nn.Module):
         self.output_stride = output_stride
         self.layer_names: list[str] = []
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x), x.shape[-2:])
+
+    def head(self, feats: dict[str, torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """Score, upsample and crop the trunk's ``features`` to an image of ``size``."""
+        raise NotImplementedError
+
     def _add(self, name: str, module: nn.Module) -> None:
         setattr(self, name, module)
         self.layer_names.append(name)
@@ -248,3 +255,19 @@ class FCNTrunk(nn.Module):
             if name in self.TAPS:
                 taps[self.TAPS[name]] = x
         return taps
+
+
+class SingleStreamHead:
+    """Mixin for an :class:`FCNTrunk`: the FCN-32s head, ``score_fr`` on one tapped map, a single
+    ``upscore`` back to stride 1 and the crop that lines it up with the input."""
+
+    def _add_single_stream_head(self, tap: str, in_channels: int, learnable_upsampling: bool) -> None:
+        self.score_tap = tap
+        self.score_fr = init_score(nn.Conv2d(in_channels, self.num_classes, 1))
+        score_fr = self.tap_maps()[tap]
+        self.upscore, _ = make_upsample(self.num_classes, score_fr, CoordMap(), learnable=learnable_upsampling)
+        self.crops = {"score": crop_offset(score_fr.then(layer_map(self.upscore)))}
+
+    def head(self, feats: dict[str, torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """Score, upsample and crop the trunk's ``features`` to an image of ``size``."""
+        return crop_to(self.upscore(self.score_fr(feats[self.score_tap])), self.crops["score"], size)

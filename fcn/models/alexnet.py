@@ -15,8 +15,7 @@ import torch
 import torchvision
 from torch import nn
 
-from fcn.geometry import CoordMap, crop_offset, layer_map
-from fcn.models._common import FCNTrunk, conv1_padding, crop_to, fc6_padding, init_score, make_upsample, scaled
+from fcn.models._common import FCNTrunk, SingleStreamHead, conv1_padding, fc6_padding, scaled
 from fcn.weights import load_backbone
 
 ALIGNED_SHIFT = 2
@@ -24,7 +23,7 @@ ALIGNED_SHIFT = 2
 three 3x3/2 poolings on a 1x1 input."""
 
 
-class FCNAlexNet(FCNTrunk):
+class FCNAlexNet(SingleStreamHead, FCNTrunk):
     """conv1 ... conv5, pool1/pool2/pool5, fc6 (6x6), fc7, score_fr, upscore, crop."""
 
     backbone_family = "alexnet"
@@ -75,17 +74,7 @@ class FCNAlexNet(FCNTrunk):
         self._add("relu7", nn.ReLU(inplace=True))
         self._add("drop7", nn.Dropout(0.5))
         self._finish_trunk()
-        self.score_fr = init_score(nn.Conv2d(self.fc7_channels, num_classes, 1))
-        score_fr = self.tap_maps()["fc7"]
-        self.upscore, _ = make_upsample(num_classes, score_fr, CoordMap(), learnable=learnable_upsampling)
-        self.crops = {"score": crop_offset(score_fr.then(layer_map(self.upscore)))}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x), x.shape[-2:])
-
-    def head(self, feats: dict[str, torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-        """Score, upsample and crop the trunk's ``features`` to an image of ``size``."""
-        return crop_to(self.upscore(self.score_fr(feats["fc7"])), self.crops["score"], size)
+        self._add_single_stream_head("fc7", self.fc7_channels, learnable_upsampling)
 
 
 def fcn32s_alexnet(

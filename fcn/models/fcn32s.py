@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import torch
-from torch import nn
 
-from fcn.geometry import CoordMap, crop_offset, layer_map
-from fcn.models._common import crop_to, init_score, make_upsample
+from fcn.models._common import SingleStreamHead
 from fcn.models.vgg import VGG16FCN
 from fcn.weights import load_backbone
 
 
-class FCN32s(VGG16FCN):
+class FCN32s(SingleStreamHead, VGG16FCN):
     """score_fr on fc7, ``upscore`` (k64/s32 at output stride 32), crop to the input (offset 19)."""
 
     def __init__(
@@ -31,17 +28,7 @@ class FCN32s(VGG16FCN):
             output_stride=output_stride,
             learnable_upsampling=learnable_upsampling,
         )
-        self.score_fr = init_score(nn.Conv2d(self.fc7_channels, num_classes, 1))
-        score_fr = self.tap_maps()["fc7"]
-        self.upscore, _ = make_upsample(num_classes, score_fr, CoordMap(), learnable=learnable_upsampling)
-        self.crops = {"score": crop_offset(score_fr.then(layer_map(self.upscore)))}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x), x.shape[-2:])
-
-    def head(self, feats: dict[str, torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-        """Score, upsample and crop the trunk's ``features`` to an image of ``size``."""
-        return crop_to(self.upscore(self.score_fr(feats["fc7"])), self.crops["score"], size)
+        self._add_single_stream_head("fc7", self.fc7_channels, learnable_upsampling)
 
 
 def fcn32s_vgg16(

@@ -57,9 +57,6 @@ class FCN8s(VGG16FCN):
             "score": crop_offset(fuse_pool3.then(layer_map(self.upscore8))),
         }
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x), x.shape[-2:])
-
     def head(self, feats: dict[str, torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
         """Score, fuse, upsample and crop the trunk's ``features`` to an image of ``size``."""
         upscore2 = self.upscore2(self.score_fr(feats["fc7"]))

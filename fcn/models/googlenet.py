@@ -15,8 +15,7 @@ import torchvision
 from torch import nn
 from torchvision.models.googlenet import BasicConv2d, Inception
 
-from fcn.geometry import CoordMap, crop_offset, layer_map
-from fcn.models._common import FCNTrunk, conv1_padding, crop_to, init_score, make_upsample, scaled
+from fcn.models._common import FCNTrunk, SingleStreamHead, conv1_padding, scaled
 from fcn.weights import load_backbone
 
 ALIGNED_SHIFT = 2
@@ -24,7 +23,7 @@ ALIGNED_SHIFT = 2
 pixels, enough for four 3x3/2 and 2x2/2 poolings on a 1x1 input."""
 
 
-class FCNGoogLeNet(FCNTrunk):
+class FCNGoogLeNet(SingleStreamHead, FCNTrunk):
     """conv1 ... inception5b (torchvision names), score_fr, upscore, crop."""
 
     backbone_family = "googlenet"
@@ -85,10 +84,7 @@ class FCNGoogLeNet(FCNTrunk):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):  # torchvision's GoogLeNet init
                 nn.init.trunc_normal_(m.weight, mean=0.0, std=0.01, a=-2, b=2)
-        self.score_fr = init_score(nn.Conv2d(in_channels, num_classes, 1))
-        score_fr = self.tap_maps()["inception5b"]
-        self.upscore, _ = make_upsample(num_classes, score_fr, CoordMap(), learnable=learnable_upsampling)
-        self.crops = {"score": crop_offset(score_fr.then(layer_map(self.upscore)))}
+        self._add_single_stream_head("inception5b", in_channels, learnable_upsampling)
 
     def _geometry_layers(self, names: list[str]) -> list[nn.Module]:
         """A BasicConv2d acts as its conv; an Inception block as its widest (1x1 then 3x3) branch."""
@@ -102,13 +98,6 @@ class FCNGoogLeNet(FCNTrunk):
             else:
                 layers.append(block)
         return layers
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x), x.shape[-2:])
-
-    def head(self, feats: dict[str, torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-        """Score, upsample and crop the trunk's ``features`` to an image of ``size``."""
-        return crop_to(self.upscore(self.score_fr(feats["inception5b"])), self.crops["score"], size)
 
 
 def fcn32s_googlenet(
