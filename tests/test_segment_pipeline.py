@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import duckdb
+import polars
 import fsspec
 import numpy as np
 import pyarrow.parquet as pq
@@ -148,6 +149,9 @@ def test_local_folder_manifest_overlays_and_an_actor_killed_mid_run(
         f"from read_parquet('{tmp_path}/out/stats/**/*.parquet') where status = 'ok'"
     ).fetchall()
     assert count == len(chosen) and pixels == area
+    frame = polars.read_parquet(f"{tmp_path}/out/stats/*.parquet")
+    assert frame.height == len(chosen)
+    assert (frame["pixel_counts"].list.sum() == frame["width"] * frame["height"]).all()
     for row in table.to_pylist():
         overlay = Image.open(row["overlay_uri"].removeprefix("file://"))
         assert overlay.size == (row["width"], row["height"])

@@ -1,4 +1,4 @@
-"""`ray job submit` of the segmentation entry point to a separate local Ray head (token auth on)."""
+"""`ray job submit` of the segmentation and training entry points to a separate local Ray head (token auth on)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+import fcn
 from conftest import free_port
+from fcn import registry
+from pipelines.synthetic import write_synthetic_voc
 from segment_cases import good_images, tiny_checkpoint, upload
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +28,7 @@ START_TIMEOUT_S = 180
 AGENT_PORT_FLAGS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head() -> Iterator[tuple[str, dict[str, str]]]:
     """A Ray head on 127.0.0.1 in its own temp dir and process group (``ray start --block``), so
     teardown stops exactly these processes (``ray stop`` would stop every Ray on the machine).
@@ -73,27 +76,50 @@ def _kill_group(process: subprocess.Popen, sig: int) -> None:
         pass
 
 
+def submit(address: str, env: dict[str, str], *entrypoint: str) -> subprocess.CompletedProcess:
+    """``ray job submit`` of ``entrypoint`` with this repository as the working directory; waits for the job."""
+    command = [
+        str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
+        "--runtime-env-json", '{"excludes": [".venv", ".git", "tests", "bench"]}', "--", *entrypoint,
+    ]
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:  # the head's job agent may come up a little after its HTTP API
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        if "No available agent" not in result.stderr or time.monotonic() > deadline:
+            return result
+        time.sleep(2)
+
+
 def test_ray_job_submit_segments_a_folder(ray_head: tuple[str, dict[str, str]], tmp_path: Path) -> None:
     address, env = ray_head
     model = tiny_checkpoint(str(tmp_path / "model.pt"))
     files = good_images(seed=21, count=4)
     upload(str(tmp_path / "in"), files)
     output = tmp_path / "out"
-    command = [
-        str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
-        "--runtime-env-json", '{"excludes": [".venv", ".git", "tests", "bench"]}', "--",
-        "python", "-m", "pipelines.segment", "--input", str(tmp_path / "in"), "--output", str(output),
+    submitted = submit(
+        address, env, "python", "-m", "pipelines.segment", "--input", str(tmp_path / "in"), "--output", str(output),
         "--model", model, "--actors", "1", "--cpus-per-actor", "1", "--batch-size", "2",
-    ]
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:  # the head's job agent may come up a little after its HTTP API
-        submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-        if "No available agent" not in submit.stderr or time.monotonic() > deadline:
-            break
-        time.sleep(2)
-    assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
-    assert "succeeded" in submit.stdout
+    )
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    assert "succeeded" in submitted.stdout
     assert (output / "_SUCCESS").exists()
     table = pq.read_table(output / "stats")
     assert sorted(table["key"].to_pylist()) == sorted(files) and set(table["status"].to_pylist()) == {"ok"}
     assert all((output / "masks" / f"{key}.png").exists() for key in files)
+
+
+def test_ray_job_submit_trains_and_registers_a_champion(ray_head: tuple[str, dict[str, str]], tmp_path: Path) -> None:
+    address, env = ray_head
+    data, registry_dir = tmp_path / "scenes", tmp_path / "registry"
+    write_synthetic_voc(str(data), num_images=6, seed=3, min_size=48, max_size=64)
+    submitted = submit(
+        address, env, "python", "-m", "pipelines.train", "--data", str(data), "--registry", str(registry_dir),
+        "--model", "fcn32s_vgg16", "--width", "0.0625", "--geometry", "aligned", "--workers", "1",
+        "--epochs", "1", "--run-name", "job",
+    )
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    assert "succeeded" in submitted.stdout
+    assert (registry_dir / "runs" / "job" / "epoch-0001" / registry.CHECKPOINT_FILE).exists()
+    champion = registry.get_champion(str(registry_dir))
+    assert champion is not None and champion["version"] == "v0001"
+    assert fcn.load_checkpoint(str(registry_dir)).arch["name"] == "fcn32s_vgg16"
