@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping
+from typing import TypeVar
 
 import fsspec
 import torch
 from torch import nn
 
 __all__ = ["read_state_dict", "convolutionalize", "load_backbone", "load_pytorch_fcn"]
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
 
 VGG16_CONV_NAMES = (
     "conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3",
@@ -94,7 +97,7 @@ def _assign(model: nn.Module, tensors: Mapping[str, torch.Tensor], what: str) ->
     model.load_state_dict(fitted, strict=False)
 
 
-def load_backbone(model: nn.Module, source: str | Mapping[str, torch.Tensor]) -> nn.Module:
+def load_backbone(model: ModelT, source: str | Mapping[str, torch.Tensor]) -> ModelT:
     """Load a torchvision classifier state_dict (path, fsspec URI or mapping) into ``model``'s trunk."""
     state = read_state_dict(source)
     trunk = convolutionalize(model.backbone_family, state)

@@ -87,13 +87,6 @@ def fcn32s_alexnet(
     learnable_upsampling: bool = True,
 ) -> FCNAlexNet:
     """FCN-AlexNet; ``backbone_weights``: a torchvision AlexNet state_dict (path or fsspec URI)."""
-    model = FCNAlexNet(
-        num_classes=num_classes,
-        geometry=geometry,
-        width=width,
-        output_stride=output_stride,
-        learnable_upsampling=learnable_upsampling,
-    )
-    if backbone_weights is not None:
-        load_backbone(model, backbone_weights)
-    return model
+    model = FCNAlexNet(num_classes=num_classes, geometry=geometry, width=width, output_stride=output_stride,
+                       learnable_upsampling=learnable_upsampling)
+    return model if backbone_weights is None else load_backbone(model, backbone_weights)

@@ -62,13 +62,6 @@ def fcn16s_vgg16(
     learnable_upsampling: bool = True,
 ) -> FCN16s:
     """FCN-16s on VGG16; ``backbone_weights``: a torchvision VGG16 state_dict (path or fsspec URI)."""
-    model = FCN16s(
-        num_classes=num_classes,
-        geometry=geometry,
-        width=width,
-        output_stride=output_stride,
-        learnable_upsampling=learnable_upsampling,
-    )
-    if backbone_weights is not None:
-        load_backbone(model, backbone_weights)
-    return model
+    model = FCN16s(num_classes=num_classes, geometry=geometry, width=width, output_stride=output_stride,
+                   learnable_upsampling=learnable_upsampling)
+    return model if backbone_weights is None else load_backbone(model, backbone_weights)

@@ -77,16 +77,9 @@ def fcn8s_vgg16(
     learnable_upsampling: bool = True,
 ) -> FCN8s:
     """FCN-8s on VGG16; ``backbone_weights``: a torchvision VGG16 state_dict (path or fsspec URI)."""
-    model = FCN8s(
-        num_classes=num_classes,
-        geometry=geometry,
-        width=width,
-        output_stride=output_stride,
-        learnable_upsampling=learnable_upsampling,
-    )
-    if backbone_weights is not None:
-        load_backbone(model, backbone_weights)
-    return model
+    model = FCN8s(num_classes=num_classes, geometry=geometry, width=width, output_stride=output_stride,
+                  learnable_upsampling=learnable_upsampling)
+    return model if backbone_weights is None else load_backbone(model, backbone_weights)
 
 
 def fcn8s_atonce_vgg16(
@@ -99,14 +92,6 @@ def fcn8s_atonce_vgg16(
     learnable_upsampling: bool = True,
 ) -> FCN8s:
     """FCN-8s trained at once (pool4 x 0.01, pool3 x 1e-4 before scoring) on VGG16."""
-    model = FCN8s(
-        num_classes=num_classes,
-        geometry=geometry,
-        width=width,
-        output_stride=output_stride,
-        learnable_upsampling=learnable_upsampling,
-        at_once=True,
-    )
-    if backbone_weights is not None:
-        load_backbone(model, backbone_weights)
-    return model
+    model = FCN8s(num_classes=num_classes, geometry=geometry, width=width, output_stride=output_stride,
+                  learnable_upsampling=learnable_upsampling, at_once=True)
+    return model if backbone_weights is None else load_backbone(model, backbone_weights)

@@ -110,13 +110,6 @@ def fcn32s_googlenet(
     learnable_upsampling: bool = True,
 ) -> FCNGoogLeNet:
     """FCN-GoogLeNet; ``backbone_weights``: a torchvision GoogLeNet state_dict (path or fsspec URI)."""
-    model = FCNGoogLeNet(
-        num_classes=num_classes,
-        geometry=geometry,
-        width=width,
-        output_stride=output_stride,
-        learnable_upsampling=learnable_upsampling,
-    )
-    if backbone_weights is not None:
-        load_backbone(model, backbone_weights)
-    return model
+    model = FCNGoogLeNet(num_classes=num_classes, geometry=geometry, width=width, output_stride=output_stride,
+                         learnable_upsampling=learnable_upsampling)
+    return model if backbone_weights is None else load_backbone(model, backbone_weights)
