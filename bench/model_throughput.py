@@ -31,6 +31,7 @@ from PIL import Image
 from torch import nn
 
 from fcn import get_convention, get_model
+from fcn.geometry import conv_flops
 from pipelines.synthetic import SYNTHETIC_CLASSES, render_scene
 
 
@@ -72,24 +73,6 @@ def conv_rate(dtype: torch.dtype, device: torch.device, channels_last: bool) -> 
     with torch.no_grad():
         seconds, _ = timed(lambda: conv(x), device, 3)
     return 2 * 64 * 64 * 64 * 64 * 9 / seconds / 1e9
-
-
-def forward_flops(model: nn.Module, size: int) -> int:
-    """FLOPs (2 x multiply-accumulates) of the convolutions and transposed convolutions, on meta."""
-    macs = 0
-
-    def hook(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
-        nonlocal macs
-        per_output = module.weight[0].numel() if isinstance(module, nn.Conv2d) else module.weight[:, 0].numel()
-        macs += output.numel() * per_output
-
-    meta = copy.deepcopy(model).to("meta")
-    handles = [m.register_forward_hook(hook) for m in meta.modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)]
-    with torch.no_grad():
-        meta(torch.empty(1, 3, size, size, device="meta"))
-    for h in handles:
-        h.remove()
-    return 2 * macs
 
 
 def fit_score_layers(model: nn.Module, x: torch.Tensor, label: torch.Tensor, steps: int) -> float:
@@ -160,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     fitted_accuracy = fit_score_layers(reference, x, target, args.fit_steps)
     aligned.load_state_dict(reference.state_dict())
 
-    flops = {"reference": forward_flops(reference, args.size), "aligned": forward_flops(aligned, args.size)}
+    flops = {"reference": conv_flops(reference, args.size), "aligned": conv_flops(aligned, args.size)}
     peak32 = matmul_peak(torch.float32, device, 1024, 2.0)
     peak16 = matmul_peak(torch.bfloat16, device, 256 if device.type == "cpu" else 4096, 2.0)
     rate32 = conv_rate(torch.float32, device, channels_last=False)

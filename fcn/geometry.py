@@ -7,6 +7,7 @@ score-map cell sits in the image, from which the FCN crop offsets follow instead
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from dataclasses import dataclass
 from fractions import Fraction
@@ -22,6 +23,7 @@ __all__ = [
     "fuse_offset",
     "receptive_field",
     "bilinear_kernel",
+    "conv_flops",
 ]
 
 
@@ -145,3 +147,25 @@ def bilinear_kernel(
     idx = torch.arange(in_channels)
     weight[idx, idx] = filt
     return weight
+
+
+def conv_flops(model: nn.Module, height: int, width: int | None = None) -> int:
+    """FLOPs (2 x multiply-accumulates) of ``model``'s convolutions and transposed convolutions on
+    one ``height`` x ``width`` image, counted from layer shapes on a meta-device copy (no compute)."""
+    macs = 0
+
+    def count(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal macs
+        # weight[0] is one output channel's kernel (conv) or one input channel's scatter (transposed)
+        if isinstance(module, nn.ConvTranspose2d):
+            macs += inputs[0].numel() * module.weight[0].numel()
+        else:
+            macs += output.numel() * module.weight[0].numel()
+
+    meta = copy.deepcopy(model).to("meta").eval()
+    for m in meta.modules():
+        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
+            m.register_forward_hook(count)
+    with torch.no_grad():
+        meta(torch.empty(1, 3, height, width or height, device="meta"))
+    return 2 * macs

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from fcn.geometry import CoordMap, bilinear_kernel, coord_map, crop_offset, fuse_offset, receptive_field
+from fcn.geometry import CoordMap, bilinear_kernel, conv_flops, coord_map, crop_offset, fuse_offset, receptive_field
 from fcn.models import get_model
 
 WIDTH = 1 / 16
@@ -175,27 +175,11 @@ def test_aligned_equals_reference_wherever_no_padding_is_seen() -> None:
     assert not torch.allclose(ref["fc7"][..., :2, :2], ali["fc7"][..., :2, :2], rtol=1e-3, atol=1e-4)
 
 
-def _conv_macs(model: nn.Module, size: int) -> int:
-    macs = 0
-
-    def hook(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
-        nonlocal macs
-        kernel = module.weight[0].numel() if isinstance(module, nn.Conv2d) else module.weight[:, 0].numel()
-        macs += output.numel() * kernel
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)]
-    with torch.no_grad():
-        model(torch.empty(1, 3, size, size, device="meta"))
-    for h in handles:
-        h.remove()
-    return macs
-
-
 def test_aligned_saves_the_pad_100_flops() -> None:
     with torch.device("meta"):
         reference = get_model("fcn8s_vgg16").eval()
         aligned = get_model("fcn8s_vgg16", geometry="aligned").eval()
-    ref, ali = _conv_macs(reference, 500), _conv_macs(aligned, 500)
+    ref, ali = conv_flops(reference, 500), conv_flops(aligned, 500)
     # 500x500: conv1 runs on 698x698 vs 508x508 pixels; fc6/fc7 run on the same 16x16 cells.
     assert 1.5 < ref / ali < 1.8, (ref, ali)
 
@@ -270,3 +254,23 @@ def test_aligned_masks_agree_with_reference_for_fitted_weights() -> None:
     assert (ref_mask == y).float().mean() > background + 0.05  # the weights do segment
     assert (ref_mask != 0).any() and (ali_mask != 0).any()
     assert (ali_mask == ref_mask).float().mean() >= 0.95  # measured 0.983
+
+
+@pytest.mark.parametrize("layer", [nn.Conv2d(3, 5, 3, bias=False), nn.ConvTranspose2d(3, 5, 4, stride=2, bias=False)])
+def test_conv_flops_counts_every_multiply_accumulate_once(layer: nn.Module) -> None:
+    """Brute force: a dense layer's multiply-accumulates are the nonzero products of a one-hot probe."""
+    x = torch.zeros(1, 3, 7, 7)
+    products = 0
+    for index in range(x.numel()):  # each input element multiplies its out_channels x k x k kernel entries once
+        probe = torch.zeros_like(x).view(-1)
+        probe[index] = 1
+        layer_with_ones = type(layer)(**_same_args(layer))
+        nn.init.ones_(layer_with_ones.weight)
+        with torch.no_grad():
+            products += int(layer_with_ones(probe.view_as(x)).count_nonzero())
+    assert conv_flops(nn.Sequential(layer), 7) == 2 * products
+
+
+def _same_args(layer: nn.Module) -> dict:
+    return {"in_channels": layer.in_channels, "out_channels": layer.out_channels, "kernel_size": layer.kernel_size,
+            "stride": layer.stride, "padding": layer.padding, "bias": False}
