@@ -74,23 +74,23 @@ def test_fcn8s_learns_registers_and_scores_consistently(ray_cluster: None, scene
 
 def _train_workers() -> list[int]:
     """PIDs of the Ray Train worker processes descending from this test process (Linux /proc)."""
-    parents = {}
+    children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
-            parents[int(stat.parent.name)] = int(fields[1])
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
         except (OSError, IndexError, ValueError):
             continue
-    ours, found = {os.getpid()}, []
-    for pid in sorted(parents):  # children have larger pids than their parents here
-        if parents[pid] in ours:
-            ours.add(pid)
+    found, pending = [], [os.getpid()]
+    while pending:  # walk the tree: pids wrap around, so a child's pid may be smaller than its parent's
+        for pid in children.get(pending.pop(), []):
+            pending.append(pid)
             try:
                 if b"RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes():
                     found.append(pid)
             except OSError:
                 continue
-    return found
+    return sorted(found)
 
 
 def _alive(pid: int) -> bool:
