@@ -60,6 +60,7 @@ def save_checkpoint(
     class_names: list[str] | tuple[str, ...] | None = None,
     palette: list[int] | None = None,
     input_convention: str = "torchvision",
+    storage_options: dict[str, Any] | None = None,
     **meta: Any,
 ) -> str:
     """Write ``model`` (built by ``fcn.get_model``) and its description to ``uri``; return ``uri``.
@@ -67,6 +68,7 @@ def save_checkpoint(
     ``class_names`` defaults to the VOC names for 21 classes (``class_0``... otherwise), ``palette`` to
     the VOC colour map. ``meta`` must be plain data (str, int, float, bool, None, lists, dicts,
     tensors). Local files are written to a temporary name and renamed; object stores receive one PUT.
+    ``storage_options`` go to fsspec (e.g. ``{"endpoint_url": ...}`` for an S3-compatible store).
     """
     arch = getattr(model, "arch", None)
     if not isinstance(arch, dict) or "name" not in arch or "kwargs" not in arch:
@@ -92,20 +94,26 @@ def save_checkpoint(
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    fs, path = fsspec.core.url_to_fs(uri)
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
     if posixpath.dirname(path):
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
     write_atomic(fs, path, buffer.getvalue())
     return uri
 
 
-def load_checkpoint(uri: str, *, map_location: str | torch.device = "cpu") -> Checkpoint:
+def load_checkpoint(
+    uri: str,
+    *,
+    map_location: str | torch.device = "cpu",
+    storage_options: dict[str, Any] | None = None,
+) -> Checkpoint:
     """Load a checkpoint file, or a registry root's champion, and rebuild its network in eval mode.
 
-    Raises CheckpointError naming the problem for a missing, truncated, foreign or inconsistent file.
+    ``storage_options`` go to fsspec. Raises CheckpointError naming the problem for a missing,
+    truncated, foreign or inconsistent file.
     """
-    uri = resolve_checkpoint_uri(uri)
-    payload = _read_payload(uri, map_location)
+    uri = resolve_checkpoint_uri(uri, storage_options=storage_options)
+    payload = _read_payload(uri, map_location, storage_options or {})
     name, kwargs = payload["arch"]["name"], payload["arch"]["kwargs"]
     try:
         with torch.device("meta"):  # no random init: the weights are assigned from the file below
@@ -139,9 +147,9 @@ def load_checkpoint(uri: str, *, map_location: str | torch.device = "cpu") -> Ch
     )
 
 
-def _read_payload(uri: str, map_location: str | torch.device) -> dict[str, Any]:
+def _read_payload(uri: str, map_location: str | torch.device, storage_options: dict[str, Any]) -> dict[str, Any]:
     """torch.load the file with weights_only=True, turning every failure into a CheckpointError."""
-    fs, path = fsspec.core.url_to_fs(uri)
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
     try:
         with fs.open(path, "rb") as f:
             if f.read(4) != _ZIP_MAGIC:

@@ -30,17 +30,17 @@ METRICS_FILE = "metrics.json"
 SCORE_METRIC = "mean_iu"
 
 
-def resolve_checkpoint_uri(uri: str) -> str:
+def resolve_checkpoint_uri(uri: str, *, storage_options: dict[str, Any] | None = None) -> str:
     """Return the champion's checkpoint URI if ``uri`` is a registry root, else ``uri`` unchanged."""
-    champion = get_champion(uri)
+    champion = get_champion(uri, storage_options=storage_options)
     return uri if champion is None else champion["checkpoint"]
 
 
-def get_champion(registry: str) -> dict[str, Any] | None:
+def get_champion(registry: str, *, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The parsed ``champion.json`` of ``registry`` with ``checkpoint`` as a full URI, or None if there
     is no champion. The file stores the checkpoint relative to the registry root, so a registry can be
-    copied elsewhere (e.g. from a local disk to S3) and still resolve."""
-    fs, root = fsspec.core.url_to_fs(registry)
+    copied elsewhere (e.g. from a local disk to S3) and still resolve. ``storage_options`` go to fsspec."""
+    fs, root = fsspec.core.url_to_fs(registry, **(storage_options or {}))
     root = root.rstrip("/")
     try:  # a direct read, not a (possibly cached) listing
         champion = json.loads(fs.cat_file(f"{root}/{CHAMPION_FILE}"))

@@ -87,7 +87,7 @@ class SegmentConfig:
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     batch_size: int = 4
     overlays: bool = False
-    storage_options: dict[str, Any] = field(default_factory=dict)  # for --input and --output
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for --input, --output, --model
     max_image_pixels: int = 100_000_000
     rows_per_file: int = 256
     read_retries: int = 3
@@ -203,13 +203,23 @@ def read_sources(batch: pa.Table, *, storage_options: dict[str, Any], retries: i
 class Segmenter:
     """Ray actor: loads the checkpoint once onto its device, then decodes and segments batches."""
 
-    def __init__(self, *, model_uri: str, device: str, precision: str, cpu_threads: int, max_image_pixels: int, overlays: bool):
+    def __init__(
+        self,
+        *,
+        model_uri: str,
+        storage_options: dict[str, Any],
+        device: str,
+        precision: str,
+        cpu_threads: int,
+        max_image_pixels: int,
+        overlays: bool,
+    ):
         import torch
         from PIL import Image
 
         import fcn
 
-        checkpoint = fcn.load_checkpoint(model_uri)
+        checkpoint = fcn.load_checkpoint(model_uri, storage_options=storage_options)
         cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
         if not cuda:
             torch.set_num_threads(cpu_threads)
@@ -376,7 +386,7 @@ def run_segmentation(config: SegmentConfig) -> SegmentSummary:
     out_fs, out_root = fsspec.core.url_to_fs(config.output, **so)
     output = out_fs.unstrip_protocol(out_root.rstrip("/"))
     stats_uri, masks_uri = f"{output}/{STATS_DIR}", f"{output}/{MASKS_DIR}"
-    model = describe_model(config.model)
+    model = describe_model(config.model, so)
     try:
         listing = list_images(config.input, so, exclude=output)
     except InputError as error:
@@ -434,17 +444,17 @@ def run_segmentation(config: SegmentConfig) -> SegmentSummary:
     return summary
 
 
-def describe_model(uri: str) -> ModelInfo:
+def describe_model(uri: str, storage_options: dict[str, Any]) -> ModelInfo:
     """Resolve ``uri`` (a checkpoint, or a registry root: its champion) and read its description."""
     import fcn
     from fcn.registry import resolve_checkpoint_uri
 
     try:
-        resolved = resolve_checkpoint_uri(uri)
-        checkpoint = fcn.load_checkpoint(resolved)
+        resolved = resolve_checkpoint_uri(uri, storage_options=storage_options)
+        checkpoint = fcn.load_checkpoint(resolved, storage_options=storage_options)
     except (ValueError, OSError) as error:
         raise ConfigError("--model", str(error)) from None
-    fs, path = fsspec.core.url_to_fs(resolved)
+    fs, path = fsspec.core.url_to_fs(resolved, **storage_options)
     match = _REGISTRY_VERSION.search(path)
     if match:
         version = match.group(1)
@@ -502,6 +512,7 @@ def _segment_on_ray(
         num_gpus=1 if use_gpus else None,
         fn_constructor_kwargs={
             "model_uri": model.uri,
+            "storage_options": config.storage_options,
             "device": "cuda" if use_gpus else "cpu",
             "precision": config.precision,
             "cpu_threads": max(1, int(config.cpus_per_actor)),
@@ -556,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=PRECISIONS, default=defaults.precision, help="auto: bf16 on CUDA, fp32 on CPU (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per actor call (default: %(default)s)")
     parser.add_argument("--overlays", action="store_true", help="also write colour overlays to <output>/overlays/<key>.jpg")
-    parser.add_argument("--storage-options", default="{}", metavar="JSON", help='fsspec options for --input/--output, e.g. \'{"endpoint_url": "http://minio:9000"}\'')
+    parser.add_argument("--storage-options", default="{}", metavar="JSON", help='fsspec options for --input, --output and --model, e.g. \'{"endpoint_url": "http://minio:9000"}\'')
     parser.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels, help="refuse images declaring more pixels (default: %(default)s)")
     parser.add_argument("--rows-per-file", type=int, default=defaults.rows_per_file, help="stats rows per Parquet part file (default: %(default)s)")
     parser.add_argument("--read-retries", type=int, default=defaults.read_retries, help="retries of a failed read (default: %(default)s)")

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -57,6 +62,34 @@ _S3_ENV = (
     "FSSPEC_S3_ENDPOINT_URL",
     "AWS_ENDPOINT_URL",
 )
+
+
+@pytest.fixture(scope="session")
+def private_s3_options(s3_endpoint: str) -> Iterator[dict[str, Any]]:
+    """fsspec storage options for a second S3 endpoint that only they reach: moto's server in its own
+    process (its own buckets), while the environment keeps pointing at ``s3_endpoint``."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError(f"moto server on {endpoint} did not start") from None
+            time.sleep(0.2)
+    try:
+        yield {"endpoint_url": endpoint, "key": "private", "secret": "private"}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 @pytest.fixture

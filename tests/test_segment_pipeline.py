@@ -194,3 +194,35 @@ def test_interrupted_run_resumes_with_each_image_once(ray_cluster: None, tmp_pat
     again = run_segmentation(config)  # nothing left to do: no Ray work, a fresh manifest and _SUCCESS
     assert (again.ok, again.error, again.skipped) == (0, 0, len(files))
     assert json.loads((output / "manifest.json").read_text())["run_id"] == again.run_id
+
+
+def test_storage_options_reach_input_output_and_a_registry_model(
+    ray_cluster: None, private_s3_options: dict, tmp_path: Path
+) -> None:
+    """Input, output and model (a registry copied from a local disk) all live on an S3 endpoint that
+    only ``storage_options`` reach: the environment points at another endpoint without that bucket."""
+    from fcn import registry
+
+    options = private_s3_options
+    fs = fsspec.filesystem("s3", **options)
+    fs.mkdir("private")
+    local_registry = tmp_path / "registry"
+    version = registry.register_model(str(local_registry), tiny_checkpoint(str(tmp_path / "model.pt")), {"mean_iu": 0.5})
+    registry.promote(str(local_registry), version)
+    fs.put(str(local_registry), "private/registry", recursive=True)
+    files = good_images(seed=11, count=5)
+    for key, data in files.items():
+        fs.pipe_file(f"private/in/{key}", data)
+
+    summary = run_segmentation(_config("s3://private/in", "s3://private/out", "s3://private/registry", storage_options=options))
+
+    assert (summary.ok, summary.error) == (5, 0)
+    assert summary.model_id == "s3://private/registry/models/v0001/checkpoint.pt"
+    assert not fsspec.filesystem("s3", skip_instance_cache=True).exists("private")  # nothing via the environment
+    fs.invalidate_cache()
+    table = pq.read_table("private/out/stats", filesystem=fs)
+    assert sorted(table["key"].to_pylist()) == sorted(files) and set(table["status"].to_pylist()) == {"ok"}
+    assert all(fs.exists(uri) for uri in table["mask_uri"].to_pylist())
+    # Without the options the model is looked up through the environment, and the error names --model.
+    with pytest.raises(segment.ConfigError, match="--model"):
+        run_segmentation(_config("s3://private/in", "s3://private/out2", "s3://private/registry"))
