@@ -11,6 +11,7 @@ import html
 import io
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -163,12 +164,12 @@ def class_chart_svg(dist: ClassDistribution, palette: list[int]) -> str:
 
 
 def overlay_thumbnail(image_uri: str, mask_uri: str, pixels: int, palette: list[int], *,
-                      size: int = THUMBNAIL_SIZE) -> str:  # fmt: skip
+                      size: int = THUMBNAIL_SIZE, storage_options: dict[str, Any] | None = None) -> str:  # fmt: skip
     """The image (as displayed; ``pixels`` = its width x height) and the same colour overlay as the
     job's ``--overlays``, side by side, scaled so that the longer side is ``size`` px, as a PNG data URI."""
-    with fsspec.open(image_uri, "rb") as f:
+    with fsspec.open(image_uri, "rb", **(storage_options or {})) as f:
         rgb = decode_image(f.read(), max_pixels=pixels)
-    with fsspec.open(mask_uri, "rb") as f:
+    with fsspec.open(mask_uri, "rb", **(storage_options or {})) as f:
         labels = np.asarray(Image.open(io.BytesIO(f.read())))
     overlay = Image.open(io.BytesIO(encode_overlay(rgb, labels, palette)))
     image = Image.fromarray(rgb)
@@ -182,7 +183,8 @@ def overlay_thumbnail(image_uri: str, mask_uri: str, pixels: int, palette: list[
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def sample_gallery(stats: pa.Table, class_names: list[str], palette: list[int], size: int) -> list[GalleryItem]:
+def sample_gallery(stats: pa.Table, class_names: list[str], palette: list[int], size: int,
+                   storage_options: dict[str, Any] | None = None) -> list[GalleryItem]:  # fmt: skip
     """Overlays of ``size`` ok rows spread evenly over the run (sorted by image URI)."""
     ok = stats.filter(pc.equal(stats["status"], "ok")).sort_by("image_uri")
     if size <= 0 or ok.num_rows == 0:
@@ -192,7 +194,8 @@ def sample_gallery(stats: pa.Table, class_names: list[str], palette: list[int], 
     for row in ok.take(pa.array(picks)).to_pylist():
         caption = f"{row['image_uri'].rsplit('/', 1)[-1]} ({row['width']}x{row['height']}, " \
                   f"mostly {class_names[row['dominant_class']]})"
-        thumbnail = overlay_thumbnail(row["image_uri"], row["mask_uri"], row["width"] * row["height"], palette)
+        thumbnail = overlay_thumbnail(row["image_uri"], row["mask_uri"], row["width"] * row["height"], palette,
+                                      storage_options=storage_options)  # fmt: skip
         items.append(GalleryItem(row["image_uri"], caption, thumbnail))
     return items
 
@@ -253,8 +256,8 @@ def html_report(report: RunReport, gallery: list[GalleryItem]) -> str:
 """
 
 
-def write_text(uri: str, text: str) -> str:
+def write_text(uri: str, text: str, storage_options: dict[str, Any] | None = None) -> str:
     """Write ``text`` to any fsspec URI and return the URI."""
-    with fsspec.open(uri, "w", encoding="utf-8") as f:
+    with fsspec.open(uri, "w", encoding="utf-8", **(storage_options or {})) as f:
         f.write(text)
     return uri

@@ -36,6 +36,11 @@ Uri = Annotated[str, Field(min_length=1, description="fsspec URI or local path")
 Device = Literal[DEVICES]  # "auto" | "cpu" | "cuda"
 Actors = Annotated[int | None, Field(ge=1, description="FCN actors (default: one per GPU, else sized to the CPUs)")]
 GallerySize = Annotated[int, Field(ge=0, le=200, description="image/mask overlays in report.html")]
+StorageOptions = Annotated[
+    dict[str, Any] | None,
+    Field(description="fsspec options for input, output and model, e.g. {'endpoint_url': ...}; "
+                      "keep credentials in the environment, not in parameters"),
+]
 
 REPORT_FILE = "report.html"
 ARTIFACT_KEY = "segment-bucket"
@@ -55,6 +60,12 @@ class SegmentBucketParams(BaseModel):
     actors: Actors
     device: Device
     gallery_size: GallerySize
+    storage_options: StorageOptions
+
+    @property
+    def fs_options(self) -> dict[str, Any]:
+        """``storage_options`` as fsspec takes them (``{}`` when unset)."""
+        return dict(self.storage_options or {})
 
     def segment_config(self) -> SegmentConfig:
         """The segmentation job's configuration; ``validate()`` names a bad value."""
@@ -65,6 +76,7 @@ class SegmentBucketParams(BaseModel):
             ray_address=self.ray_address,
             actors=self.actors,
             device=self.device,
+            storage_options=self.fs_options,
         )
 
 
@@ -98,7 +110,7 @@ def _io_task(name: str):
 @_io_task("list-inputs")
 def list_inputs(params: SegmentBucketParams) -> list[str]:
     """The image URIs the segmentation job will read (prefix, glob or manifest)."""
-    listing = list_images(params.input, {}, exclude=params.output)
+    listing = list_images(params.input, params.fs_options, exclude=params.output)
     get_run_logger().info("%d images under %s (%s)", len(listing.images), params.input, listing.kind)
     return [image["image_uri"] for image in listing.images]
 
@@ -115,14 +127,14 @@ def segment(params: SegmentBucketParams) -> SegmentSummary:
 
 
 @_io_task("verify-outputs")
-def verify_outputs(summary: SegmentSummary, inputs: list[str]) -> pa.Table:
+def verify_outputs(summary: SegmentSummary, inputs: list[str], storage_options: dict[str, Any]) -> pa.Table:
     """Check that ``_SUCCESS`` exists and the Parquet statistics have exactly one row per input;
     return the statistics."""
-    fs, success = fsspec.core.url_to_fs(summary.success_uri)
+    fs, success = fsspec.core.url_to_fs(summary.success_uri, **storage_options)
     fs.invalidate_cache()
     if not fs.isfile(success):
         raise OutputCheckError(f"{summary.success_uri} is missing: the run did not finish")
-    fs, stats_path = fsspec.core.url_to_fs(summary.stats_uri)
+    fs, stats_path = fsspec.core.url_to_fs(summary.stats_uri, **storage_options)
     stats = pq.read_table(stats_path, filesystem=fs)
     rows = stats["image_uri"].to_pylist()
     duplicated = sorted({uri for uri, n in Counter(rows).items() if n > 1})
@@ -158,7 +170,8 @@ def publish(params: SegmentBucketParams, summary: SegmentSummary, stats: pa.Tabl
         },
         errors=error_rows(stats),
     )
-    write_text(report_uri, html_report(report, sample_gallery(stats, class_names, palette, params.gallery_size)))
+    gallery = sample_gallery(stats, class_names, palette, params.gallery_size, params.fs_options)
+    write_text(report_uri, html_report(report, gallery), params.fs_options)
     create_markdown_artifact(markdown_summary(report), key=ARTIFACT_KEY, description=report.title)
     create_link_artifact(report_uri, link_text="HTML report", key=f"{ARTIFACT_KEY}-report")
     get_run_logger().info("report: %s", report_uri)
@@ -185,6 +198,7 @@ def segment_bucket(
     actors: Actors = None,
     device: Device = "auto",
     gallery_size: GallerySize = 12,
+    storage_options: StorageOptions = None,
 ) -> dict[str, Any]:
     """Segment every image under ``input`` with ``model`` (checkpoint or registry: its champion);
     masks, Parquet statistics, manifest.json, _SUCCESS and report.html land under ``output``."""
@@ -194,7 +208,7 @@ def segment_bucket(
         params.segment_config().validate()
         inputs = list_inputs(params)
         summary = segment(params)
-        stats = verify_outputs(summary, inputs)
+        stats = verify_outputs(summary, inputs, params.fs_options)
         report_uri = publish(params, summary, stats)
     except Exception as error:
         failure_artifact(ARTIFACT_KEY, arguments, error)

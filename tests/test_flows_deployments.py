@@ -209,30 +209,36 @@ def _registry_with_champion(root: Path) -> str:
 
 
 def test_segment_bucket_deployment_runs_from_the_cli(served: dict[str, str], ray_cluster: None,
-                                                     s3_bucket: str, tmp_path: Path) -> None:  # fmt: skip
+                                                     private_s3_options: dict, tmp_path: Path) -> None:  # fmt: skip
+    """The bucket lives on an S3 endpoint that only the ``storage_options`` parameter reaches (the
+    served flow's environment points at another one): listing, segmentation, verification and the
+    report all go through it."""
     from pipelines.synthetic import write_synthetic_voc
 
-    write_synthetic_voc(f"{s3_bucket}/scenes", num_images=5, seed=3, min_size=48, max_size=64)
-    images = f"{s3_bucket}/scenes/JPEGImages/"
-    output = f"{s3_bucket}/segmented"
+    fs = fsspec.filesystem("s3", **private_s3_options)
+    fs.mkdir("deployed")
+    write_synthetic_voc(str(tmp_path / "scenes"), num_images=5, seed=3, min_size=48, max_size=64)
+    fs.put(str(tmp_path / "scenes" / "JPEGImages"), "deployed/scenes/", recursive=True)
+    images, output = "s3://deployed/scenes/JPEGImages/", "s3://deployed/segmented"
     params = {"input": images, "output": output, "model": _registry_with_champion(tmp_path),
-              "ray_address": _ray_address(), "actors": 1, "device": "cpu", "gallery_size": 3}  # fmt: skip
+              "ray_address": _ray_address(), "actors": 1, "device": "cpu", "gallery_size": 3,
+              "storage_options": private_s3_options}  # fmt: skip
 
     run_id = _run_deployment(served, "segment-bucket/segment-bucket", params)
     run = _wait_for_run(served, run_id)
 
-    assert run.parameters["input"] == images
-    fs, root = fsspec.core.url_to_fs(output)
+    assert run.parameters["input"] == images and run.parameters["storage_options"] == private_s3_options
     fs.invalidate_cache()
-    assert fs.isfile(f"{root}/_SUCCESS")
-    stats = pq.read_table(f"{root}/stats", filesystem=fs)
+    assert fs.isfile("deployed/segmented/_SUCCESS")
+    stats = pq.read_table("deployed/segmented/stats", filesystem=fs)
     assert stats.num_rows == 5 and set(stats["status"].to_pylist()) == {"ok"}
-    assert len(fs.find(f"{root}/masks")) == 5
-    page = fs.cat_file(f"{root}/report.html").decode()
+    assert len(fs.find("deployed/segmented/masks")) == 5
+    page = fs.cat_file("deployed/segmented/report.html").decode()
     assert page.count('<img src="data:image/png;base64,') == 3 and "<svg" in page
     summary = _artifact(served, run_id, "segment-bucket")
     assert "| ok | 5 |" in summary and "| error | 0 |" in summary
     assert f"{output}/report.html" in summary
+    assert not fsspec.filesystem("s3", skip_instance_cache=True).exists("deployed")  # not via the environment
 
 
 def test_bad_parameter_is_rejected_by_the_deployment_schema(served: dict[str, str]) -> None:

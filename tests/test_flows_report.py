@@ -128,12 +128,12 @@ def test_segment_bucket_rejects_bad_parameters_naming_them() -> None:
     good = {"input": "s3://b/in/", "output": "s3://b/out/", "model": "s3://b/registry"}
     assert segment_bucket.validate_parameters(good)["device"] == "auto"
     for bad, name in [({"actors": 0}, "actors"), ({"device": "gpu"}, "device"), ({"input": ""}, "input"),
-                      ({"gallery_size": -1}, "gallery_size")]:  # fmt: skip
+                      ({"gallery_size": -1}, "gallery_size"), ({"storage_options": "endpoint"}, "storage_options")]:  # fmt: skip
         with pytest.raises(ParameterTypeError, match=rf"- {name}:"):
             segment_bucket.validate_parameters(good | bad)
         with pytest.raises(ValidationError, match=name):
             SegmentBucketParams(**(good | {"ray_address": None, "actors": None, "device": "auto",
-                                            "gallery_size": 1} | bad))  # fmt: skip
+                                            "gallery_size": 1, "storage_options": None} | bad))  # fmt: skip
     with pytest.raises(ParameterTypeError, match="model"):
         segment_bucket.validate_parameters({"input": "a", "output": "b"})
 
