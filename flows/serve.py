@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 from prefect import Flow, serve
+from prefect.client.schemas.objects import ConcurrencyLimitConfig
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.schedules import Cron
 from prefect.settings import PREFECT_API_URL
@@ -44,6 +45,7 @@ def load_deployments(prefect_yaml: Path = PREFECT_YAML) -> list[RunnerDeployment
     deployments = []
     for entry in spec["deployments"]:
         schedules = [Cron(s["cron"], timezone=s.get("timezone")) for s in entry.get("schedules") or []]
+        limit = entry.get("concurrency_limit")  # an int, or {limit, collision_strategy, ...} as `prefect deploy` reads it
         deployments.append(
             load_flow(entry["entrypoint"]).to_deployment(
                 name=entry["name"],
@@ -51,6 +53,7 @@ def load_deployments(prefect_yaml: Path = PREFECT_YAML) -> list[RunnerDeployment
                 tags=entry.get("tags"),
                 parameters=entry.get("parameters") or {},
                 schedules=schedules,
+                concurrency_limit=ConcurrencyLimitConfig(**limit) if isinstance(limit, dict) else limit,
                 entrypoint_type=EntrypointType.MODULE_PATH,
             )
         )

@@ -262,11 +262,17 @@ def test_nightly_retrain_deployment_promotes_a_champion_and_resegments(
               "resegment_output": output.as_uri(), "actors": 1, "device": "cpu"}  # fmt: skip
     assert registry.get_champion(registry_uri) is None
 
+    # Two runs requested back to back: the deployment's concurrency limit (prefect.yaml) queues the
+    # second until the first has finished, so the registry never has two writers.
     run_id = _run_deployment(served, "nightly-retrain/nightly-retrain", params)
-    _wait_for_run(served, run_id)
+    second_id = _run_deployment(served, "nightly-retrain/nightly-retrain",
+                                params | {"resegment_input": None, "resegment_output": None})
+    first, second = _wait_for_run(served, run_id), _wait_for_run(served, second_id)
+    assert first.end_time <= second.start_time, (first.start_time, first.end_time, second.start_time)
+    assert registry.list_versions(registry_uri) == ["v0001", "v0002"]
 
     champion = registry.get_champion(registry_uri)
-    assert champion is not None and champion["version"] == "v0001"
+    assert champion is not None and champion["version"] in ("v0001", "v0002")
     assert fsspec.open(champion["checkpoint"]).fs.exists(champion["checkpoint"])
     assert (output / "_SUCCESS").is_file()
     assert pq.read_table(output / "stats").num_rows == 6

@@ -137,6 +137,9 @@ def test_serve_builds_runner_deployments_from_prefect_yaml() -> None:
     [schedule] = deployments["nightly-retrain"].schedules
     assert (schedule.schedule.cron, schedule.schedule.timezone) == ("0 2 * * *", "UTC")
     assert deployments["segment-bucket"].schedules == []
+    nightly = deployments["nightly-retrain"]  # one registry writer at a time: a second run is queued
+    assert (nightly.concurrency_limit, nightly.concurrency_options.collision_strategy) == (1, "ENQUEUE")
+    assert deployments["segment-bucket"].concurrency_limit is None
     assert deployments["segment-bucket"].parameters["output"].startswith("s3://")
     assert deployments["segment-bucket"].entrypoint == "flows.segment_bucket.segment_bucket"
 
