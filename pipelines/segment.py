@@ -20,6 +20,7 @@ import logging
 import math
 import re
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -35,7 +36,7 @@ from pipelines import stats as stats_table
 from pipelines.decode import decode_image
 from pipelines.listing import InputError, list_images
 from pipelines.masks import encode_mask, encode_overlay
-from pipelines.progress import Progress
+from pipelines.progress import LIVE_REFRESH_S, Progress, Tally
 
 logger = logging.getLogger("pipelines.segment")
 
@@ -208,6 +209,7 @@ class Segmenter:
         *,
         model_uri: str,
         storage_options: dict[str, Any],
+        tally: Any,
         device: str,
         precision: str,
         cpu_threads: int,
@@ -234,6 +236,7 @@ class Segmenter:
         self.palette = checkpoint.palette
         self.max_image_pixels = max_image_pixels
         self.overlays = overlays
+        self.tally = tally  # a Tally actor: the driver's progress counts images as they are segmented
         Image.MAX_IMAGE_PIXELS = None  # decode_image applies --max-image-pixels itself, naming the flag
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -263,6 +266,7 @@ class Segmenter:
             for (out, rgb), prediction in zip(decoded, predictions):
                 out["inference_ms"] = inference_ms
                 self._finish(out, rgb, prediction)
+        self.tally.add.remote(len(outs))
         return pa.Table.from_pylist(outs, schema=_ACTOR_OUTPUT_SCHEMA)
 
     def _predict(self, images: list[np.ndarray]) -> list[Any]:
@@ -492,6 +496,7 @@ def _segment_on_ray(
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # our own bar counts images, skips included
+    tally = ray.remote(Tally).options(num_cpus=0).remote()
     sources = pa.Table.from_pylist(todo, schema=pa.schema(_SOURCE_COLUMNS))
     rows_per_block = max(config.batch_size, math.ceil(len(todo) / MAX_INPUT_BLOCKS))
     ds = ray.data.from_arrow([sources.slice(i, rows_per_block) for i in range(0, len(todo), rows_per_block)])
@@ -513,6 +518,7 @@ def _segment_on_ray(
         fn_constructor_kwargs={
             "model_uri": model.uri,
             "storage_options": config.storage_options,
+            "tally": tally,
             "device": "cuda" if use_gpus else "cpu",
             "precision": config.precision,
             "cpu_threads": max(1, int(config.cpus_per_actor)),
@@ -532,17 +538,36 @@ def _segment_on_ray(
     )
     start = time.monotonic()
     progress = Progress(len(todo), live=config.progress)
+    stop = threading.Event()
+    follower = threading.Thread(target=_follow_tally, args=(tally, progress, stop), name="progress", daemon=True)
+    follower.start()
     errors: list[dict[str, str]] = []
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        status = batch["status"].to_pylist()
-        n_ok = status.count(stats_table.STATUS_OK)
-        if len(errors) < ERROR_SAMPLES:
-            for uri, stat, reason in zip(batch["image_uri"].to_pylist(), status, batch["error"].to_pylist()):
-                if stat != stats_table.STATUS_OK and len(errors) < ERROR_SAMPLES:
-                    errors.append({"image_uri": uri, "error": reason})
-        progress.update(n_ok, len(status) - n_ok)
+    try:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            status = batch["status"].to_pylist()
+            n_ok = status.count(stats_table.STATUS_OK)
+            if len(errors) < ERROR_SAMPLES:
+                for uri, stat, reason in zip(batch["image_uri"].to_pylist(), status, batch["error"].to_pylist()):
+                    if stat != stats_table.STATUS_OK and len(errors) < ERROR_SAMPLES:
+                        errors.append({"image_uri": uri, "error": reason})
+            progress.update(n_ok, len(status) - n_ok)
+    finally:
+        stop.set()
+        follower.join()
+        ray.kill(tally)
     progress.close()
     return progress.ok, progress.error, errors, time.monotonic() - start
+
+
+def _follow_tally(tally: Any, progress: Progress, stop: threading.Event) -> None:
+    """Until ``stop`` is set, copy the FCN actors' count of segmented images into ``progress``."""
+    import ray
+
+    while not stop.wait(LIVE_REFRESH_S):
+        try:
+            progress.set_segmented(ray.get(tally.get.remote(), timeout=10))
+        except ray.exceptions.RayError:  # progress is informational: the next poll tries again
+            continue
 
 
 # ---------------------------------------------------------------------------------------------

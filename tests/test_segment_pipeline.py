@@ -226,3 +226,46 @@ def test_storage_options_reach_input_output_and_a_registry_model(
     # Without the options the model is looked up through the environment, and the error names --model.
     with pytest.raises(segment.ConfigError, match="--model"):
         run_segmentation(_config("s3://private/in", "s3://private/out2", "s3://private/registry"))
+
+
+def test_progress_counts_images_as_actors_segment_them(
+    ray_cluster: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The bar follows the FCN actors, not the Parquet parts: with one part for the whole run, it shows
+    the first batch segmented (written 0) while the actor holds the second batch back."""
+    import threading
+
+    import cloudpickle
+
+    release = tmp_path / "release"
+
+    class HoldSecondBatch(segment.Segmenter):
+        calls = 0
+
+        def __call__(self, batch):
+            HoldSecondBatch.calls += 1
+            deadline = time.monotonic() + 120
+            while HoldSecondBatch.calls > 1 and not release.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return super().__call__(batch)
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    monkeypatch.setattr(segment, "Segmenter", HoldSecondBatch)
+    model = tiny_checkpoint(str(tmp_path / "model.pt"), num_classes=NUM_CLASSES)
+    upload(str(tmp_path / "in"), good_images(seed=5, count=9))
+    config = _config(str(tmp_path / "in"), str(tmp_path / "out"), model, progress=True)
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(summary=run_segmentation(config)))
+    thread.start()
+    shown, deadline = "", time.monotonic() + 120
+    try:
+        while "4/9 images (44.4%) | written: ok 0 error 0" not in shown and time.monotonic() < deadline:
+            time.sleep(0.1)
+            shown += capsys.readouterr().err
+    finally:
+        release.touch()
+        thread.join(timeout=300)
+    shown += capsys.readouterr().err
+    assert "4/9 images (44.4%) | written: ok 0 error 0" in shown
+    assert result["summary"].ok == 9
+    assert "9/9 images (100.0%) | written: ok 9 error 0" in shown.split("\r")[-1]

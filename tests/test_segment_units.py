@@ -285,8 +285,22 @@ def test_progress_bar_shows_rate_and_eta() -> None:
     progress.update(3, 1)
     progress.close()
     last = stream.getvalue().split("\r")[-1]
-    assert last.startswith("[#########") and "4/10 images (40.0%) ok 3 error 1" in last
+    assert last.startswith("[#########-") and "4/10 images (40.0%) | written: ok 3 error 1" in last
     assert "img/s" in last and "ETA" in last and last.endswith("\n")
+
+
+def test_progress_counts_segmented_images_ahead_of_written_ones() -> None:
+    from pipelines.progress import Progress
+
+    stream = io.StringIO()
+    progress = Progress(10, live=True, stream=stream)
+    progress.set_segmented(6)
+    progress.set_segmented(5)  # a late poll never moves the bar back
+    progress.close()
+    assert "6/10 images (60.0%) | written: ok 0 error 0" in stream.getvalue().split("\r")[-1]
+    progress.set_segmented(99)  # a batch retried after an actor died is counted twice: clamped
+    progress.update(2, 0)
+    assert (progress.segmented, progress.done) == (10, 2)
 
 
 def test_overlay_tints_objects_and_leaves_background_untouched() -> None:
