@@ -9,7 +9,8 @@ Layout::
 A version's ``metrics.json`` is written after its ``checkpoint.pt``, so a version is complete once it
 has metrics. ``champion.json`` is replaced atomically: on a local disk through a temporary file and
 ``os.replace``, on object stores by a single PUT, so a reader sees the old or the new champion, never
-a partial file. Registration and promotion assume one writer at a time (e.g. one nightly job).
+a partial file. Concurrent registrations get distinct versions (each claims its version by creating
+the checkpoint exclusively); promotion assumes one writer at a time (e.g. one nightly job).
 """
 
 from __future__ import annotations
@@ -69,18 +70,28 @@ def read_version(registry: str, version: str) -> dict[str, Any]:
 
 
 def register_model(registry: str, checkpoint_uri: str, metrics: dict[str, Any]) -> str:
-    """Copy a checkpoint file into the next version ``models/vNNNN/`` with its metrics; return the version."""
+    """Copy a checkpoint file into the next version ``models/vNNNN/`` with its metrics; return the version.
+
+    The version is claimed by creating its checkpoint exclusively (``O_EXCL`` locally, a conditional
+    PUT on S3), so concurrent registrations get distinct versions instead of overwriting each other.
+    """
     if SCORE_METRIC not in metrics:
         raise ValueError(f"metrics must contain {SCORE_METRIC!r} to register a model")
     fs, root = fsspec.core.url_to_fs(registry)
     root = root.rstrip("/")
-    existing = [v for v in (p.rsplit("/", 1)[-1] for p in _listdir(fs, f"{root}/models")) if v[1:].isdigit()]
-    version = f"v{max((int(v[1:]) for v in existing), default=0) + 1:04d}"
-    folder = f"{root}/models/{version}"
-    fs.makedirs(folder, exist_ok=True)
     with fsspec.open(checkpoint_uri, "rb") as src:
         data = src.read()
-    fs.pipe_file(f"{folder}/{CHECKPOINT_FILE}", data)
+    existing = [v for v in (p.rsplit("/", 1)[-1] for p in _listdir(fs, f"{root}/models")) if v[1:].isdigit()]
+    number = max((int(v[1:]) for v in existing), default=0) + 1
+    while True:
+        version = f"v{number:04d}"
+        folder = f"{root}/models/{version}"
+        fs.makedirs(folder, exist_ok=True)
+        try:
+            _create_exclusive(fs, f"{folder}/{CHECKPOINT_FILE}", data)
+            break
+        except FileExistsError:  # another writer claimed this version since the listing
+            number += 1
     fs.pipe_file(f"{folder}/{METRICS_FILE}", json.dumps(metrics, indent=2, sort_keys=True).encode())
     return version
 
@@ -119,6 +130,15 @@ def _listdir(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
         return [p.rstrip("/") for p in fs.ls(path, detail=False)]
     except FileNotFoundError:
         return []
+
+
+def _create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write ``path`` only if it does not exist yet; FileExistsError otherwise."""
+    if isinstance(fs, LocalFileSystem):
+        with open(path, "xb") as f:  # O_CREAT | O_EXCL
+            f.write(data)
+    else:  # S3: a PUT with If-None-Match; other stores: fsspec's check-then-write
+        fs.pipe_file(path, data, mode="create")
 
 
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:

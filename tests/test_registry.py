@@ -54,6 +54,31 @@ def test_register_and_promote_with_margin(registry_uri: str) -> None:
     assert not registry.promote_if_better(registry_uri, v4)  # an undefined score never wins
 
 
+def test_concurrent_registrations_get_distinct_versions(registry_uri: str) -> None:
+    """Writers racing for the next version number: each ends with its own version and its own bytes."""
+    writers = 6
+    sources = [_checkpoint(f"{registry_uri}/src/{i}.pt", f"weights-{i}".encode()) for i in range(writers)]
+    registry.register_model(registry_uri, sources[0], {"mean_iu": 0.1})
+    start = threading.Barrier(writers)
+    versions: dict[int, str] = {}
+
+    def register(i: int) -> None:
+        start.wait()
+        versions[i] = registry.register_model(registry_uri, sources[i], {"mean_iu": 0.2, "writer": i})
+
+    threads = [threading.Thread(target=register, args=(i,)) for i in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(versions.values()) == [f"v{n:04d}" for n in range(2, writers + 2)]
+    for i, version in versions.items():
+        entry = registry.read_version(registry_uri, version)
+        assert entry["metrics"]["writer"] == i
+        with fsspec.open(entry["checkpoint"], "rb") as f:
+            assert f.read() == f"weights-{i}".encode()
+
+
 def test_bad_inputs(tmp_path: Path) -> None:
     uri = str(tmp_path)
     with pytest.raises(ValueError, match="no model version 'v0009'"):
