@@ -145,6 +145,7 @@ def main() -> None:
         **({"cpus_per_actor": args.cpus_per_actor} if args.cpus_per_actor else {}),
     )
     result: dict = {}
+    driver_cpu = time.process_time()  # the driver process also hosts the moto S3 server
     worker = threading.Thread(target=lambda: result.update(summary=run_segmentation(config)))
     worker.start()
     print("RSS samples (MB): t, driver, Ray workers total, largest actor")
@@ -157,15 +158,19 @@ def main() -> None:
               f"{sum(rss_mb(pid) for pid in workers):8.0f}  {max(actors, default=0):7.0f}", flush=True)
         worker.join(args.rss_every)
     summary = result["summary"]
+    driver_cpu = time.process_time() - driver_cpu
 
     bare_after = bare_loop(predictor, sample)
     bare = (bare_before + bare_after) / 2
-    stats = ray.data.read_parquet("s3://bench/out/stats").select_columns(["processed_at", "status"]).to_pandas()
+    stage_columns = ["read_ms", "decode_ms", "inference_ms", "write_ms"]
+    stats = ray.data.read_parquet("s3://bench/out/stats").select_columns(["processed_at", "status", *stage_columns]).to_pandas()
     span = (stats["processed_at"].max() - stats["processed_at"].min()).total_seconds()
     first_batch = (stats["processed_at"] == stats["processed_at"].min()).sum()
     steady = (len(stats) - first_batch) / span if span > 0 else float("nan")
     print(f"bare model loop (after):  {bare_after:.2f} images/s")
     print(f"pipeline: {summary.ok} ok, {summary.error} error in {summary.duration_s:.1f} s")
+    print("mean per image (ms): " + ", ".join(f"{c} {stats[c].mean():.1f}" for c in stage_columns)
+          + f"; bare loop {1000 / bare:.1f}; driver + S3 server CPU {1000 * driver_cpu / len(stats):.1f}")
     print()
     print("| measure | images/s | ratio to bare loop |")
     print("|---|---|---|")
