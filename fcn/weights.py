@@ -101,7 +101,7 @@ def load_backbone(model: ModelT, source: str | Mapping[str, torch.Tensor]) -> Mo
     """Load a torchvision classifier state_dict (path, fsspec URI or mapping) into ``model``'s trunk."""
     state = read_state_dict(source)
     trunk = convolutionalize(model.backbone_family, state)
-    missing = [k for k in model.state_dict() if not k.startswith(("score", "upscore")) and k not in trunk]
+    missing = [k for k in model.state_dict() if k.split(".", 1)[0] in model.layer_names and k not in trunk]
     if missing:
         raise ValueError(f"backbone_weights lacks {model.backbone_family} trunk tensors: {missing[:5]}")
     _assign(model, trunk, "backbone_weights")

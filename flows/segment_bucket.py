@@ -30,7 +30,7 @@ from flows.report import (
     write_text,
 )
 from pipelines.listing import list_images
-from pipelines.segment import DEVICES, SegmentConfig, SegmentSummary, run_segmentation
+from pipelines.segment import DEVICES, PERMANENT_IO_ERRORS, SegmentConfig, SegmentSummary, run_segmentation
 
 Uri = Annotated[str, Field(min_length=1, description="fsspec URI or local path")]
 Device = Literal[DEVICES]  # "auto" | "cpu" | "cuda"
@@ -88,7 +88,7 @@ def is_transient(task_: Any, task_run: Any, state: Any) -> bool:
     """Retry condition: I/O and network errors, but not missing files or permissions."""
     try:
         state.result()
-    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
+    except PERMANENT_IO_ERRORS:
         return False
     except OSError:  # includes ConnectionError and TimeoutError
         return True

@@ -49,7 +49,7 @@ MANIFEST_FILE = "manifest.json"
 SUCCESS_FILE = "_SUCCESS"
 ERROR_SAMPLES = 20
 MAX_INPUT_BLOCKS = 10_000
-_PERMANENT_READ_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+PERMANENT_IO_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)  # never retried
 _REGISTRY_VERSION = re.compile(r"/models/(v\d+)/[^/]+$")
 
 _TYPES = {name: type_ for name, type_, _ in stats_table.FIELDS}
@@ -184,7 +184,7 @@ def read_sources(batch: pa.Table, *, storage_options: dict[str, Any], retries: i
                 result = results.get(path, FileNotFoundError(path))
                 if isinstance(result, bytes):
                     data[i], errors[i] = result, None
-                elif isinstance(result, _PERMANENT_READ_ERRORS):
+                elif isinstance(result, PERMANENT_IO_ERRORS):
                     errors[i] = "read: file not found" if isinstance(result, FileNotFoundError) else f"read: {result}"
                 else:
                     errors[i] = f"read: {type(result).__name__}: {result} (after {attempt + 1} attempts)"
@@ -222,7 +222,7 @@ class Segmenter:
         import fcn
 
         checkpoint = fcn.load_checkpoint(model_uri, storage_options=storage_options)
-        cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+        cuda = device == "cuda"  # the driver resolves "auto" from the cluster's GPUs
         if not cuda:
             torch.set_num_threads(cpu_threads)
         self.cuda = cuda
@@ -451,14 +451,12 @@ def run_segmentation(config: SegmentConfig) -> SegmentSummary:
 def describe_model(uri: str, storage_options: dict[str, Any]) -> ModelInfo:
     """Resolve ``uri`` (a checkpoint, or a registry root: its champion) and read its description."""
     import fcn
-    from fcn.registry import resolve_checkpoint_uri
 
     try:
-        resolved = resolve_checkpoint_uri(uri, storage_options=storage_options)
-        checkpoint = fcn.load_checkpoint(resolved, storage_options=storage_options)
+        checkpoint = fcn.load_checkpoint(uri, storage_options=storage_options)  # resolves a registry's champion
     except (ValueError, OSError) as error:
         raise ConfigError("--model", str(error)) from None
-    fs, path = fsspec.core.url_to_fs(resolved, **storage_options)
+    fs, path = fsspec.core.url_to_fs(checkpoint.uri, **storage_options)
     match = _REGISTRY_VERSION.search(path)
     if match:
         version = match.group(1)

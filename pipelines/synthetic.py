@@ -25,10 +25,10 @@ import numpy as np
 from PIL import Image
 
 from fcn.classes import voc_palette
+from pipelines.datasets import CLASS_NAMES_FILE, IGNORE_LABEL
+from pipelines.masks import encode_mask
 
 SYNTHETIC_CLASSES: tuple[str, ...] = ("background", "disc", "box", "triangle", "ring", "wire")
-CLASS_NAMES_FILE = "class_names.txt"
-IGNORE_LABEL = 255
 
 Shape = tuple[np.ndarray, np.ndarray]  # (membership mask HxW bool, texture HxWx3 float)
 
@@ -63,11 +63,7 @@ def write_synthetic_voc(
         jpg = io.BytesIO()
         Image.fromarray(image).save(jpg, format="JPEG", quality=jpeg_quality)
         fs.pipe_file(f"{root}/JPEGImages/{sample_id}.jpg", jpg.getvalue())
-        mask = Image.frombytes("P", (label.shape[1], label.shape[0]), label.tobytes())
-        mask.putpalette(palette)
-        png = io.BytesIO()
-        mask.save(png, format="PNG")
-        fs.pipe_file(f"{root}/SegmentationClass/{sample_id}.png", png.getvalue())
+        fs.pipe_file(f"{root}/SegmentationClass/{sample_id}.png", encode_mask(label, palette))
     order = np.random.default_rng([seed, num_images, 1]).permutation(num_images)
     num_val = max(1, round(num_images * val_fraction)) if num_images > 1 else 0
     val = sorted(ids[i] for i in order[:num_val])

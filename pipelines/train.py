@@ -662,8 +662,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
     config = TrainConfig(**args)
     try:
-        config.validate()
-        summary = run_training(config)
+        summary = run_training(config)  # validates the config first: ValueError names the option
     except ValueError as exc:
         parser.error(_cli_message(str(exc)))
     except Exception as exc:  # noqa: BLE001  (report, do not dump a traceback on the user)

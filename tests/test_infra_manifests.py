@@ -147,7 +147,9 @@ def test_serve_builds_runner_deployments_from_prefect_yaml() -> None:
 def test_dockerfile_copies_existing_paths_and_checks_imports() -> None:
     text = (INFRA / "docker/Dockerfile").read_text()
     assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:[\w.-]+-runtime-", text, flags=re.M)
-    for line in re.findall(r"^COPY (.+)$", text, flags=re.M):
+    copies = re.findall(r"^COPY (.+)$", text, flags=re.M)
+    assert copies
+    for line in copies:
         *sources, _ = line.split()
         for source in sources:
             assert (ROOT / source).exists(), f"Dockerfile copies missing {source}"

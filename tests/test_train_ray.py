@@ -53,7 +53,7 @@ def test_fcn8s_learns_registers_and_scores_consistently(ray_cluster: None, scene
     for sample_id, reason in BAD.items():
         assert reason in first.skipped[sample_id]
     # A checkpoint in fcn's format and the metrics beside it, every epoch, in the registry's runs/.
-    for epoch in (1, 12):
+    for epoch in range(1, 13):
         folder = f"{reg}/runs/synthetic-8s/epoch-{epoch:04d}"
         metrics = _read_json(f"{folder}/metrics.json")
         assert all(0.0 <= metrics[k] <= 1.0 for k in SCORES) and metrics["world_size"] == 2

@@ -39,8 +39,7 @@ class FCN8s(VGG16FCN):
             output_stride=output_stride,
             learnable_upsampling=learnable_upsampling,
         )
-        self.pool4_scale = AT_ONCE_SCALES["pool4"] if at_once else 1.0
-        self.pool3_scale = AT_ONCE_SCALES["pool3"] if at_once else 1.0
+        self.skip_scales = dict(AT_ONCE_SCALES) if at_once else {}  # staged nets feed the pools unscaled
         self.score_fr = init_score(nn.Conv2d(self.fc7_channels, num_classes, 1))
         self.score_pool4 = init_score(nn.Conv2d(self.pool4_channels, num_classes, 1))
         self.score_pool3 = init_score(nn.Conv2d(self.pool3_channels, num_classes, 1))
@@ -60,11 +59,16 @@ class FCN8s(VGG16FCN):
     def head(self, feats: dict[str, torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
         """Score, fuse, upsample and crop the trunk's ``features`` to an image of ``size``."""
         upscore2 = self.upscore2(self.score_fr(feats["fc7"]))
-        score_pool4 = self.score_pool4(feats["pool4"] * self.pool4_scale)
+        score_pool4 = self.score_pool4(self._skip(feats, "pool4"))
         upscore_pool4 = self.upscore_pool4(fuse(upscore2, score_pool4, self.crops["score_pool4c"]))
-        score_pool3 = self.score_pool3(feats["pool3"] * self.pool3_scale)
+        score_pool3 = self.score_pool3(self._skip(feats, "pool3"))
         fuse_pool3 = fuse(upscore_pool4, score_pool3, self.crops["score_pool3c"])
         return crop_to(self.upscore8(fuse_pool3), self.crops["score"], size)
+
+    def _skip(self, feats: dict[str, torch.Tensor], pool: str) -> torch.Tensor:
+        """A pool's features for its score layer, scaled by the at-once factor if any (no copy otherwise)."""
+        scale = self.skip_scales.get(pool)
+        return feats[pool] if scale is None else feats[pool] * scale
 
 
 def fcn8s_vgg16(
