@@ -1,27 +1,39 @@
-"""Benchmark: end-to-end segmentation throughput from a loopback S3 endpoint vs the bare model loop.
+"""Benchmark: the segmentation job against the bare model and a plain loop doing the same work, in one run.
 
-Starts moto's S3 server on 127.0.0.1, uploads synthetic JPEGs, then in one run:
-  1. bare model loop: ``fcn.Predictor`` over the same images, already decoded, in this process
-     (torch threads = all CPUs), on a sample before and after the pipeline (the mean is used);
-  2. the pipeline: ``run_segmentation`` (S3 -> Ray Data -> FCN actors -> masks + Parquet on S3),
-     while resident memory (RSS) of the driver and of every Ray worker process is sampled.
-Prints images/s of both, their ratio (target >= 0.9), and the RSS samples (should stay flat).
+On ``file://`` (a temporary folder) or loopback S3 (moto's server in its own process), with synthetic JPEGs:
+  1. bare model: ``fcn.Predictor`` over already-decoded images, in this process (torch on all CPUs);
+  2. plain loop: for each image read the bytes, decode, predict (with statistics), encode the PNG mask,
+     write it; one Parquet file at the end: the same work as the job, in one Python thread;
+  3. the job: ``run_segmentation`` on a new local Ray cluster (started inside the run, so end to end
+     includes Ray's start-up), while the CPU time of every process is sampled and grouped: FCN actors,
+     other Ray workers (load/store tasks), Ray's own processes (raylet, GCS, agents), the driver, the
+     S3 server.
+Prints images/s of each (the job: steady state and end to end), their ratios, mean per-image stage
+times from the Parquet rows, and CPU milliseconds per image by process group.
 
-    .venv/bin/python bench/segment_throughput.py            # 2,000 images, 128 px, FCN-8s width 1/16
-    .venv/bin/python bench/segment_throughput.py --images 200 --size 128   # a quick look
+    .venv/bin/python -m bench.segment_throughput --store file --images 1500 --size 128 --width 0.0625
+    .venv/bin/python -m bench.segment_throughput --store file --images 300 --size 256 --width 0.25
+    .venv/bin/python -m bench.segment_throughput --store s3 --images 1500 --size 128 --width 0.0625
+    .venv/bin/python -m bench.segment_throughput --store file --images 5000 --size 8   # CPU outside the network
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import logging
 import os
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+import urllib.request
+from collections import defaultdict
 
 import numpy as np
+
+TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -38,7 +50,7 @@ def synthetic_jpeg(rng: np.random.Generator, size: int) -> bytes:
     draw = ImageDraw.Draw(image)
     for _ in range(6):
         x0, y0 = (int(v) for v in rng.integers(0, size, 2))
-        x1, y1 = x0 + int(rng.integers(8, size // 2)), y0 + int(rng.integers(8, size // 2))
+        x1, y1 = x0 + int(rng.integers(1, max(2, size // 2))), y0 + int(rng.integers(1, max(2, size // 2)))
         shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
         shape((x0, y0, x1, y1), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
     buffer = io.BytesIO()
@@ -46,74 +58,142 @@ def synthetic_jpeg(rng: np.random.Generator, size: int) -> bytes:
     return buffer.getvalue()
 
 
-def rss_mb(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+def start_s3() -> tuple[subprocess.Popen, str]:
+    """moto's S3 server on loopback in its own process (so its CPU is counted apart)."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+                      FSSPEC_S3_ENDPOINT_URL=endpoint, AWS_ENDPOINT_URL=endpoint)
+    return server, endpoint
 
 
-def descendants(root: int) -> dict[int, str]:
-    """{pid: name} of every process below ``root`` (this driver's Ray cluster: gcs, raylet, workers)."""
-    children: dict[int, list[int]] = {}
-    names: dict[int, str] = {}
+def processes() -> dict[int, tuple[int, str, float]]:
+    """{pid: (parent pid, command line, CPU seconds)} of every process."""
+    found = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
+                fields = f.read().rsplit(")", 1)[1].split()
             with open(f"/proc/{entry}/cmdline", "rb") as f:
-                names[int(entry)] = f.read().split(b"\0")[0].decode(errors="replace")[:60]
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    found, stack = {}, [root]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found[child] = names.get(child, "?")
-            stack.append(child)
+        found[int(entry)] = (int(fields[1]), cmdline, (int(fields[11]) + int(fields[12])) / TICKS)
     return found
 
 
-def bare_loop(predictor, images: list[np.ndarray]) -> float:
-    """Images per second of the model alone over already-decoded images."""
+def group_of(pid: int, cmdline: str, me: int, s3_pid: int | None) -> str:
+    if pid == me:
+        return "driver"
+    if pid == s3_pid:
+        return "S3 server"
+    if "MapBatches(Segmenter)" in cmdline:
+        return "FCN actors"
+    if cmdline.startswith("ray::"):
+        return "other Ray workers"
+    return "Ray's own processes"
+
+
+class CpuSampler:
+    """Samples the CPU seconds of this process and everything below it (plus the S3 server) until stopped."""
+
+    def __init__(self, s3_pid: int | None):
+        self.me, self.s3_pid = os.getpid(), s3_pid
+        self.start = self._snapshot()
+        self.latest = dict(self.start)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _snapshot(self) -> dict[int, tuple[str, float]]:
+        procs = processes()
+        children = defaultdict(list)
+        for pid, (ppid, _, _) in procs.items():
+            children[ppid].append(pid)
+        mine, stack = {self.me}, [self.me]
+        while stack:
+            for child in children[stack.pop()]:
+                mine.add(child)
+                stack.append(child)
+        if self.s3_pid:
+            mine.add(self.s3_pid)
+        return {pid: (group_of(pid, procs[pid][1], self.me, self.s3_pid), procs[pid][2]) for pid in mine if pid in procs}
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.5):
+            self.latest.update(self._snapshot())
+
+    def finish(self) -> dict[str, float]:
+        self.stop.set()
+        self.thread.join()
+        self.latest.update(self._snapshot())
+        totals: dict[str, float] = defaultdict(float)
+        for pid, (group, seconds) in self.latest.items():
+            totals[group] += seconds - self.start.get(pid, (group, 0.0))[1]
+        return dict(totals)
+
+
+def bare_model(predictor, images: list[np.ndarray]) -> float:
+    """Images per second of the network alone over already-decoded images."""
     start = time.perf_counter()
     for rgb in images:
-        predictor(rgb, confidence=True)
+        predictor(rgb, statistics=True)
     return len(images) / (time.perf_counter() - start)
+
+
+def plain_loop(predictor, uris: list[str], output: str, palette: list[int]) -> float:
+    """Images per second of a plain Python loop doing the job's work (read, decode, predict with
+    statistics, encode and write the mask; one Parquet file at the end)."""
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.decode import decode_image
+    from pipelines.masks import encode_mask
+
+    fs, root = fsspec.core.url_to_fs(output)
+    rows = []
+    start = time.perf_counter()
+    fs.makedirs(f"{root}/masks", exist_ok=True)
+    for uri in uris:
+        in_fs, path = fsspec.core.url_to_fs(uri)
+        rgb = decode_image(in_fs.cat_file(path), max_pixels=10**8)
+        prediction = predictor(rgb, statistics=True)
+        mask_path = f"{root}/masks/{path.rsplit('/', 1)[-1]}.png"
+        fs.pipe_file(mask_path, encode_mask(prediction.labels, palette))
+        counts = prediction.pixel_counts
+        rows.append({"image_uri": uri, "mask_uri": mask_path, "pixel_counts": counts.tolist(),
+                     "dominant_class": int(counts.argmax()), "mean_confidence": prediction.mean_confidence})
+    with fs.open(f"{root}/stats.parquet", "wb") as f:
+        pq.write_table(pa.Table.from_pylist(rows), f)
+    return len(uris) / (time.perf_counter() - start)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--store", choices=("file", "s3"), default="file")
+    parser.add_argument("--images", type=int, default=1500)
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
     parser.add_argument("--width", type=float, default=1 / 16, help="FCN-8s channel width multiplier")
-    parser.add_argument("--actors", type=int, default=None)
-    parser.add_argument("--cpus-per-actor", type=float, default=None)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--bare-sample", type=int, default=200, help="images per bare-loop measurement")
-    parser.add_argument("--rss-every", type=float, default=10.0, help="seconds between RSS samples")
+    parser.add_argument("--bare-sample", type=int, default=200, help="images per bare-model measurement")
+    parser.add_argument("--batch-size", type=int, default=None, help="the job's --batch-size (default: the job's)")
     args = parser.parse_args()
 
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request log lines
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    os.environ.update(
-        AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
-        FSSPEC_S3_ENDPOINT_URL=endpoint, AWS_ENDPOINT_URL=endpoint,
-    )
+    server, s3_pid = None, None
+    if args.store == "s3":
+        server, _ = start_s3()
+        s3_pid = server.pid
     import fsspec
-    import ray
     import torch
 
     import fcn
@@ -121,64 +201,66 @@ def main() -> None:
     from pipelines.segment import SegmentConfig, run_segmentation
 
     cpus = os.cpu_count() or 1
-    fs = fsspec.filesystem("s3")
-    fs.mkdir("bench")
-    model_uri = "s3://bench/model.pt"
+    root = f"s3://bench-{os.getpid()}" if args.store == "s3" else f"file://{tempfile.mkdtemp(prefix='segbench-')}"
+    fs, root_path = fsspec.core.url_to_fs(root)
+    fs.makedirs(root_path, exist_ok=True)
+    model_uri = f"{root}/model.pt"
     fcn.save_checkpoint(fcn.get_model("fcn8s_vgg16", num_classes=21, width=args.width, geometry="aligned"), model_uri)
     rng = np.random.default_rng(0)
-    files = {f"bench/images/{i // 500:02d}/img{i:05d}.jpg": synthetic_jpeg(rng, args.size) for i in range(args.images)}
+    files = {f"{root_path}/images/{i // 500:02d}/img{i:05d}.jpg": synthetic_jpeg(rng, args.size) for i in range(args.images)}
+    for parent in {path.rsplit("/", 1)[0] for path in files}:
+        fs.makedirs(parent, exist_ok=True)
     fs.pipe(files)
-    print(f"uploaded {len(files)} JPEGs of {args.size}x{args.size} px "
-          f"({sum(map(len, files.values())) / 1e6:.1f} MB) to {endpoint}; {cpus} CPUs")
+    uris = [fs.unstrip_protocol(path) for path in files]
+    print(f"{len(files)} JPEGs of {args.size}x{args.size} px ({sum(map(len, files.values())) / 1e6:.1f} MB) "
+          f"on {args.store}; FCN-8s width {args.width:g}; {cpus} CPUs")
 
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     torch.set_num_threads(cpus)
-    predictor = fcn.Predictor.from_checkpoint(fcn.load_checkpoint(model_uri), device="cpu")
+    checkpoint = fcn.load_checkpoint(model_uri)
+    predictor = fcn.Predictor.from_checkpoint(checkpoint, device="cpu")
     sample = [decode_image(data, max_pixels=10**8) for data in list(files.values())[: args.bare_sample]]
     predictor(sample[0])  # warm-up
-    bare_before = bare_loop(predictor, sample)
-    print(f"bare model loop (before): {bare_before:.2f} images/s over {len(sample)} decoded images")
+    bare = bare_model(predictor, sample)
+    loop = plain_loop(predictor, uris, f"{root}/loop", checkpoint.palette)
+    print(f"bare model {bare:.2f} images/s, plain loop {loop:.2f} images/s")
 
-    config = SegmentConfig(
-        input="s3://bench/images", output="s3://bench/out", model=model_uri, actors=args.actors,
-        batch_size=args.batch_size, progress=False,
-        **({"cpus_per_actor": args.cpus_per_actor} if args.cpus_per_actor else {}),
-    )
-    result: dict = {}
-    driver_cpu = time.process_time()  # the driver process also hosts the moto S3 server
-    worker = threading.Thread(target=lambda: result.update(summary=run_segmentation(config)))
-    worker.start()
-    print("RSS samples (MB): t, driver, Ray workers total, largest actor")
-    started = time.monotonic()
-    while worker.is_alive():
-        procs = descendants(os.getpid())
-        workers = {pid: name for pid, name in procs.items() if name.startswith("ray::")}
-        actors = [rss_mb(pid) for pid, name in workers.items() if "MapWorker" in name]
-        print(f"  {time.monotonic() - started:6.0f}s  {rss_mb(os.getpid()):7.0f}  "
-              f"{sum(rss_mb(pid) for pid in workers):8.0f}  {max(actors, default=0):7.0f}", flush=True)
-        worker.join(args.rss_every)
-    summary = result["summary"]
-    driver_cpu = time.process_time() - driver_cpu
+    config = SegmentConfig(input=f"{root}/images", output=f"{root}/out", model=model_uri, progress=False,
+                           **({"batch_size": args.batch_size} if args.batch_size else {}))
+    sampler = CpuSampler(s3_pid)
+    summary = run_segmentation(config)
+    cpu = sampler.finish()
+    bare_after = bare_model(predictor, sample)
 
-    bare_after = bare_loop(predictor, sample)
-    bare = (bare_before + bare_after) / 2
-    stage_columns = ["read_ms", "decode_ms", "inference_ms", "write_ms"]
-    stats = ray.data.read_parquet("s3://bench/out/stats").select_columns(["processed_at", "status", *stage_columns]).to_pandas()
-    span = (stats["processed_at"].max() - stats["processed_at"].min()).total_seconds()
-    first_batch = (stats["processed_at"] == stats["processed_at"].min()).sum()
-    steady = (len(stats) - first_batch) / span if span > 0 else float("nan")
-    print(f"bare model loop (after):  {bare_after:.2f} images/s")
-    print(f"pipeline: {summary.ok} ok, {summary.error} error in {summary.duration_s:.1f} s")
-    print("mean per image (ms): " + ", ".join(f"{c} {stats[c].mean():.1f}" for c in stage_columns)
-          + f"; bare loop {1000 / bare:.1f}; driver + S3 server CPU {1000 * driver_cpu / len(stats):.1f}")
+    import pyarrow.parquet as pq
+
+    stats = pq.read_table(f"{root_path}/out/stats", filesystem=fs).to_pandas()
+    processed = summary.ok + summary.error
+    print(f"bare model again after the job: {bare_after:.2f} images/s")
+    print(f"job: {summary.ok} ok, {summary.error} error; start-up {summary.startup_s:.1f} s; "
+          f"whole run {summary.duration_s:.1f} s")
+    print("mean per image (ms): " + ", ".join(f"{c} {stats[c].mean():.2f}" for c in ("read_ms", "decode_ms", "inference_ms", "write_ms"))
+          + f"; bare model {1000 / bare:.2f}")
     print()
-    print("| measure | images/s | ratio to bare loop |")
+    print("| measure | images/s | vs plain loop | vs bare model |")
+    print("|---|---|---|---|")
+    print(f"| bare model | {bare:.2f} | {bare / loop:.2f} | 1.00 |")
+    print(f"| plain loop | {loop:.2f} | 1.00 | {loop / bare:.2f} |")
+    print(f"| job, steady state | {summary.images_per_second:.2f} | {summary.images_per_second / loop:.2f} | {summary.images_per_second / bare:.2f} |")
+    print(f"| job, end to end (Ray start-up included) | {summary.end_to_end_images_per_second:.2f} | "
+          f"{summary.end_to_end_images_per_second / loop:.2f} | {summary.end_to_end_images_per_second / bare:.2f} |")
+    print()
+    print("| process group | CPU s | CPU ms per image |")
     print("|---|---|---|")
-    print(f"| bare model loop (mean of before/after) | {bare:.2f} | 1.00 |")
-    print(f"| pipeline end to end (incl. actor start-up) | {summary.images_per_second:.2f} | {summary.images_per_second / bare:.2f} |")
-    print(f"| pipeline steady state (first to last Parquet write) | {steady:.2f} | {steady / bare:.2f} |")
-    ray.shutdown()
-    server.stop()
+    for group in ("FCN actors", "other Ray workers", "Ray's own processes", "driver", "S3 server"):
+        if group in cpu:
+            print(f"| {group} | {cpu[group]:.1f} | {1000 * cpu[group] / processed:.2f} |")
+    total = sum(cpu.values())
+    network = stats["inference_ms"].sum() / 1000 * min(cpus, 2)  # the actor's torch threads in the network
+    print(f"| all | {total:.1f} | {1000 * total / processed:.2f} |")
+    print(f"| all outside the network (all - inference_ms x torch threads) | {total - network:.1f} | "
+          f"{1000 * (total - network) / processed:.2f} |")
+    if server:
+        server.terminate()
 
 
 if __name__ == "__main__":

@@ -1,16 +1,35 @@
-from fcn.models import (  # noqa: F401
-    fcn8s_atonce_vgg16,
-    fcn8s_vgg16,
-    fcn16s_vgg16,
-    fcn32s_alexnet,
-    fcn32s_googlenet,
-    fcn32s_vgg16,
-    get_model,
-)
-from fcn.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint  # noqa: F401
-from fcn.classes import VOC_CLASSES, voc_palette  # noqa: F401
-from fcn.conventions import InputConvention, get_convention  # noqa: F401
-from fcn.image import to_rgb_array  # noqa: F401
-from fcn.losses import cross_entropy  # noqa: F401
-from fcn.metrics import ConfusionMatrix  # noqa: F401
-from fcn.predict import Prediction, Predictor, predict  # noqa: F401
+"""FCNs (Long, Shelhamer, Darrell 2015) in pure PyTorch: models, checkpoints, prediction, metrics.
+
+The public names below are imported on first use, so ``fcn.image`` or ``fcn.classes`` load without
+torch (e.g. in the segmentation job's decoding workers).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "fcn.models": ("fcn8s_atonce_vgg16", "fcn8s_vgg16", "fcn16s_vgg16", "fcn32s_alexnet", "fcn32s_googlenet", "fcn32s_vgg16", "get_model"),
+    "fcn.checkpoint": ("Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"),
+    "fcn.classes": ("VOC_CLASSES", "voc_palette"),
+    "fcn.conventions": ("InputConvention", "get_convention"),
+    "fcn.image": ("to_rgb_array",),
+    "fcn.losses": ("cross_entropy",),
+    "fcn.metrics": ("ConfusionMatrix",),
+    "fcn.predict": ("Prediction", "Predictor", "predict"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'fcn' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_MODULE_OF[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -31,15 +31,20 @@ DECODER_REACH = 64
 """Pixels an output depends on beyond half the trunk's receptive field: the skip/upsampling layers
 (FCN-8s: k4/s2 at stride 32, k4/s2 at stride 16, k16/s8 at stride 8) reach up to 56 px further."""
 
-ImageLike = Image.Image | np.ndarray
+ImageLike = Image.Image | np.ndarray | Tensor
+"""A PIL image, a numpy array (see ``fcn.image.to_rgb_array``), or a ``3xHxW`` uint8 tensor on any
+device (what ``torchvision.io.decode_jpeg`` returns, e.g. decoded on the GPU)."""
 
 
 @dataclass
 class Prediction:
-    """Per-pixel class labels (HxW) and, if requested, the softmax probability of that label."""
+    """Per-pixel class labels (HxW) and, if requested, the softmax probability of that label
+    (``confidence``) and the per-image statistics computed on the device (``statistics``)."""
 
     labels: np.ndarray
     confidence: np.ndarray | None = None
+    pixel_counts: np.ndarray | None = None  # int64 [num_classes]: pixels per label; sums to H*W
+    mean_confidence: float | None = None  # mean over pixels of the winning label's probability
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -103,43 +108,56 @@ class Predictor:
             checkpoint = load_checkpoint(checkpoint)
         return cls(checkpoint.model, input_convention=checkpoint.input_convention, **kwargs)
 
-    def __call__(self, image: ImageLike, *, confidence: bool = False) -> Prediction:
+    def __call__(self, image: ImageLike, *, confidence: bool = False, statistics: bool = False) -> Prediction:
         """Predict one image; tiled if it has more than ``max_pixels`` pixels."""
-        return self.predict_batch([image], confidence=confidence)[0]
+        return self.predict_batch([image], confidence=confidence, statistics=statistics)[0]
 
-    def predict_batch(self, images: list[ImageLike], *, confidence: bool = False) -> list[Prediction]:
-        """Predict several images; small images of equal size share forward passes of <= max_pixels."""
-        arrays = [to_rgb_array(image) for image in images]
-        results: list[Prediction | None] = [None] * len(arrays)
+    def predict_batch(
+        self, images: list[ImageLike], *, confidence: bool = False, statistics: bool = False
+    ) -> list[Prediction]:
+        """Predict several images; small images of equal size share forward passes of <= max_pixels.
+
+        ``confidence`` returns the per-pixel probability of each label; ``statistics`` fills
+        ``pixel_counts`` and ``mean_confidence``, computed on the device (only they leave it).
+        """
+        pixels = [image if isinstance(image, Tensor) else to_rgb_array(image) for image in images]
+        results: list[Prediction | None] = [None] * len(pixels)
         same_size: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for index, rgb in enumerate(arrays):
-            height, width = rgb.shape[:2]
+        for index, image in enumerate(pixels):
+            height, width = _size(image)
             if height * width > self.max_pixels:
-                results[index] = self._predict_tiled(rgb, confidence)
+                results[index] = self._predict_tiled(image, confidence, statistics)
             else:
                 same_size[(height, width)].append(index)
         for (height, width), indices in same_size.items():
             per_pass = max(1, self.max_pixels // (height * width))
             for chunk in (indices[k : k + per_pass] for k in range(0, len(indices), per_pass)):
-                batch = torch.stack([self.convention.to_tensor(arrays[i], self.device) for i in chunk])
-                labels, confidences = self._decode(self._logits(batch), confidence)
+                batch = torch.stack([self.convention.to_tensor(pixels[i], self.device) for i in chunk])
+                outputs = self._decode(self._logits(batch), confidence, statistics)
                 for j, i in enumerate(chunk):
-                    results[i] = Prediction(labels[j], None if confidences is None else confidences[j])
+                    results[i] = outputs[j]
         return results  # type: ignore[return-value]
 
-    def _predict_tiled(self, rgb: np.ndarray, confidence: bool) -> Prediction:
-        height, width = rgb.shape[:2]
+    def _predict_tiled(self, image: np.ndarray | Tensor, confidence: bool, statistics: bool) -> Prediction:
+        height, width = _size(image)
         labels = np.empty((height, width), dtype=self.label_dtype)
         confidences = np.empty((height, width), dtype=np.float32) if confidence else None
+        counts, confidence_sum = np.zeros(self.num_classes, np.int64), 0.0
         for y0, y1, cy0, cy1 in _spans(height, self.tile_size, self.margin):
             for x0, x1, cx0, cx1 in _spans(width, self.tile_size, self.margin):
-                tile = self.convention.to_tensor(rgb[y0:y1, x0:x1], self.device)[None]
+                crop = image[:, y0:y1, x0:x1] if isinstance(image, Tensor) else image[y0:y1, x0:x1]
+                tile = self.convention.to_tensor(crop, self.device)[None]
                 core = self._logits(tile)[..., cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]
-                tile_labels, tile_confidences = self._decode(core, confidence)
-                labels[cy0:cy1, cx0:cx1] = tile_labels[0]
+                [part] = self._decode(core, confidence, statistics)
+                labels[cy0:cy1, cx0:cx1] = part.labels
                 if confidences is not None:
-                    confidences[cy0:cy1, cx0:cx1] = tile_confidences[0]
-        return Prediction(labels, confidences)
+                    confidences[cy0:cy1, cx0:cx1] = part.confidence
+                if statistics:
+                    counts += part.pixel_counts
+                    confidence_sum += part.mean_confidence * part.labels.size
+        if not statistics:
+            return Prediction(labels, confidences)
+        return Prediction(labels, confidences, counts, confidence_sum / labels.size)
 
     def _logits(self, batch: Tensor) -> Tensor:
         """The network's float32 logits for a normalised batch [N, 3, H, W] on the device."""
@@ -148,13 +166,30 @@ class Predictor:
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return self.model(batch).float()
 
-    def _decode(self, logits: Tensor, confidence: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        """Arg-max labels and (optionally) the softmax probability of the arg-max, as numpy arrays."""
+    def _decode(self, logits: Tensor, confidence: bool, statistics: bool) -> list[Prediction]:
+        """One ``Prediction`` per image of ``logits`` [N, C, H, W]: arg-max labels and, as asked, the
+        softmax probability of the arg-max and the statistics (reduced on the device)."""
         top, labels = logits.max(1)  # (much faster than argmax on CPU; same first-maximum ties)
-        labels = labels.to(torch.uint8 if self.label_dtype == np.uint8 else torch.int32).cpu().numpy()
-        if not confidence:
-            return labels, None
-        return labels, torch.exp(top - logits.logsumexp(1)).cpu().numpy()
+        labels = labels.to(torch.uint8 if self.label_dtype == np.uint8 else torch.int32)
+        probability = torch.exp(top - logits.logsumexp(1)) if confidence or statistics else None
+        counts = means = None
+        if statistics:
+            n, classes = len(labels), self.num_classes
+            offsets = torch.arange(n, device=labels.device).mul_(classes).view(n, 1)
+            flat = labels.flatten(1).long().add_(offsets)  # image j's label c counts in bin j*C + c
+            counts = torch.bincount(flat.flatten(), minlength=n * classes).view(n, classes).cpu().numpy()
+            means = probability.flatten(1).double().mean(1).cpu().tolist()
+        labels_np = labels.cpu().numpy()
+        probability_np = probability.cpu().numpy() if confidence else None
+        return [
+            Prediction(
+                labels_np[j],
+                None if probability_np is None else probability_np[j],
+                None if counts is None else counts[j],
+                None if means is None else means[j],
+            )
+            for j in range(len(labels_np))
+        ]
 
 
 def predict(
@@ -166,6 +201,15 @@ def predict(
     else:
         predictor = Predictor.from_checkpoint(model, **kwargs)
     return predictor(image, confidence=confidence)
+
+
+def _size(image: np.ndarray | Tensor) -> tuple[int, int]:
+    """(height, width) of an ``HxWx3`` array or a ``3xHxW`` tensor."""
+    if isinstance(image, Tensor):
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"image tensors must be 3xHxW uint8 RGB, got shape {tuple(image.shape)}")
+        return int(image.shape[1]), int(image.shape[2])
+    return int(image.shape[0]), int(image.shape[1])
 
 
 def _round_up(value: int, multiple: int) -> int:

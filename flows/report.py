@@ -69,7 +69,8 @@ class RunReport:
     ok: int
     error: int
     skipped: int
-    images_per_second: float
+    images_per_second: float  # steady state
+    startup_s: float  # Ray start-up and model loading, before the first segmented batch
     distribution: ClassDistribution
     palette: list[int]
     links: dict[str, str] = field(default_factory=dict)
@@ -113,7 +114,7 @@ def markdown_summary(report: RunReport) -> str:
         f"| error | {report.error} |",
         f"| skipped (already done) | {report.skipped} |",
         "",
-        f"**Throughput:** {report.images_per_second:.2f} images/s  ",
+        f"**Throughput:** {report.images_per_second:.2f} images/s steady state, after {report.startup_s:.1f} s of start-up  ",
         f"**Model:** `{report.model}`",
         "",
         "## Class distribution",
@@ -241,7 +242,8 @@ def html_report(report: RunReport, gallery: list[GalleryItem]) -> str:
 <html lang="en"><head><meta charset="utf-8"><title>{esc(report.title)}</title><style>{_CSS}</style></head>
 <body>
 <h1>{esc(report.title)}</h1>
-<p>Model <code>{esc(report.model)}</code> &middot; {report.images_per_second:.2f} images/s</p>
+<p>Model <code>{esc(report.model)}</code> &middot; {report.images_per_second:.2f} images/s steady state
+(start-up {report.startup_s:.1f} s)</p>
 <table><tr><th>status</th><th>images</th></tr>
 <tr><td>ok</td><td>{report.ok}</td></tr><tr><td>error</td><td>{report.error}</td></tr>
 <tr><td>skipped (already done)</td><td>{report.skipped}</td></tr></table>

@@ -30,11 +30,16 @@ from flows.report import (
     write_text,
 )
 from pipelines.listing import list_images
-from pipelines.segment import DEVICES, PERMANENT_IO_ERRORS, SegmentConfig, SegmentSummary, run_segmentation
+from pipelines.segment import DEVICES, PERMANENT_IO_ERRORS, PRECISIONS, SegmentConfig, SegmentSummary, run_segmentation
 
+# The job's parameters: defaults and descriptions come from SegmentConfig, the single source of both.
+DEFAULT = SegmentConfig.default
 Uri = Annotated[str, Field(min_length=1, description="fsspec URI or local path")]
-Device = Literal[DEVICES]  # "auto" | "cpu" | "cuda"
-Actors = Annotated[int | None, Field(ge=1, description="FCN actors (default: one per GPU, else sized to the CPUs)")]
+Device = Annotated[Literal[DEVICES], Field(description=SegmentConfig.metadata("device")["help"])]
+Precision = Annotated[Literal[PRECISIONS], Field(description=SegmentConfig.metadata("precision")["help"])]
+Actors = Annotated[int | None, Field(ge=1, description=SegmentConfig.metadata("actors")["help"])]
+BatchSize = Annotated[int, Field(ge=1, description=SegmentConfig.metadata("batch_size")["help"])]
+Overlays = Annotated[bool, Field(description=SegmentConfig.metadata("overlays")["help"])]
 GallerySize = Annotated[int, Field(ge=0, le=200, description="image/mask overlays in report.html")]
 StorageOptions = Annotated[
     dict[str, Any] | None,
@@ -59,6 +64,9 @@ class SegmentBucketParams(BaseModel):
     ray_address: str | None
     actors: Actors
     device: Device
+    precision: Precision
+    batch_size: BatchSize
+    overlays: Overlays
     gallery_size: GallerySize
     storage_options: StorageOptions
 
@@ -76,6 +84,9 @@ class SegmentBucketParams(BaseModel):
             ray_address=self.ray_address,
             actors=self.actors,
             device=self.device,
+            precision=self.precision,
+            batch_size=self.batch_size,
+            overlays=self.overlays,
             storage_options=self.fs_options,
         )
 
@@ -120,8 +131,9 @@ def segment(params: SegmentBucketParams) -> SegmentSummary:
     """Run the Ray segmentation job; a retry resumes (images already done are skipped)."""
     summary = run_segmentation(params.segment_config())
     get_run_logger().info(
-        "segmented: %d ok, %d error, %d skipped, %.2f images/s",
-        summary.ok, summary.error, summary.skipped, summary.images_per_second,
+        "segmented: %d ok, %d error, %d skipped; start-up %.1f s, steady state %.2f images/s, end to end %.2f images/s",
+        summary.ok, summary.error, summary.skipped, summary.startup_s, summary.images_per_second,
+        summary.end_to_end_images_per_second,
     )
     return summary
 
@@ -160,6 +172,7 @@ def publish(params: SegmentBucketParams, summary: SegmentSummary, stats: pa.Tabl
         error=summary.error,
         skipped=summary.skipped,
         images_per_second=summary.images_per_second,
+        startup_s=summary.startup_s,
         distribution=ClassDistribution.from_stats(stats, class_names),
         palette=palette,
         links={
@@ -194,9 +207,12 @@ def segment_bucket(
     input: Uri,
     output: Uri,
     model: Uri,
-    ray_address: str | None = None,
-    actors: Actors = None,
-    device: Device = "auto",
+    ray_address: str | None = DEFAULT("ray_address"),
+    actors: Actors = DEFAULT("actors"),
+    device: Device = DEFAULT("device"),
+    precision: Precision = DEFAULT("precision"),
+    batch_size: BatchSize = DEFAULT("batch_size"),
+    overlays: Overlays = DEFAULT("overlays"),
     gallery_size: GallerySize = 12,
     storage_options: StorageOptions = None,
 ) -> dict[str, Any]:
@@ -219,6 +235,8 @@ def segment_bucket(
         "error": summary.error,
         "skipped": summary.skipped,
         "images_per_second": summary.images_per_second,
+        "startup_s": summary.startup_s,
+        "end_to_end_images_per_second": summary.end_to_end_images_per_second,
         "model": summary.model,
         "output": params.output,
         "masks": summary.masks_uri,

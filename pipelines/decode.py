@@ -1,4 +1,9 @@
-"""Decode encoded image bytes into the displayed RGB pixels, with readable reasons for bad files."""
+"""Decode encoded image bytes into the displayed RGB pixels, with readable reasons for bad files.
+
+``decode_image`` decodes on the CPU (Pillow). ``device_jpeg_orientation`` picks the JPEGs that a GPU
+actor can decode itself (``torchvision.io.decode_jpeg(device="cuda")``, nvJPEG); ``orient`` applies
+their EXIF orientation there, since nvJPEG ignores it.
+"""
 
 from __future__ import annotations
 
@@ -10,18 +15,17 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fcn.image import to_rgb_array
 
+EXIF_ORIENTATION = 0x0112
+DEVICE_JPEG_MODES = frozenset({"RGB", "L"})  # YCbCr and greyscale JPEGs; CMYK/YCCK go through Pillow
+
 
 class DecodeError(ValueError):
     """The bytes are not a decodable image (the message is the reason written to the stats row)."""
 
 
-def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
-    """Return the image in ``data`` as an ``HxWx3`` uint8 RGB array in its displayed orientation.
-
-    The EXIF orientation is applied (so masks line up with what viewers show) and any PIL mode is
-    converted by ``fcn.image.to_rgb_array``. Images whose header declares more than ``max_pixels``
-    pixels are refused before any pixel is decoded (decompression-bomb guard).
-    """
+def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Open ``data`` lazily (header only) and refuse it, with a reason, if it is empty, not an image, or
+    declares more than ``max_pixels`` pixels (decompression-bomb guard, before any pixel is decoded)."""
     if not data:
         raise DecodeError("empty file (0 bytes)")
     try:
@@ -38,6 +42,16 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
             f"decompression bomb refused: header declares {width}x{height} = {width * height:,} pixels, "
             f"more than the limit of {max_pixels:,} (--max-image-pixels)"
         )
+    return image
+
+
+def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
+    """Return the image in ``data`` as an ``HxWx3`` uint8 RGB array in its displayed orientation.
+
+    The EXIF orientation is applied (so masks line up with what viewers show) and any PIL mode is
+    converted by ``fcn.image.to_rgb_array``. See ``open_image`` for what is refused.
+    """
+    image = open_image(data, max_pixels=max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -45,4 +59,37 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
             image = ImageOps.exif_transpose(image)
         return to_rgb_array(image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        width, height = image.size
         raise DecodeError(f"cannot decode {image.format or 'image'} {width}x{height} mode {image.mode}: {error}") from None
+
+
+def device_jpeg_orientation(data: bytes, *, max_pixels: int) -> int | None:
+    """The EXIF orientation (1-8) of ``data`` if it is a JPEG that can be decoded on the device
+    (colour or grey), else None (decode it with ``decode_image``). Refuses bad data like ``open_image``."""
+    image = open_image(data, max_pixels=max_pixels)
+    if image.format != "JPEG" or image.mode not in DEVICE_JPEG_MODES:
+        return None
+    try:
+        orientation = int(image.getexif().get(EXIF_ORIENTATION, 1))
+    except (OSError, ValueError, SyntaxError):  # unreadable EXIF: Pillow's exif_transpose would fail too
+        return None
+    return orientation if 1 <= orientation <= 8 else 1
+
+
+def orient(pixels, orientation: int):  # noqa: ANN001, ANN201 - torch.Tensor in and out (torch imported lazily)
+    """Apply EXIF ``orientation`` to a ``CxHxW`` tensor as ``PIL.ImageOps.exif_transpose`` does."""
+    if orientation == 2:
+        return pixels.flip(2)
+    if orientation == 3:
+        return pixels.flip(1, 2)
+    if orientation == 4:
+        return pixels.flip(1)
+    if orientation == 5:
+        return pixels.transpose(1, 2)
+    if orientation == 6:
+        return pixels.transpose(1, 2).flip(2)
+    if orientation == 7:
+        return pixels.transpose(1, 2).flip(1, 2)
+    if orientation == 8:
+        return pixels.transpose(1, 2).flip(1)
+    return pixels

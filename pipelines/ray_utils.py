@@ -17,4 +17,8 @@ def connect(address: str | None) -> None:
         return
     # "local" starts a new local cluster; plain ray.init() would attach to any cluster that
     # `ray start` left running on this machine.
-    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:  # an embedded cluster for this run: no dashboard (seconds of start-up and a share of a core)
+        ray.init(address="local", include_dashboard=False)

@@ -60,6 +60,7 @@ def _report(stats: pa.Table, ok: int, errors: int) -> RunReport:
         error=errors,
         skipped=1,
         images_per_second=3.5,
+        startup_s=6.25,
         distribution=ClassDistribution.from_stats(stats, CLASSES),
         palette=voc_palette(),
         links={"masks": "file:///out/masks", "HTML report": "file:///out/report.html"},
@@ -82,7 +83,7 @@ def test_markdown_summary_has_counts_table_and_links(tmp_path: Path) -> None:
     stats = _stats(tmp_path, ok=5, errors=2)
     text = markdown_summary(_report(stats, ok=5, errors=2))
     assert "| ok | 5 |" in text and "| error | 2 |" in text and "| skipped (already done) | 1 |" in text
-    assert "3.50 images/s" in text
+    assert "3.50 images/s steady state, after 6.2 s of start-up" in text
     dist = ClassDistribution.from_stats(stats, CLASSES)
     table_rows = re.findall(r"^\| (\w+) \| (\d+) \| ([\d.]+)% \| (\d+) \|$", text, flags=re.M)
     assert {name: int(px) for name, px, _, _ in table_rows} == {

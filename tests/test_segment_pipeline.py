@@ -21,6 +21,7 @@ from PIL import Image
 
 import fcn
 from pipelines import segment
+from pipelines.segment import stages
 from pipelines.segment import SegmentConfig, run_segmentation
 from segment_cases import awkward_images, displayed, good_images, tiny_checkpoint, upload
 
@@ -120,7 +121,7 @@ def test_local_folder_manifest_overlays_and_an_actor_killed_mid_run(
     marker = tmp_path / "crash-once"
     marker.touch()
 
-    class CrashOnce(segment.Segmenter):
+    class CrashOnce(stages.Segmenter):
         def __call__(self, batch):
             try:
                 os.remove(marker)
@@ -129,7 +130,7 @@ def test_local_folder_manifest_overlays_and_an_actor_killed_mid_run(
             os._exit(1)
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import test modules
-    monkeypatch.setattr(segment, "Segmenter", CrashOnce)
+    monkeypatch.setattr(stages, "Segmenter", CrashOnce)
     model = tiny_checkpoint(str(tmp_path / "model.pt"), num_classes=NUM_CLASSES)
     files = good_images(seed=3, count=9)
     upload(str(tmp_path / "in"), files)
@@ -239,7 +240,7 @@ def test_progress_counts_images_as_actors_segment_them(
 
     release = tmp_path / "release"
 
-    class HoldSecondBatch(segment.Segmenter):
+    class HoldSecondBatch(stages.Segmenter):
         calls = 0
 
         def __call__(self, batch):
@@ -250,7 +251,7 @@ def test_progress_counts_images_as_actors_segment_them(
             return super().__call__(batch)
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    monkeypatch.setattr(segment, "Segmenter", HoldSecondBatch)
+    monkeypatch.setattr(stages, "Segmenter", HoldSecondBatch)
     model = tiny_checkpoint(str(tmp_path / "model.pt"), num_classes=NUM_CLASSES)
     upload(str(tmp_path / "in"), good_images(seed=5, count=9))
     config = _config(str(tmp_path / "in"), str(tmp_path / "out"), model, progress=True)

@@ -232,7 +232,7 @@ def test_cli_bad_parameter_in_a_real_process_has_no_traceback(tmp_path: Path) ->
 
 
 def test_read_sources_fetches_bytes_and_turns_missing_files_into_error_rows(folder: Path) -> None:
-    from pipelines.segment import read_sources
+    from pipelines.segment.stages import read_sources
 
     present = f"file://{folder}/photos/day/img0_1.png"
     batch = pa.table({"image_uri": [present, f"file://{folder}/gone.jpg"], "key": ["a", "b"]})
@@ -247,7 +247,7 @@ def test_read_sources_retries_transient_server_errors() -> None:
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from pipelines.segment import read_sources
+    from pipelines.segment.stages import read_sources
 
     seen: set[str] = set()
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torchvision
 from torch import nn
 
 from fcn.models._common import FCNTrunk, SingleStreamHead, conv1_padding, fc6_padding, scaled
@@ -46,8 +45,10 @@ class FCNAlexNet(SingleStreamHead, FCNTrunk):
             output_stride=output_stride,
             learnable_upsampling=learnable_upsampling,
         )
+        from torchvision.models import alexnet  # imported here: torchvision takes seconds
+
         with torch.device("meta"):
-            template = torchvision.models.alexnet(weights=None)
+            template = alexnet(weights=None)
         in_channels, conv = 3, 0
         for layer in template.features:
             if isinstance(layer, nn.Conv2d):

@@ -11,9 +11,7 @@ receptive field is smaller than the paper's 907 pixels (which also counts the av
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch import nn
-from torchvision.models.googlenet import BasicConv2d, Inception
 
 from fcn.models._common import FCNTrunk, SingleStreamHead, conv1_padding, scaled
 from fcn.weights import load_backbone
@@ -46,8 +44,10 @@ class FCNGoogLeNet(SingleStreamHead, FCNTrunk):
             output_stride=output_stride,
             learnable_upsampling=learnable_upsampling,
         )
+        from torchvision.models.googlenet import BasicConv2d, Inception, googlenet  # imported here: torchvision takes seconds
+
         with torch.device("meta"):
-            template = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=False)
+            template = googlenet(weights=None, aux_logits=False, init_weights=False)
         in_channels = 3
         for name, block in template.named_children():
             if name == "avgpool":
@@ -88,6 +88,8 @@ class FCNGoogLeNet(SingleStreamHead, FCNTrunk):
 
     def _geometry_layers(self, names: list[str]) -> list[nn.Module]:
         """A BasicConv2d acts as its conv; an Inception block as its widest (1x1 then 3x3) branch."""
+        from torchvision.models.googlenet import BasicConv2d, Inception
+
         layers = []
         for name in names:
             block = getattr(self, name)

@@ -1,0 +1,5 @@
+import sys
+
+from pipelines.segment.cli import main
+
+sys.exit(main())

@@ -1,0 +1,86 @@
+"""The segmentation job's configuration: one dataclass holds every default, its validation and the
+help text that the CLI flags (``cli.py``) and the ``segment-bucket`` flow's parameters are made from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+class ConfigError(ValueError):
+    """A bad parameter; ``param`` names the CLI flag. The CLI shows it without a traceback (exit 2)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+def _option(default: Any, help: str, **extra: Any) -> Any:
+    """A config field whose metadata carries its help text (CLI flag and flow parameter alike)."""
+    factory = {"default_factory": default} if callable(default) else {"default": default}
+    return field(**factory, metadata={"help": help, **extra})
+
+
+@dataclass
+class SegmentConfig:
+    """Parameters of one segmentation run; each field is a CLI flag (``--batch-size`` for ``batch_size``)."""
+
+    input: str = _option("", "prefix/folder, glob, or manifest file (one image URI per line); any fsspec URI", required=True)
+    output: str = _option("", "output URI (masks/, stats/, manifest.json, _SUCCESS)", required=True)
+    model: str = _option("", "checkpoint URI, or a model registry root (its champion is used)", required=True)
+    ray_address: str | None = _option(None, "Ray cluster address (default: RAY_ADDRESS, else a new local cluster)")
+    actors: int | None = _option(None, "FCN actors (default: one per GPU, else one per --cpus-per-actor CPUs)")
+    cpus_per_actor: float = _option(2.0, "CPUs (= torch threads) per CPU actor")
+    device: str = _option("auto", "auto: CUDA if the cluster has GPUs", choices=DEVICES)
+    precision: str = _option("auto", "auto: bf16 autocast + channels_last on CUDA, fp32 on CPU", choices=PRECISIONS)
+    batch_size: int = _option(16, "images per forward pass of an FCN actor (equal sizes are stacked)")
+    block_rows: int = _option(256, "most images per Ray Data block, i.e. per read/decode task")
+    block_megabytes: float = _option(32.0, "most encoded source megabytes per block")
+    gpu_decode: bool = _option(True, "CUDA actors decode baseline JPEGs on the GPU (nvJPEG); others decode on CPU workers")
+    overlays: bool = _option(False, "also write colour overlays to <output>/overlays/<key>.jpg")
+    storage_options: dict[str, Any] = _option(dict, 'fsspec options for --input, --output and --model, as JSON, e.g. \'{"endpoint_url": "http://minio:9000"}\'', metavar="JSON")
+    max_image_pixels: int = _option(100_000_000, "refuse images whose header declares more pixels")
+    rows_per_file: int = _option(256, "stats rows per Parquet part file")
+    read_retries: int = _option(3, "retries of a failed read")
+    progress: bool | None = _option(None, "live progress bar (default: when stderr is a terminal)")
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad parameter."""
+        for name in ("input", "output", "model"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise ConfigError(flag(name), "must be a non-empty URI or path")
+        for name in ("device", "precision"):
+            choices = self.metadata(name)["choices"]
+            if getattr(self, name) not in choices:
+                raise ConfigError(flag(name), f"must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        for name in ("actors", "cpus_per_actor", "batch_size", "block_rows", "block_megabytes", "max_image_pixels", "rows_per_file"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ConfigError(flag(name), f"must be > 0, got {value}")
+        if not isinstance(self.read_retries, int) or self.read_retries < 0:
+            raise ConfigError(flag("read_retries"), f"must be >= 0, got {self.read_retries}")
+        if not isinstance(self.storage_options, dict):
+            raise ConfigError(flag("storage_options"), "must be a JSON object")
+
+    @classmethod
+    def metadata(cls, name: str) -> dict[str, Any]:
+        """The CLI metadata (help, choices, ...) of field ``name``."""
+        return dict(_FIELDS[name].metadata)
+
+    @classmethod
+    def default(cls, name: str) -> Any:
+        """The default value of field ``name`` (a fresh one for mutable defaults)."""
+        spec = _FIELDS[name]
+        return spec.default_factory() if callable(spec.default_factory) else spec.default
+
+
+def flag(name: str) -> str:
+    """The CLI flag of config field ``name``: ``batch_size`` -> ``--batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
+_FIELDS = {spec.name: spec for spec in fields(SegmentConfig)}

@@ -1,0 +1,308 @@
+"""The segmentation job's driver: list, decide what is done, stream the rest through Ray Data, compact
+the statistics, then write ``manifest.json`` and, last, ``_SUCCESS``.
+
+A rerun into the same output skips images whose newest row is ``ok`` for the same source and model.
+Every listed image ends with exactly one stats row.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+
+from pipelines import stats as stats_table
+from pipelines.listing import InputError, list_images
+from pipelines.progress import LIVE_REFRESH_S, Progress, Tally
+from pipelines.ray_utils import connect
+from pipelines.segment import stages
+from pipelines.segment.config import ConfigError, SegmentConfig, flag
+from pipelines.segment.model import ModelInfo, checkpoint_exists, describe_model
+
+logger = logging.getLogger("pipelines.segment")
+
+MANIFEST_FILE = "manifest.json"
+SUCCESS_FILE = "_SUCCESS"
+ERROR_SAMPLES = 20
+BLOCKS_PER_ACTOR = 4  # at least this many input blocks per FCN actor (while blocks hold >= batch_size rows)
+
+
+@dataclass
+class SegmentSummary:
+    """What a run did; also written (with the config) to ``<output>/manifest.json``."""
+
+    run_id: str
+    input: str
+    output: str
+    model: str  # "<architecture> <version>"
+    model_id: str  # the checkpoint file used (a registry's champion resolved at the start)
+    model_version: str
+    listed: int
+    ok: int
+    error: int
+    skipped: int
+    duration_s: float  # the whole run: listing, Ray start-up, pipeline, compaction, manifest
+    startup_s: float  # from the start of the run to the first segmented batch (Ray, actors, model loading)
+    images_per_second: float  # steady state: images segmented from the first segmented batch to the last
+    end_to_end_images_per_second: float  # images processed (ok + error) per second of the whole run
+    stats_uri: str
+    masks_uri: str
+    manifest_uri: str
+    success_uri: str
+    errors: list[dict[str, str]] = field(default_factory=list)  # the first few {image_uri, error}
+
+
+@dataclass
+class _RayRun:
+    """What the Ray part of a run reports back to ``run_segmentation``."""
+
+    ok: int = 0
+    error: int = 0
+    errors: list[dict[str, str]] = field(default_factory=list)
+    first_segmented: float | None = None  # time.monotonic() of the first and last segmented batch
+    last_segmented: float | None = None
+    first_count: int = 0  # images in the first segmented batch(es) seen
+    segmented: int = 0
+
+
+def run_segmentation(config: SegmentConfig) -> SegmentSummary:
+    """Run one segmentation job (see the module docstring). Raises ConfigError for bad parameters."""
+    config.validate()
+    clock = time.monotonic()
+    started = datetime.now(timezone.utc)
+    run_id = f"{started:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+    so = config.storage_options
+    out_fs, out_root = fsspec.core.url_to_fs(config.output, **so)
+    out_root = out_root.rstrip("/")
+    output = out_fs.unstrip_protocol(out_root)
+    stats_uri, masks_uri = f"{output}/{stages.STATS_DIR}", f"{output}/{stages.MASKS_DIR}"
+    success_path = f"{out_root}/{SUCCESS_FILE}"
+    if not checkpoint_exists(config.model, so):
+        describe_model(config.model, so)  # raises the ConfigError that names --model
+    try:
+        listing = list_images(config.input, so, exclude=output)
+    except InputError as error:
+        raise ConfigError(flag("input"), str(error)) from None
+    except (OSError, ValueError) as error:
+        raise ConfigError(flag("input"), f"cannot list {config.input}: {type(error).__name__}: {error}") from None
+
+    def plan() -> tuple[ModelInfo, set[str]]:
+        """The model's description and the keys already done (on a thread, while Ray starts)."""
+        import ray.data  # noqa: F401 - a second of imports, also done while Ray starts
+
+        model = describe_model(config.model, so)  # imports torch: seconds
+        if out_fs.exists(success_path):
+            out_fs.rm_file(success_path)  # a stale marker must not vouch for this run's partial output
+        return model, stats_table.done_keys(stats_table.read_state(stats_uri, so), listing.images, model.uri, model.version)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="plan") as pool:
+        planned = pool.submit(plan)
+        connect(config.ray_address)  # here: Ray ties its processes' lives to the thread that starts them
+        model, done = planned.result()
+    todo = [image for image in listing.images if image["key"] not in done]
+    logger.info(
+        "run %s: %d images at %s (%s), %d already done, %d to segment with %s",
+        run_id, len(listing.images), listing.prefix or config.input, listing.kind, len(done), len(todo), model.label,
+    )
+    ray_run = _segment_on_ray(config, todo, output, run_id, model) if todo else _RayRun()
+
+    state = stats_table.compact(stats_uri, so)
+    missing = {image["key"] for image in listing.images} - set(state["key"].to_pylist())
+    if missing:
+        raise RuntimeError(f"{len(missing)} images have no stats row after the run (e.g. {sorted(missing)[:3]})")
+    duration = time.monotonic() - clock
+    summary = SegmentSummary(
+        run_id=run_id,
+        input=config.input,
+        output=output,
+        model=model.label,
+        model_id=model.uri,
+        model_version=model.version,
+        listed=len(listing.images),
+        ok=ray_run.ok,
+        error=ray_run.error,
+        skipped=len(done),
+        duration_s=round(duration, 3),
+        startup_s=round(ray_run.first_segmented - clock, 3) if ray_run.first_segmented else 0.0,
+        images_per_second=round(_steady_rate(ray_run), 3),
+        end_to_end_images_per_second=round((ray_run.ok + ray_run.error) / duration, 3) if todo else 0.0,
+        stats_uri=stats_uri,
+        masks_uri=masks_uri,
+        manifest_uri=f"{output}/{MANIFEST_FILE}",
+        success_uri=f"{output}/{SUCCESS_FILE}",
+        errors=ray_run.errors,
+    )
+    manifest = {
+        **asdict(summary),
+        "started_at": started.isoformat(timespec="seconds"),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "inputs": {"uri": config.input, "prefix": listing.prefix, "kind": listing.kind, "ignored_files": listing.ignored},
+        "model_arch": model.arch,
+        "class_names": model.class_names,
+        "stats_rows": state.num_rows,
+        "config": {k: v for k, v in asdict(config).items() if k != "storage_options"},
+    }
+    stats_table.write_atomic(out_fs, f"{out_root}/{MANIFEST_FILE}", json.dumps(manifest, indent=2, default=str).encode())
+    stats_table.write_atomic(out_fs, success_path, json.dumps({"run_id": run_id}).encode())
+    logger.info(
+        "run %s finished: %d ok, %d error, %d skipped; start-up %.1f s, steady state %.2f images/s, end to end %.2f images/s",
+        run_id, summary.ok, summary.error, summary.skipped, summary.startup_s, summary.images_per_second,
+        summary.end_to_end_images_per_second,
+    )
+    return summary
+
+
+def _steady_rate(run: _RayRun) -> float:
+    """Images per second between the first and the last segmented batch (the images of the first
+    batch are not counted: their time is start-up); 0 when too few batches were seen."""
+    if run.first_segmented is None or run.last_segmented is None or run.last_segmented <= run.first_segmented:
+        return 0.0
+    return (run.segmented - run.first_count) / (run.last_segmented - run.first_segmented)
+
+
+def plan_blocks(sources: pa.Table, *, rows: int, megabytes: float, min_blocks: int) -> list[pa.Table]:
+    """Cut the listing into input blocks (one load task each) of at most ``rows`` images and
+    ``megabytes`` of source bytes, and into at least ``min_blocks`` blocks when there are enough rows."""
+    total = sources.num_rows
+    rows = max(1, min(rows, math.ceil(total / max(min_blocks, 1))))
+    limit = megabytes * 1e6
+    sizes = [size or 0 for size in sources["source_size"].to_pylist()]
+    blocks, start, used = [], 0, 0.0
+    for i, size in enumerate(sizes):
+        if i > start and (i - start >= rows or used + size > limit):
+            blocks.append(sources.slice(start, i - start))
+            start, used = i, 0.0
+        used += size
+    if start < total:
+        blocks.append(sources.slice(start, total - start))
+    return blocks
+
+
+def _segment_on_ray(
+    config: SegmentConfig, todo: list[dict[str, Any]], output: str, run_id: str, model: ModelInfo
+) -> _RayRun:
+    """Stream ``todo`` through the Ray Data pipeline of ``stages``."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    if config.device == "cuda" and not gpus:
+        raise ConfigError(flag("device"), "cuda requested but the Ray cluster has no GPUs")
+    use_gpus = gpus > 0 and config.device != "cpu"
+    actors = config.actors or (gpus if use_gpus else max(1, int(resources.get("CPU", 1) // config.cpus_per_actor)))
+    # CPU stages (actor pools: workers that stay, with their imports done once): on GPU clusters one
+    # CPU per worker, scaled up to the CPUs the GPU actors leave; on CPU clusters the FCN actors hold
+    # the CPUs (their torch threads) and one light worker per stage and FCN actor runs beside them.
+    spare_cpus = max(1, int(resources.get("CPU", 1)) - actors)
+    cpu_stage = (
+        {"num_cpus": 1, "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=spare_cpus)}
+        if use_gpus
+        else {"num_cpus": 0, "compute": ray.data.ActorPoolStrategy(size=actors)}
+    )
+    schema = stats_table.stats_schema(model.class_names, model.palette, {"uri": model.uri, "version": model.version, "arch": model.arch})
+    sources = pa.Table.from_pylist(todo, schema=stages.SOURCE_SCHEMA)
+    blocks = plan_blocks(sources, rows=config.block_rows, megabytes=config.block_megabytes, min_blocks=BLOCKS_PER_ACTOR * actors)
+    logger.info(
+        "Ray: %d %s actor(s), batch size %d, %d input blocks, cluster %s",
+        actors, "GPU" if use_gpus else "CPU", config.batch_size, len(blocks), resources,
+    )
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # our own bar counts images, skips included
+    tally = ray.remote(Tally).options(num_cpus=0).remote()
+    ds = ray.data.from_arrow(blocks)
+    ds = ds.map_batches(
+        stages.ImageLoader,
+        batch_format="pyarrow",
+        batch_size=None,  # a whole input block per call
+        fn_constructor_kwargs={
+            "storage_options": config.storage_options,
+            "retries": config.read_retries,
+            "max_image_pixels": config.max_image_pixels,
+            "device_jpegs": use_gpus and config.gpu_decode,
+        },
+        udf_modifying_row_count=False,
+        **cpu_stage,
+    )
+    ds = ds.map_batches(
+        stages.Segmenter,
+        batch_format="pyarrow",
+        batch_size=config.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=1 if use_gpus else config.cpus_per_actor,
+        num_gpus=1 if use_gpus else None,
+        # CPU actors: torch's OpenMP threads sleep instead of spinning between layers, leaving the
+        # cores to the decoding and writing stages beside them.
+        runtime_env=None if use_gpus else {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}},
+        fn_constructor_kwargs={
+            "model_uri": model.uri,
+            "storage_options": config.storage_options,
+            "tally": tally,
+            "device": "cuda" if use_gpus else "cpu",
+            "precision": config.precision,
+            "cpu_threads": max(1, int(config.cpus_per_actor)),
+            "max_image_pixels": config.max_image_pixels,
+            "keep_pixels": config.overlays,
+        },
+        udf_modifying_row_count=False,
+    )
+    ds = ds.map_batches(
+        stages.ResultWriter,
+        batch_format="pyarrow",
+        batch_size=config.rows_per_file,
+        fn_constructor_kwargs={"output": output, "storage_options": config.storage_options, "run_id": run_id, "model": model, "schema": schema},
+        udf_modifying_row_count=False,
+        **cpu_stage,
+    )
+    run = _RayRun()
+    progress = Progress(len(todo), live=config.progress)
+    stop = threading.Event()
+    follower = threading.Thread(target=_follow_tally, args=(tally, progress, run, stop), name="progress", daemon=True)
+    follower.start()
+    try:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            status = batch["status"].to_pylist()
+            n_ok = status.count(stats_table.STATUS_OK)
+            if len(run.errors) < ERROR_SAMPLES:
+                for uri, stat, reason in zip(batch["image_uri"].to_pylist(), status, batch["error"].to_pylist()):
+                    if stat != stats_table.STATUS_OK and len(run.errors) < ERROR_SAMPLES:
+                        run.errors.append({"image_uri": uri, "error": reason})
+            progress.update(n_ok, len(status) - n_ok)
+    finally:
+        stop.set()
+        follower.join()
+        ray.kill(tally)
+    progress.close()
+    run.ok, run.error = progress.ok, progress.error
+    return run
+
+
+def _follow_tally(tally: Any, progress: Progress, run: _RayRun, stop: threading.Event) -> None:
+    """Until ``stop`` is set (and once more then), copy the FCN actors' count of segmented images into
+    ``progress`` and note when it first and last grew (the steady-state window)."""
+    import ray
+
+    while True:
+        stopping = stop.wait(LIVE_REFRESH_S)
+        try:
+            count = ray.get(tally.get.remote(), timeout=10)
+        except ray.exceptions.RayError:  # progress is informational: the next poll tries again
+            count = run.segmented
+        if count > run.segmented:
+            now = time.monotonic()
+            if run.first_segmented is None:
+                run.first_segmented, run.first_count = now, count
+            run.last_segmented, run.segmented = now, count
+            progress.set_segmented(count)
+        if stopping:
+            return

@@ -1,0 +1,417 @@
+"""The stages of the segmentation job that run on Ray workers, in pipeline order::
+
+    listing blocks -> load_images    CPU tasks: fetch the bytes (retried), decode them to RGB
+                   -> Segmenter      actors: the network (and nvJPEG decoding) on the device
+                   -> store_results  CPU tasks: encode masks, write them and one Parquet part
+
+Blocks are Arrow tables; pixels and label maps travel between stages as binary columns (raw
+``HxWx3`` / ``HxW`` buffers, read back zero-copy). Every image stays one row from the listing to the
+Parquet file: a failure at any stage fills the row's ``error`` (prefixed by the stage) and later
+stages pass it through.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+
+from pipelines import stats as stats_table
+from pipelines.decode import decode_image, device_jpeg_orientation, orient
+from pipelines.masks import encode_mask, encode_overlay
+from pipelines.segment.model import ModelInfo
+
+PERMANENT_IO_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)  # never retried
+MASKS_DIR = "masks"
+OVERLAYS_DIR = "overlays"
+STATS_DIR = "stats"
+
+_TYPES = {name: type_ for name, type_, _ in stats_table.FIELDS}
+SOURCE_SCHEMA = pa.schema([(name, _TYPES[name]) for name in ("image_uri", "key", "source_size", "source_etag", "source_mtime")])
+"""What the listing knows of each image: the input of the pipeline."""
+
+
+def read_sources(batch: pa.Table, *, storage_options: dict[str, Any], retries: int) -> pa.Table:
+    """Fetch the bytes of every image in ``batch`` (concurrently, per filesystem) and retry transient
+    errors up to ``retries`` times; adds ``data``, ``read_error`` and ``read_ms`` (never raises)."""
+    start = time.perf_counter()
+    uris = batch["image_uri"].to_pylist()
+    data: list[bytes | None] = [None] * len(uris)
+    errors: list[str | None] = [None] * len(uris)
+    groups: dict[int, tuple[fsspec.AbstractFileSystem, list[tuple[int, str]]]] = {}
+    for i, uri in enumerate(uris):
+        fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+        groups.setdefault(id(fs), (fs, []))[1].append((i, path))
+    for fs, pending in groups.values():
+        for attempt in range(retries + 1):
+            try:
+                results = fs.cat([path for _, path in pending], on_error="return")
+            except Exception as error:  # the whole request failed (e.g. connection refused)
+                results = {path: error for _, path in pending}
+            retry = []
+            for i, path in pending:
+                result = results.get(path, FileNotFoundError(path))
+                if isinstance(result, bytes):
+                    data[i], errors[i] = result, None
+                elif isinstance(result, PERMANENT_IO_ERRORS):
+                    errors[i] = "read: file not found" if isinstance(result, FileNotFoundError) else f"read: {result}"
+                else:
+                    errors[i] = f"read: {type(result).__name__}: {result} (after {attempt + 1} attempts)"
+                    retry.append((i, path))
+            if not retry or attempt == retries:
+                break
+            pending = retry
+            time.sleep(min(0.5 * 2**attempt, 10.0))
+    read_ms = (time.perf_counter() - start) * 1000 / max(len(uris), 1)
+    return (
+        batch.append_column("data", pa.array(data, pa.large_binary()))
+        .append_column("read_error", pa.array(errors, pa.string()))
+        .append_column("read_ms", pa.array([read_ms] * len(uris), pa.float64()))
+    )
+
+
+def load_images(
+    batch: pa.Table, *, storage_options: dict[str, Any], retries: int, max_image_pixels: int, device_jpegs: bool
+) -> pa.Table:
+    """Fetch and decode the images of ``batch``: adds ``pixels`` (raw ``HxWx3`` RGB, displayed
+    orientation), ``height``, ``width``, ``read_ms``, ``decode_ms`` and ``error``. With ``device_jpegs``,
+    JPEGs that nvJPEG decodes are left encoded in ``jpeg`` with their EXIF ``orientation`` for the
+    FCN actor to decode on its GPU (the header is still checked here, bomb guard included)."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None  # the decoders apply --max-image-pixels themselves, naming the flag
+    fetched = read_sources(batch, storage_options=storage_options, retries=retries)
+    n = batch.num_rows
+    errors = fetched["read_error"].to_pylist()
+    pixels: list[memoryview | None] = [None] * n
+    jpegs: list[bytes | None] = [None] * n
+    orientations: list[int | None] = [None] * n
+    heights: list[int | None] = [None] * n
+    widths: list[int | None] = [None] * n
+    decode_ms: list[float | None] = [None] * n
+    for i, data in enumerate(fetched["data"].to_pylist()):
+        if errors[i] is not None:
+            continue
+        start = time.perf_counter()
+        try:
+            orientation = device_jpeg_orientation(data, max_pixels=max_image_pixels) if device_jpegs else None
+            if orientation is not None:
+                jpegs[i], orientations[i] = data, orientation
+                continue
+            rgb = decode_image(data, max_pixels=max_image_pixels)
+        except Exception as error:  # noqa: BLE001 - DecodeError, or anything Pillow raises
+            errors[i] = f"decode: {error}"
+            continue
+        pixels[i] = memoryview(rgb).cast("B")
+        heights[i], widths[i] = rgb.shape[:2]
+        decode_ms[i] = (time.perf_counter() - start) * 1000
+    return batch.append_column("read_ms", fetched["read_ms"]).append_column("error", pa.array(errors, pa.string())).append_column(
+        "pixels", pa.array(pixels, pa.large_binary())
+    ).append_column("jpeg", pa.array(jpegs, pa.large_binary())).append_column(
+        "orientation", pa.array(orientations, pa.int8())
+    ).append_column("height", pa.array(heights, pa.int32())).append_column(
+        "width", pa.array(widths, pa.int32())
+    ).append_column("decode_ms", pa.array(decode_ms, pa.float64()))
+
+
+class ImageLoader:
+    """Ray actor for the decoding stage: ``load_images`` with fixed options. A long-lived worker
+    (rather than a task per block) imports its libraries once and is never reaped and restarted."""
+
+    def __init__(self, **options: Any):
+        self.options = options
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return load_images(batch, **self.options)
+
+
+class ResultWriter:
+    """Ray actor for the output stage: ``store_results`` with fixed options (see ``ImageLoader``)."""
+
+    def __init__(self, **options: Any):
+        self.options = options
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return store_results(batch, **self.options)
+
+
+class Segmenter:
+    """Ray actor: loads the checkpoint once onto its device, then segments the loaded images of each
+    batch (equal sizes share forward passes) and returns their label maps and statistics."""
+
+    def __init__(
+        self,
+        *,
+        model_uri: str,
+        storage_options: dict[str, Any],
+        tally: Any,
+        device: str,
+        precision: str,
+        cpu_threads: int,
+        max_image_pixels: int,
+        keep_pixels: bool,
+    ):
+        import torch
+
+        import fcn
+
+        checkpoint = fcn.load_checkpoint(model_uri, storage_options=storage_options)
+        self.cuda = device == "cuda"  # the driver resolves "auto" from the cluster's GPUs
+        if not self.cuda:
+            torch.set_num_threads(cpu_threads)
+        self.predictor = fcn.Predictor.from_checkpoint(
+            checkpoint,
+            device=device,
+            bf16=precision == "bf16" or (precision == "auto" and self.cuda),
+            channels_last=self.cuda,
+        )
+        self.max_image_pixels = max_image_pixels
+        self.keep_pixels = keep_pixels  # overlays need the RGB pixels downstream
+        self.tally = tally  # a Tally actor: the driver's progress counts images as they are segmented
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """Segment every loaded image of ``batch``; adds ``labels``, ``pixel_counts``,
+        ``mean_confidence`` and ``inference_ms``; a failure becomes the row's ``error``."""
+        n = batch.num_rows
+        errors = batch["error"].to_pylist()
+        heights, widths = batch["height"].to_pylist(), batch["width"].to_pylist()
+        decode_ms = batch["decode_ms"].to_pylist()
+        images: dict[int, Any] = {}
+        for i, buffer in enumerate(_buffers(batch["pixels"])):
+            if buffer is not None:
+                images[i] = np.frombuffer(buffer, np.uint8).reshape(heights[i], widths[i], 3)
+        jpeg_rows = [i for i, valid in enumerate(batch["jpeg"].is_valid().to_pylist()) if valid]
+        if jpeg_rows:
+            start = time.perf_counter()
+            decoded = self._decode_jpegs(batch, jpeg_rows)
+            per_image_ms = (time.perf_counter() - start) * 1000 / len(jpeg_rows)
+            for i, pixels in zip(jpeg_rows, decoded):
+                if isinstance(pixels, Exception):
+                    errors[i] = f"decode: {pixels}"
+                    continue
+                images[i], decode_ms[i] = pixels, per_image_ms
+                heights[i], widths[i] = _height_width(pixels)
+        labels: list[memoryview | None] = [None] * n
+        counts: list[list[int] | None] = [None] * n
+        confidence: list[float | None] = [None] * n
+        inference_ms: list[float | None] = [None] * n
+        if images:
+            start = time.perf_counter()
+            predictions = self._predict(list(images.values()))
+            per_image_ms = (time.perf_counter() - start) * 1000 / len(images)
+            for i, prediction in zip(images, predictions):
+                if isinstance(prediction, Exception):
+                    errors[i] = f"inference: {type(prediction).__name__}: {prediction}"
+                    continue
+                labels[i] = memoryview(np.ascontiguousarray(prediction.labels)).cast("B")
+                counts[i] = prediction.pixel_counts.tolist()
+                confidence[i], inference_ms[i] = prediction.mean_confidence, per_image_ms
+        self.tally.add.remote(n)
+        kept = [name for name in batch.column_names if name not in _LOADED_COLUMNS]
+        out = batch.select(kept)
+        columns = {
+            "error": pa.array(errors, pa.string()),
+            "height": pa.array(heights, pa.int32()),
+            "width": pa.array(widths, pa.int32()),
+            "decode_ms": pa.array(decode_ms, pa.float64()),
+            "inference_ms": pa.array(inference_ms, pa.float64()),
+            "labels": pa.array(labels, pa.large_binary()),
+            "pixel_counts": pa.array(counts, pa.list_(pa.int64())),
+            "mean_confidence": pa.array(confidence, pa.float64()),
+        }
+        if self.keep_pixels:
+            columns["pixels"] = pa.array([_rgb_bytes(images.get(i)) for i in range(n)], pa.large_binary())
+        for name, column in columns.items():
+            out = out.append_column(name, column)
+        return out
+
+    def _decode_jpegs(self, batch: pa.Table, rows: list[int]) -> list[Any]:
+        """Decode the JPEGs of ``rows`` on the predictor's device in one nvJPEG call (``3xHxW`` uint8
+        tensors, EXIF orientation applied); if the batch fails, each image alone, and Pillow (to a numpy
+        array) for those the device cannot decode; an exception in place of an undecodable image."""
+        import torch
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        device = self.predictor.device
+        data = [batch["jpeg"][i].as_py() for i in rows]
+        orientations = [batch["orientation"][i].as_py() for i in rows]
+        tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
+        try:
+            decoded: list[Any] = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            self._free_device_memory()
+            decoded = []
+            for tensor, encoded in zip(tensors, data):
+                try:
+                    decoded.append(decode_jpeg(tensor, mode=ImageReadMode.RGB, device=device))
+                except RuntimeError:
+                    try:
+                        decoded.append(decode_image(encoded, max_pixels=self.max_image_pixels))
+                    except Exception as error:  # noqa: BLE001 - DecodeError, or anything Pillow raises
+                        decoded.append(error)
+        return [
+            orient(pixels, orientation) if isinstance(pixels, torch.Tensor) else pixels
+            for pixels, orientation in zip(decoded, orientations)
+        ]
+
+    def _predict(self, images: list[Any]) -> list[Any]:
+        """Predictions for ``images``; if the batch fails, each image alone (its exception in its place)."""
+        try:
+            return self.predictor.predict_batch(images, statistics=True)
+        except Exception:  # noqa: BLE001 - isolate the image(s) that fail
+            self._free_device_memory()
+        results: list[Any] = []
+        for image in images:
+            try:
+                results.append(self.predictor(image, statistics=True))
+            except Exception as error:  # noqa: BLE001
+                self._free_device_memory()
+                results.append(error)
+        return results
+
+    def _free_device_memory(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.empty_cache()  # e.g. after an out-of-memory error on a huge image
+
+
+def store_results(
+    batch: pa.Table,
+    *,
+    output: str,
+    storage_options: dict[str, Any],
+    run_id: str,
+    model: ModelInfo,
+    schema: pa.Schema,
+) -> pa.Table:
+    """Encode the masks (and overlays, when ``pixels`` came along) of the segmented rows, write them,
+    then write the batch's stats as one Parquet file (written whole). Returns ``image_uri``,
+    ``status`` and ``error`` for the driver's progress."""
+    fs, root = fsspec.core.url_to_fs(output, **storage_options)
+    root = root.rstrip("/")
+    n = batch.num_rows
+    keys = batch["key"].to_pylist()
+    errors = batch["error"].to_pylist()
+    heights, widths = batch["height"].to_pylist(), batch["width"].to_pylist()
+    labels = _buffers(batch["labels"])
+    pixels = _buffers(batch["pixels"]) if "pixels" in batch.column_names else [None] * n
+    mask_uris: list[str | None] = [None] * n
+    overlay_uris: list[str | None] = [None] * n
+    write_ms: list[float | None] = [None] * n
+    files: dict[str, bytes] = {}
+    owners: dict[str, int] = {}
+    for i in range(n):
+        if errors[i] is not None:
+            continue
+        start = time.perf_counter()
+        try:
+            label_map = np.frombuffer(labels[i], _label_dtype(labels[i], heights[i], widths[i])).reshape(heights[i], widths[i])
+            mask_path = f"{root}/{MASKS_DIR}/{keys[i]}.png"
+            files[mask_path], owners[mask_path] = encode_mask(label_map, model.palette), i
+            mask_uris[i] = fs.unstrip_protocol(mask_path)
+            if pixels[i] is not None:
+                rgb = np.frombuffer(pixels[i], np.uint8).reshape(heights[i], widths[i], 3)
+                overlay_path = f"{root}/{OVERLAYS_DIR}/{keys[i]}.jpg"
+                files[overlay_path], owners[overlay_path] = encode_overlay(rgb, label_map, model.palette), i
+                overlay_uris[i] = fs.unstrip_protocol(overlay_path)
+        except Exception as error:  # noqa: BLE001
+            errors[i] = f"encode: {type(error).__name__}: {error}"
+            mask_uris[i] = overlay_uris[i] = None
+            continue
+        write_ms[i] = (time.perf_counter() - start) * 1000
+    start = time.perf_counter()
+    failures = _put_files(fs, files)
+    share_ms = (time.perf_counter() - start) * 1000 / max(len(set(owners.values())), 1)
+    for path, reason in failures.items():
+        i = owners[path]
+        errors[i], mask_uris[i], overlay_uris[i] = f"write: {reason}", None, None
+    ok = [error is None for error in errors]
+    counts = batch["pixel_counts"].to_pylist()
+    fractions: list[list[float] | None] = [None] * n
+    dominant: list[int | None] = [None] * n
+    dominant_names: list[str | None] = [None] * n
+    for i in range(n):
+        if ok[i]:
+            write_ms[i] += share_ms  # encoding (this task) + this batch's share of writing
+            array = np.asarray(counts[i])
+            fractions[i] = (array / max(int(array.sum()), 1)).tolist()
+            dominant[i] = int(array.argmax())
+            dominant_names[i] = model.class_names[dominant[i]] if dominant[i] < len(model.class_names) else None
+    now = datetime.now(timezone.utc)
+    columns = {
+        "mask_uri": pa.array(mask_uris, pa.string()),
+        "overlay_uri": pa.array(overlay_uris, pa.string()),
+        "write_ms": pa.array([ms if good else None for ms, good in zip(write_ms, ok)], pa.float64()),
+        "status": pa.array([stats_table.STATUS_OK if good else stats_table.STATUS_ERROR for good in ok], pa.string()),
+        "error": pa.array(errors, pa.string()),
+        "class_fractions": pa.array(fractions, pa.list_(pa.float64())),
+        "dominant_class": pa.array(dominant, pa.int32()),
+        "dominant_class_name": pa.array(dominant_names, pa.string()),
+        "run_id": pa.array([run_id] * n, pa.string()),
+        "processed_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+        "model_id": pa.array([model.uri] * n, pa.string()),
+        "model_version": pa.array([model.version] * n, pa.string()),
+    }
+    table = pa.Table.from_arrays(
+        [columns[name] if name in columns else batch[name] for name in schema.names], schema=schema
+    )
+    stats_table.write_part(f"{output.rstrip('/')}/{STATS_DIR}", table, run_id, storage_options)
+    return table.select(["image_uri", "status", "error"])
+
+
+_LOADED_COLUMNS = {"pixels", "jpeg", "orientation", "error", "height", "width", "decode_ms"}
+"""Columns of ``load_images`` that the Segmenter consumes and replaces."""
+
+
+def _buffers(column: pa.ChunkedArray) -> list[memoryview | None]:
+    """The values of a binary column as zero-copy memoryviews (None for nulls)."""
+    views: list[memoryview | None] = []
+    for chunk in column.chunks:
+        _, offsets, data = chunk.buffers()
+        bounds = np.frombuffer(offsets, np.int64)[chunk.offset : chunk.offset + len(chunk) + 1]
+        data_view = memoryview(data) if data is not None else memoryview(b"")
+        for j, valid in enumerate(chunk.is_valid().to_pylist()):
+            views.append(data_view[bounds[j] : bounds[j + 1]] if valid else None)
+    return views
+
+
+def _label_dtype(buffer: memoryview, height: int, width: int) -> type[np.generic]:
+    """uint8 labels (up to 256 classes) or int32 ones, told apart by their byte length."""
+    return np.uint8 if len(buffer) == height * width else np.int32
+
+
+def _height_width(pixels: Any) -> tuple[int, int]:
+    """(height, width) of an ``HxWx3`` array or a ``3xHxW`` tensor."""
+    height, width = pixels.shape[:2] if isinstance(pixels, np.ndarray) else pixels.shape[1:]
+    return int(height), int(width)
+
+
+def _rgb_bytes(pixels: Any) -> memoryview | None:
+    """``HxWx3`` bytes of an image held as an array or a ``3xHxW`` tensor (on any device)."""
+    if pixels is None:
+        return None
+    if not isinstance(pixels, np.ndarray):
+        pixels = pixels.permute(1, 2, 0).contiguous().cpu().numpy()
+    return memoryview(np.ascontiguousarray(pixels)).cast("B")
+
+
+def _put_files(fs: fsspec.AbstractFileSystem, files: dict[str, bytes]) -> dict[str, str]:
+    """Write all ``files`` (concurrently where the filesystem can); return {path: reason} of failures."""
+    for parent in {path.rsplit("/", 1)[0] for path in files}:
+        fs.makedirs(parent, exist_ok=True)
+    try:
+        fs.pipe(files)
+        return {}
+    except Exception:  # noqa: BLE001 - find out which ones failed, one by one
+        failures = {}
+        for path, data in files.items():
+            try:
+                fs.pipe_file(path, data)
+            except Exception as error:  # noqa: BLE001
+                failures[path] = f"{type(error).__name__}: {error}"
+        return failures
