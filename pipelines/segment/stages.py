@@ -148,12 +148,12 @@ class Segmenter:
         *,
         model_uri: str,
         storage_options: dict[str, Any],
-        tally: Any,
         device: str,
         precision: str,
         cpu_threads: int,
         max_image_pixels: int,
         keep_pixels: bool,
+        tally: Any | None = None,
     ):
         import torch
 
@@ -171,7 +171,7 @@ class Segmenter:
         )
         self.max_image_pixels = max_image_pixels
         self.keep_pixels = keep_pixels  # overlays need the RGB pixels downstream
-        self.tally = tally  # a Tally actor: the driver's progress counts images as they are segmented
+        self.tally = tally  # a Tally actor (or None): the driver's progress counts images as they are segmented
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Segment every loaded image of ``batch``; adds ``labels``, ``pixel_counts``,
@@ -210,7 +210,8 @@ class Segmenter:
                 labels[i] = memoryview(np.ascontiguousarray(prediction.labels)).cast("B")
                 counts[i] = prediction.pixel_counts.tolist()
                 confidence[i], inference_ms[i] = prediction.mean_confidence, per_image_ms
-        self.tally.add.remote(n)
+        if self.tally is not None:
+            self.tally.add.remote(n)
         kept = [name for name in batch.column_names if name not in _LOADED_COLUMNS]
         out = batch.select(kept)
         columns = {

@@ -1,0 +1,175 @@
+"""The segmentation job's stages without Ray: the CPU decoding path against the device (nvJPEG) path
+run on the CPU, statistics computed with the network, input blocks, and one source for every default."""
+
+from __future__ import annotations
+
+import inspect
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+import fcn
+from pipelines.decode import device_jpeg_orientation, orient
+from pipelines.listing import list_images
+from pipelines.segment import SegmentConfig
+from pipelines.segment.cli import build_parser
+from pipelines.segment.driver import plan_blocks
+from pipelines.segment.model import describe_model
+from pipelines.segment.stages import SOURCE_SCHEMA, Segmenter, load_images, store_results
+from segment_cases import EXIF_ORIENTATION, awkward_images, displayed, good_images, tiny_checkpoint, upload
+
+NUM_CLASSES = 5
+
+
+@pytest.fixture(scope="module")
+def bucket(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, pa.Table]:
+    """Ordinary and awkward images in a folder, a small model, and the listing as the job's input table."""
+    root = tmp_path_factory.mktemp("stages")
+    files = {**good_images(seed=21, count=4), **awkward_images()[0]}
+    upload(str(root / "in"), files)
+    model = tiny_checkpoint(str(root / "model.pt"), num_classes=NUM_CLASSES)
+    sources = pa.Table.from_pylist(list_images(str(root / "in"), {}).images, schema=SOURCE_SCHEMA)
+    return root, model, sources
+
+
+def _segment(model: str, loaded: pa.Table) -> pa.Table:
+    segmenter = Segmenter(
+        model_uri=model, storage_options={}, device="cpu", precision="fp32", cpu_threads=1,
+        max_image_pixels=10**8, keep_pixels=True,
+    )
+    return segmenter(loaded)
+
+
+def test_exif_orientation_on_tensors_matches_pillow() -> None:
+    """``orient`` (applied to nvJPEG's output, which ignores EXIF) gives Pillow's displayed pixels for
+    all eight orientations; torchvision's CPU decoder stands in for nvJPEG."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    stored = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[EXIF_ORIENTATION] = orientation
+        buffer = io.BytesIO()
+        Image.fromarray(stored).save(buffer, format="JPEG", exif=exif.tobytes(), quality=95)
+        data = buffer.getvalue()
+        assert device_jpeg_orientation(data, max_pixels=10**8) == orientation
+        tensor = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        got = orient(tensor, orientation).permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(got, np.asarray(displayed(data).convert("RGB")), err_msg=f"orientation {orientation}")
+
+
+def test_device_decoding_path_gives_the_cpu_path_results(bucket: tuple[Path, str, pa.Table]) -> None:
+    """With ``device_jpegs`` the colour and grey JPEGs stay encoded until the FCN actor decodes them
+    (here on the CPU, as it would with nvJPEG on a GPU); every row ends exactly as on the CPU path."""
+    _, model, sources = bucket
+    cpu_loaded = load_images(sources, storage_options={}, retries=0, max_image_pixels=10**8, device_jpegs=False)
+    device_loaded = load_images(sources, storage_options={}, retries=0, max_image_pixels=10**8, device_jpegs=True)
+    keys = sources["key"].to_pylist()
+    encoded = {key for key, jpeg in zip(keys, device_loaded["jpeg"].to_pylist()) if jpeg is not None}
+    assert encoded == {k for k in keys if k.endswith(".jpg") and k not in {"odd/cmyk.jpg", "odd/zero.jpg", "odd/text.jpg"}}
+    assert "odd/exif_rotated.jpg" in encoded and "odd/gray.jpg" in encoded
+    assert cpu_loaded["jpeg"].null_count == len(keys)
+
+    on_cpu, on_device = _segment(model, cpu_loaded), _segment(model, device_loaded)
+
+    for name in ("key", "height", "width", "error", "labels", "pixel_counts", "pixels"):
+        assert on_device[name].to_pylist() == on_cpu[name].to_pylist(), name
+    rows = {r["key"]: r for r in on_device.to_pylist()}
+    assert (rows["odd/exif_rotated.jpg"]["height"], rows["odd/exif_rotated.jpg"]["width"]) == (60, 40)
+    assert rows["odd/truncated.jpg"]["error"].startswith("decode: ") and rows["odd/truncated.jpg"]["labels"] is None
+    assert all(rows[k]["decode_ms"] >= 0 for k in encoded if rows[k]["error"] is None)
+
+
+def test_store_writes_masks_and_one_parquet_part_with_the_statistics(bucket: tuple[Path, str, pa.Table], tmp_path: Path) -> None:
+    """The writer stage encodes what the Segmenter computed: the mask is the label map, the counts
+    are its histogram, and failed rows stay error rows without a mask."""
+    import pyarrow.parquet as pq
+
+    from pipelines import stats as stats_table
+
+    _, model_uri, sources = bucket
+    loaded = load_images(sources, storage_options={}, retries=0, max_image_pixels=10**8, device_jpegs=False)
+    segmented = _segment(model_uri, loaded)
+    model = describe_model(model_uri, {})
+    schema = stats_table.stats_schema(model.class_names, model.palette, {})
+    out = store_results(segmented, output=f"file://{tmp_path}/out", storage_options={}, run_id="r1", model=model, schema=schema)
+
+    table = pq.read_table(tmp_path / "out" / "stats")
+    assert table.schema.names == schema.names and table.num_rows == sources.num_rows == out.num_rows
+    labels = dict(zip(segmented["key"].to_pylist(), segmented["labels"].to_pylist()))
+    for row in table.to_pylist():
+        if row["status"] != "ok":
+            assert row["mask_uri"] is None and row["error"]
+            continue
+        mask = np.asarray(Image.open(row["mask_uri"].removeprefix("file://")))
+        assert mask.shape == (row["height"], row["width"])
+        assert mask.tobytes() == labels[row["key"]]
+        assert row["pixel_counts"] == np.bincount(mask.ravel(), minlength=NUM_CLASSES).tolist()
+        assert row["dominant_class"] == int(np.argmax(row["pixel_counts"])) and np.isclose(sum(row["class_fractions"]), 1)
+        assert row["run_id"] == "r1" and row["model_id"] == model.uri
+
+
+@pytest.mark.parametrize("max_pixels", [10**8, 40 * 40])
+def test_statistics_are_computed_with_the_network(max_pixels: int) -> None:
+    """``statistics=True``: per-class pixel counts and the mean confidence, reduced where the logits
+    are (whole images, stacked batches and tiles alike), equal those of the returned maps; a CHW uint8
+    tensor gives the same prediction as the HWC array."""
+    import torch
+
+    checkpoint = fcn.load_checkpoint(tiny_checkpoint_in_memory())
+    predictor = fcn.Predictor.from_checkpoint(checkpoint, device="cpu", max_pixels=max_pixels)  # 40*40: the tiled path
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, (72, 96, 3), dtype=np.uint8) for _ in range(3)]
+    with_maps = predictor.predict_batch(images, confidence=True)
+    with_stats = predictor.predict_batch(images, statistics=True)
+    for full, summary in zip(with_maps, with_stats):
+        np.testing.assert_array_equal(summary.labels, full.labels)
+        assert summary.pixel_counts.tolist() == np.bincount(full.labels.ravel(), minlength=NUM_CLASSES).tolist()
+        assert summary.mean_confidence == pytest.approx(float(full.confidence.mean(dtype=np.float64)), rel=1e-5)
+    from_tensor = predictor(torch.from_numpy(images[0]).permute(2, 0, 1), statistics=True)
+    np.testing.assert_array_equal(from_tensor.labels, with_stats[0].labels)
+
+
+def tiny_checkpoint_in_memory() -> str:
+    return tiny_checkpoint("memory://stages/model.pt", num_classes=NUM_CLASSES)
+
+
+def test_blocks_are_sized_by_rows_bytes_and_parallelism() -> None:
+    sizes = [1_000_000] * 10 + [30_000_000] * 3 + [10] * 87
+    table = pa.table({"source_size": sizes, "key": [str(i) for i in range(100)]})
+    blocks = plan_blocks(table, rows=40, megabytes=32, min_blocks=1)
+    assert sum(b.num_rows for b in blocks) == 100
+    assert [b["key"][0].as_py() for b in blocks][0] == "0"
+    assert all(b.num_rows <= 40 for b in blocks)
+    assert all(sum(b["source_size"].to_pylist()) <= 32e6 or b.num_rows == 1 for b in blocks)
+    assert [b.num_rows for b in blocks][:4] == [10, 1, 1, 40]  # 10 x 1 MB; 30 MB alone twice; 30 MB + 39 small
+    assert len(plan_blocks(table, rows=256, megabytes=1e6, min_blocks=8)) == 8  # ceil(100 / 8) = 13 rows each
+
+
+def test_config_is_the_single_source_of_cli_flags_and_flow_parameters() -> None:
+    """Every SegmentConfig field is a CLI flag with the config's default, and every job parameter of
+    the segment-bucket flow has the config's default."""
+    from flows.segment_bucket import segment_bucket
+
+    parser = build_parser()
+    actions = {action.dest: action for action in parser._actions}
+    config_fields = [name for name in inspect.signature(SegmentConfig).parameters]
+    for name in config_fields:
+        action = actions[name]
+        assert action.option_strings[0] == "--" + name.replace("_", "-")
+        if not action.required:
+            assert action.default == SegmentConfig.default(name), name
+    flow_parameters = inspect.signature(segment_bucket.fn).parameters
+    shared = [name for name in flow_parameters if name in config_fields]
+    assert {"batch_size", "precision", "overlays", "device", "actors"} <= set(shared)
+    for name in shared:
+        if name != "storage_options" and flow_parameters[name].default is not inspect.Parameter.empty:  # None = {}
+            assert flow_parameters[name].default == SegmentConfig.default(name), name
+    args = parser.parse_args(["--input", "i", "--output", "o", "--model", "m", "--batch-size", "3", "--no-gpu-decode"])
+    config = SegmentConfig(**vars(args))
+    assert (config.batch_size, config.gpu_decode, config.overlays) == (3, False, False)
