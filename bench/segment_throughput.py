@@ -111,6 +111,7 @@ class CpuSampler:
         self.me, self.s3_pid = os.getpid(), s3_pid
         self.start = self._snapshot()
         self.latest = dict(self.start)
+        self.series: list[tuple[float, float]] = [(time.monotonic(), 0.0)]  # (time, CPU seconds of all)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -132,23 +133,34 @@ class CpuSampler:
     def _run(self) -> None:
         while not self.stop.wait(0.5):
             self.latest.update(self._snapshot())
+            self.series.append((time.monotonic(), sum(self._totals().values())))
+
+    def _totals(self) -> dict[str, float]:
+        totals: dict[str, float] = defaultdict(float)
+        for pid, (group, seconds) in self.latest.items():
+            totals[group] += seconds - self.start.get(pid, (group, 0.0))[1]
+        return totals
+
+    def cpu_between(self, start: float, end: float) -> float:
+        """CPU seconds of all sampled processes between two monotonic times (linear between samples)."""
+        times, totals = zip(*self.series)
+        return float(np.interp(end, times, totals) - np.interp(start, times, totals))
 
     def finish(self) -> dict[str, float]:
         self.stop.set()
         self.thread.join()
         self.latest.update(self._snapshot())
-        totals: dict[str, float] = defaultdict(float)
-        for pid, (group, seconds) in self.latest.items():
-            totals[group] += seconds - self.start.get(pid, (group, 0.0))[1]
-        return dict(totals)
+        self.series.append((time.monotonic(), sum(self._totals().values())))
+        return dict(self._totals())
 
 
-def bare_model(predictor, images: list[np.ndarray]) -> float:
-    """Images per second of the network alone over already-decoded images."""
-    start = time.perf_counter()
-    for rgb in images:
-        predictor(rgb, statistics=True)
-    return len(images) / (time.perf_counter() - start)
+def bare_model(predictor, images: list[np.ndarray], batch: int = 1) -> tuple[float, float]:
+    """Images per second of the network alone over already-decoded images, ``batch`` at a time, and
+    the CPU seconds per image it used (all torch threads)."""
+    start, cpu = time.perf_counter(), time.process_time()
+    for i in range(0, len(images), batch):
+        predictor.predict_batch(images[i : i + batch], statistics=True)
+    return len(images) / (time.perf_counter() - start), (time.process_time() - cpu) / len(images)
 
 
 def plain_loop(predictor, uris: list[str], output: str, palette: list[int]) -> float:
@@ -199,6 +211,7 @@ def main() -> None:
     import fcn
     from pipelines.decode import decode_image
     from pipelines.segment import SegmentConfig, run_segmentation
+    from pipelines.segment.stages import CPU_FORWARD_PIXELS
 
     cpus = os.cpu_count() or 1
     root = f"s3://bench-{os.getpid()}" if args.store == "s3" else f"file://{tempfile.mkdtemp(prefix='segbench-')}"
@@ -220,16 +233,20 @@ def main() -> None:
     predictor = fcn.Predictor.from_checkpoint(checkpoint, device="cpu")
     sample = [decode_image(data, max_pixels=10**8) for data in list(files.values())[: args.bare_sample]]
     predictor(sample[0])  # warm-up
-    bare = bare_model(predictor, sample)
-    loop = plain_loop(predictor, uris, f"{root}/loop", checkpoint.palette)
-    print(f"bare model {bare:.2f} images/s, plain loop {loop:.2f} images/s")
-
     config = SegmentConfig(input=f"{root}/images", output=f"{root}/out", model=model_uri, progress=False,
                            **({"batch_size": args.batch_size} if args.batch_size else {}))
+    bare, _ = bare_model(predictor, sample)
+    predictor.batch_pixels = CPU_FORWARD_PIXELS  # stacked as the job's FCN actor stacks them
+    bare_batched, network_cpu = bare_model(predictor, sample, config.batch_size)
+    predictor.batch_pixels = predictor.max_pixels
+    loop = plain_loop(predictor, uris, f"{root}/loop", checkpoint.palette)
+    print(f"bare model {bare:.2f} images/s ({bare_batched:.2f} in batches of {config.batch_size}, "
+          f"{1000 * network_cpu:.2f} CPU ms/image), plain loop {loop:.2f} images/s")
     sampler = CpuSampler(s3_pid)
+    started = time.monotonic()
     summary = run_segmentation(config)
     cpu = sampler.finish()
-    bare_after = bare_model(predictor, sample)
+    bare_after, _ = bare_model(predictor, sample)
 
     import pyarrow.parquet as pq
 
@@ -244,6 +261,7 @@ def main() -> None:
     print("| measure | images/s | vs plain loop | vs bare model |")
     print("|---|---|---|---|")
     print(f"| bare model | {bare:.2f} | {bare / loop:.2f} | 1.00 |")
+    print(f"| bare model, batches of {config.batch_size} | {bare_batched:.2f} | {bare_batched / loop:.2f} | {bare_batched / bare:.2f} |")
     print(f"| plain loop | {loop:.2f} | 1.00 | {loop / bare:.2f} |")
     print(f"| job, steady state | {summary.images_per_second:.2f} | {summary.images_per_second / loop:.2f} | {summary.images_per_second / bare:.2f} |")
     print(f"| job, end to end (Ray start-up included) | {summary.end_to_end_images_per_second:.2f} | "
@@ -255,10 +273,15 @@ def main() -> None:
         if group in cpu:
             print(f"| {group} | {cpu[group]:.1f} | {1000 * cpu[group] / processed:.2f} |")
     total = sum(cpu.values())
-    network = stats["inference_ms"].sum() / 1000 * min(cpus, 2)  # the actor's torch threads in the network
-    print(f"| all | {total:.1f} | {1000 * total / processed:.2f} |")
-    print(f"| all outside the network (all - inference_ms x torch threads) | {total - network:.1f} | "
-          f"{1000 * (total - network) / processed:.2f} |")
+    print(f"| all, whole run (start-up included) | {total:.1f} | {1000 * total / processed:.2f} |")
+    if summary.images_per_second > 0:  # the steady-state window: after start-up, at the steady rate
+        window_start = started + summary.startup_s
+        window = processed / summary.images_per_second
+        steady_cpu = sampler.cpu_between(window_start + 0.1 * window, window_start + 0.9 * window)
+        per_image = steady_cpu / (0.8 * processed)
+        print(f"| all, steady state | {steady_cpu:.1f} | {1000 * per_image:.2f} |")
+        print(f"| all, steady state, outside the network (minus the bare model's CPU per image) | | "
+              f"{1000 * (per_image - network_cpu):.2f} |")
     if server:
         server.terminate()
 

@@ -17,7 +17,7 @@ _EXPORTS = {
     "fcn.image": ("to_rgb_array",),
     "fcn.losses": ("cross_entropy",),
     "fcn.metrics": ("ConfusionMatrix",),
-    "fcn.predict": ("Prediction", "Predictor", "predict"),
+    "fcn.predictor": ("Prediction", "Predictor", "predict"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

@@ -100,6 +100,7 @@ Demo finished in {elapsed:.0f} s.
   bucket (input)   {bucket}
   model            {champion['checkpoint']} ({champion['version']}, val mean IU {champion['metrics']['mean_iu']:.3f})
   images           {result['ok']} ok, {result['error']} error, {result['skipped']} skipped (already done)
+  throughput       {result['images_per_second']:.1f} images/s steady state after {result['startup_s']:.1f} s of start-up (Ray, actors, model); {result['end_to_end_images_per_second']:.1f} images/s end to end
   masks            {result['masks']}
   Parquet stats    {result['stats']}
   manifest         {result['manifest']}

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import fcn
-from fcn.predict import Predictor, resolve_device
+from fcn.predictor import Predictor, resolve_device
 
 
 def _random_weights(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -123,7 +123,7 @@ def test_ten_thousand_square_image_has_bounded_peak_memory() -> None:
         import numpy as np
         import torch
         import torch.nn.functional as F
-        from fcn.predict import Predictor
+        from fcn.predictor import Predictor
 
         class PooledClassifier(torch.nn.Module):
             num_classes, receptive_field, output_stride = 2, 8, 8

@@ -97,6 +97,8 @@ def test_s3_bucket_end_to_end_then_reruns_skip_done_images(ray_cluster: None, s3
     manifest = json.loads(fs.cat_file(f"{root}/manifest.json"))
     assert manifest["run_id"] == summary.run_id and (manifest["ok"], manifest["error"]) == (summary.ok, summary.error)
     assert manifest["model_id"] == model and len(fs.find(f"{root}/stats")) >= 2  # rows_per_file=5 -> several parts
+    assert 0 < summary.startup_s < summary.duration_s and manifest["startup_s"] == summary.startup_s
+    assert summary.end_to_end_images_per_second == pytest.approx((summary.ok + summary.error) / summary.duration_s, rel=0.01)
 
     # Rerun after adding images and changing one: those are processed, error rows are retried,
     # the other ok images are skipped; still exactly one row per image.

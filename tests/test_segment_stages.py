@@ -173,3 +173,26 @@ def test_config_is_the_single_source_of_cli_flags_and_flow_parameters() -> None:
     args = parser.parse_args(["--input", "i", "--output", "o", "--model", "m", "--batch-size", "3", "--no-gpu-decode"])
     config = SegmentConfig(**vars(args))
     assert (config.batch_size, config.gpu_decode, config.overlays) == (3, False, False)
+
+
+def test_steady_state_rate_leaves_start_up_out() -> None:
+    """The steady rate counts the images segmented after the first batch over the time between the
+    first and the last batch; start-up (before the first batch) is reported apart."""
+    from pipelines.segment.driver import _RayRun, _steady_rate
+
+    run = _RayRun(first_segmented=100.0, last_segmented=110.0, first_count=16, segmented=1016)
+    assert _steady_rate(run) == pytest.approx(100.0)
+    assert _steady_rate(_RayRun(first_segmented=5.0, last_segmented=5.0, first_count=9, segmented=9)) == 0.0
+    assert _steady_rate(_RayRun()) == 0.0
+
+
+def test_batch_pixels_bounds_the_images_stacked_per_forward_pass() -> None:
+    checkpoint = fcn.load_checkpoint(tiny_checkpoint_in_memory())
+    images = [np.random.default_rng(i).integers(0, 256, (40, 50, 3), dtype=np.uint8) for i in range(5)]
+    for batch_pixels, passes in ((None, [5]), (2 * 40 * 50, [2, 2, 1]), (40 * 50 - 1, [1] * 5)):
+        predictor = fcn.Predictor.from_checkpoint(checkpoint, device="cpu", batch_pixels=batch_pixels)
+        seen: list[int] = []
+        hook = predictor.model.register_forward_hook(lambda module, inputs, output: seen.append(len(inputs[0])))
+        predictor.predict_batch(images, statistics=True)
+        hook.remove()
+        assert seen == passes

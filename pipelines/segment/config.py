@@ -36,7 +36,7 @@ class SegmentConfig:
     cpus_per_actor: float = _option(2.0, "CPUs (= torch threads) per CPU actor")
     device: str = _option("auto", "auto: CUDA if the cluster has GPUs", choices=DEVICES)
     precision: str = _option("auto", "auto: bf16 autocast + channels_last on CUDA, fp32 on CPU", choices=PRECISIONS)
-    batch_size: int = _option(16, "images per forward pass of an FCN actor (equal sizes are stacked)")
+    batch_size: int = _option(16, "images per FCN actor call; equal sizes share forward passes (on CPUs of at most 128 Kpx)")
     block_rows: int = _option(256, "most images per Ray Data block, i.e. per read/decode task")
     block_megabytes: float = _option(32.0, "most encoded source megabytes per block")
     gpu_decode: bool = _option(True, "CUDA actors decode baseline JPEGs on the GPU (nvJPEG); others decode on CPU workers")

@@ -241,9 +241,6 @@ def _segment_on_ray(
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=1 if use_gpus else config.cpus_per_actor,
         num_gpus=1 if use_gpus else None,
-        # CPU actors: torch's OpenMP threads sleep instead of spinning between layers, leaving the
-        # cores to the decoding and writing stages beside them.
-        runtime_env=None if use_gpus else {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}},
         fn_constructor_kwargs={
             "model_uri": model.uri,
             "storage_options": config.storage_options,

@@ -25,6 +25,10 @@ from pipelines.decode import decode_image, device_jpeg_orientation, orient
 from pipelines.masks import encode_mask, encode_overlay
 from pipelines.segment.model import ModelInfo
 
+CPU_FORWARD_PIXELS = 1 << 17
+"""Pixels stacked into one forward pass on a CPU: measured on FCN-8s, 128 px images run 1.7x faster
+stacked 8 at a time than alone, while stacks of 16 256 px or 500 px images run 1.2-1.3x slower
+than 2 or 1 (their activations leave the caches). GPUs take the predictor's default (4 Mpx)."""
 PERMANENT_IO_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)  # never retried
 MASKS_DIR = "masks"
 OVERLAYS_DIR = "overlays"
@@ -168,6 +172,7 @@ class Segmenter:
             device=device,
             bf16=precision == "bf16" or (precision == "auto" and self.cuda),
             channels_last=self.cuda,
+            batch_pixels=None if self.cuda else CPU_FORWARD_PIXELS,
         )
         self.max_image_pixels = max_image_pixels
         self.keep_pixels = keep_pixels  # overlays need the RGB pixels downstream

@@ -66,6 +66,8 @@ class Predictor:
     ``bf16`` runs the network under bfloat16 autocast (CUDA or CPU), ``channels_last`` uses the NHWC
     memory format (useful on CUDA tensor cores). ``max_pixels`` is the largest image run whole;
     ``tile_size`` (rounded down to the output stride) bounds the input tile of tiled inference.
+    ``batch_pixels`` bounds the pixels of equal-size images stacked into one forward pass (default:
+    ``max_pixels``; CPUs run best with small stacks that stay in cache, GPUs with large ones).
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class Predictor:
         channels_last: bool = False,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         tile_size: int = DEFAULT_TILE_SIZE,
+        batch_pixels: int | None = None,
     ) -> None:
         missing = [a for a in ("num_classes", "receptive_field", "output_stride") if not hasattr(model, a)]
         if missing:
@@ -96,6 +99,7 @@ class Predictor:
         if max_pixels < 1:
             raise ValueError(f"max_pixels must be positive, got {max_pixels}")
         self.max_pixels = int(max_pixels)
+        self.batch_pixels = int(batch_pixels or max_pixels)
         self.num_classes = int(model.num_classes)
         self.label_dtype = np.uint8 if self.num_classes <= 256 else np.int32
         memory_format = torch.channels_last if self.channels_last else torch.preserve_format
@@ -130,7 +134,7 @@ class Predictor:
             else:
                 same_size[(height, width)].append(index)
         for (height, width), indices in same_size.items():
-            per_pass = max(1, self.max_pixels // (height * width))
+            per_pass = max(1, self.batch_pixels // (height * width))
             for chunk in (indices[k : k + per_pass] for k in range(0, len(indices), per_pass)):
                 batch = torch.stack([self.convention.to_tensor(pixels[i], self.device) for i in chunk])
                 outputs = self._decode(self._logits(batch), confidence, statistics)
