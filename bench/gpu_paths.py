@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
     root = tempfile.mkdtemp(prefix="gpu-paths-")
     fs = fsspec.filesystem("file")
+    fs.makedirs(f"{root}/in", exist_ok=True)
     fs.pipe({f"{root}/in/img{i:04d}.jpg": data for i, data in enumerate(jpegs)})
     save_checkpoint(model.cpu(), f"{root}/model.pt", class_names=list(SYNTHETIC_CLASSES))
     sources = pa.Table.from_pylist(list_images(f"{root}/in", {}).images, schema=SOURCE_SCHEMA)
