@@ -18,6 +18,7 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
 )
 GLOB_CHARS = "*?["
+MAX_KEY_SEGMENT_BYTES = 250  # file systems allow 255 per name; outputs add ".png" / ".jpg"
 _STAT_THREADS = 32
 
 
@@ -115,8 +116,38 @@ def _list_manifest(fs: fsspec.AbstractFileSystem, path: str, storage_options: di
     return Listing(prefix=fs.unstrip_protocol(prefix) if prefix else "", kind="manifest", images=images, ignored=0)
 
 
+def unsafe_key_reason(key: str) -> str | None:
+    """Why an image key cannot name an output file under the output prefix, or None if it can.
+
+    Keys are object names relative to the input prefix, kept as they are (``in/x.png`` and
+    ``in//x.png`` are two objects); a key is written as ``masks/<key>.png`` only if each of its
+    segments is a plain name: not empty, not ``.`` or ``..``, no backslash or control character, at
+    most ``MAX_KEY_SEGMENT_BYTES`` bytes.
+    """
+    for segment in key.split("/"):
+        if not segment:
+            return f"key {key!r} has an empty path segment"
+        if segment in (".", ".."):
+            return f"key {key!r} has a {segment!r} path segment"
+        if "\\" in segment:
+            return f"key {key!r} contains a backslash"
+        if any(ord(c) < 32 or ord(c) == 127 for c in segment):
+            return f"key {key!r} contains a control character"
+        if len(segment.encode()) > MAX_KEY_SEGMENT_BYTES:
+            return f"key {key[:60]!r}... has a path segment of {len(segment.encode())} bytes (at most {MAX_KEY_SEGMENT_BYTES})"
+    return None
+
+
+def _relative_key(path: str, prefix: str) -> str:
+    """``path`` relative to ``prefix`` exactly as named (no normalisation: ``./`` or ``//`` inside an
+    object name stay, so distinct objects keep distinct keys)."""
+    if path.startswith(prefix + "/"):
+        return path[len(prefix) + 1 :]
+    return posixpath.relpath(path, prefix)
+
+
 def _record(fs: fsspec.AbstractFileSystem, path: str, info: dict[str, Any], prefix: str) -> dict[str, Any]:
-    key = posixpath.relpath(path, prefix) if prefix else fs.unstrip_protocol(path).replace("://", "/", 1)
+    key = _relative_key(path, prefix.rstrip("/")) if prefix else fs.unstrip_protocol(path).replace("://", "/", 1)
     etag = info.get("ETag") or info.get("etag")
     return {
         "image_uri": fs.unstrip_protocol(path),
@@ -152,5 +183,6 @@ def _is_image(path: str) -> bool:
 
 
 def _hidden(key: str) -> bool:
-    """True for hidden files and folders below the prefix (``.name``): tools' side files, temp files."""
-    return any(part.startswith(".") for part in key.split("/"))
+    """True for hidden files and folders below the prefix (``.name``): tools' side files, temp files.
+    ``.`` and ``..`` segments are not hidden names: such keys are listed (and refused when written)."""
+    return any(part.startswith(".") and part not in (".", "..") for part in key.split("/"))

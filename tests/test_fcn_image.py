@@ -66,9 +66,16 @@ def test_alpha_is_composited_over_the_background() -> None:
     _check(to_rgb_array(la), np.repeat(grey_expected[:, :, None], 3, 2).astype(np.uint8))
 
 
-def test_cmyk_is_converted_by_pillow() -> None:
-    cmyk = Image.fromarray(RGB).convert("CMYK")
-    _check(to_rgb_array(cmyk), np.asarray(cmyk.convert("RGB")))
+def test_cmyk_is_converted_to_what_the_inks_leave() -> None:
+    """Each channel keeps the light that neither its ink nor black absorbs: (255 - C)(255 - K) / 255,
+    computed here from the ink values, not by Pillow."""
+    rng = np.random.default_rng(4)
+    inks = rng.integers(0, 256, (5, 7, 4), dtype=np.uint8)
+    cmyk = Image.frombytes("CMYK", (7, 5), inks.tobytes())
+    light = 255.0 - inks[:, :, :3].astype(float)
+    expected = light * (255.0 - inks[:, :, 3:].astype(float)) / 255.0
+    got = to_rgb_array(cmyk).astype(float)
+    assert got.shape == (5, 7, 3) and np.abs(got - expected).max() <= 1.0
 
 
 def test_sixteen_bit_png_scales_to_eight_bits() -> None:

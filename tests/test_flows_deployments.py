@@ -271,8 +271,19 @@ def test_nightly_retrain_deployment_promotes_a_champion_and_resegments(
     assert first.end_time <= second.start_time, (first.start_time, first.end_time, second.start_time)
     assert registry.list_versions(registry_uri) == ["v0001", "v0002"]
 
+    # The second run must promote v0002 exactly when its mean IU beats v0001's, re-scored on the same
+    # validation split, by more than the margin (0): its decision names both numbers.
+    second_summary = _artifact(served, second_id, "nightly-retrain")
+    decision = re.search(r"candidate mean IU ([0-9.]+) (>|<=) champion v0001 ([0-9.]+) \+ margin 0\.0", second_summary)
+    assert decision, second_summary
+    candidate_iu, champion_iu = float(decision.group(1)), float(decision.group(3))
+    assert candidate_iu == pytest.approx(registry.read_version(registry_uri, "v0002")["metrics"]["mean_iu"], abs=1e-4)
+    assert champion_iu == pytest.approx(registry.read_version(registry_uri, "v0001")["metrics"]["mean_iu"], abs=1e-4)
+    assert (decision.group(2) == ">") == (candidate_iu > champion_iu)
+    expected = "v0002" if decision.group(2) == ">" else "v0001"
     champion = registry.get_champion(registry_uri)
-    assert champion is not None and champion["version"] in ("v0001", "v0002")
+    assert champion is not None and champion["version"] == expected
+    assert ("promoted v0002" in second_summary) == (expected == "v0002")
     assert fsspec.open(champion["checkpoint"]).fs.exists(champion["checkpoint"])
     assert (output / "_SUCCESS").is_file()
     assert pq.read_table(output / "stats").num_rows == 6

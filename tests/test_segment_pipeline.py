@@ -185,14 +185,26 @@ def test_interrupted_run_resumes_with_each_image_once(ray_cluster: None, tmp_pat
     finally:
         driver.wait(30)
     assert not (output / "_SUCCESS").exists()  # the stale marker was removed at the start
+    settled, seen = time.monotonic(), None
+    while time.monotonic() - settled < 3:  # a writer of the dead driver's job may finish one last part
+        parts = sorted((output / "stats").glob("*.parquet"))
+        if parts != seen:
+            settled, seen = time.monotonic(), parts
+        time.sleep(0.2)
     partial = _stats(str(output))
-    assert 0 < partial.num_rows < len(files)
+    finished = {row["key"]: row["run_id"] for row in partial.to_pylist() if row["status"] == "ok"}
+    assert 0 < len(finished) < len(files)
 
     config = _config(str(tmp_path / "in"), str(output), model)
     summary = run_segmentation(config)
 
-    assert summary.skipped >= partial.num_rows - 1 and summary.ok + summary.skipped == len(files)
-    _check_one_row_per_key(_stats(str(output)), set(files))
+    # every image the first run finished is skipped, none is redone, and only the others are segmented
+    assert (summary.skipped, summary.ok) == (len(finished), len(files) - len(finished))
+    final = _stats(str(output))
+    _check_one_row_per_key(final, set(files))
+    runs = {row["key"]: row["run_id"] for row in final.to_pylist()}
+    assert {key: runs[key] for key in finished} == finished
+    assert {runs[key] for key in set(files) - set(finished)} == {summary.run_id}
     assert (output / "_SUCCESS").exists()
     again = run_segmentation(config)  # nothing left to do: no Ray work, a fresh manifest and _SUCCESS
     assert (again.ok, again.error, again.skipped) == (0, 0, len(files))
@@ -272,3 +284,68 @@ def test_progress_counts_images_as_actors_segment_them(
     assert "4/9 images (44.4%) | written: ok 0 error 0" in shown
     assert result["summary"].ok == 9
     assert "9/9 images (100.0%) | written: ok 9 error 0" in shown.split("\r")[-1]
+
+
+def test_hostile_s3_keys_get_one_row_each_and_nothing_lands_outside_the_output(ray_cluster: None, s3_bucket: str, tmp_path: Path) -> None:
+    """Object names with '.', '..', empty segments, backslashes and control characters: every object
+    gets one row; those that cannot name a file under the output are 'key:' error rows, and
+    ``in/x.png`` and ``in//x.png`` never share a mask."""
+    import s3fs
+
+    image = next(iter(good_images(seed=2, count=1).values()))
+    keys = ["ok.png", "x.png", "/x.png", "./dot.png", "/double.png", "../../../escape.png",
+            "a/../../../../escape2.png", "back\\slash.png", "tab\there.png"]  # fmt: skip
+    fs = s3fs.S3FileSystem()
+    for key in keys:
+        fs.pipe_file(f"{s3_bucket.removeprefix('s3://')}/in/{key}", image)
+    model = tiny_checkpoint(str(tmp_path / "model.pt"), num_classes=NUM_CLASSES)
+    sandbox = tmp_path / "sandbox"
+    output = sandbox / "deep" / "out"
+
+    summary = run_segmentation(_config(f"{s3_bucket}/in", f"file://{output}", model))
+
+    assert (summary.listed, summary.ok, summary.error) == (len(keys), 2, len(keys) - 2)
+    table = _stats(f"file://{output}")
+    _check_one_row_per_key(table, set(keys))
+    for row in table.to_pylist():
+        if row["key"] in ("ok.png", "x.png"):
+            assert row["status"] == "ok" and Path(row["mask_uri"].removeprefix("file://")).is_file()
+        else:
+            assert row["status"] == "error" and row["error"].startswith("key: ") and row["mask_uri"] is None, row
+    written = {p.relative_to(sandbox).as_posix() for p in sandbox.rglob("*") if p.is_file()}
+    assert all(p.startswith("deep/out/") for p in written), written
+    assert {p for p in written if "/masks/" in p} == {"deep/out/masks/ok.png.png", "deep/out/masks/x.png.png"}
+
+
+def test_sigint_exits_130_and_the_same_command_resumes(ray_cluster: None, tmp_path: Path) -> None:
+    import ray
+
+    model = tiny_checkpoint(str(tmp_path / "model.pt"), num_classes=NUM_CLASSES)
+    files = good_images(seed=13, count=24)
+    upload(str(tmp_path / "in"), files)
+    output = tmp_path / "out"
+    command = [sys.executable, "-m", "pipelines.segment", "--input", str(tmp_path / "in"), "--output", str(output),
+               "--model", model, "--ray-address", ray.get_runtime_context().gcs_address,
+               "--actors", "1", "--cpus-per-actor", "1", "--batch-size", "1", "--rows-per-file", "1"]  # fmt: skip
+    driver = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((output / "stats").glob("*.parquet")):
+            assert driver.poll() is None, driver.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, "no stats part file appeared"
+            time.sleep(0.05)
+        driver.send_signal(signal.SIGINT)  # Ctrl-C
+        _, stderr = driver.communicate(timeout=60)
+    finally:
+        driver.kill()
+    assert driver.returncode == 130, stderr[-2000:]
+    assert "interrupted: rerun the same command to resume" in stderr and "Traceback" not in stderr
+    assert not (output / "_SUCCESS").exists()
+
+    rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    summary = json.loads(rerun.stdout)
+    assert summary["skipped"] > 0 and summary["ok"] + summary["skipped"] == len(files)
+    _check_one_row_per_key(_stats(str(output)), set(files))
+    assert (output / "_SUCCESS").exists()

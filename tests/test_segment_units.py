@@ -311,3 +311,67 @@ def test_overlay_tints_objects_and_leaves_background_untouched() -> None:
     overlay = np.asarray(Image.open(io.BytesIO(encode_overlay(rgb, labels, palette))).convert("RGB")).astype(int)
     assert np.abs(overlay[:, :2] - 200).max() <= 3  # background keeps the photo (JPEG tolerance)
     assert overlay[:, 6:, 0].mean() > overlay[:, 6:, 1].mean() + 60  # class 1 is tinted red
+
+
+# --- hostile keys and unusable outputs ----------------------------------------------------------
+
+
+HOSTILE_KEYS = {
+    "./dot.png": "'.' path segment",
+    "/double.png": "empty path segment",
+    "../../../escape.png": "'..' path segment",
+    "a/../../../../escape2.png": "'..' path segment",
+    "back\\slash.png": "backslash",
+    "tab\there.png": "control character",
+    "x" * 251 + ".png": "path segment of 255 bytes",
+}
+
+
+@pytest.mark.parametrize("key", sorted(HOSTILE_KEYS))
+def test_keys_that_would_leave_the_output_folder_are_named_and_never_become_paths(key: str) -> None:
+    from pipelines.listing import unsafe_key_reason
+    from pipelines.segment.stages import output_path
+
+    assert HOSTILE_KEYS[key] in unsafe_key_reason(key)
+    with pytest.raises(ValueError, match="key"):
+        output_path("/out", "masks", key, ".png")
+    assert unsafe_key_reason("photos/2026/a b.png") is None
+    assert output_path("/out", "masks", "photos/a.jpg", ".png") == "/out/masks/photos/a.jpg.png"
+
+
+def test_local_and_manifest_inputs_list_every_file_and_refuse_unsafe_keys_unread(tmp_path: Path) -> None:
+    """Local files may carry backslashes, control characters and long names: each is listed with
+    its own key and becomes a 'key:' error row without being read."""
+    from pipelines.segment.stages import SOURCE_SCHEMA, load_images
+
+    good = next(iter(good_images(count=1).values()))
+    names = ["ok.png", "back\\slash.png", "tab\there.png", "x" * 251 + ".png"]
+    for name in names:
+        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / name).write_bytes(good)
+    (tmp_path / "in" / "todo.txt").write_text("".join(f"{name}\n" for name in names if "\n" not in name))
+    for uri in (str(tmp_path / "in"), str(tmp_path / "in" / "todo.txt")):
+        listing = list_images(uri, {})
+        assert sorted(image["key"] for image in listing.images) == sorted(names)
+        sources = pa.Table.from_pylist(listing.images, schema=SOURCE_SCHEMA)
+        loaded = load_images(sources, storage_options={}, retries=0, max_image_pixels=10**8, device_jpegs=False)
+        rows = {row["key"]: row for row in loaded.select(["key", "error", "read_ms", "width"]).to_pylist()}
+        assert rows["ok.png"]["error"] is None and rows["ok.png"]["width"] == 64
+        for name in names[1:]:
+            assert rows[name]["error"].startswith("key: ") and rows[name]["read_ms"] is None  # never read
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_image(
+    folder: Path, tmp_path: Path, checkpoint: str, s3_endpoint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import fsspec as fsspec_
+
+    (tmp_path / "a-file").write_text("not a folder")
+    for output, reason in ((str(tmp_path / "a-file" / "out"), "NotADirectoryError"),
+                           ("s3://no-such-bucket-here/out", "FileNotFoundError")):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--input", str(folder), "--output", output, "--model", checkpoint])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "--output: cannot write to" in err and reason in err, err
+    assert not fsspec_.filesystem("s3", skip_instance_cache=True).exists("no-such-bucket-here")  # not created

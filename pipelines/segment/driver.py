@@ -20,6 +20,7 @@ from typing import Any
 
 import fsspec
 import pyarrow as pa
+from fsspec.implementations.local import LocalFileSystem
 
 from pipelines import stats as stats_table
 from pipelines.listing import InputError, list_images
@@ -95,6 +96,7 @@ def run_segmentation(config: SegmentConfig) -> SegmentSummary:
         raise ConfigError(flag("input"), str(error)) from None
     except (OSError, ValueError) as error:
         raise ConfigError(flag("input"), f"cannot list {config.input}: {type(error).__name__}: {error}") from None
+    _check_writable(out_fs, out_root, run_id)
 
     def plan() -> tuple[ModelInfo, set[str]]:
         """The model's description and the keys already done (on a thread, while Ray starts)."""
@@ -160,6 +162,20 @@ def run_segmentation(config: SegmentConfig) -> SegmentSummary:
         summary.end_to_end_images_per_second,
     )
     return summary
+
+
+def _check_writable(fs: fsspec.AbstractFileSystem, root: str, run_id: str) -> None:
+    """Write and remove a hidden probe file under the output, so that an output that cannot be written
+    (permission denied, a bucket that does not exist) fails before any image is processed. Folders are
+    created on local disks only: on object stores a missing bucket is an error, not created."""
+    probe = f"{root}/.write-check-{run_id}"
+    try:
+        if isinstance(fs, LocalFileSystem):
+            fs.makedirs(root, exist_ok=True)
+        fs.pipe_file(probe, b"")
+        fs.rm_file(probe)
+    except Exception as error:  # noqa: BLE001 - any failure means the output is unusable
+        raise ConfigError(flag("output"), f"cannot write to {fs.unstrip_protocol(root)}: {type(error).__name__}: {error}") from None
 
 
 def _steady_rate(run: _RayRun) -> float:

@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from pipelines import stats as stats_table
 from pipelines.decode import decode_image, device_jpeg_orientation, orient
+from pipelines.listing import unsafe_key_reason
 from pipelines.masks import encode_mask, encode_overlay
 from pipelines.segment.model import ModelInfo
 
@@ -88,32 +89,37 @@ def load_images(
     from PIL import Image
 
     Image.MAX_IMAGE_PIXELS = None  # the decoders apply --max-image-pixels themselves, naming the flag
-    fetched = read_sources(batch, storage_options=storage_options, retries=retries)
     n = batch.num_rows
-    errors = fetched["read_error"].to_pylist()
+    errors: list[str | None] = [None if reason is None else f"key: {reason}" for reason in map(unsafe_key_reason, batch["key"].to_pylist())]
+    safe = [i for i in range(n) if errors[i] is None]  # keys that cannot name an output are not even read
+    fetched = read_sources(batch.take(safe), storage_options=storage_options, retries=retries)
+    data: list[bytes | None] = [None] * n
+    read_ms: list[float | None] = [None] * n
+    for i, content, error, ms in zip(safe, fetched["data"].to_pylist(), fetched["read_error"].to_pylist(), fetched["read_ms"].to_pylist()):
+        data[i], errors[i], read_ms[i] = content, error, ms
     pixels: list[memoryview | None] = [None] * n
     jpegs: list[bytes | None] = [None] * n
     orientations: list[int | None] = [None] * n
     heights: list[int | None] = [None] * n
     widths: list[int | None] = [None] * n
     decode_ms: list[float | None] = [None] * n
-    for i, data in enumerate(fetched["data"].to_pylist()):
+    for i, content in enumerate(data):
         if errors[i] is not None:
             continue
         start = time.perf_counter()
         try:
-            orientation = device_jpeg_orientation(data, max_pixels=max_image_pixels) if device_jpegs else None
+            orientation = device_jpeg_orientation(content, max_pixels=max_image_pixels) if device_jpegs else None
             if orientation is not None:
-                jpegs[i], orientations[i] = data, orientation
+                jpegs[i], orientations[i] = content, orientation
                 continue
-            rgb = decode_image(data, max_pixels=max_image_pixels)
+            rgb = decode_image(content, max_pixels=max_image_pixels)
         except Exception as error:  # noqa: BLE001 - DecodeError, or anything Pillow raises
             errors[i] = f"decode: {error}"
             continue
         pixels[i] = memoryview(rgb).cast("B")
         heights[i], widths[i] = rgb.shape[:2]
         decode_ms[i] = (time.perf_counter() - start) * 1000
-    return batch.append_column("read_ms", fetched["read_ms"]).append_column("error", pa.array(errors, pa.string())).append_column(
+    return batch.append_column("read_ms", pa.array(read_ms, pa.float64())).append_column("error", pa.array(errors, pa.string())).append_column(
         "pixels", pa.array(pixels, pa.large_binary())
     ).append_column("jpeg", pa.array(jpegs, pa.large_binary())).append_column(
         "orientation", pa.array(orientations, pa.int8())
@@ -317,12 +323,12 @@ def store_results(
         start = time.perf_counter()
         try:
             label_map = np.frombuffer(labels[i], _label_dtype(labels[i], heights[i], widths[i])).reshape(heights[i], widths[i])
-            mask_path = f"{root}/{MASKS_DIR}/{keys[i]}.png"
+            mask_path = output_path(root, MASKS_DIR, keys[i], ".png")
             files[mask_path], owners[mask_path] = encode_mask(label_map, model.palette), i
             mask_uris[i] = fs.unstrip_protocol(mask_path)
             if pixels[i] is not None:
                 rgb = np.frombuffer(pixels[i], np.uint8).reshape(heights[i], widths[i], 3)
-                overlay_path = f"{root}/{OVERLAYS_DIR}/{keys[i]}.jpg"
+                overlay_path = output_path(root, OVERLAYS_DIR, keys[i], ".jpg")
                 files[overlay_path], owners[overlay_path] = encode_overlay(rgb, label_map, model.palette), i
                 overlay_uris[i] = fs.unstrip_protocol(overlay_path)
         except Exception as error:  # noqa: BLE001
@@ -372,6 +378,15 @@ def store_results(
 
 _LOADED_COLUMNS = {"pixels", "jpeg", "orientation", "error", "height", "width", "decode_ms"}
 """Columns of ``load_images`` that the Segmenter consumes and replaces."""
+
+
+def output_path(root: str, folder: str, key: str, suffix: str) -> str:
+    """``<root>/<folder>/<key><suffix>``; ValueError for a key that would not stay inside that folder
+    or name a file of its own (see ``pipelines.listing.unsafe_key_reason``)."""
+    reason = unsafe_key_reason(key)
+    if reason:
+        raise ValueError(reason)
+    return f"{root}/{folder}/{key}{suffix}"
 
 
 def _buffers(column: pa.ChunkedArray) -> list[memoryview | None]:
