@@ -191,9 +191,15 @@ def publish(params: SegmentBucketParams, summary: SegmentSummary, stats: pa.Tabl
     return report_uri
 
 
+def shown_parameters(params: dict[str, Any]) -> dict[str, Any]:
+    """Parameters as artifacts show them: storage options by their names only, since their values may
+    hold credentials."""
+    return {k: sorted(v) if k == "storage_options" and isinstance(v, dict) else v for k, v in params.items()}
+
+
 def failure_artifact(flow_name: str, params: dict[str, Any], error: BaseException) -> None:
     """Record a failed run as a markdown artifact, so every run leaves one."""
-    rows = "".join(f"| {k} | `{v}` |\n" for k, v in params.items())
+    rows = "".join(f"| {k} | `{v}` |\n" for k, v in shown_parameters(params).items())
     create_markdown_artifact(
         f"# {flow_name}: failed\n\n**Error:** {type(error).__name__}: {error}\n\n"
         f"| parameter | value |\n|---|---|\n{rows}",

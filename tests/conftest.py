@@ -14,6 +14,13 @@ from typing import Any
 import pytest
 
 
+# Distinctive credentials (moto accepts any): tests search outputs and logs for them.
+ENV_SECRET = "env-secret-4f9b27c1"
+ENV_TOKEN = "env-session-token-8d13e5a0"
+OPTION_SECRET = "option-secret-c6a2f471"
+SECRETS = (ENV_SECRET, ENV_TOKEN, OPTION_SECRET)
+
+
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that is free right now."""
     with socket.socket() as sock:
@@ -38,7 +45,8 @@ def s3_endpoint() -> Iterator[str]:
     os.environ.update(
         {
             "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_SECRET_ACCESS_KEY": ENV_SECRET,
+            "AWS_SESSION_TOKEN": ENV_TOKEN,
             "AWS_DEFAULT_REGION": "us-east-1",
             "FSSPEC_S3_ENDPOINT_URL": endpoint,
             "AWS_ENDPOINT_URL": endpoint,
@@ -58,6 +66,7 @@ def s3_endpoint() -> Iterator[str]:
 _S3_ENV = (
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
     "AWS_DEFAULT_REGION",
     "FSSPEC_S3_ENDPOINT_URL",
     "AWS_ENDPOINT_URL",
@@ -86,7 +95,7 @@ def private_s3_options(s3_endpoint: str) -> Iterator[dict[str, Any]]:
                 raise RuntimeError(f"moto server on {endpoint} did not start") from None
             time.sleep(0.2)
     try:
-        yield {"endpoint_url": endpoint, "key": "private", "secret": "private"}
+        yield {"endpoint_url": endpoint, "key": "private", "secret": OPTION_SECRET}
     finally:
         server.terminate()
         server.wait(timeout=30)

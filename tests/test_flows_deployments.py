@@ -239,6 +239,19 @@ def test_segment_bucket_deployment_runs_from_the_cli(served: dict[str, str], ray
     assert "| ok | 5 |" in summary and "| error | 0 |" in summary
     assert f"{output}/report.html" in summary
     assert not fsspec.filesystem("s3", skip_instance_cache=True).exists("deployed")  # not via the environment
+    # Credentials from the environment and from storage_options (which Prefect keeps as a parameter, as
+    # the README warns) reach neither the run's logs, its artifacts, the report nor the serving log.
+    from conftest import SECRETS
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
+
+    with _client(served) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+    assert logs and artifacts
+    texts = {"logs": "\n".join(log.message for log in logs), "artifacts": "\n".join(str(a.data) for a in artifacts),
+             "report.html": page, "serve.log": Path(served["_SERVE_LOG"]).read_text()}  # fmt: skip
+    for secret in SECRETS:
+        assert not [name for name, text in texts.items() if secret in text], secret
 
 
 def test_bad_parameter_is_rejected_by_the_deployment_schema(served: dict[str, str]) -> None:

@@ -169,3 +169,11 @@ def test_nightly_retrain_cross_field_check_and_summary() -> None:
     assert "| mean_iu | 0.4000 | 0.3000 |" in text
     kept = summary_markdown(NightlyRetrainParams(**fields), candidate, Decision(False, "first", None), False, None)
     assert "champion kept" in kept and "| mean_iu | 0.4000 | - |" in kept
+
+
+def test_failure_artifacts_show_storage_options_by_name_only() -> None:
+    from flows.segment_bucket import shown_parameters
+
+    shown = shown_parameters({"input": "s3://b/in", "storage_options": {"key": "AKIA", "secret": "s3cr3t", "endpoint_url": "http://x"}})
+    assert shown == {"input": "s3://b/in", "storage_options": ["endpoint_url", "key", "secret"]}
+    assert "s3cr3t" not in repr(shown)

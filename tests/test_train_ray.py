@@ -22,6 +22,7 @@ from pipelines.train import SCORES, TrainConfig, TrainSummary, run_evaluation, r
 from test_train_data import BAD, corrupt
 
 SMALL = {"model": "fcn8s_vgg16", "width": 1 / 16, "geometry": "aligned", "workers": 2}
+EPOCHS = 16
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +41,12 @@ def _read_json(uri: str) -> dict:
 
 def test_fcn8s_learns_registers_and_scores_consistently(ray_cluster: None, scenes: str, s3_bucket: str) -> None:
     reg = f"{s3_bucket}/registry"
-    config = TrainConfig(data=scenes, registry=reg, epochs=12, lr=3e-3, run_name="synthetic-8s", **SMALL)
+    config = TrainConfig(data=scenes, registry=reg, epochs=EPOCHS, lr=3e-3, run_name="synthetic-8s", **SMALL)
     first = run_training(config)
 
     # Shown, not claimed: mean IU 0.30+ on 6 classes, far above the all-background baseline (~0.14).
     history = first.history
-    assert [h["epoch"] for h in history] == list(range(1, 13))
+    assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
     assert first.metrics["mean_iu"] >= 0.30, first.metrics
     assert first.metrics["mean_iu"] > history[0]["mean_iu"] + 0.15
     # Bad samples skipped, counted, named with their reason; the run did not crash.
@@ -53,7 +54,7 @@ def test_fcn8s_learns_registers_and_scores_consistently(ray_cluster: None, scene
     for sample_id, reason in BAD.items():
         assert reason in first.skipped[sample_id]
     # A checkpoint in fcn's format and the metrics beside it, every epoch, in the registry's runs/.
-    for epoch in range(1, 13):
+    for epoch in range(1, EPOCHS + 1):
         folder = f"{reg}/runs/synthetic-8s/epoch-{epoch:04d}"
         metrics = _read_json(f"{folder}/metrics.json")
         assert all(0.0 <= metrics[k] <= 1.0 for k in SCORES) and metrics["world_size"] == 2
