@@ -92,7 +92,7 @@ def load_images(
     n = batch.num_rows
     errors: list[str | None] = [None if reason is None else f"key: {reason}" for reason in map(unsafe_key_reason, batch["key"].to_pylist())]
     safe = [i for i in range(n) if errors[i] is None]  # keys that cannot name an output are not even read
-    fetched = read_sources(batch.take(safe), storage_options=storage_options, retries=retries)
+    fetched = read_sources(batch.take(pa.array(safe, pa.int64())), storage_options=storage_options, retries=retries)
     data: list[bytes | None] = [None] * n
     read_ms: list[float | None] = [None] * n
     for i, content, error, ms in zip(safe, fetched["data"].to_pylist(), fetched["read_error"].to_pylist(), fetched["read_ms"].to_pylist()):
