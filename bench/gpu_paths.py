@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     info = describe_model(f"{root}/model.pt", {})
     schema = stats_table.stats_schema(info.class_names, info.palette, {})
     start = time.process_time()
-    store_results(segmented, output=f"{root}/out", storage_options={}, run_id="bench", model=info, schema=schema)
+    store_results(segmented, output=f"{root}/out", storage_options={}, run_id="bench", model=info, schema=schema, retries=0)
     store_cpu_ms = (time.process_time() - start) * 1000 / sources.num_rows
     results.update({"actor images/s": actor_rate, "load_images CPU ms/image (decode)": load_cpu_ms[False],
                     "load_images CPU ms/image (JPEGs left to the actor)": load_cpu_ms[True], "store_results CPU ms/image": store_cpu_ms})

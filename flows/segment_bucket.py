@@ -30,7 +30,8 @@ from flows.report import (
     write_text,
 )
 from pipelines.listing import list_images
-from pipelines.segment import DEVICES, PERMANENT_IO_ERRORS, PRECISIONS, SegmentConfig, SegmentSummary, run_segmentation
+from pipelines.segment import DEVICES, PRECISIONS, SegmentConfig, SegmentSummary, run_segmentation
+from pipelines.storage import PERMANENT_IO_ERRORS
 
 # The job's parameters: defaults and descriptions come from SegmentConfig, the single source of both.
 DEFAULT = SegmentConfig.default

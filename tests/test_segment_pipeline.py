@@ -382,3 +382,32 @@ def test_credentials_appear_in_no_output_and_no_log(ray_cluster: None, private_s
     for secret in SECRETS:
         leaks = [name for name, content in places.items() if secret.encode() in content]
         assert not leaks, f"{secret} found in {leaks}"
+
+
+def test_a_store_that_fails_the_first_puts_of_every_object_still_gets_every_mask_and_row(
+    ray_cluster: None, s3_endpoint: str, s3_bucket: str, tmp_path: Path
+) -> None:
+    """The first 6 PUTs of every object through a loopback proxy fail (500, 503 SlowDown, or a
+    connection reset mid-body, in turn): more than s3fs retries by itself (5 attempts, botocore's own
+    retries off), so the job's write retries are what saves the run. It completes, every image has
+    one row, every ok row's mask exists, and _SUCCESS is written."""
+    from faulty_proxy import FaultyProxy
+
+    files = good_images(seed=19, count=12)
+    upload(f"{s3_bucket}/in", files)
+    model = tiny_checkpoint(str(tmp_path / "model.pt"), num_classes=NUM_CLASSES)
+    proxy = FaultyProxy(s3_endpoint, failures=6)
+    try:
+        config = _config(f"{s3_bucket}/in", f"{s3_bucket}/out", model, rows_per_file=3,
+                         storage_options={"endpoint_url": proxy.url, "config_kwargs": {"retries": {"max_attempts": 1}}})  # fmt: skip
+        summary = run_segmentation(config)
+    finally:
+        proxy.close()
+
+    assert all(proxy.faults.values()), proxy.faults  # each kind of fault was injected
+    assert (summary.ok, summary.error) == (len(files), 0)
+    table = _stats(f"{s3_bucket}/out")
+    _check_one_row_per_key(table, set(files))
+    fs, root = fsspec.core.url_to_fs(f"{s3_bucket}/out")
+    assert all(fs.exists(uri) for uri in table["mask_uri"].to_pylist())
+    assert fs.isfile(f"{root}/_SUCCESS")

@@ -97,7 +97,7 @@ def test_store_writes_masks_and_one_parquet_part_with_the_statistics(bucket: tup
     segmented = _segment(model_uri, loaded)
     model = describe_model(model_uri, {})
     schema = stats_table.stats_schema(model.class_names, model.palette, {})
-    out = store_results(segmented, output=f"file://{tmp_path}/out", storage_options={}, run_id="r1", model=model, schema=schema)
+    out = store_results(segmented, output=f"file://{tmp_path}/out", storage_options={}, run_id="r1", model=model, schema=schema, retries=0)
 
     table = pq.read_table(tmp_path / "out" / "stats")
     assert table.schema.names == schema.names and table.num_rows == sources.num_rows == out.num_rows

@@ -10,8 +10,7 @@
 from pipelines.segment.cli import main
 from pipelines.segment.config import DEVICES, PRECISIONS, ConfigError, SegmentConfig
 from pipelines.segment.driver import SegmentSummary, run_segmentation
-from pipelines.segment.stages import PERMANENT_IO_ERRORS
 
 __all__ = [
-    "DEVICES", "PERMANENT_IO_ERRORS", "PRECISIONS", "ConfigError", "SegmentConfig", "SegmentSummary", "main", "run_segmentation",
+    "DEVICES", "PRECISIONS", "ConfigError", "SegmentConfig", "SegmentSummary", "main", "run_segmentation",
 ]

@@ -45,6 +45,7 @@ class SegmentConfig:
     max_image_pixels: int = _option(100_000_000, "refuse images whose header declares more pixels")
     rows_per_file: int = _option(256, "stats rows per Parquet part file")
     read_retries: int = _option(3, "retries of a failed read")
+    write_retries: int = _option(3, "retries of a failed write (masks, Parquet parts, manifest, _SUCCESS)")
     progress: bool | None = _option(None, "live progress bar (default: when stderr is a terminal)")
 
     def validate(self) -> None:
@@ -61,8 +62,10 @@ class SegmentConfig:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0):
                 raise ConfigError(flag(name), f"must be > 0, got {value}")
-        if not isinstance(self.read_retries, int) or self.read_retries < 0:
-            raise ConfigError(flag("read_retries"), f"must be >= 0, got {self.read_retries}")
+        for name in ("read_retries", "write_retries"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ConfigError(flag(name), f"must be >= 0, got {value}")
         if not isinstance(self.storage_options, dict):
             raise ConfigError(flag("storage_options"), "must be a JSON object")
 

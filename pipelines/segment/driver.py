@@ -29,6 +29,7 @@ from pipelines.ray_utils import connect
 from pipelines.segment import stages
 from pipelines.segment.config import ConfigError, SegmentConfig, flag
 from pipelines.segment.model import ModelInfo, checkpoint_exists, describe_model
+from pipelines.storage import with_retries
 
 logger = logging.getLogger("pipelines.segment")
 
@@ -96,7 +97,7 @@ def run_segmentation(config: SegmentConfig) -> SegmentSummary:
         raise ConfigError(flag("input"), str(error)) from None
     except (OSError, ValueError) as error:
         raise ConfigError(flag("input"), f"cannot list {config.input}: {type(error).__name__}: {error}") from None
-    _check_writable(out_fs, out_root, run_id)
+    _check_writable(out_fs, out_root, run_id, config.write_retries)
 
     def plan() -> tuple[ModelInfo, set[str]]:
         """The model's description and the keys already done (on a thread, while Ray starts)."""
@@ -154,8 +155,9 @@ def run_segmentation(config: SegmentConfig) -> SegmentSummary:
         "stats_rows": state.num_rows,
         "config": {k: v for k, v in asdict(config).items() if k != "storage_options"},
     }
-    stats_table.write_atomic(out_fs, f"{out_root}/{MANIFEST_FILE}", json.dumps(manifest, indent=2, default=str).encode())
-    stats_table.write_atomic(out_fs, success_path, json.dumps({"run_id": run_id}).encode())
+    manifest_bytes = json.dumps(manifest, indent=2, default=str).encode()
+    with_retries(lambda: stats_table.write_atomic(out_fs, f"{out_root}/{MANIFEST_FILE}", manifest_bytes), config.write_retries)
+    with_retries(lambda: stats_table.write_atomic(out_fs, success_path, json.dumps({"run_id": run_id}).encode()), config.write_retries)
     logger.info(
         "run %s finished: %d ok, %d error, %d skipped; start-up %.1f s, steady state %.2f images/s, end to end %.2f images/s",
         run_id, summary.ok, summary.error, summary.skipped, summary.startup_s, summary.images_per_second,
@@ -164,7 +166,7 @@ def run_segmentation(config: SegmentConfig) -> SegmentSummary:
     return summary
 
 
-def _check_writable(fs: fsspec.AbstractFileSystem, root: str, run_id: str) -> None:
+def _check_writable(fs: fsspec.AbstractFileSystem, root: str, run_id: str, retries: int) -> None:
     """Write and remove a hidden probe file under the output, so that an output that cannot be written
     (permission denied, a bucket that does not exist) fails before any image is processed. Folders are
     created on local disks only: on object stores a missing bucket is an error, not created."""
@@ -172,7 +174,7 @@ def _check_writable(fs: fsspec.AbstractFileSystem, root: str, run_id: str) -> No
     try:
         if isinstance(fs, LocalFileSystem):
             fs.makedirs(root, exist_ok=True)
-        fs.pipe_file(probe, b"")
+        with_retries(lambda: fs.pipe_file(probe, b""), retries)
         fs.rm_file(probe)
     except Exception as error:  # noqa: BLE001 - any failure means the output is unusable
         raise ConfigError(flag("output"), f"cannot write to {fs.unstrip_protocol(root)}: {type(error).__name__}: {error}") from None
@@ -273,7 +275,10 @@ def _segment_on_ray(
         stages.ResultWriter,
         batch_format="pyarrow",
         batch_size=config.rows_per_file,
-        fn_constructor_kwargs={"output": output, "storage_options": config.storage_options, "run_id": run_id, "model": model, "schema": schema},
+        fn_constructor_kwargs={
+            "output": output, "storage_options": config.storage_options, "run_id": run_id, "model": model,
+            "schema": schema, "retries": config.write_retries,
+        },  # fmt: skip
         udf_modifying_row_count=False,
         **cpu_stage,
     )

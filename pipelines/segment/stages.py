@@ -25,12 +25,12 @@ from pipelines.decode import decode_image, device_jpeg_orientation, orient
 from pipelines.listing import unsafe_key_reason
 from pipelines.masks import encode_mask, encode_overlay
 from pipelines.segment.model import ModelInfo
+from pipelines.storage import PERMANENT_IO_ERRORS, backoff_s, with_retries
 
 CPU_FORWARD_PIXELS = 1 << 17
 """Pixels stacked into one forward pass on a CPU: measured on FCN-8s, 128 px images run 1.7x faster
 stacked 8 at a time than alone, while stacks of 16 256 px or 500 px images run 1.2-1.3x slower
 than 2 or 1 (their activations leave the caches). GPUs take the predictor's default (4 Mpx)."""
-PERMANENT_IO_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)  # never retried
 MASKS_DIR = "masks"
 OVERLAYS_DIR = "overlays"
 STATS_DIR = "stats"
@@ -70,7 +70,7 @@ def read_sources(batch: pa.Table, *, storage_options: dict[str, Any], retries: i
             if not retry or attempt == retries:
                 break
             pending = retry
-            time.sleep(min(0.5 * 2**attempt, 10.0))
+            time.sleep(backoff_s(attempt))
     read_ms = (time.perf_counter() - start) * 1000 / max(len(uris), 1)
     return (
         batch.append_column("data", pa.array(data, pa.large_binary()))
@@ -300,10 +300,13 @@ def store_results(
     run_id: str,
     model: ModelInfo,
     schema: pa.Schema,
+    retries: int,
 ) -> pa.Table:
     """Encode the masks (and overlays, when ``pixels`` came along) of the segmented rows, write them,
-    then write the batch's stats as one Parquet file (written whole). Returns ``image_uri``,
-    ``status`` and ``error`` for the driver's progress."""
+    then write the batch's stats as one Parquet file (written whole). Writes are retried ``retries``
+    times; a mask that still cannot be written makes its row an error row, a Parquet part that cannot
+    be written fails the run (no ``_SUCCESS``; a rerun resumes). Returns ``image_uri``, ``status`` and
+    ``error`` for the driver's progress."""
     fs, root = fsspec.core.url_to_fs(output, **storage_options)
     root = root.rstrip("/")
     n = batch.num_rows
@@ -337,7 +340,7 @@ def store_results(
             continue
         write_ms[i] = (time.perf_counter() - start) * 1000
     start = time.perf_counter()
-    failures = _put_files(fs, files)
+    failures = _put_files(fs, files, retries)
     share_ms = (time.perf_counter() - start) * 1000 / max(len(set(owners.values())), 1)
     for path, reason in failures.items():
         i = owners[path]
@@ -372,7 +375,7 @@ def store_results(
     table = pa.Table.from_arrays(
         [columns[name] if name in columns else batch[name] for name in schema.names], schema=schema
     )
-    stats_table.write_part(f"{output.rstrip('/')}/{STATS_DIR}", table, run_id, storage_options)
+    with_retries(lambda: stats_table.write_part(f"{output.rstrip('/')}/{STATS_DIR}", table, run_id, storage_options), retries)
     return table.select(["image_uri", "status", "error"])
 
 
@@ -421,8 +424,9 @@ def _rgb_bytes(pixels: Any) -> memoryview | None:
     return memoryview(np.ascontiguousarray(pixels)).cast("B")
 
 
-def _put_files(fs: fsspec.AbstractFileSystem, files: dict[str, bytes]) -> dict[str, str]:
-    """Write all ``files`` (concurrently where the filesystem can); return {path: reason} of failures."""
+def _put_files(fs: fsspec.AbstractFileSystem, files: dict[str, bytes], retries: int) -> dict[str, str]:
+    """Write all ``files`` (concurrently where the filesystem can), then retry those that failed one by
+    one; return {path: reason} of the files that could not be written."""
     for parent in {path.rsplit("/", 1)[0] for path in files}:
         fs.makedirs(parent, exist_ok=True)
     try:
@@ -432,7 +436,7 @@ def _put_files(fs: fsspec.AbstractFileSystem, files: dict[str, bytes]) -> dict[s
         failures = {}
         for path, data in files.items():
             try:
-                fs.pipe_file(path, data)
+                with_retries(lambda path=path, data=data: fs.pipe_file(path, data), retries)
             except Exception as error:  # noqa: BLE001
                 failures[path] = f"{type(error).__name__}: {error}"
         return failures
