@@ -192,6 +192,13 @@ class TrainSummary:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+DIVERGED_FILE = "diverged.json"  # in the run's folder: where the loss stopped being finite
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: final (never retried like a worker failure)."""
+
+
 def run_training(config: TrainConfig) -> TrainSummary:
     """Train on Ray Train, register the best epoch and promote it if it beats the champion."""
     config.validate()
@@ -229,7 +236,17 @@ def run_training(config: TrainConfig) -> TrainSummary:
             ),
         ),
     )
+    marker_fs, marker = fsspec.core.url_to_fs(f"{runs_uri}/{run_name}/{DIVERGED_FILE}")
+    if marker_fs.exists(marker):
+        marker_fs.rm_file(marker)  # from an earlier attempt of this run name
     result = trainer.fit()
+    marker_fs.invalidate_cache()
+    if marker_fs.exists(marker):
+        where = json.loads(marker_fs.cat_file(marker))
+        raise TrainingDiverged(
+            f"run {run_name!r} diverged at epoch {where['epoch']}, step {where['step']}: loss is {where['loss']} "
+            f"(lr={where['lr']:g}); lower the learning rate. Nothing was registered."
+        )
     run_uri = f"{runs_uri}/{run_name}"
     history = read_run_history(run_uri)
     if not history:
@@ -477,8 +494,16 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, config.epochs):
         sampler.set_epoch(epoch)
         dataset.epoch = epoch
-        loss_sum, steps, skipped = _train_epoch(model, loader, optimizer, schedule, recipe.loss_reduction,
-                                                config.loss_sample_rate, loss_generator, device)  # fmt: skip
+        loss_sum, steps, skipped, diverged = _train_epoch(model, loader, optimizer, schedule, recipe.loss_reduction,
+                                                          config.loss_sample_rate, loss_generator, device)  # fmt: skip
+        divergences = _merge_across_workers({f"{rank:06d}": diverged} if diverged else {}, world)
+        if divergences:  # every rank stops here together: final, not a worker failure to retry
+            if rank == 0:
+                loss, step, lr = next(iter(divergences.values()))
+                marker = f"{config.registry.rstrip('/')}/runs/{loop_config['run_name']}/{DIVERGED_FILE}"
+                with fsspec.open(marker, "w") as f:
+                    json.dump({"epoch": epoch + 1, "step": step, "loss": repr(loss), "lr": lr}, f)
+            return
         hist, val_skipped = _validate(module, loop_config["val"], num_classes, convention, device, rank, world)
         totals = torch.tensor([loss_sum, steps], dtype=torch.float64)
         if world > 1:
@@ -522,8 +547,10 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
 
 def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, schedule: Any,
                  reduction: str, sample_rate: float, generator: torch.Generator,
-                 device: torch.device) -> tuple[float, int, dict[str, str]]:  # fmt: skip
-    """One pass over this worker's share; returns (summed loss, steps, bad samples seen).
+                 device: torch.device) -> tuple[float, int, dict[str, str], tuple[float, int, float] | None]:  # fmt: skip
+    """One pass over this worker's share; returns (summed loss, steps, bad samples seen, divergence):
+    the pass stops at the first non-finite loss, and divergence is (that loss, its step, the learning
+    rate), else None.
 
     Workers may take different numbers of steps (bad samples are skipped), so DDP's ``join`` keeps
     the gradient all-reduces matched.
@@ -543,20 +570,19 @@ def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Op
                 logits = model(images)
             loss = fcn.cross_entropy(logits.float(), targets, reduction=reduction, sample_rate=sample_rate,
                                      generator=generator)  # fmt: skip
-            if not torch.isfinite(loss):
-                lr = schedule.get_last_lr()[0]
-                raise FloatingPointError(f"loss is {loss.item()} at step {steps}; lower the learning rate (lr={lr:g})")
+            if not torch.isfinite(loss):  # the other ranks finish their pass under DDP's join
+                return loss_sum, steps, skipped, (float(loss.item()), steps, schedule.get_last_lr()[0])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
             loss_sum += loss.item()
             steps += 1
-    return loss_sum, steps, skipped
+    return loss_sum, steps, skipped, None
 
 
-def _merge_across_workers(local: dict[str, str], world: int) -> dict[str, str]:
-    """Union of every worker's dict (here: bad sample id -> reason), sorted by key."""
+def _merge_across_workers(local: dict[str, Any], world: int) -> dict[str, Any]:
+    """Union of every worker's dict (bad sample id -> reason, rank -> divergence), sorted by key."""
     parts = [local]
     if world > 1:
         parts = [{} for _ in range(world)]

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -21,6 +24,7 @@ from pipelines.synthetic import write_synthetic_voc
 from pipelines.train import SCORES, TrainConfig, TrainSummary, run_evaluation, run_training
 from test_train_data import BAD, corrupt
 
+REPO = Path(__file__).resolve().parents[1]
 SMALL = {"model": "fcn8s_vgg16", "width": 1 / 16, "geometry": "aligned", "workers": 2}
 EPOCHS = 16
 
@@ -147,3 +151,22 @@ def test_resumes_after_killed_worker_and_driver_restart(ray_cluster: None, tmp_p
     # Registered as a new version, but not promoted: it cannot beat the champion by a margin of 1.0.
     assert (again.version, again.promoted) == ("v0002", False)
     assert registry.get_champion(str(reg))["version"] == "v0001"
+
+
+def test_diverging_training_stops_at_once_with_exit_1_and_registers_nothing(ray_cluster: None, tmp_path: Path) -> None:
+    """A learning rate that blows the loss up, under --max-failures -1 (retry worker failures forever):
+    divergence is final, not a failure to retry. The command exits 1 naming the epoch and step, and
+    no version is registered."""
+    import ray
+
+    data, reg = tmp_path / "data", tmp_path / "registry"
+    write_synthetic_voc(str(data), num_images=16, seed=7, min_size=48, max_size=64)
+    run = subprocess.run(
+        [sys.executable, "-m", "pipelines.train", "--data", str(data), "--registry", str(reg), "--model", "fcn8s_vgg16",
+         "--width", "0.0625", "--geometry", "aligned", "--workers", "2", "--epochs", "3", "--lr", "1e8",
+         "--max-failures", "-1", "--run-name", "diverging", "--ray-address", ray.get_runtime_context().gcs_address],
+        cwd=REPO, capture_output=True, text=True, timeout=420,
+    )  # fmt: skip
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert re.search(r"training failed: TrainingDiverged: run 'diverging' diverged at epoch 1, step \d+: loss is (nan|inf)", run.stderr), run.stderr[-3000:]
+    assert registry.list_versions(str(reg)) == [] and registry.get_champion(str(reg)) is None
