@@ -57,6 +57,7 @@ logger = logging.getLogger("pipelines.train")
 SCORES = ("pixel_accuracy", "mean_accuracy", "mean_iu", "fw_iu")
 TRAIN_STATE_FILE = "train_state.pt"
 EPOCH_DIR = "epoch-{:04d}"
+HISTORY_DIR = "history"  # <run>/history/epoch-NNNN.json: every epoch's metrics, never pruned
 
 
 @dataclass(frozen=True)
@@ -207,6 +208,7 @@ def run_training(config: TrainConfig) -> TrainSummary:
         _check_all_samples(data.train + data.val, data.num_classes)
     run_name = config.run_name or f"{config.model}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     runs_uri = f"{config.registry.rstrip('/')}/runs"
+    run_uri = run_folder(config.registry, run_name)
     init = _load_init(config.init) if config.init else None
     convention = config.input_convention or (init["input_convention"] if init else "torchvision")
     connect(config.ray_address)
@@ -236,7 +238,7 @@ def run_training(config: TrainConfig) -> TrainSummary:
             ),
         ),
     )
-    marker_fs, marker = fsspec.core.url_to_fs(f"{runs_uri}/{run_name}/{DIVERGED_FILE}")
+    marker_fs, marker = fsspec.core.url_to_fs(f"{run_uri}/{DIVERGED_FILE}")
     if marker_fs.exists(marker):
         marker_fs.rm_file(marker)  # from an earlier attempt of this run name
     result = trainer.fit()
@@ -247,11 +249,10 @@ def run_training(config: TrainConfig) -> TrainSummary:
             f"run {run_name!r} diverged at epoch {where['epoch']}, step {where['step']}: loss is {where['loss']} "
             f"(lr={where['lr']:g}); lower the learning rate. Nothing was registered."
         )
-    run_uri = f"{runs_uri}/{run_name}"
     history = read_run_history(run_uri)
     if not history:
         raise RuntimeError(f"run {run_name!r} finished without a checkpoint under {run_uri}")
-    best = max(history, key=lambda m: -1.0 if math.isnan(m["mean_iu"]) else m["mean_iu"])
+    best = best_epoch(history)
     checkpoint_uri = f"{run_uri}/{EPOCH_DIR.format(best['epoch'])}/{registry.CHECKPOINT_FILE}"
     version, promoted = None, False
     if math.isfinite(best["mean_iu"]):
@@ -373,12 +374,25 @@ def _check_all_samples(samples: Sequence[Sample], num_classes: int) -> None:
         raise ValueError(f"strict: {len(problems)} bad samples: {shown}")
 
 
+def best_epoch(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The epoch with the highest validation mean IU (NaN lowest), the latest among equals: the one
+    Ray Train's ``CheckpointConfig(num_to_keep, checkpoint_score_attribute="mean_iu")`` keeps."""
+    return max(history, key=lambda m: (-1.0 if math.isnan(m["mean_iu"]) else m["mean_iu"], m["epoch"]))
+
+
+def run_folder(registry_uri: str, run_name: str) -> str:
+    """``<registry>/runs/<run>``: Ray Train's storage for the run, plus its history and markers."""
+    return f"{registry_uri.rstrip('/')}/runs/{run_name}"
+
+
 def read_run_history(run_uri: str) -> list[dict[str, Any]]:
-    """The metrics.json of every finished epoch of a run, in epoch order."""
+    """The metrics of every finished epoch of a run, in epoch order, from ``history/`` (which
+    ``--keep-checkpoints`` never prunes) and from the checkpoint folders (runs written before it)."""
     fs, root = fsspec.core.url_to_fs(run_uri)
     fs.invalidate_cache(root)
-    history = [json.loads(fs.cat_file(p)) for p in sorted(fs.glob(f"{root}/epoch-*/{registry.METRICS_FILE}"))]
-    return sorted(history, key=lambda m: m["epoch"])
+    files = fs.glob(f"{root}/epoch-*/{registry.METRICS_FILE}") + fs.glob(f"{root}/{HISTORY_DIR}/epoch-*.json")
+    by_epoch = {m["epoch"]: m for m in (json.loads(fs.cat_file(p)) for p in sorted(files))}
+    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
 
 
 def copy_matching_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
@@ -500,7 +514,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         if divergences:  # every rank stops here together: final, not a worker failure to retry
             if rank == 0:
                 loss, step, lr = next(iter(divergences.values()))
-                marker = f"{config.registry.rstrip('/')}/runs/{loop_config['run_name']}/{DIVERGED_FILE}"
+                marker = f"{run_folder(config.registry, loop_config['run_name'])}/{DIVERGED_FILE}"
                 with fsspec.open(marker, "w") as f:
                     json.dump({"epoch": epoch + 1, "step": step, "loss": repr(loss), "lr": lr}, f)
             return
@@ -542,6 +556,10 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             torch.save({"epoch": epoch + 1, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()},
                        os.path.join(folder, TRAIN_STATE_FILE))  # fmt: skip
 
+        if rank == 0:  # the history outlives the checkpoint folders that --keep-checkpoints prunes
+            fs, history = fsspec.core.url_to_fs(run_folder(config.registry, loop_config["run_name"]))
+            fs.makedirs(f"{history}/{HISTORY_DIR}", exist_ok=True)
+            registry.write_atomic(fs, f"{history}/{HISTORY_DIR}/{EPOCH_DIR.format(epoch + 1)}.json", json.dumps(metrics).encode())
         _report(metrics, EPOCH_DIR.format(epoch + 1), rank, write)
 
 

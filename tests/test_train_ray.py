@@ -170,3 +170,20 @@ def test_diverging_training_stops_at_once_with_exit_1_and_registers_nothing(ray_
     assert run.returncode == 1, run.stderr[-3000:]
     assert re.search(r"training failed: TrainingDiverged: run 'diverging' diverged at epoch 1, step \d+: loss is (nan|inf)", run.stderr), run.stderr[-3000:]
     assert registry.list_versions(str(reg)) == [] and registry.get_champion(str(reg)) is None
+
+
+def test_keep_checkpoints_prunes_folders_but_not_the_history(ray_cluster: None, tmp_path: Path) -> None:
+    """``--keep-checkpoints 1`` keeps the best epoch's folder (by mean IU) and the latest one (Ray
+    Train keeps it to resume from); every epoch's metrics stay in ``history/``, and the best epoch is
+    the one registered."""
+    data, reg = tmp_path / "data", tmp_path / "registry"
+    write_synthetic_voc(str(data), num_images=16, seed=9, min_size=48, max_size=64)
+    config = TrainConfig(data=str(data), registry=str(reg), epochs=4, lr=3e-3, run_name="pruned", keep_checkpoints=1, **SMALL)
+
+    summary = run_training(config)
+
+    assert [h["epoch"] for h in summary.history] == [1, 2, 3, 4]
+    best = max(summary.history, key=lambda h: (h["mean_iu"], h["epoch"]))["epoch"]  # the latest of equals
+    folders = sorted(p.name for p in (reg / "runs" / "pruned").glob("epoch-*"))
+    assert folders == sorted({f"epoch-{best:04d}", "epoch-0004"}), (folders, best)
+    assert summary.metrics["epoch"] == best and registry.read_version(str(reg), summary.version)["metrics"]["epoch"] == best
