@@ -22,6 +22,7 @@ import math
 import os
 import sys
 import tempfile
+import threading
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -206,7 +207,7 @@ def run_training(config: TrainConfig) -> TrainSummary:
     data = open_dataset(config.data, classes=config.classes)
     if config.strict:
         _check_all_samples(data.train + data.val, data.num_classes)
-    run_name = config.run_name or f"{config.model}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    run_name = config.run_name or default_run_name(config.model)
     runs_uri = f"{config.registry.rstrip('/')}/runs"
     run_uri = run_folder(config.registry, run_name)
     init = _load_init(config.init) if config.init else None
@@ -241,7 +242,7 @@ def run_training(config: TrainConfig) -> TrainSummary:
     marker_fs, marker = fsspec.core.url_to_fs(f"{run_uri}/{DIVERGED_FILE}")
     if marker_fs.exists(marker):
         marker_fs.rm_file(marker)  # from an earlier attempt of this run name
-    result = trainer.fit()
+    result = _fit_interruptibly(trainer)
     marker_fs.invalidate_cache()
     if marker_fs.exists(marker):
         where = json.loads(marker_fs.cat_file(marker))
@@ -372,6 +373,32 @@ def _check_all_samples(samples: Sequence[Sample], num_classes: int) -> None:
     if problems:
         shown = "; ".join(problems[:5]) + (f"; ... ({len(problems) - 5} more)" if len(problems) > 5 else "")
         raise ValueError(f"strict: {len(problems)} bad samples: {shown}")
+
+
+def _fit_interruptibly(trainer: TorchTrainer) -> Any:
+    """``trainer.fit()`` on a helper thread, so that Ctrl-C reaches this thread at once as
+    KeyboardInterrupt (Ray Train's own handler would only abort the run and return); the driver then
+    exits, Ray ends the run's actors, the finished epochs stay, and the same run name resumes."""
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # noqa: BLE001 - handed to the calling thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def default_run_name(model: str) -> str:
+    """``<model>-<UTC time>``, the run name when none is given."""
+    return f"{model}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
 
 
 def best_epoch(history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -705,10 +732,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.pop("verbose") else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
     config = TrainConfig(**args)
+    config.run_name = config.run_name or default_run_name(config.model)  # named here, so a resume can be told
     try:
         summary = run_training(config)  # validates the config first: ValueError names the option
     except ValueError as exc:
         parser.error(_cli_message(str(exc)))
+    except KeyboardInterrupt:
+        print(f"interrupted: run the same command with --run-name {config.run_name} to resume after the last "
+              "finished epoch", file=sys.stderr)  # fmt: skip
+        return 130
     except Exception as exc:  # noqa: BLE001  (report, do not dump a traceback on the user)
         logger.debug("training failed", exc_info=True)
         print(f"training failed: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -21,7 +21,7 @@ import pytest
 import fcn
 from fcn import registry
 from pipelines.synthetic import write_synthetic_voc
-from pipelines.train import SCORES, TrainConfig, TrainSummary, run_evaluation, run_training
+from pipelines.train import SCORES, TrainConfig, TrainSummary, read_run_history, run_evaluation, run_training
 from test_train_data import BAD, corrupt
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,3 +187,36 @@ def test_keep_checkpoints_prunes_folders_but_not_the_history(ray_cluster: None, 
     folders = sorted(p.name for p in (reg / "runs" / "pruned").glob("epoch-*"))
     assert folders == sorted({f"epoch-{best:04d}", "epoch-0004"}), (folders, best)
     assert summary.metrics["epoch"] == best and registry.read_version(str(reg), summary.version)["metrics"]["epoch"] == best
+
+
+def test_sigint_exits_130_and_the_named_run_resumes(ray_cluster: None, tmp_path: Path) -> None:
+    import ray
+
+    data, reg = tmp_path / "data", tmp_path / "registry"
+    write_synthetic_voc(str(data), num_images=16, seed=3, min_size=48, max_size=64)
+    command = [sys.executable, "-m", "pipelines.train", "--data", str(data), "--registry", str(reg), "--model",
+               "fcn8s_vgg16", "--width", "0.0625", "--geometry", "aligned", "--workers", "2", "--epochs", "6",
+               "--lr", "3e-3", "--ray-address", ray.get_runtime_context().gcs_address]  # fmt: skip
+    driver = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list((reg / "runs").glob("*/epoch-0001/metrics.json")):
+            assert driver.poll() is None, driver.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "no epoch finished"
+            time.sleep(0.2)
+        driver.send_signal(signal.SIGINT)  # Ctrl-C after the first epoch
+        _, stderr = driver.communicate(timeout=120)
+    finally:
+        driver.kill()
+    assert driver.returncode == 130, stderr[-3000:]
+    named = re.search(r"interrupted: run the same command with --run-name (\S+) to resume", stderr)
+    assert named, stderr[-3000:]
+    assert registry.list_versions(str(reg)) == []
+
+    resumed = subprocess.run([*command, "--run-name", named.group(1)], cwd=REPO, capture_output=True, text=True, timeout=420)
+
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    report = json.loads(resumed.stdout)
+    assert (report["epochs"], report["version"]) == (6, "v0001")
+    history = read_run_history(f"{reg}/runs/{named.group(1)}")
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6] and history[-1]["resumed_from_epoch"] >= 1
