@@ -397,12 +397,16 @@ def test_a_store_that_fails_the_first_puts_of_every_object_still_gets_every_mask
     upload(f"{s3_bucket}/in", files)
     model = tiny_checkpoint(str(tmp_path / "model.pt"), num_classes=NUM_CLASSES)
     proxy = FaultyProxy(s3_endpoint, failures=6)
+    options = {"endpoint_url": proxy.url, "config_kwargs": {"retries": {"max_attempts": 1}}}
     try:
-        config = _config(f"{s3_bucket}/in", f"{s3_bucket}/out", model, rows_per_file=3,
-                         storage_options={"endpoint_url": proxy.url, "config_kwargs": {"retries": {"max_attempts": 1}}})  # fmt: skip
-        summary = run_segmentation(config)
+        summary = run_segmentation(_config(f"{s3_bucket}/in", f"{s3_bucket}/out", model, rows_per_file=3, storage_options=options))
+        # The same store without the job's own write retries: the run fails, and leaves no _SUCCESS.
+        with pytest.raises(Exception):  # noqa: B017 - whichever write gives up first
+            run_segmentation(_config(f"{s3_bucket}/in", f"{s3_bucket}/out2", model, rows_per_file=3,
+                                     storage_options=options, write_retries=0))  # fmt: skip
     finally:
         proxy.close()
+    assert not fsspec.filesystem("s3").exists(f"{s3_bucket}/out2/_SUCCESS")
 
     assert all(proxy.faults.values()), proxy.faults  # each kind of fault was injected
     assert (summary.ok, summary.error) == (len(files), 0)
