@@ -98,6 +98,14 @@ def _train_workers() -> list[int]:
     return sorted(found)
 
 
+def _text(path: Path) -> str:
+    """The file's text, or "" while it is being replaced."""
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
 def _alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -200,11 +208,12 @@ def test_sigint_exits_130_and_the_named_run_resumes(ray_cluster: None, tmp_path:
     driver = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
-        while not list((reg / "runs").glob("*/epoch-0001/metrics.json")):
+        # Ctrl-C once Ray Train has registered epoch 1's checkpoint (its run snapshot lists it)
+        while not any("epoch-0001" in _text(p) for p in (reg / "runs").glob("*/checkpoint_manager_snapshot.json")):
             assert driver.poll() is None, driver.stderr.read()[-3000:]
             assert time.monotonic() < deadline, "no epoch finished"
-            time.sleep(0.2)
-        driver.send_signal(signal.SIGINT)  # Ctrl-C after the first epoch
+            time.sleep(0.1)
+        driver.send_signal(signal.SIGINT)
         _, stderr = driver.communicate(timeout=120)
     finally:
         driver.kill()
