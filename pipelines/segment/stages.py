@@ -119,13 +119,16 @@ def load_images(
         pixels[i] = memoryview(rgb).cast("B")
         heights[i], widths[i] = rgb.shape[:2]
         decode_ms[i] = (time.perf_counter() - start) * 1000
-    return batch.append_column("read_ms", pa.array(read_ms, pa.float64())).append_column("error", pa.array(errors, pa.string())).append_column(
-        "pixels", pa.array(pixels, pa.large_binary())
-    ).append_column("jpeg", pa.array(jpegs, pa.large_binary())).append_column(
-        "orientation", pa.array(orientations, pa.int8())
-    ).append_column("height", pa.array(heights, pa.int32())).append_column(
-        "width", pa.array(widths, pa.int32())
-    ).append_column("decode_ms", pa.array(decode_ms, pa.float64()))
+    return _with_columns(batch, {
+        "read_ms": pa.array(read_ms, pa.float64()),
+        "error": pa.array(errors, pa.string()),
+        "pixels": pa.array(pixels, pa.large_binary()),
+        "jpeg": pa.array(jpegs, pa.large_binary()),
+        "orientation": pa.array(orientations, pa.int8()),
+        "height": pa.array(heights, pa.int32()),
+        "width": pa.array(widths, pa.int32()),
+        "decode_ms": pa.array(decode_ms, pa.float64()),
+    })  # fmt: skip
 
 
 class ImageLoader:
@@ -237,9 +240,7 @@ class Segmenter:
         }
         if self.keep_pixels:
             columns["pixels"] = pa.array([_rgb_bytes(images.get(i)) for i in range(n)], pa.large_binary())
-        for name, column in columns.items():
-            out = out.append_column(name, column)
-        return out
+        return _with_columns(out, columns)
 
     def _decode_jpegs(self, batch: pa.Table, rows: list[int]) -> list[Any]:
         """Decode the JPEGs of ``rows`` on the predictor's device in one nvJPEG call (``3xHxW`` uint8
@@ -390,6 +391,13 @@ def output_path(root: str, folder: str, key: str, suffix: str) -> str:
     if reason:
         raise ValueError(reason)
     return f"{root}/{folder}/{key}{suffix}"
+
+
+def _with_columns(table: pa.Table, columns: dict[str, pa.Array]) -> pa.Table:
+    """``table`` with ``columns`` appended, in order."""
+    for name, column in columns.items():
+        table = table.append_column(name, column)
+    return table
 
 
 def _buffers(column: pa.ChunkedArray) -> list[memoryview | None]:
