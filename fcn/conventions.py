@@ -37,17 +37,14 @@ class InputConvention:
             if rgb.ndim != 3 or rgb.shape[0] != 3 or rgb.dtype != torch.uint8:
                 raise ValueError(f"to_tensor expects a 3xHxW uint8 tensor, got {rgb.dtype} of shape {tuple(rgb.shape)}")
             x = rgb.to(device)
-            if self.bgr:
-                x = x.flip(0)
-            x = x.float()  # a new float32 tensor, then in place:
         else:
             if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
                 described = f"{rgb.dtype} array of shape {rgb.shape}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
                 raise ValueError(f"to_tensor expects an HxWx3 uint8 RGB array, got a {described}")
-            x = torch.tensor(rgb, device=device)  # a uint8 copy: cheap, and safe for read-only arrays
-            if self.bgr:
-                x = x.flip(2)
-            x = x.permute(2, 0, 1).contiguous().float()  # one float32 allocation, then in place:
+            x = torch.tensor(rgb, device=device).permute(2, 0, 1)  # a uint8 copy: cheap, safe for read-only arrays
+        if self.bgr:
+            x = x.flip(0)
+        x = x.to(torch.float32, memory_format=torch.contiguous_format)  # one float32 allocation, then in place:
         std = torch.tensor(self.std, device=x.device).view(3, 1, 1)
         mean = torch.tensor(self.mean, device=x.device).view(3, 1, 1)
         return x.mul_(self.scale / std).sub_(mean / std)  # (x * scale - mean) / std

@@ -120,14 +120,8 @@ def load_images(
         heights[i], widths[i] = rgb.shape[:2]
         decode_ms[i] = (time.perf_counter() - start) * 1000
     return _with_columns(batch, {
-        "read_ms": pa.array(read_ms, pa.float64()),
-        "error": pa.array(errors, pa.string()),
-        "pixels": pa.array(pixels, pa.large_binary()),
-        "jpeg": pa.array(jpegs, pa.large_binary()),
-        "orientation": pa.array(orientations, pa.int8()),
-        "height": pa.array(heights, pa.int32()),
-        "width": pa.array(widths, pa.int32()),
-        "decode_ms": pa.array(decode_ms, pa.float64()),
+        "read_ms": read_ms, "error": errors, "pixels": pixels, "jpeg": jpegs, "orientation": orientations,
+        "height": heights, "width": widths, "decode_ms": decode_ms,
     })  # fmt: skip
 
 
@@ -229,17 +223,11 @@ class Segmenter:
         kept = [name for name in batch.column_names if name not in _LOADED_COLUMNS]
         out = batch.select(kept)
         columns = {
-            "error": pa.array(errors, pa.string()),
-            "height": pa.array(heights, pa.int32()),
-            "width": pa.array(widths, pa.int32()),
-            "decode_ms": pa.array(decode_ms, pa.float64()),
-            "inference_ms": pa.array(inference_ms, pa.float64()),
-            "labels": pa.array(labels, pa.large_binary()),
-            "pixel_counts": pa.array(counts, pa.list_(pa.int64())),
-            "mean_confidence": pa.array(confidence, pa.float64()),
-        }
+            "error": errors, "height": heights, "width": widths, "decode_ms": decode_ms,
+            "inference_ms": inference_ms, "labels": labels, "pixel_counts": counts, "mean_confidence": confidence,
+        }  # fmt: skip
         if self.keep_pixels:
-            columns["pixels"] = pa.array([_rgb_bytes(images.get(i)) for i in range(n)], pa.large_binary())
+            columns["pixels"] = [_rgb_bytes(images.get(i)) for i in range(n)]
         return _with_columns(out, columns)
 
     def _decode_jpegs(self, batch: pa.Table, rows: list[int]) -> list[Any]:
@@ -393,10 +381,20 @@ def output_path(root: str, folder: str, key: str, suffix: str) -> str:
     return f"{root}/{folder}/{key}{suffix}"
 
 
-def _with_columns(table: pa.Table, columns: dict[str, pa.Array]) -> pa.Table:
-    """``table`` with ``columns`` appended, in order."""
-    for name, column in columns.items():
-        table = table.append_column(name, column)
+_STAGE_TYPES = {
+    **_TYPES,
+    "pixels": pa.large_binary(),  # raw HxWx3 RGB
+    "jpeg": pa.large_binary(),  # encoded, left for the FCN actor's GPU
+    "orientation": pa.int8(),  # EXIF orientation of ``jpeg``
+    "labels": pa.large_binary(),  # raw HxW label map (uint8, or int32 above 256 classes)
+}
+"""Arrow types of the columns the stages add: the stats table's, plus what travels between stages."""
+
+
+def _with_columns(table: pa.Table, columns: dict[str, list[Any]]) -> pa.Table:
+    """``table`` with ``columns`` (name: values) appended in order, typed by ``_STAGE_TYPES``."""
+    for name, values in columns.items():
+        table = table.append_column(name, pa.array(values, _STAGE_TYPES[name]))
     return table
 
 
