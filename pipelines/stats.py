@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fcn.registry import write_atomic
+from pipelines.storage import with_retries
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -62,12 +63,15 @@ def stats_schema(class_names: list[str], palette: list[int], model: dict[str, An
     )
 
 
-def write_part(stats_uri: str, rows: pa.Table, run_id: str, storage_options: dict[str, Any]) -> str:
-    """Write ``rows`` as one new Parquet file under ``stats_uri``, atomically; return its URI."""
+def write_part(stats_uri: str, rows: pa.Table, run_id: str, storage_options: dict[str, Any], retries: int = 0) -> str:
+    """Write ``rows`` as one new Parquet file under ``stats_uri``, atomically; return its URI. A failed
+    write is retried ``retries`` times under the same name, so a PUT that failed after the store kept it
+    cannot leave the rows twice."""
     fs, root = fsspec.core.url_to_fs(stats_uri, **storage_options)
     path = f"{root.rstrip('/')}/part-{run_id}-{uuid.uuid4().hex[:12]}.parquet"
     fs.makedirs(root, exist_ok=True)
-    write_atomic(fs, path, _parquet_bytes(rows))
+    data = _parquet_bytes(rows)
+    with_retries(lambda: write_atomic(fs, path, data), retries)
     return fs.unstrip_protocol(path)
 
 

@@ -1,10 +1,11 @@
-"""A loopback HTTP proxy in front of an S3 endpoint that fails the first PUTs of every object, in turn
-with a 500 InternalError, a 503 SlowDown, or a connection reset halfway through reading the body."""
+"""A loopback HTTP proxy in front of an S3 endpoint that fails the first PUTs of every object. Each
+object's failures follow the same order, so a test's outcome does not depend on how concurrent
+writes interleave: a 500 InternalError, a 503 SlowDown, a connection reset halfway through reading the
+body, and again."""
 
 from __future__ import annotations
 
 import http.client
-import itertools
 import socket
 import struct
 import threading
@@ -28,7 +29,6 @@ class FaultyProxy:
         self.puts = 0
         failed: dict[str, int] = {}
         lock = threading.Lock()
-        cycle = itertools.cycle(FAULTS)
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -40,9 +40,10 @@ class FaultyProxy:
                 if self.command == "PUT":
                     with lock:
                         proxy.puts += 1
-                        if failed.get(self.path, 0) < failures:
-                            failed[self.path] = failed.get(self.path, 0) + 1
-                            fault = next(cycle)
+                        attempt = failed.get(self.path, 0)
+                        if attempt < failures:
+                            failed[self.path] = attempt + 1
+                            fault = FAULTS[attempt % len(FAULTS)]
                             proxy.faults[fault] += 1
                 if fault == "reset":
                     self.rfile.read(length // 2)

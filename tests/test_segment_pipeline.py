@@ -387,17 +387,17 @@ def test_credentials_appear_in_no_output_and_no_log(ray_cluster: None, private_s
 def test_a_store_that_fails_the_first_puts_of_every_object_still_gets_every_mask_and_row(
     ray_cluster: None, s3_endpoint: str, s3_bucket: str, tmp_path: Path
 ) -> None:
-    """The first 6 PUTs of every object through a loopback proxy fail (500, 503 SlowDown, or a
-    connection reset mid-body, in turn): more than s3fs retries by itself (5 attempts, botocore's own
-    retries off), so the job's write retries are what saves the run. It completes, every image has
-    one row, every ok row's mask exists, and _SUCCESS is written."""
+    """The first 6 PUTs of every object through a loopback proxy fail (500, 503 SlowDown, connection
+    reset mid-body, twice over). s3fs gives up on a 500 at once (botocore's own retries off), so the
+    job's write retries are what saves the run. It completes, every image has one row, every ok row's
+    mask exists, and _SUCCESS is written."""
     from faulty_proxy import FaultyProxy
 
     files = good_images(seed=19, count=12)
     upload(f"{s3_bucket}/in", files)
     model = tiny_checkpoint(str(tmp_path / "model.pt"), num_classes=NUM_CLASSES)
     proxy = FaultyProxy(s3_endpoint, failures=6)
-    options = {"endpoint_url": proxy.url, "config_kwargs": {"retries": {"max_attempts": 1}}}
+    options = {"endpoint_url": proxy.url, "config_kwargs": {"retries": {"total_max_attempts": 1}}}
     try:
         summary = run_segmentation(_config(f"{s3_bucket}/in", f"{s3_bucket}/out", model, rows_per_file=3, storage_options=options))
         # The same store without the job's own write retries: the run fails, and leaves no _SUCCESS.

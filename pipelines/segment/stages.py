@@ -364,7 +364,7 @@ def store_results(
     table = pa.Table.from_arrays(
         [columns[name] if name in columns else batch[name] for name in schema.names], schema=schema
     )
-    with_retries(lambda: stats_table.write_part(f"{output.rstrip('/')}/{STATS_DIR}", table, run_id, storage_options), retries)
+    stats_table.write_part(f"{output.rstrip('/')}/{STATS_DIR}", table, run_id, storage_options, retries)
     return table.select(["image_uri", "status", "error"])
 
 
