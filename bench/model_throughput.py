@@ -78,8 +78,8 @@ def conv_rate(dtype: torch.dtype, device: torch.device, channels_last: bool) -> 
 def fit_score_layers(model: nn.Module, x: torch.Tensor, label: torch.Tensor, steps: int) -> float:
     """Fit only the score layers (trunk frozen) to ``label``; returns the final pixel accuracy."""
     with torch.no_grad():
-        feats = model.features(x)
-    scores = [p for n, p in model.named_parameters() if n.startswith("score")]
+        feats = model.backbone.features(x)
+    scores = [p for n, p in model.head.named_parameters() if n.startswith("score")]
     optimizer = torch.optim.Adam(scores, lr=1e-2)
     for _ in range(steps):
         optimizer.zero_grad()
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     random_scores = {}
     with torch.no_grad():
         for name, p in reference.named_parameters():
-            if name.startswith("score") and name.endswith("weight"):
+            if ".score_" in name and name.endswith("weight"):
                 random_scores[name] = torch.randn_like(p) * 0.01
     fitted_accuracy = fit_score_layers(reference, x, target, args.fit_steps)
     aligned.load_state_dict(reference.state_dict())

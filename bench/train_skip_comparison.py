@@ -60,9 +60,9 @@ def boundary_accuracy(checkpoint: str, data_uri: str, radius: int) -> float:
 
 
 def backbone_init(warm_checkpoint: str, model: str, width: float, num_classes: int, uri: str) -> str:
-    """A fresh ``model`` with the backbone (conv1_1..fc7) of the warm-up checkpoint, saved at ``uri``."""
+    """A fresh ``model`` with the backbone (the trunk, conv1_1..fc7) of the warm-up checkpoint, saved at ``uri``."""
     warm = fcn.load_checkpoint(warm_checkpoint)
-    backbone = {k: v for k, v in warm.model.state_dict().items() if k.startswith(("conv", "fc6", "fc7"))}
+    backbone = {k: v for k, v in warm.model.state_dict().items() if k.startswith("streams.")}
     net = fcn.get_model(model, num_classes=num_classes, width=width, geometry="aligned")
     copy_matching_weights(net, backbone)
     return fcn.save_checkpoint(net, uri, class_names=warm.class_names, input_convention=warm.input_convention)

@@ -10,7 +10,12 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "fcn.models": ("fcn8s_atonce_vgg16", "fcn8s_vgg16", "fcn16s_vgg16", "fcn32s_alexnet", "fcn32s_googlenet", "fcn32s_vgg16", "get_model"),
+    "fcn.models": (
+        "FCN", "SkipHead", "get_model", "fcn2s_vgg16", "fcn4s_vgg16", "fcn8s_atonce_vgg16", "fcn8s_siftflow_vgg16",
+        "fcn8s_vgg16", "fcn16s_rgbhha_vgg16", "fcn16s_siftflow_vgg16", "fcn16s_vgg16", "fcn32s_alexnet",
+        "fcn32s_googlenet", "fcn32s_hha_vgg16", "fcn32s_rgbd_vgg16", "fcn32s_rgbhha_vgg16", "fcn32s_siftflow_vgg16",
+        "fcn32s_vgg16",
+    ),  # fmt: skip
     "fcn.checkpoint": ("Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"),
     "fcn.classes": ("VOC_CLASSES", "voc_palette"),
     "fcn.conventions": ("InputConvention", "get_convention"),

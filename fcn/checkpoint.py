@@ -3,13 +3,17 @@
 A checkpoint is a ``torch.save`` archive of plain data only (loaded back with ``weights_only=True``,
 so it cannot run code)::
 
-    {"format": "fcn-checkpoint", "version": 1,
+    {"format": "fcn-checkpoint", "version": 2,
      "arch": {"name": "fcn8s_vgg16", "kwargs": {...builder arguments...}},
      "state_dict": {...tensors...},
-     "class_names": [...], "palette": [768 ints], "input_convention": "caffe" | "torchvision",
+     "class_names": [...], "palette": [768 ints],          # the first head's
+     "heads": {"semantic": {"class_names": [...], "palette": [...]}, ...},   # every head, in order
+     "modalities": ["rgb"] | ["rgb", "depth"] | ["hha"] | ["rgb", "hha"],    # the input's channels
+     "input_convention": "caffe" | "torchvision",
      "meta": {...training metadata: epoch, metrics, dataset, ...}}
 
 ``load_checkpoint`` rebuilds the network with ``fcn.get_model(arch["name"], **arch["kwargs"])``.
+Version 1 files (one head, RGB, the state_dict under pytorch-fcn's flat names) still load.
 """
 
 from __future__ import annotations
@@ -25,13 +29,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from fcn.classes import VOC_CLASSES, voc_palette
+from fcn.classes import VOC_CLASSES, numbered_class_names, voc_palette
 from fcn.conventions import get_convention
 from fcn.models import get_model
-from fcn.registry import write_atomic, resolve_checkpoint_uri
+from fcn.registry import resolve_checkpoint_uri, write_atomic
+from fcn.weights import pytorch_fcn_names
 
 FORMAT = "fcn-checkpoint"
-VERSION = 1
+VERSION = 2
 _ZIP_MAGIC = b"PK\x03\x04"
 _FIELDS = {"arch", "state_dict", "class_names", "palette", "input_convention", "meta"}
 
@@ -51,6 +56,9 @@ class Checkpoint:
     input_convention: str
     meta: dict[str, Any] = field(default_factory=dict)
     uri: str = ""
+    heads: dict[str, dict[str, list]] = field(default_factory=dict)
+    """Every head by task name: {"class_names": [...], "palette": [...]}; the first is ``class_names``'s."""
+    modalities: list[str] = field(default_factory=lambda: ["rgb"])
 
 
 def save_checkpoint(
@@ -61,12 +69,14 @@ def save_checkpoint(
     palette: list[int] | None = None,
     input_convention: str = "torchvision",
     storage_options: dict[str, Any] | None = None,
+    head_class_names: dict[str, list[str] | tuple[str, ...]] | None = None,
     **meta: Any,
 ) -> str:
     """Write ``model`` (built by ``fcn.get_model``) and its description to ``uri``; return ``uri``.
 
-    ``class_names`` defaults to the VOC names for 21 classes (``class_0``... otherwise), ``palette`` to
-    the VOC colour map. ``meta`` must be plain data (str, int, float, bool, None, lists, dicts,
+    ``class_names`` (the first head's) defaults to the VOC names for 21 classes (``class_0``...
+    otherwise), ``palette`` to the VOC colour map; ``head_class_names`` names a multi-task net's
+    further heads' classes (default ``class_0``...; their palette is VOC's). ``meta`` must be plain data (str, int, float, bool, None, lists, dicts,
     tensors). Local files are written to a temporary name and renamed; object stores receive one PUT.
     ``storage_options`` go to fsspec (e.g. ``{"endpoint_url": ...}`` for an S3-compatible store).
     """
@@ -75,13 +85,21 @@ def save_checkpoint(
         raise ValueError("model has no 'arch' description; build it with fcn.get_model")
     num_classes = model.num_classes
     if class_names is None:
-        class_names = VOC_CLASSES if num_classes == len(VOC_CLASSES) else [f"class_{i}" for i in range(num_classes)]
+        class_names = VOC_CLASSES if num_classes == len(VOC_CLASSES) else numbered_class_names(num_classes)
     class_names = [str(name) for name in class_names]
     if len(class_names) != num_classes:
         raise ValueError(f"{len(class_names)} class names given for a network with {num_classes} classes")
     palette = voc_palette() if palette is None else [int(v) for v in palette]
     if len(palette) % 3 or len(palette) > 768 or not all(0 <= v <= 255 for v in palette):
         raise ValueError("palette must be at most 256 RGB triples of ints in [0, 255]")
+    head_classes = getattr(model, "head_classes", {"semantic": num_classes})
+    tasks = list(head_classes)
+    heads = {tasks[0]: {"class_names": class_names, "palette": palette}}
+    for task in tasks[1:]:
+        names = [str(n) for n in (head_class_names or {}).get(task, numbered_class_names(head_classes[task]))]
+        if len(names) != head_classes[task]:
+            raise ValueError(f"{len(names)} class names given for head {task!r} with {head_classes[task]} classes")
+        heads[task] = {"class_names": names, "palette": voc_palette()}
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -89,6 +107,8 @@ def save_checkpoint(
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "class_names": class_names,
         "palette": palette,
+        "heads": heads,
+        "modalities": list(getattr(model, "modalities", ("rgb",))),
         "input_convention": get_convention(input_convention).name,
         "meta": _plain(meta, "meta"),
     }
@@ -120,8 +140,11 @@ def load_checkpoint(
             model = get_model(name, **kwargs)
     except (ValueError, TypeError) as error:
         raise CheckpointError(f"checkpoint {uri}: network {name!r} cannot be built: {error}") from None
+    state = payload["state_dict"]
+    if payload.get("version") == 1:  # flat pytorch-fcn names, before trunks and heads were composed
+        state = {pytorch_fcn_names(model).get(k, k): v for k, v in state.items()}
     try:
-        model.load_state_dict(payload["state_dict"], strict=True, assign=True)
+        model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as error:
         raise CheckpointError(f"checkpoint {uri}: weights do not fit network {name!r}: {error}") from None
     unset = [key for key, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
@@ -144,6 +167,8 @@ def load_checkpoint(
         input_convention=convention,
         meta=payload["meta"],
         uri=uri,
+        heads=payload.get("heads") or {"semantic": {"class_names": class_names, "palette": list(payload["palette"])}},
+        modalities=list(payload.get("modalities", ["rgb"])),
     )
 
 

@@ -14,7 +14,7 @@ import fsspec
 import torch
 from torch import nn
 
-__all__ = ["read_state_dict", "convolutionalize", "load_backbone", "load_pytorch_fcn"]
+__all__ = ["read_state_dict", "convolutionalize", "load_backbone", "load_pytorch_fcn", "pytorch_fcn_names"]
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
@@ -80,32 +80,58 @@ def convolutionalize(family: str, state: Mapping[str, torch.Tensor]) -> dict[str
     return out
 
 
-def _assign(model: nn.Module, tensors: Mapping[str, torch.Tensor], what: str) -> None:
-    """Copy ``tensors`` into ``model``'s state by name, reshaping fully connected weights into kernels."""
-    target = model.state_dict()
+def _assign(
+    module: nn.Module, tensors: Mapping[str, torch.Tensor], what: str, arch: dict, keys: Mapping[str, str] | None = None
+) -> None:
+    """Copy ``tensors`` into ``module``'s state by name (``keys`` maps a tensor's name to the state_dict
+    key when they differ), reshaping fully connected weights into kernels."""
+    target = module.state_dict()
     fitted = {}
-    for key, value in tensors.items():
+    for name, value in tensors.items():
+        key = keys.get(name, name) if keys else name
         if key not in target:
-            raise ValueError(f"{what}: {key!r} has no counterpart in {model.arch['name']}")
+            raise ValueError(f"{what}: {name!r} has no counterpart in {arch['name']}")
         want = target[key].shape
         if value.shape != want and not (value.dim() == 2 and len(want) == 4 and value.numel() == want.numel()):
             raise ValueError(
-                f"{what}: {key!r} has shape {tuple(value.shape)} but {model.arch['name']} "
-                f"(width={model.arch['kwargs']['width']}) expects {tuple(want)}"
+                f"{what}: {name!r} has shape {tuple(value.shape)} but {arch['name']} "
+                f"(width={arch['kwargs']['width']}) expects {tuple(want)}"
             )
         fitted[key] = value.reshape(want).to(target[key].dtype)
-    model.load_state_dict(fitted, strict=False)
+    module.load_state_dict(fitted, strict=False)
 
 
 def load_backbone(model: ModelT, source: str | Mapping[str, torch.Tensor]) -> ModelT:
-    """Load a torchvision classifier state_dict (path, fsspec URI or mapping) into ``model``'s trunk."""
+    """Load a torchvision classifier state_dict (path, fsspec URI or mapping) into every stream's trunk.
+
+    A trunk whose first convolution takes more than RGB (early-fusion RGB-D) gets the RGB filters and,
+    for each further channel, their mean.
+    """
     state = read_state_dict(source)
-    trunk = convolutionalize(model.backbone_family, state)
-    missing = [k for k in model.state_dict() if k.split(".", 1)[0] in model.layer_names and k not in trunk]
-    if missing:
-        raise ValueError(f"backbone_weights lacks {model.backbone_family} trunk tensors: {missing[:5]}")
-    _assign(model, trunk, "backbone_weights")
+    for trunk in model.streams.values():
+        tensors = convolutionalize(trunk.family, state)
+        missing = [k for k in trunk.state_dict() if k not in tensors]
+        if missing:
+            raise ValueError(f"backbone_weights lacks {trunk.family} trunk tensors: {missing[:5]}")
+        first = f"{trunk.first_conv}.weight"
+        rgb_filters = tensors[first]
+        if trunk.in_channels > rgb_filters.shape[1]:
+            extra = rgb_filters.mean(1, keepdim=True).expand(-1, trunk.in_channels - rgb_filters.shape[1], -1, -1)
+            tensors[first] = torch.cat([rgb_filters, extra], 1)
+        _assign(trunk, tensors, "backbone_weights", model.arch)
     return model
+
+
+def pytorch_fcn_names(model: nn.Module) -> dict[str, str]:
+    """{pytorch-fcn name: this model's state_dict key} for a single-stream, single-task FCN, whose
+    trunk and head layers carry pytorch-fcn's names (``conv1_1.weight`` -> ``streams.rgb.conv1_1.weight``,
+    ``score_fr.weight`` -> ``heads.semantic.rgb.score_fr.weight``). ValueError for other nets."""
+    if len(model.streams) != 1 or len(model.heads) != 1:
+        raise ValueError(f"{model.arch['name']} has {len(model.streams)} streams and {len(model.heads)} heads; "
+                         "pytorch-fcn's flat names describe one of each")  # fmt: skip
+    (stream,), (task,) = model.streams.keys(), model.heads.keys()
+    prefixes = (f"streams.{stream}.", f"heads.{task}.{stream}.")
+    return {key.removeprefix(next(p for p in prefixes if key.startswith(p))): key for key in model.state_dict()}
 
 
 def load_pytorch_fcn(model: nn.Module, source: str | Mapping[str, torch.Tensor]) -> nn.Module:
@@ -116,14 +142,14 @@ def load_pytorch_fcn(model: nn.Module, source: str | Mapping[str, torch.Tensor])
     ValueError names the first offending key. These weights expect the Caffe input convention.
     """
     state = read_state_dict(source)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    extra = [k for k in state if k not in expected]
+    names = pytorch_fcn_names(model)
+    missing = [k for k in names if k not in state]
+    extra = [k for k in state if k not in names]
     if missing or extra:
         raise ValueError(
             f"pytorch-fcn state_dict does not match {model.arch['name']}: "
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}"
         )
-    _assign(model, state, "pytorch-fcn state_dict")
+    _assign(model, state, "pytorch-fcn state_dict", model.arch, names)
     return model

@@ -181,3 +181,43 @@ def test_save_rejects_bad_arguments(model: torch.nn.Module) -> None:
         save_checkpoint(model, "memory://x.pt", class_names=NAMES, when=object())
     with pytest.raises(ValueError, match="arch"):
         save_checkpoint(torch.nn.Conv2d(3, 3, 1), "memory://x.pt")
+
+
+def test_a_two_head_rgbd_checkpoint_records_its_heads_and_modalities(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = fcn.get_model("fcn16s_siftflow_vgg16", num_classes=4, geometric_classes=3, width=1 / 16)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.1)
+    uri = str(tmp_path / "siftflow.pt")
+    save_checkpoint(net, uri, class_names=["sky", "tree", "road", "car"], head_class_names={"geometric": ["sky", "horizontal", "vertical"]})
+    ckpt = load_checkpoint(uri)
+    assert list(ckpt.heads) == ["semantic", "geometric"]
+    assert ckpt.heads["semantic"]["class_names"] == ["sky", "tree", "road", "car"] == ckpt.class_names
+    assert ckpt.heads["geometric"]["class_names"] == ["sky", "horizontal", "vertical"]
+    assert len(ckpt.heads["geometric"]["palette"]) == 768 and ckpt.modalities == ["rgb"]
+    x = torch.randn(1, 3, 33, 35)
+    with torch.no_grad():
+        out, expected = ckpt.model(x), net.eval()(x)
+    torch.testing.assert_close(out["geometric"], expected["geometric"])
+    with pytest.raises(ValueError, match="2 class names given for head 'geometric' with 3 classes"):
+        save_checkpoint(net, uri, class_names=["a", "b", "c", "d"], head_class_names={"geometric": ["a", "b"]})
+    rgbd = fcn.get_model("fcn32s_rgbd_vgg16", num_classes=3, width=1 / 16)
+    save_checkpoint(rgbd, uri, class_names=NAMES)
+    assert load_checkpoint(uri).modalities == ["rgb", "depth"]
+
+
+def test_a_version_1_checkpoint_with_flat_pytorch_fcn_names_still_loads(model: torch.nn.Module, tmp_path: Path) -> None:
+    from fcn.checkpoint import FORMAT
+    from fcn.classes import voc_palette
+    from fcn.weights import pytorch_fcn_names
+
+    flat = {name: model.state_dict()[key] for name, key in pytorch_fcn_names(model).items()}
+    assert "conv1_1.weight" in flat and "score_pool3.weight" in flat
+    payload = {"format": FORMAT, "version": 1, "arch": model.arch, "state_dict": flat, "class_names": NAMES,
+               "palette": voc_palette(), "input_convention": "torchvision", "meta": {}}  # fmt: skip
+    uri = tmp_path / "v1.pt"
+    torch.save(payload, uri)
+    ckpt = load_checkpoint(str(uri))
+    _assert_same_network(ckpt.model, model)
+    assert ckpt.heads == {"semantic": {"class_names": NAMES, "palette": voc_palette()}} and ckpt.modalities == ["rgb"]

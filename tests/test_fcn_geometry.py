@@ -85,18 +85,18 @@ def _impulse_net(name: str, geometry: str, path: str) -> nn.Module:
     scores class 1 from only one of the three paths (fc7, pool4 or pool3)."""
     model = get_model(name, width=1 / 64, geometry=geometry, num_classes=2).eval()  # only channel 0 matters
     with torch.no_grad():
-        for layer_name in model.layer_names:
-            conv = getattr(model, layer_name)
+        for layer_name in model.backbone.layer_names:
+            conv = getattr(model.backbone, layer_name)
             if isinstance(conv, nn.Conv2d):
                 conv.weight.zero_()
                 conv.bias.zero_()
                 c = conv.kernel_size[0] // 2
                 conv.weight[0, 0, c, c] = 1.0
         for score in ("score_fr", "score_pool4", "score_pool3"):
-            if hasattr(model, score):
-                getattr(model, score).weight.zero_()
+            if hasattr(model.head, score):
+                getattr(model.head, score).weight.zero_()
         source = {"fc7": "score_fr", "pool4": "score_pool4", "pool3": "score_pool3"}[path]
-        getattr(model, source).weight[1, 0] = 1.0
+        getattr(model.head, source).weight[1, 0] = 1.0
     return model
 
 
@@ -139,9 +139,10 @@ def test_score_peaks_sit_at_the_centre_of_the_pixels_they_pool(
 
 def _interior_cells(model: nn.Module, tap: str, size: int) -> list[int]:
     """Cells of a tap whose receptive field lies inside a ``size``-pixel image (no padding seen)."""
-    upto = model.layer_names[: model.layer_names.index(tap if tap != "fc7" else "drop7") + 1]
-    field = receptive_field(getattr(model, n) for n in upto)
-    m = model.tap_maps()[tap]
+    trunk = model.backbone
+    upto = trunk.layer_names[: trunk.layer_names.index(tap if tap != "fc7" else "drop7") + 1]
+    field = receptive_field(getattr(trunk, n) for n in upto)
+    m = trunk.tap_maps()[tap]
     half = Fraction(field - 1, 2)
     return [i for i in range(size) if m(i) - half >= 0 and m(i) + half <= size - 1]
 
@@ -155,15 +156,15 @@ def test_aligned_equals_reference_wherever_no_padding_is_seen() -> None:
     reference = get_model("fcn8s_vgg16", width=WIDTH, num_classes=4).eval()
     aligned = get_model("fcn8s_vgg16", width=WIDTH, num_classes=4, geometry="aligned").eval()
     aligned.load_state_dict(reference.state_dict())
-    assert reference.tap_maps()["fc7"] == aligned.tap_maps()["fc7"]
+    assert reference.backbone.tap_maps()["fc7"] == aligned.backbone.tap_maps()["fc7"]
     x = torch.randn(1, 3, size, size)
     with torch.no_grad():
-        ref, ali = reference.features(x), aligned.features(x)
+        ref, ali = reference.backbone.features(x), aligned.backbone.features(x)
     for tap in ("pool3", "pool4", "fc7"):
         cells = _interior_cells(reference, tap, size)
         assert len(cells) >= 2, tap
-        ref_at = {reference.tap_maps()[tap](i): i for i in cells}
-        ali_at = {aligned.tap_maps()[tap](i): i for i in _interior_cells(aligned, tap, size)}
+        ref_at = {reference.backbone.tap_maps()[tap](i): i for i in cells}
+        ali_at = {aligned.backbone.tap_maps()[tap](i): i for i in _interior_cells(aligned, tap, size)}
         assert ref_at.keys() == ali_at.keys(), tap  # the same image positions, maybe other indices
         i = torch.tensor([ref_at[p] for p in sorted(ref_at)])
         j = torch.tensor([ali_at[p] for p in sorted(ali_at)])
@@ -193,19 +194,18 @@ def test_rarefaction_equals_shift_and_stitch(output_stride: int, geometry: str) 
     size = 440
     coarse = get_model("fcn32s_vgg16", width=WIDTH, geometry=geometry).eval()
     fine = get_model("fcn32s_vgg16", width=WIDTH, geometry=geometry, output_stride=output_stride).eval()
-    trunk = {k: v for k, v in coarse.state_dict().items() if not k.startswith("upscore")}
-    fine.load_state_dict(trunk, strict=False)
+    fine.backbone.load_state_dict(coarse.backbone.state_dict())
     image = torch.randn(1, 3, size, size)
     with torch.no_grad():
-        dense = fine.features(image)["fc7"]
-    dense_at = {fine.tap_maps()["fc7"](i): i for i in _interior_cells(fine, "fc7", size)}
+        dense = fine.backbone.features(image)["fc7"]
+    dense_at = {fine.backbone.tap_maps()["fc7"](i): i for i in _interior_cells(fine, "fc7", size)}
     phases: set[Fraction] = set()
     for dy in range(0, 32, output_stride):
         for dx in range(0, 32, output_stride):
             with torch.no_grad():
-                shifted = coarse.features(image[..., dy:, dx:])["fc7"]
+                shifted = coarse.backbone.features(image[..., dy:, dx:])["fc7"]
             cells = _interior_cells(coarse, "fc7", size - max(dy, dx))
-            m = coarse.tap_maps()["fc7"]
+            m = coarse.backbone.tap_maps()["fc7"]
             rows = [(i, m(i) + dy) for i in cells if m(i) + dy in dense_at]
             cols = [(j, m(j) + dx) for j in cells if m(j) + dx in dense_at]
             assert rows and cols, (dy, dx)
@@ -240,8 +240,8 @@ def test_aligned_masks_agree_with_reference_for_fitted_weights() -> None:
     torch.manual_seed(0)
     reference = get_model("fcn8s_vgg16", width=WIDTH, num_classes=6).eval()
     with torch.no_grad():
-        feats = reference.features(x)
-    optimizer = torch.optim.Adam([p for n, p in reference.named_parameters() if n.startswith("score")], lr=1e-2)
+        feats = reference.backbone.features(x)
+    optimizer = torch.optim.Adam([p for n, p in reference.head.named_parameters() if n.startswith("score")], lr=1e-2)
     for _ in range(40):
         optimizer.zero_grad()
         nn.functional.cross_entropy(reference.head(feats, x.shape[-2:]), y).backward()

@@ -11,7 +11,7 @@ import torchvision
 from torch import nn
 
 from fcn.models import get_model
-from fcn.weights import load_backbone, load_pytorch_fcn, read_state_dict
+from fcn.weights import load_backbone, load_pytorch_fcn, pytorch_fcn_names, read_state_dict
 
 WIDTH = 1 / 16
 
@@ -51,7 +51,9 @@ def pytorch_fcn_keys(name: str) -> set[str]:
 @pytest.mark.parametrize("name", sorted(PYTORCH_FCN_HEADS))
 def test_full_width_nets_have_pytorch_fcn_names_and_shapes(name: str) -> None:
     with torch.device("meta"):
-        state = get_model(name).state_dict()
+        model = get_model(name)
+    own = model.state_dict()
+    state = {flat: own[key] for flat, key in pytorch_fcn_names(model).items()}  # the trunk's and head's own names
     assert set(state) == pytorch_fcn_keys(name)
     assert state["conv1_1.weight"].shape == (64, 3, 3, 3)
     assert state["fc6.weight"].shape == (4096, 512, 7, 7)
@@ -62,21 +64,23 @@ def test_full_width_nets_have_pytorch_fcn_names_and_shapes(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["fcn32s_vgg16", "fcn16s_vgg16", "fcn8s_vgg16"])
 def test_pytorch_fcn_state_dict_lands_where_it_belongs(name: str, tmp_path: Path) -> None:
-    shapes = {k: v.shape for k, v in get_model(name, width=WIDTH).state_dict().items()}
+    small = get_model(name, width=WIDTH)
+    shapes = {flat: small.state_dict()[key].shape for flat, key in pytorch_fcn_names(small).items()}
     assert set(shapes) == pytorch_fcn_keys(name)
     # every tensor gets a distinct value so a swap of any two would show
     source = {k: torch.full(shapes[k], float(i + 1)) for i, k in enumerate(sorted(shapes))}
     path = tmp_path / "fcn.pth"
     torch.save(source, path)
     model = load_pytorch_fcn(get_model(name, width=WIDTH, geometry="aligned"), str(path))
-    modules = dict(model.named_modules())
+    modules = {**dict(model.backbone.named_modules()), **dict(model.head.named_modules())}
     for key, value in source.items():
         module, param = key.rsplit(".", 1)
         torch.testing.assert_close(getattr(modules[module], param).detach(), value, msg=key)
 
 
 def test_pytorch_fcn_mismatch_names_the_keys() -> None:
-    state = get_model("fcn8s_vgg16", width=WIDTH).state_dict()
+    eight = get_model("fcn8s_vgg16", width=WIDTH)
+    state = {flat: eight.state_dict()[key] for flat, key in pytorch_fcn_names(eight).items()}
     with pytest.raises(ValueError, match=r"missing \['score_pool3.weight'"):
         load_pytorch_fcn(get_model("fcn8s_vgg16", width=WIDTH), {k: v for k, v in state.items() if "pool3" not in k})
     with pytest.raises(ValueError, match=r"missing \['upscore16.weight'\], unexpected \['score_pool3.weight'"):
@@ -103,12 +107,12 @@ def test_vgg16_classifier_fc7_equals_fcn_fc7(tmp_path: Path) -> None:
     path = tmp_path / "vgg16.pth"
     torch.save(classifier.state_dict(), path)
     model = get_model("fcn32s_vgg16", geometry="aligned", backbone_weights=str(path)).eval()
-    model.conv1_1.padding = (1, 1)
-    model.fc6.padding = (0, 0)
+    model.backbone.conv1_1.padding = (1, 1)
+    model.backbone.fc6.padding = (0, 0)
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         expected = classifier.classifier[:5](torch.flatten(classifier.avgpool(classifier.features(x)), 1))
-        fc7 = model.features(x)["fc7"]
+        fc7 = model.backbone.features(x)["fc7"]
     assert fc7.shape == (1, 4096, 1, 1)
     assert expected.abs().max() > 0
     torch.testing.assert_close(fc7[:, :, 0, 0], expected, rtol=1e-4, atol=1e-4)
@@ -116,7 +120,7 @@ def test_vgg16_classifier_fc7_equals_fcn_fc7(tmp_path: Path) -> None:
 
 def test_backbone_weights_from_an_fsspec_uri_and_bad_ones() -> None:
     fs = fsspec.filesystem("memory")
-    small = {k: v for k, v in get_model("fcn8s_vgg16", width=WIDTH).state_dict().items()}
+    small = get_model("fcn8s_vgg16", width=WIDTH).backbone.state_dict()
     # a torchvision-named VGG16 state_dict at this width (fc6 flattened as torchvision's Linear is)
     names = [n for n in small if n.startswith(("conv", "fc")) and n.endswith("weight")]
     indices = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
@@ -132,11 +136,12 @@ def test_backbone_weights_from_an_fsspec_uri_and_bad_ones() -> None:
     with fs.open("/weights/vgg16.pth", "wb") as f:
         torch.save(tv, f)
     model = get_model("fcn16s_vgg16", width=WIDTH, backbone_weights="memory://weights/vgg16.pth")
-    torch.testing.assert_close(model.conv3_3.weight.detach(), tv["features.14.weight"])
-    torch.testing.assert_close(model.conv5_1.bias.detach(), tv["features.24.bias"])
-    torch.testing.assert_close(model.fc6.weight.detach().flatten(1), tv["classifier.0.weight"])
-    torch.testing.assert_close(model.fc7.weight.detach()[:, :, 0, 0], tv["classifier.3.weight"])
-    assert model.score_fr.weight.abs().sum() == 0  # heads are not part of the backbone
+    trunk = model.backbone
+    torch.testing.assert_close(trunk.conv3_3.weight.detach(), tv["features.14.weight"])
+    torch.testing.assert_close(trunk.conv5_1.bias.detach(), tv["features.24.bias"])
+    torch.testing.assert_close(trunk.fc6.weight.detach().flatten(1), tv["classifier.0.weight"])
+    torch.testing.assert_close(trunk.fc7.weight.detach()[:, :, 0, 0], tv["classifier.3.weight"])
+    assert model.head.score_fr.weight.abs().sum() == 0  # heads are not part of the backbone
 
     with fs.open("/weights/truncated.pth", "wb") as f:
         f.write(fs.cat_file("/weights/vgg16.pth")[:1000])
@@ -161,12 +166,12 @@ def test_alexnet_classifier_fc7_equals_fcn_fc7() -> None:
     with fs.open("/weights/alexnet.pth", "wb") as f:
         torch.save(classifier.state_dict(), f)
     model = get_model("fcn32s_alexnet", backbone_weights="memory://weights/alexnet.pth").eval()
-    model.conv1.padding = classifier.features[0].padding  # unpadded: the classifier's own padding
-    model.fc6.padding = (0, 0)
+    model.backbone.conv1.padding = classifier.features[0].padding  # unpadded: the classifier's own padding
+    model.backbone.fc6.padding = (0, 0)
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         expected = classifier.classifier[:6](torch.flatten(classifier.avgpool(classifier.features(x)), 1))
-        fc7 = model.features(x)["fc7"]
+        fc7 = model.backbone.features(x)["fc7"]
     assert fc7.shape == (1, 4096, 1, 1)
     torch.testing.assert_close(fc7[:, :, 0, 0], expected, rtol=1e-4, atol=1e-4)
 
@@ -184,19 +189,19 @@ def test_googlenet_trunk_equals_torchvision(tmp_path: Path) -> None:
     path = tmp_path / "googlenet.pth"
     torch.save(classifier.state_dict(), path)
     model = get_model("fcn32s_googlenet", backbone_weights=str(path)).eval()
-    model.conv1.conv.padding = classifier.conv1.conv.padding
+    model.backbone.conv1.conv.padding = classifier.conv1.conv.padding
     seen = {}
     classifier.inception5b.register_forward_hook(lambda _m, _i, out: seen.setdefault("out", out))
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         classifier(x)
-        ours = model.features(x)["inception5b"]
+        ours = model.backbone.features(x)["inception5b"]
     assert ours.shape == seen["out"].shape == (1, 1024, 7, 7)
     torch.testing.assert_close(ours, seen["out"], rtol=1e-4, atol=1e-4)
 
 
 def test_incomplete_googlenet_weights_are_named() -> None:
-    state = get_model("fcn32s_googlenet", width=WIDTH).state_dict()
+    state = get_model("fcn32s_googlenet", width=WIDTH).backbone.state_dict()
     del state["inception4c.branch2.1.conv.weight"]
     with pytest.raises(ValueError, match=r"lacks googlenet trunk tensors: \['inception4c.branch2.1.conv.weight'\]"):
         load_backbone(get_model("fcn32s_googlenet", width=WIDTH), state)

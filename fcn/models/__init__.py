@@ -1,4 +1,4 @@
-"""The paper's FCNs: one module per network, a builder per name, and ``get_model``."""
+"""The paper's FCNs: trunks, one skip head, their composition, a builder per name, and ``get_model``."""
 
 from __future__ import annotations
 
@@ -8,21 +8,44 @@ from collections.abc import Callable
 from torch import nn
 
 from fcn.models.alexnet import fcn32s_alexnet
-from fcn.models.fcn8s import fcn8s_atonce_vgg16, fcn8s_vgg16
-from fcn.models.fcn16s import fcn16s_vgg16
-from fcn.models.fcn32s import fcn32s_vgg16
+from fcn.models.builders import (
+    fcn2s_vgg16,
+    fcn4s_vgg16,
+    fcn8s_atonce_vgg16,
+    fcn8s_siftflow_vgg16,
+    fcn8s_vgg16,
+    fcn16s_rgbhha_vgg16,
+    fcn16s_siftflow_vgg16,
+    fcn16s_vgg16,
+    fcn32s_hha_vgg16,
+    fcn32s_rgbd_vgg16,
+    fcn32s_rgbhha_vgg16,
+    fcn32s_siftflow_vgg16,
+    fcn32s_vgg16,
+)
+from fcn.models.fcn import FCN
 from fcn.models.googlenet import fcn32s_googlenet
+from fcn.models.head import SkipHead
 
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "fcn32s_vgg16": fcn32s_vgg16,
     "fcn16s_vgg16": fcn16s_vgg16,
     "fcn8s_vgg16": fcn8s_vgg16,
     "fcn8s_atonce_vgg16": fcn8s_atonce_vgg16,
+    "fcn4s_vgg16": fcn4s_vgg16,
+    "fcn2s_vgg16": fcn2s_vgg16,
     "fcn32s_alexnet": fcn32s_alexnet,
     "fcn32s_googlenet": fcn32s_googlenet,
+    "fcn32s_rgbd_vgg16": fcn32s_rgbd_vgg16,
+    "fcn32s_hha_vgg16": fcn32s_hha_vgg16,
+    "fcn32s_rgbhha_vgg16": fcn32s_rgbhha_vgg16,
+    "fcn16s_rgbhha_vgg16": fcn16s_rgbhha_vgg16,
+    "fcn32s_siftflow_vgg16": fcn32s_siftflow_vgg16,
+    "fcn16s_siftflow_vgg16": fcn16s_siftflow_vgg16,
+    "fcn8s_siftflow_vgg16": fcn8s_siftflow_vgg16,
 }
 
-__all__ = ["BUILDERS", "get_model", *BUILDERS]
+__all__ = ["BUILDERS", "FCN", "SkipHead", "get_model", *BUILDERS]
 
 
 def get_model(name: str, **kwargs: object) -> nn.Module:

@@ -162,11 +162,11 @@ def crop_to(x: torch.Tensor, offset: int, size: torch.Size | tuple[int, int]) ->
     return x[..., offset : offset + h, offset : offset + w]
 
 
-def check_input(x: torch.Tensor) -> None:
-    """Raise ValueError unless ``x`` is an image batch ``[N, 3, H, W]`` with H, W >= 1."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3 or x.shape[-1] < 1 or x.shape[-2] < 1:
+def check_input(x: torch.Tensor, channels: int = 3) -> None:
+    """Raise ValueError unless ``x`` is a batch ``[N, channels, H, W]`` with H, W >= 1."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != channels or x.shape[-1] < 1 or x.shape[-2] < 1:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"FCN input must be a tensor [N, 3, H, W] with H, W >= 1, got {shape}")
+        raise ValueError(f"FCN input must be a tensor [N, {channels}, H, W] with H, W >= 1, got {shape}")
 
 
 def init_score(conv: nn.Conv2d) -> nn.Conv2d:
@@ -176,62 +176,38 @@ def init_score(conv: nn.Conv2d) -> nn.Conv2d:
     return conv
 
 
-class FCNTrunk(nn.Module):
-    """A classifier's layers, in order and by name, run as a fully convolutional trunk.
+class Trunk(nn.Module):
+    """A classifier's layers, in order and by name (the paper's), run as a fully convolutional trunk.
 
-    Subclasses add their layers with ``_add`` and call ``_finish_trunk``; ``features`` returns the
-    outputs of the layers named in ``TAPS`` (layer name -> tap name), ``tap_maps`` their coordinate
-    maps. Carries the attributes every FCN has: ``arch``, ``num_classes``, ``output_stride``,
-    ``receptive_field``.
+    Subclasses add their layers with ``_add`` and call ``_finish``; ``features`` returns the outputs
+    of the layers named in ``TAPS`` (layer name -> tap name), ``tap_maps`` their coordinate maps and
+    ``tap_channels`` their widths. ``family`` names the torchvision classifier whose weights fit it,
+    ``first_conv`` the layer that sees the input's ``in_channels``.
     """
 
-    backbone_family: str
+    family: str
+    first_conv: str
     TAPS: dict[str, str]
 
-    def __init__(
-        self,
-        name: str,
-        *,
-        num_classes: int,
-        geometry: str,
-        width: float,
-        output_stride: int,
-        learnable_upsampling: bool,
-    ) -> None:
+    def __init__(self, in_channels: int, output_stride: int) -> None:
         super().__init__()
-        check_args(
-            name,
-            num_classes=num_classes,
-            geometry=geometry,
-            width=width,
-            output_stride=output_stride,
-            learnable_upsampling=learnable_upsampling,
-        )
-        self.arch = arch_dict(
-            name,
-            num_classes=num_classes,
-            geometry=geometry,
-            width=float(width),
-            output_stride=output_stride,
-            learnable_upsampling=learnable_upsampling,
-        )
-        self.num_classes = num_classes
+        self.in_channels = in_channels
         self.output_stride = output_stride
         self.layer_names: list[str] = []
+        self.tap_channels: dict[str, int] = {}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x), x.shape[-2:])
-
-    def head(self, feats: dict[str, torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-        """Score, upsample and crop the trunk's ``features`` to an image of ``size``."""
-        raise NotImplementedError
-
-    def _add(self, name: str, module: nn.Module) -> None:
+    def _add(self, name: str, module: nn.Module, channels: int | None = None) -> None:
+        """Append layer ``name``; ``channels``: its output width, recorded when it is tapped."""
         setattr(self, name, module)
         self.layer_names.append(name)
+        if name in self.TAPS and channels is not None:
+            self.tap_channels[self.TAPS[name]] = channels
 
-    def _finish_trunk(self) -> None:
+    def _finish(self) -> None:
         """Rarefy to the output stride, then record the receptive field."""
+        missing = sorted(set(self.TAPS.values()) - set(self.tap_channels))
+        if missing:
+            raise AssertionError(f"{type(self).__name__}: no width recorded for taps {missing}")
         rarefy([getattr(self, n) for n in self.layer_names], self.output_stride)
         self.receptive_field = receptive_field(self._geometry_layers(self.layer_names))
 
@@ -247,27 +223,11 @@ class FCNTrunk(nn.Module):
         }
 
     def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Run the trunk on an image batch; return the tapped outputs by tap name."""
-        check_input(x)
+        """Run the trunk on a batch ``[N, in_channels, H, W]``; return the tapped outputs by tap name."""
+        check_input(x, self.in_channels)
         taps = {}
         for name in self.layer_names:
             x = getattr(self, name)(x)
             if name in self.TAPS:
                 taps[self.TAPS[name]] = x
         return taps
-
-
-class SingleStreamHead:
-    """Mixin for an :class:`FCNTrunk`: the FCN-32s head, ``score_fr`` on one tapped map, a single
-    ``upscore`` back to stride 1 and the crop that lines it up with the input."""
-
-    def _add_single_stream_head(self, tap: str, in_channels: int, learnable_upsampling: bool) -> None:
-        self.score_tap = tap
-        self.score_fr = init_score(nn.Conv2d(in_channels, self.num_classes, 1))
-        score_fr = self.tap_maps()[tap]
-        self.upscore, _ = make_upsample(self.num_classes, score_fr, CoordMap(), learnable=learnable_upsampling)
-        self.crops = {"score": crop_offset(score_fr.then(layer_map(self.upscore)))}
-
-    def head(self, feats: dict[str, torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-        """Score, upsample and crop the trunk's ``features`` to an image of ``size``."""
-        return crop_to(self.upscore(self.score_fr(feats[self.score_tap])), self.crops["score"], size)

@@ -14,42 +14,28 @@ import math
 import torch
 from torch import nn
 
-from fcn.models._common import FCNTrunk, SingleStreamHead, conv1_padding, fc6_padding, scaled
-from fcn.weights import load_backbone
+from fcn.models._common import Trunk, conv1_padding, fc6_padding, scaled
+from fcn.models.fcn import FCN, build_fcn
 
 ALIGNED_SHIFT = 2
 """Cells "aligned" moves from conv1 to fc6: conv1 keeps 36 pixels, enough for its 11x11 kernel and
 three 3x3/2 poolings on a 1x1 input."""
 
 
-class FCNAlexNet(SingleStreamHead, FCNTrunk):
-    """conv1 ... conv5, pool1/pool2/pool5, fc6 (6x6), fc7, score_fr, upscore, crop."""
+class AlexNetTrunk(Trunk):
+    """conv1 ... conv5, pool1/pool2/pool5, fc6 (6x6), fc7; taps fc7."""
 
-    backbone_family = "alexnet"
+    family = "alexnet"
+    first_conv = "conv1"
     TAPS = {"drop7": "fc7"}
 
-    def __init__(
-        self,
-        *,
-        num_classes: int = 21,
-        geometry: str = "reference",
-        width: float = 1.0,
-        output_stride: int = 32,
-        learnable_upsampling: bool = True,
-    ) -> None:
-        super().__init__(
-            "fcn32s_alexnet",
-            num_classes=num_classes,
-            geometry=geometry,
-            width=width,
-            output_stride=output_stride,
-            learnable_upsampling=learnable_upsampling,
-        )
+    def __init__(self, *, geometry: str, width: float, output_stride: int, in_channels: int = 3) -> None:
+        super().__init__(in_channels, output_stride)
         from torchvision.models import alexnet  # imported here: torchvision takes seconds
 
         with torch.device("meta"):
             template = alexnet(weights=None)
-        in_channels, conv = 3, 0
+        conv = 0
         for layer in template.features:
             if isinstance(layer, nn.Conv2d):
                 conv += 1
@@ -66,16 +52,15 @@ class FCNAlexNet(SingleStreamHead, FCNTrunk):
                 self._add(f"pool{conv}", nn.MaxPool2d(layer.kernel_size, stride=layer.stride, ceil_mode=True))
         fc6, fc7 = template.classifier[1], template.classifier[4]
         fc6_kernel = math.isqrt(fc6.in_features // template.features[10].out_channels)
-        self.fc7_channels = scaled(fc6.out_features, width)
+        fc6_channels, fc7_channels = scaled(fc6.out_features, width), scaled(fc7.out_features, width)
         fc6_pad = fc6_padding(geometry, ALIGNED_SHIFT)
-        self._add("fc6", nn.Conv2d(in_channels, self.fc7_channels, fc6_kernel, padding=fc6_pad))
+        self._add("fc6", nn.Conv2d(in_channels, fc6_channels, fc6_kernel, padding=fc6_pad))
         self._add("relu6", nn.ReLU(inplace=True))
         self._add("drop6", nn.Dropout(0.5))
-        self._add("fc7", nn.Conv2d(self.fc7_channels, scaled(fc7.out_features, width), 1))
+        self._add("fc7", nn.Conv2d(fc6_channels, fc7_channels, 1))
         self._add("relu7", nn.ReLU(inplace=True))
-        self._add("drop7", nn.Dropout(0.5))
-        self._finish_trunk()
-        self._add_single_stream_head("fc7", self.fc7_channels, learnable_upsampling)
+        self._add("drop7", nn.Dropout(0.5), fc7_channels)
+        self._finish()
 
 
 def fcn32s_alexnet(
@@ -86,8 +71,7 @@ def fcn32s_alexnet(
     backbone_weights: str | None = None,
     output_stride: int = 32,
     learnable_upsampling: bool = True,
-) -> FCNAlexNet:
+) -> FCN:
     """FCN-AlexNet; ``backbone_weights``: a torchvision AlexNet state_dict (path or fsspec URI)."""
-    model = FCNAlexNet(num_classes=num_classes, geometry=geometry, width=width, output_stride=output_stride,
-                       learnable_upsampling=learnable_upsampling)
-    return model if backbone_weights is None else load_backbone(model, backbone_weights)
+    return build_fcn('fcn32s_alexnet', AlexNetTrunk, num_classes=num_classes, geometry=geometry, width=width, output_stride=output_stride,
+                     learnable_upsampling=learnable_upsampling, backbone_weights=backbone_weights)  # fmt: skip

@@ -13,42 +13,27 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fcn.models._common import FCNTrunk, SingleStreamHead, conv1_padding, scaled
-from fcn.weights import load_backbone
+from fcn.models._common import Trunk, conv1_padding, scaled
+from fcn.models.fcn import FCN, build_fcn
 
 ALIGNED_SHIFT = 2
 """Cells of the pad-100 that "aligned" drops (there is no fc6 to move them to): conv1 keeps 36
 pixels, enough for four 3x3/2 and 2x2/2 poolings on a 1x1 input."""
 
 
-class FCNGoogLeNet(SingleStreamHead, FCNTrunk):
-    """conv1 ... inception5b (torchvision names), score_fr, upscore, crop."""
+class GoogLeNetTrunk(Trunk):
+    """conv1 ... inception5b (torchvision names); taps inception5b."""
 
-    backbone_family = "googlenet"
+    family = "googlenet"
+    first_conv = "conv1.conv"
     TAPS = {"inception5b": "inception5b"}
 
-    def __init__(
-        self,
-        *,
-        num_classes: int = 21,
-        geometry: str = "reference",
-        width: float = 1.0,
-        output_stride: int = 32,
-        learnable_upsampling: bool = True,
-    ) -> None:
-        super().__init__(
-            "fcn32s_googlenet",
-            num_classes=num_classes,
-            geometry=geometry,
-            width=width,
-            output_stride=output_stride,
-            learnable_upsampling=learnable_upsampling,
-        )
+    def __init__(self, *, geometry: str, width: float, output_stride: int, in_channels: int = 3) -> None:
+        super().__init__(in_channels, output_stride)
         from torchvision.models.googlenet import BasicConv2d, Inception, googlenet  # imported here: torchvision takes seconds
 
         with torch.device("meta"):
             template = googlenet(weights=None, aux_logits=False, init_weights=False)
-        in_channels = 3
         for name, block in template.named_children():
             if name == "avgpool":
                 break
@@ -77,14 +62,12 @@ class FCNGoogLeNet(SingleStreamHead, FCNTrunk):
                 block = nn.MaxPool2d(block.kernel_size, stride=block.stride, ceil_mode=True)
             else:
                 continue
-            self._add(name, block)
+            self._add(name, block, out_channels)
             in_channels = out_channels
-        self.score_channels = in_channels
-        self._finish_trunk()
+        self._finish()
         for m in self.modules():
             if isinstance(m, nn.Conv2d):  # torchvision's GoogLeNet init
                 nn.init.trunc_normal_(m.weight, mean=0.0, std=0.01, a=-2, b=2)
-        self._add_single_stream_head("inception5b", in_channels, learnable_upsampling)
 
     def _geometry_layers(self, names: list[str]) -> list[nn.Module]:
         """A BasicConv2d acts as its conv; an Inception block as its widest (1x1 then 3x3) branch."""
@@ -110,8 +93,7 @@ def fcn32s_googlenet(
     backbone_weights: str | None = None,
     output_stride: int = 32,
     learnable_upsampling: bool = True,
-) -> FCNGoogLeNet:
+) -> FCN:
     """FCN-GoogLeNet; ``backbone_weights``: a torchvision GoogLeNet state_dict (path or fsspec URI)."""
-    model = FCNGoogLeNet(num_classes=num_classes, geometry=geometry, width=width, output_stride=output_stride,
-                         learnable_upsampling=learnable_upsampling)
-    return model if backbone_weights is None else load_backbone(model, backbone_weights)
+    return build_fcn('fcn32s_googlenet', GoogLeNetTrunk, num_classes=num_classes, geometry=geometry, width=width, output_stride=output_stride,
+                     learnable_upsampling=learnable_upsampling, score_tap="inception5b", backbone_weights=backbone_weights)  # fmt: skip
