@@ -3,15 +3,23 @@
 - ``caffe``: the authors' Caffe weights (and pytorch-fcn's port of them): BGR channel order, values
   0-255, per-channel mean (104.00699, 116.66877, 122.67892) in BGR order subtracted, no std scaling.
 - ``torchvision``: torchvision's ImageNet classifiers: RGB, values scaled to [0, 1], ImageNet mean/std.
+
+The NYUDv2 nets also read depth: as centred log depth (one channel, ``fcn.depth.log_depth``) or as an
+HHA image, whose mean is the reference's (``nyud_layers.py``) and whose scale follows the convention.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
+
+
+HHA_MEAN = (132.431, 94.076, 118.477)
+"""Mean of the NYUDv2 HHA images in 0-255 units (the reference ``nyud_layers.py``), subtracted first."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,37 @@ class InputConvention:
         std = torch.tensor(self.std, device=x.device).view(3, 1, 1)
         mean = torch.tensor(self.mean, device=x.device).view(3, 1, 1)
         return x.mul_(self.scale / std).sub_(mean / std)  # (x * scale - mean) / std
+
+    def encode(
+        self, inputs: Mapping[str, np.ndarray | Tensor], modalities: Sequence[str], device: torch.device | str | None = None
+    ) -> Tensor:
+        """A network's ``[C, H, W]`` input from ``inputs`` by modality: ``rgb`` (``HxWx3`` uint8 or
+        ``3xHxW`` tensor), ``depth`` (``HxW`` metres, 0 = missing), ``hha`` (``HxWx3`` uint8),
+        concatenated in ``modalities`` order. ValueError names a missing modality or a size mismatch."""
+        missing = [m for m in modalities if m not in inputs]
+        if missing:
+            raise ValueError(f"the network reads {list(modalities)}; missing {missing}")
+        parts = [self._encode_one(m, inputs[m], device) for m in modalities]
+        sizes = {tuple(p.shape[-2:]) for p in parts}
+        if len(sizes) > 1:
+            raise ValueError(f"the inputs {list(modalities)} differ in size: {sorted(sizes)}")
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _encode_one(self, modality: str, value: np.ndarray | Tensor, device: torch.device | str | None) -> Tensor:
+        if modality == "rgb":
+            return self.to_tensor(value, device)
+        if modality == "depth":
+            from fcn.depth import log_depth
+
+            return torch.from_numpy(log_depth(np.asarray(value)))[None].to(device)
+        if modality == "hha":
+            if not isinstance(value, np.ndarray) or value.ndim != 3 or value.shape[2] != 3 or value.dtype != np.uint8:
+                raise ValueError("an HHA input must be an HxWx3 uint8 array")
+            x = torch.tensor(value, device=device).permute(2, 0, 1).to(torch.float32)
+            spread = float(np.mean(self.std))
+            mean = torch.tensor(HHA_MEAN, device=x.device).view(3, 1, 1)
+            return x.sub_(mean).mul_(self.scale / spread)
+        raise ValueError(f"unknown input modality {modality!r}; expected rgb, depth or hha")
 
 
 CONVENTIONS: dict[str, InputConvention] = {

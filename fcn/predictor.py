@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,9 +33,10 @@ DECODER_REACH = 64
 """Pixels an output depends on beyond half the trunk's receptive field: the skip/upsampling layers
 (FCN-8s: k4/s2 at stride 32, k4/s2 at stride 16, k16/s8 at stride 8) reach up to 56 px further."""
 
-ImageLike = Image.Image | np.ndarray | Tensor
+ImageLike = Image.Image | np.ndarray | Tensor | Mapping[str, np.ndarray | Tensor]
 """A PIL image, a numpy array (see ``fcn.image.to_rgb_array``), or a ``3xHxW`` uint8 tensor on any
-device (what ``torchvision.io.decode_jpeg`` returns, e.g. decoded on the GPU)."""
+device (what ``torchvision.io.decode_jpeg`` returns, e.g. decoded on the GPU); for a network that
+reads more than RGB, a dict of its inputs by modality (see ``InputConvention.encode``)."""
 
 
 @dataclass
@@ -45,6 +48,8 @@ class Prediction:
     confidence: np.ndarray | None = None
     pixel_counts: np.ndarray | None = None  # int64 [num_classes]: pixels per label; sums to H*W
     mean_confidence: float | None = None  # mean over pixels of the winning label's probability
+    heads: dict[str, Prediction] = field(default_factory=dict)
+    """The further heads of a multi-task network, by task name (the first head's are the fields above)."""
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -101,7 +106,8 @@ class Predictor:
         self.max_pixels = int(max_pixels)
         self.batch_pixels = int(batch_pixels or max_pixels)
         self.num_classes = int(model.num_classes)
-        self.label_dtype = np.uint8 if self.num_classes <= 256 else np.int32
+        self.head_classes = dict(getattr(model, "head_classes", {"semantic": self.num_classes}))
+        self.modalities = tuple(getattr(model, "modalities", ("rgb",)))
         memory_format = torch.channels_last if self.channels_last else torch.preserve_format
         self.model = model.eval().to(self.device, memory_format=memory_format)
 
@@ -124,7 +130,7 @@ class Predictor:
         ``confidence`` returns the per-pixel probability of each label; ``statistics`` fills
         ``pixel_counts`` and ``mean_confidence``, computed on the device (only they leave it).
         """
-        pixels = [image if isinstance(image, Tensor) else to_rgb_array(image) for image in images]
+        pixels = [self._inputs(image) for image in images]
         results: list[Prediction | None] = [None] * len(pixels)
         same_size: dict[tuple[int, int], list[int]] = defaultdict(list)
         for index, image in enumerate(pixels):
@@ -136,64 +142,112 @@ class Predictor:
         for (height, width), indices in same_size.items():
             per_pass = max(1, self.batch_pixels // (height * width))
             for chunk in (indices[k : k + per_pass] for k in range(0, len(indices), per_pass)):
-                batch = torch.stack([self.convention.to_tensor(pixels[i], self.device) for i in chunk])
+                batch = torch.stack([self._encode(pixels[i]) for i in chunk])
                 outputs = self._decode(self._logits(batch), confidence, statistics)
                 for j, i in enumerate(chunk):
                     results[i] = outputs[j]
         return results  # type: ignore[return-value]
 
-    def _predict_tiled(self, image: np.ndarray | Tensor, confidence: bool, statistics: bool) -> Prediction:
+    def _inputs(self, image: ImageLike) -> np.ndarray | Tensor | dict[str, np.ndarray | Tensor]:
+        """``image`` as the predictor keeps it: an RGB array or tensor, or a dict of inputs by modality."""
+        if isinstance(image, Mapping):
+            rgb = image.get("rgb")
+            return {**image, "rgb": rgb if rgb is None or isinstance(rgb, Tensor) else to_rgb_array(rgb)}
+        if self.modalities != ("rgb",):
+            raise ValueError(f"this network reads {list(self.modalities)}: pass a dict of those inputs by modality")
+        return image if isinstance(image, Tensor) else to_rgb_array(image)
+
+    def _encode(self, inputs: np.ndarray | Tensor | dict[str, np.ndarray | Tensor]) -> Tensor:
+        if isinstance(inputs, dict):
+            return self.convention.encode(inputs, self.modalities, self.device)
+        return self.convention.to_tensor(inputs, self.device)
+
+    def _predict_tiled(self, image: np.ndarray | Tensor | dict[str, np.ndarray | Tensor], confidence: bool, statistics: bool) -> Prediction:
         height, width = _size(image)
-        labels = np.empty((height, width), dtype=self.label_dtype)
-        confidences = np.empty((height, width), dtype=np.float32) if confidence else None
-        counts, confidence_sum = np.zeros(self.num_classes, np.int64), 0.0
+        tiled = {task: _TiledHead(height, width, classes, confidence) for task, classes in self.head_classes.items()}
         for y0, y1, cy0, cy1 in _spans(height, self.tile_size, self.margin):
             for x0, x1, cx0, cx1 in _spans(width, self.tile_size, self.margin):
-                crop = image[:, y0:y1, x0:x1] if isinstance(image, Tensor) else image[y0:y1, x0:x1]
-                tile = self.convention.to_tensor(crop, self.device)[None]
-                core = self._logits(tile)[..., cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]
-                [part] = self._decode(core, confidence, statistics)
-                labels[cy0:cy1, cx0:cx1] = part.labels
-                if confidences is not None:
-                    confidences[cy0:cy1, cx0:cx1] = part.confidence
-                if statistics:
-                    counts += part.pixel_counts
-                    confidence_sum += part.mean_confidence * part.labels.size
-        if not statistics:
-            return Prediction(labels, confidences)
-        return Prediction(labels, confidences, counts, confidence_sum / labels.size)
+                tile = self._encode(_crop(image, y0, y1, x0, x1))[None]
+                logits = {task: t[..., cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] for task, t in self._logits(tile).items()}
+                [part] = self._decode(logits, confidence, statistics)
+                for task, head in tiled.items():
+                    head.add(part.heads.get(task, part), cy0, cy1, cx0, cx1, statistics)
+        first, *further = (head.prediction(statistics) for head in tiled.values())
+        first.heads = dict(zip(list(tiled)[1:], further))
+        return first
 
-    def _logits(self, batch: Tensor) -> Tensor:
-        """The network's float32 logits for a normalised batch [N, 3, H, W] on the device."""
+    def _logits(self, batch: Tensor) -> dict[str, Tensor]:
+        """The network's float32 logits by task for a normalised batch [N, C, H, W] on the device."""
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            return self.model(batch).float()
+            out = self.model(batch)
+            scores = out if isinstance(out, dict) else {next(iter(self.head_classes)): out}
+            return {task: t.float() for task, t in scores.items()}
 
-    def _decode(self, logits: Tensor, confidence: bool, statistics: bool) -> list[Prediction]:
-        """One ``Prediction`` per image of ``logits`` [N, C, H, W]: arg-max labels and, as asked, the
-        softmax probability of the arg-max and the statistics (reduced on the device)."""
-        top, labels = logits.max(1)  # (much faster than argmax on CPU; same first-maximum ties)
-        labels = labels.to(torch.uint8 if self.label_dtype == np.uint8 else torch.int32)
-        probability = torch.exp(top - logits.logsumexp(1)) if confidence or statistics else None
-        counts = means = None
+    def _decode(self, logits: dict[str, Tensor], confidence: bool, statistics: bool) -> list[Prediction]:
+        """One ``Prediction`` per image of ``logits`` (by task, [N, C, H, W] each): the first task's in
+        its fields, the others in ``heads``."""
+        per_task = [_decode_head(t, confidence, statistics) for t in logits.values()]
+        tasks = list(logits)
+        predictions = per_task[0]
+        for j, prediction in enumerate(predictions):
+            prediction.heads = {task: per_task[k][j] for k, task in enumerate(tasks) if k}
+        return predictions
+
+
+class _TiledHead:
+    """One head's outputs of tiled inference, written tile by tile into preallocated arrays."""
+
+    def __init__(self, height: int, width: int, classes: int, confidence: bool) -> None:
+        self.labels = np.empty((height, width), dtype=_label_dtype(classes))
+        self.confidence = np.empty((height, width), dtype=np.float32) if confidence else None
+        self.counts, self.confidence_sum = np.zeros(classes, np.int64), 0.0
+
+    def add(self, part: Prediction, cy0: int, cy1: int, cx0: int, cx1: int, statistics: bool) -> None:
+        self.labels[cy0:cy1, cx0:cx1] = part.labels
+        if self.confidence is not None:
+            self.confidence[cy0:cy1, cx0:cx1] = part.confidence
         if statistics:
-            n, classes = len(labels), self.num_classes
-            offsets = torch.arange(n, device=labels.device).mul_(classes).view(n, 1)
-            flat = labels.flatten(1).long().add_(offsets)  # image j's label c counts in bin j*C + c
-            counts = torch.bincount(flat.flatten(), minlength=n * classes).view(n, classes).cpu().numpy()
-            means = probability.flatten(1).double().mean(1).cpu().tolist()
-        labels_np = labels.cpu().numpy()
-        probability_np = probability.cpu().numpy() if confidence else None
-        return [
-            Prediction(
-                labels_np[j],
-                None if probability_np is None else probability_np[j],
-                None if counts is None else counts[j],
-                None if means is None else means[j],
-            )
-            for j in range(len(labels_np))
-        ]
+            self.counts += part.pixel_counts
+            self.confidence_sum += part.mean_confidence * part.labels.size
+
+    def prediction(self, statistics: bool) -> Prediction:
+        if not statistics:
+            return Prediction(self.labels, self.confidence)
+        return Prediction(self.labels, self.confidence, self.counts, self.confidence_sum / self.labels.size)
+
+
+def _decode_head(logits: Tensor, confidence: bool, statistics: bool) -> list[Prediction]:
+    """One ``Prediction`` per image of one head's ``logits`` [N, C, H, W]: arg-max labels and, as asked,
+    the softmax probability of the arg-max and the statistics (reduced on the device)."""
+    top, labels = logits.max(1)  # (much faster than argmax on CPU; same first-maximum ties)
+    classes = logits.shape[1]
+    labels = labels.to(torch.uint8 if _label_dtype(classes) == np.uint8 else torch.int32)
+    probability = torch.exp(top - logits.logsumexp(1)) if confidence or statistics else None
+    counts = means = None
+    if statistics:
+        n = len(labels)
+        offsets = torch.arange(n, device=labels.device).mul_(classes).view(n, 1)
+        flat = labels.flatten(1).long().add_(offsets)  # image j's label c counts in bin j*C + c
+        counts = torch.bincount(flat.flatten(), minlength=n * classes).view(n, classes).cpu().numpy()
+        means = probability.flatten(1).double().mean(1).cpu().tolist()
+    labels_np = labels.cpu().numpy()
+    probability_np = probability.cpu().numpy() if confidence else None
+    return [
+        Prediction(
+            labels_np[j],
+            None if probability_np is None else probability_np[j],
+            None if counts is None else counts[j],
+            None if means is None else means[j],
+        )
+        for j in range(len(labels_np))
+    ]
+
+
+def _label_dtype(classes: int) -> type:
+    """uint8 labels up to 256 classes, int32 beyond."""
+    return np.uint8 if classes <= 256 else np.int32
 
 
 def predict(
@@ -207,13 +261,23 @@ def predict(
     return predictor(image, confidence=confidence)
 
 
-def _size(image: np.ndarray | Tensor) -> tuple[int, int]:
-    """(height, width) of an ``HxWx3`` array or a ``3xHxW`` tensor."""
+def _size(image: np.ndarray | Tensor | dict[str, np.ndarray | Tensor]) -> tuple[int, int]:
+    """(height, width) of an ``HxWx3`` array or a ``3xHxW`` tensor (of a dict of inputs: the first's)."""
+    if isinstance(image, dict):
+        first = next(iter(image.values()))
+        return (int(first.shape[1]), int(first.shape[2])) if isinstance(first, Tensor) else (int(first.shape[0]), int(first.shape[1]))
     if isinstance(image, Tensor):
         if image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"image tensors must be 3xHxW uint8 RGB, got shape {tuple(image.shape)}")
         return int(image.shape[1]), int(image.shape[2])
     return int(image.shape[0]), int(image.shape[1])
+
+
+def _crop(image: np.ndarray | Tensor | dict[str, np.ndarray | Tensor], y0: int, y1: int, x0: int, x1: int) -> Any:
+    """Rows ``y0:y1`` and columns ``x0:x1`` of an image (of each input of a dict)."""
+    if isinstance(image, dict):
+        return {m: _crop(v, y0, y1, x0, x1) for m, v in image.items()}
+    return image[:, y0:y1, x0:x1] if isinstance(image, Tensor) else image[y0:y1, x0:x1]
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -209,3 +209,49 @@ def test_bad_parameters_name_the_problem(model: torch.nn.Module) -> None:
         Predictor(model, device="cpu", input_convention="rgb")
     with pytest.raises(ValueError, match="uint32"):
         Predictor(model, device="cpu")(np.zeros((4, 4), np.uint32))
+
+
+def test_a_two_head_net_is_predicted_per_head_whole_and_tiled_alike() -> None:
+    torch.manual_seed(0)
+    net = fcn.get_model("fcn16s_siftflow_vgg16", width=1 / 16)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.05)
+    image = np.random.default_rng(0).integers(0, 255, (900, 700, 3), dtype=np.uint8)
+    whole = Predictor(net, device="cpu")(image, statistics=True)
+    tiled = Predictor(net, device="cpu", max_pixels=64 * 64, tile_size=640)(image, statistics=True)
+    assert list(whole.heads) == list(tiled.heads) == ["geometric"]
+    geometric = whole.heads["geometric"]
+    assert geometric.labels.shape == (900, 700) and geometric.labels.max() < 3 and len(geometric.pixel_counts) == 3
+    assert len(whole.pixel_counts) == 33 and len(np.unique(geometric.labels)) > 1
+    for ours, theirs in ((whole, tiled), (geometric, tiled.heads["geometric"])):
+        np.testing.assert_array_equal(ours.labels, theirs.labels)
+        np.testing.assert_array_equal(ours.pixel_counts, theirs.pixel_counts)
+
+
+def test_an_rgbd_net_reads_a_dict_of_inputs_in_its_modality_order() -> None:
+    from fcn.depth import log_depth
+
+    torch.manual_seed(0)
+    net = fcn.get_model("fcn32s_rgbd_vgg16", num_classes=4, width=1 / 16).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.05)
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 255, (50, 60, 3), dtype=np.uint8)
+    depth = rng.uniform(0.5, 5, (50, 60)).astype(np.float32)
+    convention = fcn.get_convention("torchvision")
+    x = convention.encode({"depth": depth, "rgb": rgb}, net.modalities)
+    assert x.shape == (4, 50, 60)
+    torch.testing.assert_close(x[:3], convention.to_tensor(rgb))
+    torch.testing.assert_close(x[3], torch.from_numpy(log_depth(depth)))
+    with torch.no_grad():
+        expected = net(x[None]).argmax(1)[0].numpy()
+    predictor = Predictor(net, device="cpu")
+    np.testing.assert_array_equal(predictor({"rgb": rgb, "depth": depth}).labels, expected)
+    with pytest.raises(ValueError, match=r"reads \['rgb', 'depth'\]: pass a dict"):
+        predictor(rgb)
+    with pytest.raises(ValueError, match=r"missing \['depth'\]"):
+        predictor({"rgb": rgb})
+    with pytest.raises(ValueError, match="differ in size"):
+        predictor({"rgb": rgb, "depth": depth[:40]})
