@@ -30,6 +30,7 @@ from flows.segment_bucket import (
     is_transient,
     segment_bucket,
 )
+from pipelines.class_weights import CLASS_WEIGHTS_HELP
 from pipelines.train import RECIPES, SCORES, TrainConfig, TrainSummary, run_evaluation, run_training
 
 ARTIFACT_KEY = "nightly-retrain"
@@ -42,6 +43,7 @@ Workers = Annotated[int, Field(ge=1, description="Ray Train data-parallel worker
 GpusPerWorker = Annotated[float, Field(ge=0)]
 Recipe = Literal[tuple(RECIPES)]  # "modern" | "paper"
 Margin = Annotated[float, Field(ge=0, description="mean IU the candidate must beat the champion by")]
+ClassWeights = Annotated[str, Field(min_length=1, description=CLASS_WEIGHTS_HELP)]
 
 
 class NightlyRetrainParams(BaseModel):
@@ -57,6 +59,7 @@ class NightlyRetrainParams(BaseModel):
     workers: Workers
     gpus_per_worker: GpusPerWorker
     recipe: Recipe
+    class_weights: ClassWeights
     warm_start: bool
     promote_margin: Margin
     resegment_input: str | None
@@ -103,6 +106,7 @@ def train(params: NightlyRetrainParams, warm_start_from: str | None) -> TrainSum
         gpus_per_worker=params.gpus_per_worker,
         epochs=params.epochs,
         recipe=params.recipe,
+        class_weights=params.class_weights,
         width=params.width,
         promote=False,
         ray_address=params.ray_address,
@@ -192,6 +196,7 @@ def nightly_retrain(
     workers: Workers = 2,
     gpus_per_worker: GpusPerWorker = 0,
     recipe: Recipe = "modern",
+    class_weights: ClassWeights = TrainConfig.class_weights,
     warm_start: bool = True,
     promote_margin: Margin = 0.0,
     resegment_input: str | None = None,

@@ -93,3 +93,27 @@ def orient(pixels, orientation: int):  # noqa: ANN001, ANN201 - torch.Tensor in 
     if orientation == 8:
         return pixels.transpose(1, 2).flip(1)
     return pixels
+
+
+DEPTH_PNG_UNITS_PER_M = 1000
+"""Depth maps are 16-bit PNGs of millimetres (NYUDv2's layout; 0 = no reading)."""
+
+
+def depth_from_image(image: Image.Image) -> np.ndarray:
+    """The float32 ``HxW`` depth in metres of a 16-bit PNG of millimetres; DecodeError otherwise."""
+    if not image.mode.startswith("I"):
+        raise DecodeError(f"depth has mode {image.mode!r}, not a 16-bit PNG of millimetres")
+    depth = np.asarray(image, np.float32)
+    if (depth < 0).any():
+        raise DecodeError("depth has negative values")
+    return depth / DEPTH_PNG_UNITS_PER_M
+
+
+def decode_depth(data: bytes, *, max_pixels: int) -> np.ndarray:
+    """Decode a depth map (see ``depth_from_image``) with ``open_image``'s checks."""
+    image = open_image(data, max_pixels=max_pixels)
+    try:
+        image.load()
+    except (OSError, ValueError) as error:
+        raise DecodeError(f"truncated or corrupt depth map: {error}") from None
+    return depth_from_image(image)

@@ -53,13 +53,32 @@ FIELDS: list[tuple[str, pa.DataType, str]] = [
     ("processed_at", pa.timestamp("us", tz="UTC"), "when the row was produced"),
 ]
 COLUMNS = [name for name, _, _ in FIELDS]
+HEAD_COLUMNS = ("mask_uri", "pixel_counts", "class_fractions", "dominant_class", "dominant_class_name", "mean_confidence")
+"""The columns that each further head of a multi-task model repeats as ``<head>_<column>``."""
 
 
-def stats_schema(class_names: list[str], palette: list[int], model: dict[str, Any]) -> pa.Schema:
-    """The stats schema; class names, palette and the model description (JSON) are in its metadata."""
+def head_column(head: str, column: str) -> str:
+    """The name of a further head's ``column``: ``geometric_mask_uri``."""
+    return f"{head}_{column}"
+
+
+def stats_schema(
+    class_names: list[str], palette: list[int], model: dict[str, Any], heads: dict[str, dict[str, list]] | None = None
+) -> pa.Schema:
+    """The stats schema, with ``HEAD_COLUMNS`` again for every head of ``heads`` after the first; class
+    names, palette, every head ({task: {"class_names", "palette"}}) and the model description (JSON)
+    are in its metadata."""
+    heads = heads or {"semantic": {"class_names": class_names, "palette": palette}}
+    documented = {name: (type_, doc) for name, type_, doc in FIELDS}
+    further = [
+        pa.field(head_column(head, column), documented[column][0], metadata={"description": f"{head} head: {documented[column][1]}"})
+        for head in list(heads)[1:]
+        for column in HEAD_COLUMNS
+    ]  # fmt: skip
     return pa.schema(
-        [pa.field(name, type_, metadata={"description": doc}) for name, type_, doc in FIELDS],
-        metadata={"class_names": json.dumps(class_names), "palette": json.dumps(palette), "model": json.dumps(model)},
+        [pa.field(name, type_, metadata={"description": doc}) for name, type_, doc in FIELDS] + further,
+        metadata={"class_names": json.dumps(class_names), "palette": json.dumps(palette), "heads": json.dumps(heads),
+                  "model": json.dumps(model)},  # fmt: skip
     )
 
 

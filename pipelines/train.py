@@ -50,6 +50,7 @@ import fcn
 from fcn import registry
 from fcn.classes import voc_palette
 from fcn.conventions import InputConvention, get_convention
+from pipelines.class_weights import CLASS_WEIGHTS_HELP, MEDIAN_FREQUENCY, NO_WEIGHTS, resolve_class_weights
 from pipelines.datasets import IGNORE_LABEL, BadSample, Sample, load_sample, open_dataset
 from pipelines.ray_utils import connect
 
@@ -125,6 +126,7 @@ class TrainConfig:
     geometry: str = "reference"
     backbone_weights: str | None = None
     classes: str | None = None
+    class_weights: str = NO_WEIGHTS
     lr: float | None = None
     batch_size: int = 1
     loss_sample_rate: float = 1.0
@@ -152,7 +154,9 @@ class TrainConfig:
             ("max_failures", self.max_failures >= -1, "must be >= -1 (-1 = unlimited)"),
             ("keep_checkpoints", self.keep_checkpoints is None or self.keep_checkpoints >= 1, "must be >= 1"),
             ("run_name", self.run_name is None or _safe_name(self.run_name), "may only contain letters, digits, . _ -"),
-        ]
+            ("class_weights", self.class_weights in (NO_WEIGHTS, MEDIAN_FREQUENCY) or _exists(self.class_weights),
+             f"must be {NO_WEIGHTS!r}, {MEDIAN_FREQUENCY!r} or an existing file"),
+        ]  # fmt: skip
         for name, ok, message in checks:
             if not ok:
                 raise ValueError(f"{name}: {message}, got {getattr(self, name)!r}")
@@ -205,6 +209,12 @@ def run_training(config: TrainConfig) -> TrainSummary:
     """Train on Ray Train, register the best epoch and promote it if it beats the champion."""
     config.validate()
     data = open_dataset(config.data, classes=config.classes)
+    try:
+        class_weights = resolve_class_weights(config.class_weights, data)
+    except ValueError as exc:
+        raise ValueError(f"class_weights: {exc}") from None
+    if class_weights is not None:
+        logger.info("class weights (%s): %s", config.class_weights, [round(w, 4) for w in class_weights])
     if config.strict:
         _check_all_samples(data.train + data.val, data.num_classes)
     run_name = config.run_name or default_run_name(config.model)
@@ -219,6 +229,7 @@ def run_training(config: TrainConfig) -> TrainSummary:
         "config": asdict(config),
         "run_name": run_name,
         "class_names": list(data.class_names),
+        "class_weights": class_weights,
         "train": list(data.train),
         "val": list(data.val),
         "convention": convention,
@@ -531,12 +542,15 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         optimizer.load_state_dict(train_state["optimizer"])
         schedule.load_state_dict(train_state["schedule"])
     loss_generator = torch.Generator(device=device).manual_seed(config.seed * 1000 + rank)
+    class_weights = loop_config["class_weights"]
+    loss_weight = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32, device=device)
 
     for epoch in range(start_epoch, config.epochs):
         sampler.set_epoch(epoch)
         dataset.epoch = epoch
         loss_sum, steps, skipped, diverged = _train_epoch(model, loader, optimizer, schedule, recipe.loss_reduction,
-                                                          config.loss_sample_rate, loss_generator, device)  # fmt: skip
+                                                          config.loss_sample_rate, loss_generator, loss_weight,
+                                                          device)  # fmt: skip
         divergences = _merge_across_workers({f"{rank:06d}": diverged} if diverged else {}, world)
         if divergences:  # every rank stops here together: final, not a worker failure to retry
             if rank == 0:
@@ -561,6 +575,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             **{k: scores[k] for k in SCORES},
             "per_class_iu": scores["per_class_iu"],
             "class_names": class_names,
+            "class_weights": class_weights,
             "hist": hist.tolist(),
             "skipped": len(all_skipped),
             "skipped_samples": all_skipped,
@@ -579,6 +594,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
                 module, os.path.join(folder, registry.CHECKPOINT_FILE), class_names=class_names,
                 palette=voc_palette(), input_convention=convention.name, epoch=epoch + 1,
                 run_name=loop_config["run_name"], recipe=config.recipe, mean_iu=metrics["mean_iu"],
+                class_weights=class_weights,
             )  # fmt: skip
             torch.save({"epoch": epoch + 1, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()},
                        os.path.join(folder, TRAIN_STATE_FILE))  # fmt: skip
@@ -591,7 +607,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
 
 
 def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, schedule: Any,
-                 reduction: str, sample_rate: float, generator: torch.Generator,
+                 reduction: str, sample_rate: float, generator: torch.Generator, class_weight: torch.Tensor | None,
                  device: torch.device) -> tuple[float, int, dict[str, str], tuple[float, int, float] | None]:  # fmt: skip
     """One pass over this worker's share; returns (summed loss, steps, bad samples seen, divergence):
     the pass stops at the first non-finite loss, and divergence is (that loss, its step, the learning
@@ -614,7 +630,7 @@ def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Op
             with _autocast(device):
                 logits = model(images)
             loss = fcn.cross_entropy(logits.float(), targets, reduction=reduction, sample_rate=sample_rate,
-                                     generator=generator)  # fmt: skip
+                                     generator=generator, weight=class_weight)  # fmt: skip
             if not torch.isfinite(loss):  # the other ranks finish their pass under DDP's join
                 return loss_sum, steps, skipped, (float(loss.item()), steps, schedule.get_last_lr()[0])
             optimizer.zero_grad(set_to_none=True)
@@ -712,7 +728,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--batch-size", type=int, default=1, help="images per worker step, padded with ignored pixels")
     add("--loss-sample-rate", type=float, default=1.0, help="fraction of loss terms kept (paper 3.4)")
     add("--input-convention", help="'torchvision' or 'caffe' (default: the --init checkpoint's, else torchvision)")
-    add("--classes", help="file with one class name per line (default: <data>/class_names.txt or VOC)")
+    add("--classes", help="file with one class name per line (default: <data>/class_names.txt, else VOC's for "
+        "VOC-layout data with label ids up to 20, else class_0... up to the largest label id of the train split)")
+    add("--class-weights", default=TrainConfig.class_weights, help=f"{CLASS_WEIGHTS_HELP} (default: %(default)s)")
     add("--run-name", help="run folder under <registry>/runs/; an existing run is resumed")
     add("--promote-margin", type=float, default=0.0, help="mean IU the run must beat the champion by")
     add("--no-promote", dest="promote", action="store_false", help="register the model version only")

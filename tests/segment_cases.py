@@ -99,16 +99,16 @@ def displayed(data: bytes) -> Image.Image:
     return ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
 
 
-def tiny_checkpoint(uri: str, num_classes: int = 4, seed: int = 0) -> str:
-    """Save a small random FCN-8s (width 1/16) to ``uri``; give its score layers some spread so
-    masks contain several classes."""
+def tiny_checkpoint(uri: str, num_classes: int = 4, seed: int = 0, arch: str = "fcn8s_vgg16") -> str:
+    """Save a small random FCN (width 1/16, FCN-8s unless ``arch``) to ``uri``; give its score layers
+    some spread so masks contain several classes."""
     import torch
 
     torch.manual_seed(seed)
-    model = fcn.get_model("fcn8s_vgg16", num_classes=num_classes, width=1 / 16)
+    model = fcn.get_model(arch, num_classes=num_classes, width=1 / 16)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if name.startswith("score") and parameter.dim() > 1:
+            if ".score_" in name and parameter.dim() > 1:
                 parameter.normal_(0, 0.5)
     names = [f"class_{i}" for i in range(num_classes)]
     return fcn.save_checkpoint(model, uri, class_names=names)

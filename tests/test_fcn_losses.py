@@ -1,4 +1,4 @@
-"""Cross-entropy against hand computation: ignore label, sum/mean, loss sampling."""
+"""Cross-entropy against hand computation: ignore label, sum/mean, loss sampling, class weights."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fcn.losses import cross_entropy
 
@@ -56,6 +57,29 @@ def test_loss_sampling_keeps_the_drawn_pixels(case: tuple[torch.Tensor, torch.Te
     got_mean = cross_entropy(logits, target, sample_rate=rate, generator=torch.Generator().manual_seed(7))
     assert float(got_sum) == pytest.approx(sum(kept))
     assert float(got_mean) == pytest.approx(sum(kept) / len(kept))
+
+
+def test_class_weights_match_hand_computation_and_torch(case: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Each term times its target class's weight; "mean" divides by the summed weights of the labelled
+    pixels (torch's weighted mean), so ignored pixels count in neither sum."""
+    logits, target = case
+    terms = _hand_terms(logits, target)
+    weight = torch.tensor([0.5, 2.0, 0.0], dtype=torch.float64)
+    weighted = sum(float(weight[target[k]]) * v for k, v in terms.items())
+    weights = sum(float(weight[target[k]]) for k in terms)
+    got_sum = cross_entropy(logits, target, reduction="sum", weight=weight)
+    got_mean = cross_entropy(logits, target, weight=weight)
+    assert float(got_sum) == pytest.approx(weighted)
+    assert float(got_mean) == pytest.approx(weighted / weights)
+    assert float(got_mean) == pytest.approx(float(F.cross_entropy(logits, target, weight=weight, ignore_index=255)))
+    assert float(got_mean) != pytest.approx(float(cross_entropy(logits, target)))
+    # only class-2 pixels (weight 0): nothing to average, 0 and not NaN
+    only_zero_weight = torch.where(target == 255, target, torch.full_like(target, 2))
+    assert float(cross_entropy(logits, only_zero_weight, weight=weight)) == 0.0
+    with pytest.raises(ValueError, match="weight must be 3 finite values >= 0"):
+        cross_entropy(logits, target, weight=torch.tensor([1.0, 1.0]))
+    with pytest.raises(ValueError, match="weight must be 3"):
+        cross_entropy(logits, target, weight=torch.tensor([1.0, -1.0, 1.0]))
 
 
 def test_gradient_flows_only_through_kept_pixels(case: tuple[torch.Tensor, torch.Tensor]) -> None:

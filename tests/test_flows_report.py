@@ -150,14 +150,35 @@ def test_nightly_retrain_rejects_bad_parameters_naming_them() -> None:
             nightly_retrain.validate_parameters(good | bad)
 
 
+def test_nightly_retrain_class_weights_reach_the_training_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    import flows.nightly_retrain as nightly
+    from pipelines.train import TrainConfig
+
+    good = {"data": "s3://b/voc", "registry": "s3://b/registry"}
+    assert nightly.nightly_retrain.validate_parameters(good)["class_weights"] == TrainConfig.class_weights == "none"
+    with pytest.raises(ParameterTypeError, match=r"- class_weights:"):
+        nightly.nightly_retrain.validate_parameters(good | {"class_weights": ""})
+    configs: list[TrainConfig] = []
+
+    def fake_training(config: TrainConfig) -> None:
+        configs.append(config)
+        raise RuntimeError("stop after the config")
+
+    monkeypatch.setattr(nightly, "run_training", fake_training)
+    params = nightly.nightly_retrain.validate_parameters(good | {"class_weights": "median-frequency"})
+    with pytest.raises(RuntimeError, match="stop after the config"):
+        nightly.train.fn(nightly.NightlyRetrainParams(**params), None)
+    assert configs[0].class_weights == "median-frequency"
+
+
 def test_nightly_retrain_cross_field_check_and_summary() -> None:
     from flows.nightly_retrain import Decision, NightlyRetrainParams, summary_markdown
     from pipelines.train import TrainSummary
 
     fields = {"data": "s3://b/voc", "registry": "s3://b/registry", "model": "fcn8s_vgg16", "width": 1.0,
-              "epochs": 2, "workers": 1, "gpus_per_worker": 0, "recipe": "modern", "warm_start": True,
-              "promote_margin": 0.0, "resegment_input": None, "resegment_output": None, "ray_address": None,
-              "actors": None, "device": "auto"}  # fmt: skip
+              "epochs": 2, "workers": 1, "gpus_per_worker": 0, "recipe": "modern", "class_weights": "none",
+              "warm_start": True, "promote_margin": 0.0, "resegment_input": None, "resegment_output": None,
+              "ray_address": None, "actors": None, "device": "auto"}  # fmt: skip
     with pytest.raises(ValidationError, match="resegment_input and resegment_output"):
         NightlyRetrainParams(**(fields | {"resegment_input": "s3://b/photos"}))
     candidate = TrainSummary(run_name="r1", checkpoint_uri="s3://b/registry/runs/r1/epoch-0002/checkpoint.pt",

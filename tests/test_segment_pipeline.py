@@ -415,3 +415,73 @@ def test_a_store_that_fails_the_first_puts_of_every_object_still_gets_every_mask
     fs, root = fsspec.core.url_to_fs(f"{s3_bucket}/out")
     assert all(fs.exists(uri) for uri in table["mask_uri"].to_pylist())
     assert fs.isfile(f"{root}/_SUCCESS")
+
+
+def test_a_two_head_model_writes_a_mask_and_columns_per_head(ray_cluster: None, tmp_path: Path) -> None:
+    """SIFT Flow's two-task net: masks/ for the semantic head, masks_geometric/ for the geometric one,
+    the geometric head's statistics as geometric_* columns, and both heads in the schema metadata."""
+    files = good_images(seed=23, count=3)
+    upload(str(tmp_path / "in"), files)
+    model = tiny_checkpoint(str(tmp_path / "siftflow.pt"), num_classes=NUM_CLASSES, arch="fcn16s_siftflow_vgg16")
+    output = f"file://{tmp_path / 'out'}"
+    summary = run_segmentation(_config(str(tmp_path / "in"), output, model))
+    assert (summary.ok, summary.error) == (len(files), 0)
+    table = _stats(output)
+    heads = json.loads(table.schema.metadata[b"heads"])
+    assert list(heads) == ["semantic", "geometric"] and heads["geometric"]["class_names"] == ["class_0", "class_1", "class_2"]
+    predictor = fcn.Predictor.from_checkpoint(model, device="cpu")
+    seen_geometric = set()
+    for row in table.to_pylist():
+        image = displayed(files[row["key"]])
+        expected = predictor(image)
+        for column, folder, prediction in (("mask_uri", "masks", expected), ("geometric_mask_uri", "masks_geometric", expected.heads["geometric"])):
+            assert row[column] == f"{output}/{folder}/{row['key']}.png"
+            with fsspec.open(row[column], "rb") as f:
+                labels = np.asarray(Image.open(io.BytesIO(f.read())))
+            assert (labels == prediction.labels).mean() > 0.99
+        counts = np.bincount(np.asarray(Image.open(row["geometric_mask_uri"].removeprefix("file://"))).ravel(), minlength=3)
+        assert row["geometric_pixel_counts"] == counts.tolist() and row["geometric_dominant_class"] == int(counts.argmax())
+        assert row["geometric_dominant_class_name"] == f"class_{counts.argmax()}" and 0 < row["geometric_mean_confidence"] <= 1
+        assert len(row["pixel_counts"]) == NUM_CLASSES and np.isclose(sum(row["geometric_class_fractions"]), 1.0)
+        seen_geometric |= set(np.flatnonzero(counts).tolist())
+    assert len(seen_geometric) > 1  # the heads differ: the geometric one is not a copy of class 0
+
+
+def test_an_rgb_hha_model_reads_depth_maps_beside_the_images(ray_cluster: None, tmp_path: Path) -> None:
+    """--depth: each image's 16-bit depth map is read beside it and turned into HHA on the workers; a
+    missing or mis-sized depth map is an error row naming it; a depth model without --depth, or
+    --depth for an RGB model, is a message naming --depth."""
+    from fcn.depth import hha
+
+    files = good_images(seed=29, count=4)
+    upload(str(tmp_path / "in"), files)
+    rng = np.random.default_rng(0)
+    keys = sorted(files)
+    depths = {}
+    for key in keys[:2]:
+        width, height = displayed(files[key]).size
+        depths[key] = rng.integers(500, 6000, (height, width)).astype(np.uint16)
+    missing, mis_sized = keys[2], keys[3]
+    depths[mis_sized] = np.full((7, 9), 1500, np.uint16)
+    for key, depth_mm in depths.items():
+        path = tmp_path / "depth" / (os.path.splitext(key)[0] + ".png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(depth_mm).save(path)
+    model = tiny_checkpoint(str(tmp_path / "rgbhha.pt"), num_classes=NUM_CLASSES, arch="fcn32s_rgbhha_vgg16")
+    output = str(tmp_path / "out")
+    with pytest.raises(segment.ConfigError, match="--depth: .*reads \\['rgb', 'hha'\\]"):
+        run_segmentation(_config(str(tmp_path / "in"), output, model))
+    summary = run_segmentation(_config(str(tmp_path / "in"), output, model, depth=str(tmp_path / "depth")))
+    assert (summary.ok, summary.error) == (2, 2)
+    rows = {row["key"]: row for row in _stats(output).to_pylist()}
+    assert rows[missing]["error"].startswith("depth read: file not found") and os.path.splitext(missing)[0] + ".png" in rows[missing]["error"]
+    assert "depth: " in rows[mis_sized]["error"] and "is 9x7, the image" in rows[mis_sized]["error"]
+    predictor = fcn.Predictor.from_checkpoint(model, device="cpu")
+    for key in keys[:2]:
+        rgb = np.asarray(displayed(files[key]).convert("RGB"))
+        expected = predictor({"rgb": rgb, "hha": hha(depths[key] / 1000.0)}).labels
+        labels = np.asarray(Image.open(rows[key]["mask_uri"].removeprefix("file://")))
+        assert rows[key]["status"] == "ok" and (labels == expected).mean() > 0.99
+    rgb_model = tiny_checkpoint(str(tmp_path / "rgb.pt"), num_classes=NUM_CLASSES)
+    with pytest.raises(segment.ConfigError, match="--depth: .*reads only RGB"):
+        run_segmentation(_config(str(tmp_path / "in"), str(tmp_path / "out2"), rgb_model, depth=str(tmp_path / "depth")))

@@ -1,4 +1,6 @@
-"""Synthetic VOC-layout scenes: layout, determinism, classes, varied sizes, ignore band, CLI."""
+"""Synthetic VOC-layout scenes: layout, determinism, classes, varied sizes, ignore band, CLI (all layouts).
+
+The NYUDv2 and SIFT Flow writers are tested with their readers in test_datasets_layouts.py."""
 
 from __future__ import annotations
 
@@ -76,6 +78,12 @@ def test_cli(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert len(list((out / "JPEGImages").glob("*.jpg"))) == 3
+    nyud = subprocess.run(
+        [sys.executable, "-m", "pipelines.synthetic", str(tmp_path / "nyud"), "--num-images", "3", "--layout", "nyud"],
+        capture_output=True, text=True, cwd=Path(__file__).parents[1],
+    )
+    assert nyud.returncode == 0 and "wrote 3 nyud scenes" in nyud.stdout, nyud.stderr
+    assert open_dataset(str(tmp_path / "nyud")).layout == "nyud"
     bad = subprocess.run(
         [sys.executable, "-m", "pipelines.synthetic", str(out), "--num-images", "0"],
         capture_output=True, text=True, cwd=Path(__file__).parents[1],

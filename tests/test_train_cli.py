@@ -28,7 +28,8 @@ def test_help() -> None:
     )
     assert done.returncode == 0
     for option in ("--data", "--registry", "--model", "--init", "--workers", "--gpus-per-worker", "--epochs",
-                   "--recipe", "--width", "--run-name", "--promote-margin", "--strict", "--max-failures"):
+                   "--recipe", "--width", "--run-name", "--promote-margin", "--strict", "--max-failures",
+                   "--class-weights"):
         assert option in done.stdout
 
 
@@ -61,6 +62,30 @@ def test_bad_arguments_exit_2_naming_the_option(
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert named in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("value", "text", "problem"),
+    [
+        ("median", None, "must be 'none', 'median-frequency' or an existing file"),
+        ("{tmp}/missing.txt", None, "must be 'none', 'median-frequency' or an existing file"),
+        ("{tmp}/w.txt", "1\n1\n1\n", "holds 3 weights; the data has 6 classes"),
+        ("{tmp}/w.json", '[1, 1, 1, 1, 1, "many"]', "one number per line or a JSON list"),
+        ("{tmp}/w.txt", "1\n1\n1\n1\n1\ninf\n", "finite and >= 0"),
+    ],
+)
+def test_bad_class_weights_exit_2_naming_the_option(
+    data: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str, text: str | None, problem: str
+) -> None:
+    """A bad --class-weights value, or a weights file that is malformed or does not give the 6 classes' weights."""
+    value = value.format(tmp=tmp_path)
+    if text is not None:
+        Path(value).write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", data, "--registry", str(tmp_path / "reg"), "--class-weights", value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--class-weights: " in err and problem in err, err
 
 
 def test_bad_data_and_missing_required(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

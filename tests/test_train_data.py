@@ -1,7 +1,9 @@
-"""Dataset readers (VOC and pairs layouts, local and S3), bad-sample detection, batching and augmentation."""
+"""Dataset readers (VOC and pairs layouts, local and S3), class names from the data, label-id checks,
+class weights, bad-sample detection, batching and augmentation."""
 
 from __future__ import annotations
 
+import logging
 import pickle
 from pathlib import Path
 
@@ -11,29 +13,29 @@ import torch
 from PIL import Image
 
 from fcn.classes import VOC_CLASSES, voc_palette
+from fcn.losses import cross_entropy
+from pipelines.class_weights import median_frequency_weights, resolve_class_weights
 from pipelines.datasets import BadSample, load_sample, open_dataset, read_class_names
 from pipelines.synthetic import SYNTHETIC_CLASSES, write_synthetic_voc
-from pipelines.train import RECIPES, _check_all_samples, augment, copy_matching_weights, pad_collate
+from pipelines.train import RECIPES, _check_all_samples, _train_epoch, augment, copy_matching_weights, pad_collate
 
 BAD = {
     "scene_00001": "differs from mask size",
     "scene_00002": "missing mask",
     "scene_00003": "unreadable image",
-    "scene_00004": "labels [9] outside the 6 classes",
+    "scene_00004": "mask mode 'RGBA' is not a label image",
 }
 
 
 def corrupt(root: Path) -> None:
-    """Make scenes 1-4 bad in the four ways the training job must survive."""
+    """Make scenes 1-4 bad in the four ways the training job must survive (a label id beyond the
+    classes is not one of them: it stops the run, see test_label_id_beyond_the_class_names_names_the_mask)."""
     seg = root / "SegmentationClass"
     mask = Image.open(seg / "scene_00001.png")
     mask.resize((mask.width + 3, mask.height)).save(seg / "scene_00001.png")
     (seg / "scene_00002.png").unlink()
     (root / "JPEGImages/scene_00003.jpg").write_bytes(b"not a jpeg at all")
-    labels = np.array(Image.open(seg / "scene_00004.png"))
-    labels[:2, :2] = 9
-    out = Image.fromarray(labels).convert("L")
-    out.save(seg / "scene_00004.png")
+    Image.open(seg / "scene_00004.png").convert("RGBA").save(seg / "scene_00004.png")
 
 
 def test_voc_layout_with_bad_samples(tmp_path: Path) -> None:
@@ -75,7 +77,7 @@ def test_pairs_layout_nested_keys_rgb_masks_and_class_file(tmp_path: Path) -> No
     classes.write_text("bg\nroof\nroad\n")
 
     data = open_dataset(str(tmp_path), classes=str(classes))
-    assert data.layout == "pairs" and data.class_names == ("bg", "roof", "road")
+    assert data.layout == "images-masks" and data.class_names == ("bg", "roof", "road")
     samples = {s.id: s for s in data.train + data.val}
     assert len(samples) == 21 and data.val and data.train
     assert samples["orphan"].mask is None
@@ -93,7 +95,101 @@ def test_dataset_on_s3_and_class_defaults(s3_bucket: str, tmp_path: Path) -> Non
     assert data.class_names == SYNTHETIC_CLASSES and data.train[0].image.startswith("s3://")
     rgb, labels = load_sample(data.train[0], data.num_classes)
     assert rgb.shape[:2] == labels.shape
-    assert read_class_names(str(tmp_path)) == VOC_CLASSES  # no class_names.txt -> VOC
+    assert read_class_names(str(tmp_path)) is None  # no class_names.txt: named from the data
+
+
+def write_pairs(root: Path, masks: dict[str, list[list[int]]], val: tuple[str, ...]) -> None:
+    """A pairs-layout dataset of grey label masks (and black images), split by train.txt / val.txt."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(exist_ok=True)
+    for key, rows in masks.items():
+        labels = np.array(rows, np.uint8)
+        Image.fromarray(np.zeros((*labels.shape, 3), np.uint8)).save(root / "images" / f"{key}.png")
+        Image.fromarray(labels).save(root / "masks" / f"{key}.png")
+    (root / "train.txt").write_text("".join(f"{k}\n" for k in masks if k not in val))
+    (root / "val.txt").write_text("".join(f"{k}\n" for k in val))
+
+
+def test_unnamed_pairs_classes_come_from_the_train_label_ids(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    masks = {"a": [[0, 1], [1, 255]], "b": [[0, 3], [3, 3]], "c": [[0, 2], [2, 2]]}
+    write_pairs(tmp_path, masks, val=("c",))
+    with caplog.at_level(logging.WARNING, logger="pipelines.datasets"):
+        data = open_dataset(str(tmp_path))
+    assert data.class_names == ("class_0", "class_1", "class_2", "class_3")
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "class_0 ... class_3" in warning and "class_names.txt" in warning and "--classes" in warning
+    # The train split sizes the network: a val mask with a larger id is an error naming it.
+    write_pairs(tmp_path, masks | {"c": [[0, 7], [2, 2]]}, val=("c",))
+    with pytest.raises(ValueError, match=r"masks/c\.png has label id 7, beyond the 4 classes found in the train"):
+        open_dataset(str(tmp_path))
+
+
+def test_voc_layout_without_names_uses_voc_names_up_to_id_20(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write_synthetic_voc(str(tmp_path), num_images=6, seed=0)
+    (tmp_path / "class_names.txt").unlink()
+    with caplog.at_level(logging.WARNING, logger="pipelines.datasets"):
+        data = open_dataset(str(tmp_path))
+    assert data.class_names == VOC_CLASSES and not caplog.records  # ids 0-5: VOC data, VOC names
+    mask = data.train[0].mask.removeprefix("file://")
+    labels = np.array(Image.open(mask))
+    labels[0, 0] = 25
+    Image.fromarray(labels).save(mask)
+    with caplog.at_level(logging.WARNING, logger="pipelines.datasets"):
+        data = open_dataset(str(tmp_path))
+    assert data.class_names == tuple(f"class_{i}" for i in range(26))
+    assert "class_0 ... class_25" in caplog.records[-1].getMessage()
+
+
+def test_label_id_beyond_the_class_names_names_the_mask(tmp_path: Path) -> None:
+    masks = {"a": [[0, 1], [2, 2]], "b": [[0, 5], [1, 1]], "c": [[0, 1], [1, 2]]}
+    write_pairs(tmp_path, masks, val=("c",))
+    (tmp_path / "class_names.txt").write_text("bg\nroof\nroad\n")
+    with pytest.raises(ValueError, match=r"masks/b\.png has label id 5, beyond the 3 classes named in class_names"):
+        open_dataset(str(tmp_path))
+    write_pairs(tmp_path, masks | {"b": [[0, 1], [1, 1]], "c": [[0, 3], [1, 2]]}, val=("c",))  # the val split too
+    with pytest.raises(ValueError, match=r"masks/c\.png has label id 3"):
+        open_dataset(str(tmp_path))
+
+
+def test_median_frequency_weights_by_hand(tmp_path: Path) -> None:
+    # train a: 6 x 0, 2 x 1 | b: 4 x 0, 3 x 2, one ignored | c: 6 x 1, 2 x 2 ; val d: only class 3
+    masks = {
+        "a": [[0, 0, 0, 0], [0, 0, 1, 1]],
+        "b": [[0, 0, 0, 0], [2, 2, 2, 255]],
+        "c": [[1, 1, 1, 1], [1, 1, 2, 2]],
+        "d": [[3, 3, 3, 3], [3, 3, 3, 3]],
+    }
+    write_pairs(tmp_path, masks, val=("d",))
+    (tmp_path / "class_names.txt").write_text("bg\nroof\nroad\ntree\n")
+    data = open_dataset(str(tmp_path))
+    # freq = class pixels / labelled pixels of the masks holding the class: 10/15, 8/16, 5/15; median 1/2.
+    # tree never appears in the train split (only in val): weight 0.
+    expected = [0.5 / (10 / 15), 0.5 / (8 / 16), 0.5 / (5 / 15), 0.0]
+    assert median_frequency_weights(data.train_labels, 4) == pytest.approx(expected)
+    assert resolve_class_weights("median-frequency", data) == pytest.approx(expected)
+    assert resolve_class_weights("none", data) is None
+    weights = tmp_path / "weights.json"
+    weights.write_text("[1, 2, 0.5, 0]")
+    assert resolve_class_weights(str(weights), data) == [1.0, 2.0, 0.5, 0.0]
+    for text, problem in [("1\n2\n3\n", "holds 3 weights; the data has 4 classes"), ("1\nx\n3\n4\n", "one number"),
+                          ("[1, 2, -1, 0]", "finite and >= 0"), ("0\n0\n0\n0\n", "at least one > 0")]:  # fmt: skip
+        weights.write_text(text)
+        with pytest.raises(ValueError, match=problem):
+            resolve_class_weights(str(weights), data)
+
+
+def test_train_epoch_weighs_the_loss_by_class() -> None:
+    model = torch.nn.Conv2d(3, 3, 1)
+    images, targets = torch.randn(1, 3, 4, 5), torch.tensor([[[0, 1, 2, 2, 255]] * 4])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the model stays as it is
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    weight = torch.tensor([0.2, 1.0, 5.0])
+    with torch.no_grad():
+        logits = model(images)
+    for w in (weight, None):
+        loss_sum, steps, _, _ = _train_epoch(model, [(images, targets, [])], optimizer, schedule, "mean", 1.0,
+                                             torch.Generator(), w, torch.device("cpu"))  # fmt: skip
+        assert (loss_sum, steps) == (pytest.approx(float(cross_entropy(logits, targets, weight=w))), 1)
 
 
 def test_bad_dataset_roots(tmp_path: Path) -> None:
@@ -135,8 +231,9 @@ def test_copy_matching_weights_from_coarser_net() -> None:
     kwargs = {"num_classes": 4, "width": 1 / 16, "geometry": "aligned"}
     coarse, fine = get_model("fcn32s_vgg16", **kwargs), get_model("fcn8s_vgg16", **kwargs)
     with torch.no_grad():
-        coarse.score_fr.weight.normal_()
+        coarse.head.score_fr.weight.normal_()
     copied, left = copy_matching_weights(fine, coarse.state_dict())
-    assert "conv1_1.weight" in copied and "score_fr.weight" in copied
-    assert "score_pool4.weight" in left and "score_pool3.weight" in left
-    assert torch.equal(fine.score_fr.weight, coarse.score_fr.weight)
+    head = "heads.semantic.rgb."
+    assert "streams.rgb.conv1_1.weight" in copied and f"{head}score_fr.weight" in copied
+    assert f"{head}score_pool4.weight" in left and f"{head}score_pool3.weight" in left
+    assert torch.equal(fine.head.score_fr.weight, coarse.head.score_fr.weight)

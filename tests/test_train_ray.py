@@ -20,6 +20,8 @@ import pytest
 
 import fcn
 from fcn import registry
+from pipelines.class_weights import median_frequency_weights
+from pipelines.datasets import open_dataset
 from pipelines.synthetic import write_synthetic_voc
 from pipelines.train import SCORES, TrainConfig, TrainSummary, read_run_history, run_evaluation, run_training
 from test_train_data import BAD, corrupt
@@ -75,6 +77,22 @@ def test_fcn8s_learns_registers_and_scores_consistently(ray_cluster: None, scene
     assert single["hist"] == first.metrics["hist"]
     assert single["mean_iu"] == pytest.approx(first.metrics["mean_iu"])
     assert sum(map(sum, single["hist"])) > 0
+
+
+def test_median_frequency_weights_recorded_in_checkpoint_and_metrics(ray_cluster: None, tmp_path: Path) -> None:
+    data, reg = tmp_path / "data", tmp_path / "registry"
+    write_synthetic_voc(str(data), num_images=8, seed=11, min_size=48, max_size=64)
+    config = TrainConfig(data=str(data), registry=str(reg), epochs=1, lr=3e-3, run_name="balanced",
+                         class_weights="median-frequency", **(SMALL | {"workers": 1}))  # fmt: skip
+
+    summary = run_training(config)
+
+    expected = median_frequency_weights(open_dataset(str(data)).train_labels, 6)
+    assert len({round(w, 6) for w in expected}) > 2  # balanced: not all equal
+    folder = reg / "runs/balanced/epoch-0001"
+    assert _read_json(str(folder / "metrics.json"))["class_weights"] == pytest.approx(expected)
+    assert fcn.load_checkpoint(str(folder / "checkpoint.pt")).meta["class_weights"] == pytest.approx(expected)
+    assert summary.metrics["class_weights"] == pytest.approx(expected)
 
 
 def _train_workers() -> list[int]:

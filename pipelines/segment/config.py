@@ -6,7 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from fcn.depth import NYUD_KINECT, Camera
+
 DEVICES = ("auto", "cpu", "cuda")
+NYUD_CAMERA = ",".join(str(getattr(NYUD_KINECT, name)) for name in ("fx", "fy", "cx", "cy"))
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -41,6 +44,8 @@ class SegmentConfig:
     block_megabytes: float = _option(32.0, "most encoded source megabytes per block")
     gpu_decode: bool = _option(True, "CUDA actors decode baseline JPEGs on the GPU (nvJPEG); others decode on CPU workers")
     overlays: bool = _option(False, "also write colour overlays to <output>/overlays/<key>.jpg")
+    depth: str | None = _option(None, "RGB-D and HHA models: prefix of the depth maps; image <key>'s is <prefix>/<key without extension>.png (16-bit, millimetres)")
+    camera: str = _option(NYUD_CAMERA, "intrinsics fx,fy,cx,cy (pixels) of the depth camera, for HHA (default: NYUDv2's Kinect)")
     storage_options: dict[str, Any] = _option(dict, 'fsspec options for --input, --output and --model, as JSON, e.g. \'{"endpoint_url": "http://minio:9000"}\'', metavar="JSON")
     max_image_pixels: int = _option(100_000_000, "refuse images whose header declares more pixels")
     rows_per_file: int = _option(256, "stats rows per Parquet part file")
@@ -68,6 +73,12 @@ class SegmentConfig:
                 raise ConfigError(flag(name), f"must be >= 0, got {value}")
         if not isinstance(self.storage_options, dict):
             raise ConfigError(flag("storage_options"), "must be a JSON object")
+        if self.depth is not None and (not isinstance(self.depth, str) or not self.depth.strip()):
+            raise ConfigError(flag("depth"), "must be a non-empty URI or path")
+        try:
+            Camera.parse(self.camera)
+        except (ValueError, AttributeError) as error:
+            raise ConfigError(flag("camera"), str(error)) from None
 
     @classmethod
     def metadata(cls, name: str) -> dict[str, Any]:

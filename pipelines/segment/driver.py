@@ -104,6 +104,7 @@ def run_segmentation(config: SegmentConfig) -> SegmentSummary:
         import ray.data  # noqa: F401 - a second of imports, also done while Ray starts
 
         model = describe_model(config.model, so)  # imports torch: seconds
+        _check_depth(config, model)
         if out_fs.exists(success_path):
             out_fs.rm_file(success_path)  # a stale marker must not vouch for this run's partial output
         return model, stats_table.done_keys(stats_table.read_state(stats_uri, so), listing.images, model.uri, model.version)
@@ -152,6 +153,8 @@ def run_segmentation(config: SegmentConfig) -> SegmentSummary:
         "inputs": {"uri": config.input, "prefix": listing.prefix, "kind": listing.kind, "ignored_files": listing.ignored},
         "model_arch": model.arch,
         "class_names": model.class_names,
+        "heads": {task: head["class_names"] for task, head in model.heads.items()},
+        "masks": {task: f"{output}/{stages.mask_folder(task, list(model.heads))}" for task in model.heads},
         "stats_rows": state.num_rows,
         "config": {k: v for k, v in asdict(config).items() if k != "storage_options"},
     }
@@ -164,6 +167,15 @@ def run_segmentation(config: SegmentConfig) -> SegmentSummary:
         summary.end_to_end_images_per_second,
     )
     return summary
+
+
+def _check_depth(config: SegmentConfig, model: ModelInfo) -> None:
+    """An RGB-D or HHA model needs ``--depth``; an RGB model has no use for it."""
+    reads_depth = bool(set(model.modalities) & stages.DEPTH_MODALITIES)
+    if reads_depth and config.depth is None:
+        raise ConfigError(flag("depth"), f"{model.label} reads {list(model.modalities)}: give the prefix of the depth maps")
+    if config.depth is not None and not reads_depth:
+        raise ConfigError(flag("depth"), f"{model.label} reads only RGB; drop --depth or use an RGB-D/HHA model")
 
 
 def _check_writable(fs: fsspec.AbstractFileSystem, root: str, run_id: str, retries: int) -> None:
@@ -227,7 +239,10 @@ def _segment_on_ray(
         if use_gpus
         else {"num_cpus": 0, "compute": ray.data.ActorPoolStrategy(size=actors)}
     )
-    schema = stats_table.stats_schema(model.class_names, model.palette, {"uri": model.uri, "version": model.version, "arch": model.arch})
+    schema = stats_table.stats_schema(
+        model.class_names, model.palette, {"uri": model.uri, "version": model.version, "arch": model.arch}, model.heads
+    )
+    reads_depth = bool(set(model.modalities) & stages.DEPTH_MODALITIES)
     sources = pa.Table.from_pylist(todo, schema=stages.SOURCE_SCHEMA)
     blocks = plan_blocks(sources, rows=config.block_rows, megabytes=config.block_megabytes, min_blocks=BLOCKS_PER_ACTOR * actors)
     logger.info(
@@ -247,7 +262,10 @@ def _segment_on_ray(
             "storage_options": config.storage_options,
             "retries": config.read_retries,
             "max_image_pixels": config.max_image_pixels,
-            "device_jpegs": use_gpus and config.gpu_decode,
+            "device_jpegs": use_gpus and config.gpu_decode and not reads_depth,  # depth is matched to decoded images
+            "depth_prefix": config.depth,
+            "camera": config.camera,
+            "modalities": model.modalities,
         },
         udf_modifying_row_count=False,
         **cpu_stage,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
@@ -15,17 +15,25 @@ _REGISTRY_VERSION = re.compile(r"/models/(v\d+)/[^/]+$")
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """A resolved checkpoint: its file URI, version, architecture, class names and palette."""
+    """A resolved checkpoint: its file URI, version, architecture, class names and palette (the first
+    head's), every head's ({task: {"class_names", "palette"}}) and the input modalities it reads."""
 
     uri: str
     version: str
     arch: dict[str, Any]
     class_names: list[str]
     palette: list[int]
+    heads: dict[str, dict[str, list]] = field(default_factory=dict)
+    modalities: tuple[str, ...] = ("rgb",)
 
     @property
     def label(self) -> str:
         return f"{self.arch['name']} {self.version}"
+
+    @property
+    def further_heads(self) -> list[str]:
+        """The heads after the first (a multi-task net's), whose masks and columns carry their name."""
+        return list(self.heads)[1:]
 
 
 def checkpoint_exists(uri: str, storage_options: dict[str, Any]) -> bool:
@@ -63,4 +71,6 @@ def describe_model(uri: str, storage_options: dict[str, Any]) -> ModelInfo:
         arch=checkpoint.arch,
         class_names=list(checkpoint.class_names),
         palette=list(checkpoint.palette),
+        heads=checkpoint.heads,
+        modalities=tuple(checkpoint.modalities),
     )

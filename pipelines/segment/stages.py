@@ -12,8 +12,10 @@ stages pass it through.
 
 from __future__ import annotations
 
+import posixpath
 import time
 from datetime import datetime, timezone
+from collections.abc import Callable
 from typing import Any
 
 import fsspec
@@ -21,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines import stats as stats_table
-from pipelines.decode import decode_image, device_jpeg_orientation, orient
+from pipelines.decode import decode_depth, decode_image, device_jpeg_orientation, orient
 from pipelines.listing import unsafe_key_reason
 from pipelines.masks import encode_mask, encode_overlay
 from pipelines.segment.model import ModelInfo
@@ -31,6 +33,8 @@ CPU_FORWARD_PIXELS = 1 << 17
 """Pixels stacked into one forward pass on a CPU: measured on FCN-8s, 128 px images run 1.7x faster
 stacked 8 at a time than alone, while stacks of 16 256 px or 500 px images run 1.2-1.3x slower
 than 2 or 1 (their activations leave the caches). GPUs take the predictor's default (4 Mpx)."""
+DEPTH_MODALITIES = frozenset({"depth", "hha"})
+"""Inputs made from the depth maps (``--depth``); RGB comes from the images."""
 MASKS_DIR = "masks"
 OVERLAYS_DIR = "overlays"
 STATS_DIR = "stats"
@@ -80,12 +84,22 @@ def read_sources(batch: pa.Table, *, storage_options: dict[str, Any], retries: i
 
 
 def load_images(
-    batch: pa.Table, *, storage_options: dict[str, Any], retries: int, max_image_pixels: int, device_jpegs: bool
+    batch: pa.Table,
+    *,
+    storage_options: dict[str, Any],
+    retries: int,
+    max_image_pixels: int,
+    device_jpegs: bool,
+    depth_prefix: str | None = None,
+    camera: str = "",
+    modalities: tuple[str, ...] = ("rgb",),
 ) -> pa.Table:
     """Fetch and decode the images of ``batch``: adds ``pixels`` (raw ``HxWx3`` RGB, displayed
     orientation), ``height``, ``width``, ``read_ms``, ``decode_ms`` and ``error``. With ``device_jpegs``,
     JPEGs that nvJPEG decodes are left encoded in ``jpeg`` with their EXIF ``orientation`` for the
-    FCN actor to decode on its GPU (the header is still checked here, bomb guard included)."""
+    FCN actor to decode on its GPU (the header is still checked here, bomb guard included). A model
+    that reads depth gets each image's depth map from ``depth_prefix`` (see ``depth_uri``) as
+    ``depth`` (raw float32 metres) and/or ``hha`` (raw ``HxWx3``, computed here with ``camera``)."""
     from PIL import Image
 
     Image.MAX_IMAGE_PIXELS = None  # the decoders apply --max-image-pixels themselves, naming the flag
@@ -119,10 +133,68 @@ def load_images(
         pixels[i] = memoryview(rgb).cast("B")
         heights[i], widths[i] = rgb.shape[:2]
         decode_ms[i] = (time.perf_counter() - start) * 1000
-    return _with_columns(batch, {
+    columns = {
         "read_ms": read_ms, "error": errors, "pixels": pixels, "jpeg": jpegs, "orientation": orientations,
         "height": heights, "width": widths, "decode_ms": decode_ms,
-    })  # fmt: skip
+    }  # fmt: skip
+    if set(modalities) & DEPTH_MODALITIES:
+        if depth_prefix is None:
+            raise ValueError(f"the model reads {list(modalities)}: a depth prefix is required")
+        columns.update(_load_depth(batch, errors, heights, widths, decode_ms, depth_prefix=depth_prefix, camera=camera,
+                                   modalities=modalities, storage_options=storage_options, retries=retries,
+                                   max_image_pixels=max_image_pixels))  # fmt: skip
+    return _with_columns(batch, columns)
+
+
+def depth_uri(prefix: str, key: str) -> str:
+    """Where the depth map of image ``key`` is: ``<prefix>/<key without its extension>.png``."""
+    return f"{prefix.rstrip('/')}/{posixpath.splitext(key)[0]}.png"
+
+
+def _load_depth(
+    batch: pa.Table,
+    errors: list[str | None],
+    heights: list[int | None],
+    widths: list[int | None],
+    decode_ms: list[float | None],
+    *,
+    depth_prefix: str,
+    camera: str,
+    modalities: tuple[str, ...],
+    storage_options: dict[str, Any],
+    retries: int,
+    max_image_pixels: int,
+) -> dict[str, list[Any]]:
+    """Read and decode the depth map of every image loaded so far (updating ``errors`` and
+    ``decode_ms`` in place); the ``depth`` and/or ``hha`` columns the model reads."""
+    from fcn.depth import Camera, hha
+
+    intrinsics = Camera.parse(camera)
+    n = batch.num_rows
+    loaded = [i for i in range(n) if errors[i] is None]
+    keys = batch["key"].to_pylist()
+    uris = pa.table({"image_uri": pa.array([depth_uri(depth_prefix, keys[i]) for i in loaded], pa.string())})
+    fetched = read_sources(uris, storage_options=storage_options, retries=retries)
+    columns: dict[str, list[Any]] = {m: [None] * n for m in modalities if m in DEPTH_MODALITIES}
+    for i, uri, content, error in zip(loaded, uris["image_uri"].to_pylist(), fetched["data"].to_pylist(), fetched["read_error"].to_pylist()):
+        if error is not None:
+            errors[i] = f"depth {error} ({uri})"
+            continue
+        start = time.perf_counter()
+        try:
+            depth = decode_depth(content, max_pixels=max_image_pixels)
+        except Exception as failure:  # noqa: BLE001 - DecodeError, or anything Pillow raises
+            errors[i] = f"depth: {failure} ({uri})"
+            continue
+        if depth.shape != (heights[i], widths[i]):
+            errors[i] = f"depth: {uri} is {depth.shape[1]}x{depth.shape[0]}, the image {widths[i]}x{heights[i]}"
+            continue
+        if "depth" in columns:
+            columns["depth"][i] = memoryview(depth).cast("B")
+        if "hha" in columns:
+            columns["hha"][i] = memoryview(hha(depth, intrinsics)).cast("B")
+        decode_ms[i] = (decode_ms[i] or 0.0) + (time.perf_counter() - start) * 1000
+    return columns
 
 
 class ImageLoader:
@@ -190,8 +262,15 @@ class Segmenter:
         decode_ms = batch["decode_ms"].to_pylist()
         images: dict[int, Any] = {}
         for i, buffer in enumerate(_buffers(batch["pixels"])):
-            if buffer is not None:
+            if buffer is not None and errors[i] is None:  # (a depth map can fail after its image loaded)
                 images[i] = np.frombuffer(buffer, np.uint8).reshape(heights[i], widths[i], 3)
+        for modality in sorted(DEPTH_MODALITIES & set(batch.column_names)):  # inputs by modality
+            shape, dtype = ((3,), np.uint8) if modality == "hha" else ((), np.float32)
+            for i, buffer in enumerate(_buffers(batch[modality])):
+                if i in images and buffer is not None:
+                    inputs = images[i] if isinstance(images[i], dict) else {"rgb": images[i]}
+                    inputs[modality] = np.frombuffer(buffer, dtype).reshape(heights[i], widths[i], *shape)
+                    images[i] = inputs
         jpeg_rows = [i for i, valid in enumerate(batch["jpeg"].is_valid().to_pylist()) if valid]
         if jpeg_rows:
             start = time.perf_counter()
@@ -203,9 +282,9 @@ class Segmenter:
                     continue
                 images[i], decode_ms[i] = pixels, per_image_ms
                 heights[i], widths[i] = _height_width(pixels)
-        labels: list[memoryview | None] = [None] * n
-        counts: list[list[int] | None] = [None] * n
-        confidence: list[float | None] = [None] * n
+        heads = list(self.predictor.head_classes)
+        produced = ("labels", "pixel_counts", "mean_confidence")
+        outputs = {_column(head, heads, name): [None] * n for head in heads for name in produced}
         inference_ms: list[float | None] = [None] * n
         if images:
             start = time.perf_counter()
@@ -215,16 +294,19 @@ class Segmenter:
                 if isinstance(prediction, Exception):
                     errors[i] = f"inference: {type(prediction).__name__}: {prediction}"
                     continue
-                labels[i] = memoryview(np.ascontiguousarray(prediction.labels)).cast("B")
-                counts[i] = prediction.pixel_counts.tolist()
-                confidence[i], inference_ms[i] = prediction.mean_confidence, per_image_ms
+                for head in heads:
+                    part = prediction.heads.get(head, prediction)
+                    outputs[_column(head, heads, "labels")][i] = memoryview(np.ascontiguousarray(part.labels)).cast("B")
+                    outputs[_column(head, heads, "pixel_counts")][i] = part.pixel_counts.tolist()
+                    outputs[_column(head, heads, "mean_confidence")][i] = part.mean_confidence
+                inference_ms[i] = per_image_ms
         if self.tally is not None:
             self.tally.add.remote(n)
         kept = [name for name in batch.column_names if name not in _LOADED_COLUMNS]
         out = batch.select(kept)
         columns = {
-            "error": errors, "height": heights, "width": widths, "decode_ms": decode_ms,
-            "inference_ms": inference_ms, "labels": labels, "pixel_counts": counts, "mean_confidence": confidence,
+            "error": errors, "height": heights, "width": widths, "decode_ms": decode_ms, "inference_ms": inference_ms,
+            **outputs,
         }  # fmt: skip
         if self.keep_pixels:
             columns["pixels"] = [_rgb_bytes(images.get(i)) for i in range(n)]
@@ -302,9 +384,11 @@ def store_results(
     keys = batch["key"].to_pylist()
     errors = batch["error"].to_pylist()
     heights, widths = batch["height"].to_pylist(), batch["width"].to_pylist()
-    labels = _buffers(batch["labels"])
+    heads = model.heads or {"semantic": {"class_names": model.class_names, "palette": model.palette}}
+    tasks = list(heads)
+    labels = {task: _buffers(batch[_column(task, tasks, "labels")]) for task in tasks}
     pixels = _buffers(batch["pixels"]) if "pixels" in batch.column_names else [None] * n
-    mask_uris: list[str | None] = [None] * n
+    mask_uris: dict[str, list[str | None]] = {task: [None] * n for task in tasks}
     overlay_uris: list[str | None] = [None] * n
     write_ms: list[float | None] = [None] * n
     files: dict[str, bytes] = {}
@@ -314,18 +398,22 @@ def store_results(
             continue
         start = time.perf_counter()
         try:
-            label_map = np.frombuffer(labels[i], _label_dtype(labels[i], heights[i], widths[i])).reshape(heights[i], widths[i])
-            mask_path = output_path(root, MASKS_DIR, keys[i], ".png")
-            files[mask_path], owners[mask_path] = encode_mask(label_map, model.palette), i
-            mask_uris[i] = fs.unstrip_protocol(mask_path)
+            for task in tasks:
+                label_map = _label_map(labels[task][i], heights[i], widths[i])
+                mask_path = output_path(root, mask_folder(task, tasks), keys[i], ".png")
+                files[mask_path], owners[mask_path] = encode_mask(label_map, heads[task]["palette"]), i
+                mask_uris[task][i] = fs.unstrip_protocol(mask_path)
             if pixels[i] is not None:
                 rgb = np.frombuffer(pixels[i], np.uint8).reshape(heights[i], widths[i], 3)
                 overlay_path = output_path(root, OVERLAYS_DIR, keys[i], ".jpg")
+                label_map = _label_map(labels[tasks[0]][i], heights[i], widths[i])
                 files[overlay_path], owners[overlay_path] = encode_overlay(rgb, label_map, model.palette), i
                 overlay_uris[i] = fs.unstrip_protocol(overlay_path)
         except Exception as error:  # noqa: BLE001
             errors[i] = f"encode: {type(error).__name__}: {error}"
-            mask_uris[i] = overlay_uris[i] = None
+            for uris in mask_uris.values():
+                uris[i] = None
+            overlay_uris[i] = None
             continue
         write_ms[i] = (time.perf_counter() - start) * 1000
     start = time.perf_counter()
@@ -333,34 +421,28 @@ def store_results(
     share_ms = (time.perf_counter() - start) * 1000 / max(len(set(owners.values())), 1)
     for path, reason in failures.items():
         i = owners[path]
-        errors[i], mask_uris[i], overlay_uris[i] = f"write: {reason}", None, None
+        errors[i], overlay_uris[i] = f"write: {reason}", None
+        for uris in mask_uris.values():
+            uris[i] = None
     ok = [error is None for error in errors]
-    counts = batch["pixel_counts"].to_pylist()
-    fractions: list[list[float] | None] = [None] * n
-    dominant: list[int | None] = [None] * n
-    dominant_names: list[str | None] = [None] * n
     for i in range(n):
         if ok[i]:
             write_ms[i] += share_ms  # encoding (this task) + this batch's share of writing
-            array = np.asarray(counts[i])
-            fractions[i] = (array / max(int(array.sum()), 1)).tolist()
-            dominant[i] = int(array.argmax())
-            dominant_names[i] = model.class_names[dominant[i]] if dominant[i] < len(model.class_names) else None
     now = datetime.now(timezone.utc)
     columns = {
-        "mask_uri": pa.array(mask_uris, pa.string()),
         "overlay_uri": pa.array(overlay_uris, pa.string()),
         "write_ms": pa.array([ms if good else None for ms, good in zip(write_ms, ok)], pa.float64()),
         "status": pa.array([stats_table.STATUS_OK if good else stats_table.STATUS_ERROR for good in ok], pa.string()),
         "error": pa.array(errors, pa.string()),
-        "class_fractions": pa.array(fractions, pa.list_(pa.float64())),
-        "dominant_class": pa.array(dominant, pa.int32()),
-        "dominant_class_name": pa.array(dominant_names, pa.string()),
         "run_id": pa.array([run_id] * n, pa.string()),
         "processed_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
         "model_id": pa.array([model.uri] * n, pa.string()),
         "model_version": pa.array([model.version] * n, pa.string()),
     }
+    for task in tasks:
+        columns[_column(task, tasks, "mask_uri")] = pa.array(mask_uris[task], pa.string())
+        counts = batch[_column(task, tasks, "pixel_counts")].to_pylist()
+        columns.update(_class_statistics(counts, ok, heads[task]["class_names"], lambda c, task=task: _column(task, tasks, c)))
     table = pa.Table.from_arrays(
         [columns[name] if name in columns else batch[name] for name in schema.names], schema=schema
     )
@@ -368,7 +450,38 @@ def store_results(
     return table.select(["image_uri", "status", "error"])
 
 
-_LOADED_COLUMNS = {"pixels", "jpeg", "orientation", "error", "height", "width", "decode_ms"}
+def mask_folder(task: str, tasks: list[str]) -> str:
+    """``masks`` for the first head, ``masks_<head>`` for each further one."""
+    return MASKS_DIR if task == tasks[0] else f"{MASKS_DIR}_{task}"
+
+
+def _label_map(buffer: memoryview, height: int, width: int) -> np.ndarray:
+    return np.frombuffer(buffer, _label_dtype(buffer, height, width)).reshape(height, width)
+
+
+def _class_statistics(
+    counts: list[list[int] | None], ok: list[bool], class_names: list[str], name: Callable[[str], str]
+) -> dict[str, pa.Array]:
+    """``class_fractions``, ``dominant_class`` and ``dominant_class_name`` (as ``name`` names them for
+    the head) of one head's pixel counts, for the ok rows."""
+    n = len(counts)
+    fractions: list[list[float] | None] = [None] * n
+    dominant: list[int | None] = [None] * n
+    dominant_names: list[str | None] = [None] * n
+    for i in range(n):
+        if ok[i]:
+            array = np.asarray(counts[i])
+            fractions[i] = (array / max(int(array.sum()), 1)).tolist()
+            dominant[i] = int(array.argmax())
+            dominant_names[i] = class_names[dominant[i]] if dominant[i] < len(class_names) else None
+    return {
+        name("class_fractions"): pa.array(fractions, pa.list_(pa.float64())),
+        name("dominant_class"): pa.array(dominant, pa.int32()),
+        name("dominant_class_name"): pa.array(dominant_names, pa.string()),
+    }
+
+
+_LOADED_COLUMNS = {"pixels", "jpeg", "orientation", "error", "height", "width", "decode_ms", *DEPTH_MODALITIES}
 """Columns of ``load_images`` that the Segmenter consumes and replaces."""
 
 
@@ -387,14 +500,18 @@ _STAGE_TYPES = {
     "jpeg": pa.large_binary(),  # encoded, left for the FCN actor's GPU
     "orientation": pa.int8(),  # EXIF orientation of ``jpeg``
     "labels": pa.large_binary(),  # raw HxW label map (uint8, or int32 above 256 classes)
+    "depth": pa.large_binary(),  # raw HxW float32 metres
+    "hha": pa.large_binary(),  # raw HxWx3 HHA
 }
-"""Arrow types of the columns the stages add: the stats table's, plus what travels between stages."""
+"""Arrow types of the columns the stages add: the stats table's, plus what travels between stages;
+a further head's ``<head>_<column>`` has its column's type."""
 
 
 def _with_columns(table: pa.Table, columns: dict[str, list[Any]]) -> pa.Table:
     """``table`` with ``columns`` (name: values) appended in order, typed by ``_STAGE_TYPES``."""
     for name, values in columns.items():
-        table = table.append_column(name, pa.array(values, _STAGE_TYPES[name]))
+        base = name if name in _STAGE_TYPES else max((c for c in _STAGE_TYPES if name.endswith(f"_{c}")), key=len)
+        table = table.append_column(name, pa.array(values, _STAGE_TYPES[base]))
     return table
 
 
@@ -421,8 +538,16 @@ def _height_width(pixels: Any) -> tuple[int, int]:
     return int(height), int(width)
 
 
+def _column(task: str, tasks: list[str], column: str) -> str:
+    """A head's ``column``: the first head's unprefixed, a further head's ``<head>_<column>``."""
+    return column if task == tasks[0] else stats_table.head_column(task, column)
+
+
 def _rgb_bytes(pixels: Any) -> memoryview | None:
-    """``HxWx3`` bytes of an image held as an array or a ``3xHxW`` tensor (on any device)."""
+    """``HxWx3`` bytes of an image held as an array or a ``3xHxW`` tensor (on any device), or of the
+    ``rgb`` input of a dict of inputs."""
+    if isinstance(pixels, dict):
+        pixels = pixels["rgb"]
     if pixels is None:
         return None
     if not isinstance(pixels, np.ndarray):
