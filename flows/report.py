@@ -22,6 +22,7 @@ from PIL import Image
 from fcn.classes import voc_palette
 from pipelines.decode import decode_image
 from pipelines.masks import encode_overlay
+from pipelines.stats import head_column
 
 THUMBNAIL_SIZE = 160
 
@@ -36,14 +37,19 @@ class ClassDistribution:
     dominant_images: list[int]
 
     @classmethod
-    def from_stats(cls, stats: pa.Table, class_names: list[str]) -> ClassDistribution:
-        """Aggregate the ``pixel_counts`` and ``dominant_class`` columns of the ok rows."""
+    def from_stats(cls, stats: pa.Table, class_names: list[str], head: str | None = None) -> ClassDistribution:
+        """Aggregate the ``pixel_counts`` and ``dominant_class`` columns of the ok rows (a further
+        ``head``'s: ``<head>_pixel_counts`` and ``<head>_dominant_class``)."""
         ok = stats.filter(pc.equal(stats["status"], "ok"))
+        counts_column, dominant_column = (
+            ("pixel_counts", "dominant_class") if head is None
+            else (head_column(head, "pixel_counts"), head_column(head, "dominant_class"))
+        )  # fmt: skip
         n = len(class_names)
         pixels = np.zeros(n, dtype=np.int64)
-        for counts in ok["pixel_counts"].to_pylist():
+        for counts in ok[counts_column].to_pylist():
             pixels[: len(counts)] += np.asarray(counts[:n], dtype=np.int64)
-        dominant = np.bincount(np.asarray(ok["dominant_class"].to_pylist(), dtype=np.int64), minlength=n)
+        dominant = np.bincount(np.asarray(ok[dominant_column].to_pylist(), dtype=np.int64), minlength=n)
         return cls(list(class_names), pixels.tolist(), dominant[:n].tolist())
 
     @property
@@ -75,10 +81,20 @@ class RunReport:
     palette: list[int]
     links: dict[str, str] = field(default_factory=dict)
     errors: list[tuple[str, str]] = field(default_factory=list)
+    further_heads: dict[str, tuple[ClassDistribution, list[int]]] = field(default_factory=dict)
+    """A multi-task model's further heads: each one's class distribution and palette."""
 
     @property
     def status(self) -> str:
         return "failed" if self.ok == 0 and self.error > 0 else ("partial" if self.error else "ok")
+
+
+def schema_heads(schema: pa.Schema) -> dict[str, tuple[list[str], list[int]]]:
+    """Every head's class names and palette from the statistics' schema metadata, the first head first."""
+    metadata = schema.metadata or {}
+    if b"heads" not in metadata:
+        return {"semantic": schema_classes(schema)}
+    return {task: (head["class_names"], head["palette"]) for task, head in json.loads(metadata[b"heads"]).items()}
 
 
 def schema_classes(schema: pa.Schema) -> tuple[list[str], list[int]]:
@@ -117,14 +133,15 @@ def markdown_summary(report: RunReport) -> str:
         f"**Throughput:** {report.images_per_second:.2f} images/s steady state, after {report.startup_s:.1f} s of start-up  ",
         f"**Model:** `{report.model}`",
         "",
-        "## Class distribution",
-        "",
-        "| class | pixels | share | images dominated |",
-        "|---|---:|---:|---:|",
     ]
-    for name, pixels, dominant in zip(dist.class_names, dist.pixels, dist.dominant_images, strict=True):
-        if pixels or dominant:
-            lines.append(f"| {name} | {pixels} | {_percent(pixels, dist.total_pixels)} | {dominant} |")
+    headed = [("Class distribution", dist)] + [(f"Class distribution: {head} head", d) for head, (d, _) in report.further_heads.items()]
+    for heading, dist in headed:
+        lines += [f"## {heading}", "", "| class | pixels | share | images dominated |", "|---|---:|---:|---:|"]
+        for name, pixels, dominant in zip(dist.class_names, dist.pixels, dist.dominant_images, strict=True):
+            if pixels or dominant:
+                lines.append(f"| {name} | {pixels} | {_percent(pixels, dist.total_pixels)} | {dominant} |")
+        lines.append("")
+    lines.pop()
     if report.links:
         lines += ["", "## Outputs", ""]
         lines += [f"- {name}: [{uri}]({uri})" for name, uri in report.links.items()]
@@ -221,12 +238,19 @@ def _relative(uri: str, report_uri: str) -> str:
 def html_report(report: RunReport, gallery: list[GalleryItem]) -> str:
     """A self-contained HTML page: counts, the class chart, the overlay gallery and output links."""
     esc = html.escape
-    dist = report.distribution
-    rows = "".join(
-        f"<tr><td>{esc(name)}</td><td>{pixels}</td><td>{_percent(pixels, dist.total_pixels)}</td>"
-        f"<td>{dominant}</td></tr>"
-        for name, pixels, dominant in zip(dist.class_names, dist.pixels, dist.dominant_images, strict=True)
-        if pixels or dominant
+    heads = [("Class distribution", report.distribution, report.palette)] + [
+        (f"Class distribution: {esc(head)} head", dist, palette) for head, (dist, palette) in report.further_heads.items()
+    ]
+    distributions = "".join(
+        f"<h2>{heading}</h2>\n{class_chart_svg(dist, palette)}\n"
+        "<table><tr><th>class</th><th>pixels</th><th>share</th><th>images dominated</th></tr>"
+        + "".join(
+            f"<tr><td>{esc(name)}</td><td>{pixels}</td><td>{_percent(pixels, dist.total_pixels)}</td><td>{dominant}</td></tr>"
+            for name, pixels, dominant in zip(dist.class_names, dist.pixels, dist.dominant_images, strict=True)
+            if pixels or dominant
+        )
+        + "</table>\n"
+        for heading, dist, palette in heads
     )
     figures = "".join(
         f'<figure><img src="{item.data_uri}" alt="{esc(item.image_uri)}">'
@@ -247,10 +271,7 @@ def html_report(report: RunReport, gallery: list[GalleryItem]) -> str:
 <table><tr><th>status</th><th>images</th></tr>
 <tr><td>ok</td><td>{report.ok}</td></tr><tr><td>error</td><td>{report.error}</td></tr>
 <tr><td>skipped (already done)</td><td>{report.skipped}</td></tr></table>
-<h2>Class distribution</h2>
-{class_chart_svg(dist, report.palette)}
-<table><tr><th>class</th><th>pixels</th><th>share</th><th>images dominated</th></tr>{rows}</table>
-<h2>Gallery: {len(gallery)} sample images (image | mask overlay)</h2>
+{distributions}<h2>Gallery: {len(gallery)} sample images (image | mask overlay)</h2>
 <div class="gallery">{figures}</div>
 {f"<h2>Errors (first rows)</h2><table><tr><th>image</th><th>reason</th></tr>{errors}</table>" if errors else ""}
 <h2>Outputs</h2><ul>{links}</ul>

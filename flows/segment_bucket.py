@@ -26,7 +26,7 @@ from flows.report import (
     html_report,
     markdown_summary,
     sample_gallery,
-    schema_classes,
+    schema_heads,
     write_text,
 )
 from pipelines.listing import list_images
@@ -41,6 +41,8 @@ Precision = Annotated[Literal[PRECISIONS], Field(description=SegmentConfig.metad
 Actors = Annotated[int | None, Field(ge=1, description=SegmentConfig.metadata("actors")["help"])]
 BatchSize = Annotated[int, Field(ge=1, description=SegmentConfig.metadata("batch_size")["help"])]
 Overlays = Annotated[bool, Field(description=SegmentConfig.metadata("overlays")["help"])]
+Depth = Annotated[str | None, Field(description=SegmentConfig.metadata("depth")["help"])]
+CameraIntrinsics = Annotated[str, Field(description=SegmentConfig.metadata("camera")["help"])]
 GallerySize = Annotated[int, Field(ge=0, le=200, description="image/mask overlays in report.html")]
 StorageOptions = Annotated[
     dict[str, Any] | None,
@@ -68,6 +70,8 @@ class SegmentBucketParams(BaseModel):
     precision: Precision
     batch_size: BatchSize
     overlays: Overlays
+    depth: Depth
+    camera: CameraIntrinsics
     gallery_size: GallerySize
     storage_options: StorageOptions
 
@@ -88,6 +92,8 @@ class SegmentBucketParams(BaseModel):
             precision=self.precision,
             batch_size=self.batch_size,
             overlays=self.overlays,
+            depth=self.depth,
+            camera=self.camera,
             storage_options=self.fs_options,
         )
 
@@ -164,7 +170,8 @@ def verify_outputs(summary: SegmentSummary, inputs: list[str], storage_options: 
 @_io_task("publish")
 def publish(params: SegmentBucketParams, summary: SegmentSummary, stats: pa.Table) -> str:
     """Write ``<output>/report.html`` and create the run's markdown and link artifacts; return the report URI."""
-    class_names, palette = schema_classes(stats.schema)
+    heads = schema_heads(stats.schema)
+    (class_names, palette), *_ = heads.values()
     report_uri = f"{params.output.rstrip('/')}/{REPORT_FILE}"
     report = RunReport(
         title=f"segment-bucket: {params.input}",
@@ -176,6 +183,10 @@ def publish(params: SegmentBucketParams, summary: SegmentSummary, stats: pa.Tabl
         startup_s=summary.startup_s,
         distribution=ClassDistribution.from_stats(stats, class_names),
         palette=palette,
+        further_heads={
+            head: (ClassDistribution.from_stats(stats, names, head=head), head_palette)
+            for head, (names, head_palette) in list(heads.items())[1:]
+        },
         links={
             "masks": summary.masks_uri,
             "statistics (Parquet)": summary.stats_uri,
@@ -220,6 +231,8 @@ def segment_bucket(
     precision: Precision = DEFAULT("precision"),
     batch_size: BatchSize = DEFAULT("batch_size"),
     overlays: Overlays = DEFAULT("overlays"),
+    depth: Depth = DEFAULT("depth"),
+    camera: CameraIntrinsics = DEFAULT("camera"),
     gallery_size: GallerySize = 12,
     storage_options: StorageOptions = None,
 ) -> dict[str, Any]:

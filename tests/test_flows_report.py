@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import base64
 import io
 import re
@@ -198,3 +200,28 @@ def test_failure_artifacts_show_storage_options_by_name_only() -> None:
     shown = shown_parameters({"input": "s3://b/in", "storage_options": {"key": "AKIA", "secret": "s3cr3t", "endpoint_url": "http://x"}})
     assert shown == {"input": "s3://b/in", "storage_options": ["endpoint_url", "key", "secret"]}
     assert "s3cr3t" not in repr(shown)
+
+
+def test_a_two_head_run_reports_each_heads_distribution() -> None:
+    from flows.report import schema_heads
+    from pipelines.stats import head_column
+
+    geometric = ["sky", "horizontal", "vertical"]
+    heads = {"semantic": {"class_names": CLASSES, "palette": voc_palette()}, "geometric": {"class_names": geometric, "palette": voc_palette()}}
+    schema = stats_schema(CLASSES, voc_palette(), {}, heads)
+    rows = [
+        {"image_uri": f"file:///b/{i}.jpg", "key": f"{i}.jpg", "status": "ok", "pixel_counts": [4, 0, 0, 0],
+         "dominant_class": 0, head_column("geometric", "pixel_counts"): [1, 3 + i, 0],
+         head_column("geometric", "dominant_class"): 1}
+        for i in range(2)
+    ]  # fmt: skip
+    stats = pa.Table.from_pylist([{c: r.get(c) for c in schema.names} for r in rows], schema=schema)
+    assert {task: names for task, (names, _) in schema_heads(schema).items()} == {"semantic": CLASSES, "geometric": geometric}
+    report = _report(stats, ok=2, errors=0)
+    report = dataclasses.replace(report, further_heads={"geometric": (ClassDistribution.from_stats(stats, geometric, head="geometric"), voc_palette())})
+    assert report.further_heads["geometric"][0].pixels == [2, 7, 0]
+    assert report.further_heads["geometric"][0].dominant_images == [0, 2, 0]
+    markdown = markdown_summary(report)
+    assert "## Class distribution: geometric head" in markdown and "| horizontal | 7 | 77.8% | 2 |" in markdown
+    page = html_report(report, [])
+    assert "Class distribution: geometric head" in page and "<td>horizontal</td><td>7</td><td>77.8%</td><td>2</td>" in page
