@@ -122,14 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines import stats as stats_table
     from pipelines.listing import list_images
     from pipelines.segment.model import describe_model
-    from pipelines.segment.stages import SOURCE_SCHEMA, Segmenter, load_images, store_results
+    from pipelines.segment.stages import Segmenter, load_images, store_results
 
     root = tempfile.mkdtemp(prefix="gpu-paths-")
     fs = fsspec.filesystem("file")
     fs.makedirs(f"{root}/in", exist_ok=True)
     fs.pipe({f"{root}/in/img{i:04d}.jpg": data for i, data in enumerate(jpegs)})
     save_checkpoint(model.cpu(), f"{root}/model.pt", class_names=list(SYNTHETIC_CLASSES))
-    sources = pa.Table.from_pylist(list_images(f"{root}/in", {}).images, schema=SOURCE_SCHEMA)
+    sources = list_images(f"{root}/in", {}).images
     load_cpu_ms = {}
     for device_jpegs in (False, True):  # decode on the CPU / leave JPEGs to the actor (header checks only)
         start = time.process_time()

@@ -129,8 +129,8 @@ def _io_task(name: str):
 def list_inputs(params: SegmentBucketParams) -> list[str]:
     """The image URIs the segmentation job will read (prefix, glob or manifest)."""
     listing = list_images(params.input, params.fs_options, exclude=params.output)
-    get_run_logger().info("%d images under %s (%s)", len(listing.images), params.input, listing.kind)
-    return [image["image_uri"] for image in listing.images]
+    get_run_logger().info("%d images under %s (%s)", listing.images.num_rows, params.input, listing.kind)
+    return listing.images["image_uri"].to_pylist()
 
 
 @task(name="segment", retries=1, retry_condition_fn=is_transient, cache_policy=NO_CACHE)

@@ -1,7 +1,10 @@
-"""Resolve a segmentation input (prefix, glob or manifest file on any fsspec filesystem) to images.
+"""Resolve a segmentation input (prefix, glob, manifest or inventory file on any fsspec filesystem)
+to an Arrow table of images (``pipelines.stats.SOURCE_SCHEMA``), built in record batches.
 
 Each image gets a *key*: its path relative to the input prefix. Keys name the outputs
 (``masks/<key>.png``) and identify an image across runs, together with its size and etag/mtime.
+Big buckets are listed from an inventory (a Parquet or CSV file of object keys, such as an S3
+Inventory report) rather than by LIST calls: it is read in batches and filtered with Arrow.
 """
 
 from __future__ import annotations
@@ -13,11 +16,22 @@ from datetime import datetime, timezone
 from typing import Any
 
 import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+from pipelines.stats import SOURCE_SCHEMA
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
 )
 GLOB_CHARS = "*?["
+INVENTORY_FORMATS = {".parquet": "parquet", ".csv": "csv"}
+"""Input files read as inventories, by extension (``.csv.gz`` too)."""
+INVENTORY_COLUMNS = ("bucket", "key", "size", "last_modified_date", "e_tag")
+"""The columns an inventory may have (S3 Inventory's names); only ``key`` is required."""
+BATCH_ROWS = 1 << 16
 MAX_KEY_SEGMENT_BYTES = 250  # file systems allow 255 per name; outputs add ".png" / ".jpg"
 _STAT_THREADS = 32
 
@@ -30,14 +44,14 @@ class InputError(ValueError):
 class Listing:
     """The images of one input: ``prefix`` (URI all keys are relative to), ``kind`` and the images.
 
-    Every image is a dict with ``image_uri``, ``key``, ``source_size``, ``source_etag`` (str | None)
-    and ``source_mtime`` (aware datetime | None); size is None for a manifest entry that is missing.
+    ``images`` has the columns of ``SOURCE_SCHEMA``: ``image_uri``, ``key``, ``source_size``,
+    ``source_etag`` and ``source_mtime`` (null where unknown; size is null for a missing manifest entry).
     """
 
     prefix: str
-    kind: str  # "prefix" | "glob" | "manifest" | "file"
-    images: list[dict[str, Any]]
-    ignored: int  # files under a prefix that are not images by extension
+    kind: str  # "prefix" | "glob" | "manifest" | "file" | "inventory"
+    images: pa.Table
+    ignored: int  # files under a prefix (or in an inventory) that are not images by extension
 
 
 def list_images(uri: str, storage_options: dict[str, Any], *, exclude: str | None = None) -> Listing:
@@ -46,6 +60,8 @@ def list_images(uri: str, storage_options: dict[str, Any], *, exclude: str | Non
     - a glob (``*``, ``?``, ``[``): every match, keys relative to the directory before the first wildcard;
     - a directory/prefix: every file below it with an image extension;
     - a file with an image extension: that one image;
+    - a ``.parquet``, ``.csv`` or ``.csv.gz`` file: an inventory (see ``INVENTORY_COLUMNS``); keys are
+      the objects' keys, in the ``bucket`` column's S3 bucket or else below the inventory's folder;
     - any other file: a manifest, one URI (or path relative to the manifest) per line, ``#`` comments.
     Raises InputError naming the problem if nothing is found.
     """
@@ -58,26 +74,105 @@ def list_images(uri: str, storage_options: dict[str, Any], *, exclude: str | Non
     elif fs.isdir(path):
         found, prefix, kind = fs.find(path, detail=True), path, "prefix"
     elif fs.isfile(path):
+        if _inventory_format(path):
+            return _list_inventory(fs, path, exclude)
         if not _is_image(path):
             return _list_manifest(fs, path, storage_options)
         found, prefix, kind = {path: fs.info(path)}, posixpath.dirname(path), "file"
     else:
         raise InputError(f"{uri} does not exist (not a file, folder/prefix or glob with matches)")
     excluded = fs._strip_protocol(exclude).rstrip("/") if exclude else None
-    images, ignored = [], 0
-    for p, info in sorted(found.items()):
+    images, ignored = _Batches(), 0
+    for p in sorted(found):
         if excluded and (p == excluded or p.startswith(excluded + "/")):
             continue
-        record = _record(fs, p, info, prefix)
+        record = _record(fs, p, found.pop(p), prefix)  # (each entry's info dict is released as it is used)
         if _hidden(record["key"]):
             continue
         if kind == "prefix" and not _is_image(p):
             ignored += 1
             continue
-        images.append(record)
-    if not images:
+        images.add(record)
+    table = images.table()
+    if not table.num_rows:
         raise InputError(f"no images found at {uri} (image extensions: {' '.join(sorted(IMAGE_EXTENSIONS))})")
-    return Listing(prefix=fs.unstrip_protocol(prefix), kind=kind, images=images, ignored=ignored)
+    return Listing(prefix=fs.unstrip_protocol(prefix), kind=kind, images=table, ignored=ignored)
+
+
+class _Batches:
+    """Image records gathered into Arrow record batches of ``BATCH_ROWS`` (no list of dicts that
+    grows with the bucket)."""
+
+    def __init__(self) -> None:
+        self.batches: list[pa.RecordBatch] = []
+        self.pending: list[dict[str, Any]] = []
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.pending.append(record)
+        if len(self.pending) == BATCH_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.pending:
+            self.batches.append(pa.RecordBatch.from_pylist(self.pending, schema=SOURCE_SCHEMA))
+            self.pending = []
+
+    def table(self) -> pa.Table:
+        self._flush()
+        return pa.Table.from_batches(self.batches, schema=SOURCE_SCHEMA)
+
+
+def _inventory_format(path: str) -> str | None:
+    name = path.lower().removesuffix(".gz")
+    return INVENTORY_FORMATS.get(posixpath.splitext(name)[1])
+
+
+_HIDDEN_SEGMENT = r"(^|/)\.([^./][^/]*|\.[^/]+)"
+"""A path segment starting with ``.`` other than ``.`` and ``..`` (see ``_hidden``), as an RE2 pattern."""
+
+
+def _list_inventory(fs: fsspec.AbstractFileSystem, path: str, exclude: str | None) -> Listing:
+    """The image objects of an inventory file, read in batches (``INVENTORY_COLUMNS``)."""
+    uri = fs.unstrip_protocol(path)
+    try:
+        dataset = pads.dataset(path, filesystem=PyFileSystem(FSSpecHandler(fs)), format=_inventory_format(path))
+    except (pa.ArrowInvalid, OSError) as error:
+        raise InputError(f"inventory {uri} is not readable: {error}") from None
+    columns = [name for name in INVENTORY_COLUMNS if name in dataset.schema.names]
+    if "key" not in columns:
+        raise InputError(f"inventory {uri} has no 'key' column (it has {dataset.schema.names})")
+    extensions = "|".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
+    base = fs.unstrip_protocol(posixpath.dirname(path))
+    excluded = exclude.rstrip("/") + "/" if exclude else None
+    batches, ignored, buckets = [], 0, set()
+    for batch in dataset.to_batches(columns=columns, batch_size=BATCH_ROWS):
+        keys = batch["key"].cast(pa.string())
+        images = pc.match_substring_regex(pc.utf8_lower(keys), rf"\.({extensions})$")
+        ignored += len(keys) - pc.sum(images).as_py() if len(keys) else 0
+        batch = batch.filter(pc.and_(images, pc.invert(pc.match_substring_regex(keys, _HIDDEN_SEGMENT))))
+        keys = batch["key"].cast(pa.string())
+        if "bucket" in columns:
+            buckets.update(pc.unique(batch["bucket"]).to_pylist())
+            uris = pc.binary_join_element_wise("s3://", batch["bucket"].cast(pa.string()), "/", keys, "")
+        else:
+            uris = pc.binary_join_element_wise(base, "/", keys, "")
+        if excluded:
+            outside = pc.invert(pc.starts_with(uris, excluded))
+            uris, batch, keys = uris.filter(outside), batch.filter(outside), keys.filter(outside)
+        batches.append(pa.RecordBatch.from_arrays([
+            uris, keys,
+            batch["size"].cast(pa.int64()) if "size" in columns else pa.nulls(len(keys), pa.int64()),
+            pc.utf8_trim(batch["e_tag"].cast(pa.string()), '"') if "e_tag" in columns else pa.nulls(len(keys), pa.string()),
+            batch["last_modified_date"].cast(pa.timestamp("us", tz="UTC")) if "last_modified_date" in columns
+            else pa.nulls(len(keys), pa.timestamp("us", tz="UTC")),
+        ], schema=SOURCE_SCHEMA))  # fmt: skip
+    if len(buckets) > 1:
+        raise InputError(f"inventory {uri} lists {len(buckets)} buckets; segment one bucket per run")
+    table = pa.Table.from_batches(batches, schema=SOURCE_SCHEMA)
+    if not table.num_rows:
+        raise InputError(f"inventory {uri} lists no images (image extensions: {' '.join(sorted(IMAGE_EXTENSIONS))})")
+    prefix = f"s3://{buckets.pop()}" if buckets else base
+    return Listing(prefix=prefix, kind="inventory", images=table, ignored=ignored)
 
 
 def _list_manifest(fs: fsspec.AbstractFileSystem, path: str, storage_options: dict[str, Any]) -> Listing:
@@ -112,7 +207,8 @@ def _list_manifest(fs: fsspec.AbstractFileSystem, path: str, storage_options: di
         return _record(entry_fs, entry_path, info, prefix)
 
     with ThreadPoolExecutor(_STAT_THREADS) as pool:
-        images = sorted(pool.map(stat, entries.values()), key=lambda r: r["key"])
+        records = sorted(pool.map(stat, entries.values()), key=lambda r: r["key"])
+    images = pa.Table.from_pylist(records, schema=SOURCE_SCHEMA)
     return Listing(prefix=fs.unstrip_protocol(prefix) if prefix else "", kind="manifest", images=images, ignored=0)
 
 

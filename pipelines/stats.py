@@ -12,10 +12,10 @@ from __future__ import annotations
 import io
 import json
 import uuid
-from datetime import datetime
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -53,6 +53,9 @@ FIELDS: list[tuple[str, pa.DataType, str]] = [
     ("processed_at", pa.timestamp("us", tz="UTC"), "when the row was produced"),
 ]
 COLUMNS = [name for name, _, _ in FIELDS]
+SOURCE_SCHEMA = pa.schema([(name, type_) for name, type_, _ in FIELDS[:5]])
+"""What a listing knows of each image (``image_uri``, ``key``, ``source_size``, ``source_etag``,
+``source_mtime``): the input of a run, and of its resume decision."""
 HEAD_COLUMNS = ("mask_uri", "pixel_counts", "class_fractions", "dominant_class", "dominant_class_name", "mean_confidence")
 """The columns that each further head of a multi-task model repeats as ``<head>_<column>``."""
 
@@ -101,79 +104,120 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 
 
 _STATE_COLUMNS = ["key", "source_size", "source_etag", "source_mtime", "model_id", "model_version", "status", "processed_at"]
+_REPEATED = ["model_id", "model_version", "status"]  # few distinct values: read dictionary-encoded
 
 
 def read_state(stats_uri: str, storage_options: dict[str, Any]) -> pa.Table:
-    """The bookkeeping columns of every stats row already under ``stats_uri`` plus ``_file`` (its path);
-    an empty table when there are none."""
+    """The bookkeeping columns of every stats row already under ``stats_uri`` plus ``_file`` (its path,
+    dictionary-encoded); an empty table when there are none."""
     fs, root = fsspec.core.url_to_fs(stats_uri, **storage_options)
     fs.invalidate_cache()
-    files = sorted(p for p in fs.find(root) if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith((".", "_")))
-    tables = []
-    for path in files:
-        with fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=_STATE_COLUMNS)
-        tables.append(table.append_column("_file", pa.array([path] * table.num_rows, pa.string())))
+    tables = [_read_bookkeeping(fs, path) for path in _part_files(fs, root)]
     if not tables:
-        fields = [f for f in stats_schema([], [], {}) if f.name in _STATE_COLUMNS]
-        return pa.schema([*fields, pa.field("_file", pa.string())]).empty_table()
+        return _state_schema().empty_table()
     return pa.concat_tables(tables, promote_options="permissive")
 
 
-def done_keys(state: pa.Table, images: list[dict[str, Any]], model_id: str, model_version: str) -> set[str]:
-    """Keys of ``images`` whose newest row is ``ok`` for the same source (size and etag, else mtime)
-    and the same model; those are skipped on a rerun."""
-    newest: dict[str, dict[str, Any]] = {}
-    for row in state.sort_by("processed_at").to_pylist():
-        newest[row["key"]] = row
-    done = set()
-    for image in images:
-        row = newest.get(image["key"])
-        if (
-            row is not None
-            and row["status"] == STATUS_OK
-            and row["model_id"] == model_id
-            and row["model_version"] == model_version
-            and row["source_size"] == image["source_size"]
-            and _same_version(row, image)
-        ):
-            done.add(image["key"])
-    return done
+def _state_schema() -> pa.Schema:
+    fields = [f for f in stats_schema([], [], {}) if f.name in _STATE_COLUMNS]
+    return pa.schema([*fields, pa.field("_file", pa.dictionary(pa.int32(), pa.string()))])
 
 
-def _same_version(row: dict[str, Any], image: dict[str, Any]) -> bool:
-    if image["source_etag"] is not None or row["source_etag"] is not None:
-        return row["source_etag"] == image["source_etag"]
-    return _micros(row["source_mtime"]) == _micros(image["source_mtime"])
+def _part_files(fs: fsspec.AbstractFileSystem, root: str, prefix: str = "") -> list[str]:
+    """The stats part files under ``root`` (hidden and temporary files excluded), optionally only
+    those whose name starts with ``prefix``."""
+    if not fs.exists(root):
+        return []
+    names = (p for p in fs.find(root) if p.endswith(".parquet"))
+    return sorted(p for p in names if not p.rsplit("/", 1)[-1].startswith((".", "_")) and p.rsplit("/", 1)[-1].startswith(prefix))
 
 
-def _micros(value: datetime | None) -> int | None:
-    return None if value is None else round(value.timestamp() * 1_000_000)
+def _read_bookkeeping(fs: fsspec.AbstractFileSystem, path: str, columns: list[str] = _STATE_COLUMNS) -> pa.Table:
+    with fs.open(path, "rb") as f:
+        table = pq.read_table(f, columns=columns, read_dictionary=[c for c in _REPEATED if c in columns])
+    files = pa.DictionaryArray.from_arrays(pa.array(np.zeros(table.num_rows, np.int32)), pa.array([path], pa.string()))
+    return table.append_column("_file", files)
 
 
-def compact(stats_uri: str, storage_options: dict[str, Any]) -> pa.Table:
-    """Keep only the newest row of each key: rewrite the files holding older duplicates (new file
-    first, then delete the old one, so no row is ever missing). Return the state after compaction
-    (see ``read_state``; ``_file`` is not updated for rewritten files)."""
-    state = read_state(stats_uri, storage_options)
-    if state.num_rows == len(set(state["key"].to_pylist())):
+def newest_rows(state: pa.Table) -> pa.Table:
+    """The newest row (by ``processed_at``) of each key; ``state`` itself when keys are unique (the
+    usual case after a finished run, checked without sorting)."""
+    if state.num_rows == pc.count_distinct(state["key"]).as_py():
         return state
-    order = pc.sort_indices(state, sort_keys=[("processed_at", "ascending")]).to_pylist()
-    newest = {key: row for row, key in zip(order, state["key"].take(order).to_pylist())}
-    keep = [False] * state.num_rows
-    for row in newest.values():
-        keep[row] = True
-    flags_by_file: dict[str, list[bool]] = {}
-    for path, flag in zip(state["_file"].to_pylist(), keep):
-        flags_by_file.setdefault(path, []).append(flag)
-    fs, _ = fsspec.core.url_to_fs(stats_uri, **storage_options)
-    for path, flags in flags_by_file.items():
-        if all(flags):
-            continue
+    ordered, newest = _by_key_oldest_first(state)
+    return ordered.filter(pa.array(newest))
+
+
+def _by_key_oldest_first(rows: pa.Table) -> tuple[pa.Table, np.ndarray]:
+    """``rows`` sorted by key, then ``processed_at``; and which rows are the newest of their key."""
+    ordered = rows.sort_by([("key", "ascending"), ("processed_at", "ascending")])
+    keys = ordered["key"]
+    same_as_next = pc.equal(keys.slice(0, len(keys) - 1), keys.slice(1)).to_numpy(zero_copy_only=False)
+    return ordered, ~np.append(same_as_next, False)
+
+
+def todo_images(listing: pa.Table, state: pa.Table, model_id: str, model_version: str) -> pa.Table:
+    """The images of ``listing`` (``SOURCE_SCHEMA``) to segment: all but those whose newest row in
+    ``state`` is ``ok`` for the same source (size, and etag where either side has one, else mtime)
+    and the same model. Decided with an Arrow hash join, not per row in Python."""
+    newest = newest_rows(state)
+    ok = pc.and_(
+        pc.equal(newest["status"].cast(pa.string()), STATUS_OK),
+        pc.and_(pc.equal(newest["model_id"].cast(pa.string()), model_id), pc.equal(newest["model_version"].cast(pa.string()), model_version)),
+    )
+    columns = ["key", "source_size", "source_etag", "source_mtime"]
+    done = newest.filter(ok).select(columns)
+    rows = pa.array(np.arange(listing.num_rows, dtype=np.int64))
+    joined = listing.select(columns).append_column("_row", rows).join(done, keys="key", join_type="inner", right_suffix="_done")
+    etag, etag_done = joined["source_etag"], joined["source_etag_done"]
+    same_version = pc.if_else(
+        pc.or_(pc.is_valid(etag), pc.is_valid(etag_done)),
+        pc.fill_null(pc.equal(etag, etag_done), False),
+        pc.fill_null(pc.equal(joined["source_mtime"], joined["source_mtime_done"]), False),
+    )
+    unchanged = pc.and_(pc.fill_null(pc.equal(joined["source_size"], joined["source_size_done"]), False), same_version)
+    keep = np.ones(listing.num_rows, bool)
+    keep[joined["_row"].filter(unchanged).to_numpy()] = False
+    return listing.filter(pa.array(keep))
+
+
+def compact(stats_uri: str, storage_options: dict[str, Any], run_id: str, previous: pa.Table) -> pa.Array:
+    """Keep only the newest row of each key, touching only the part files that hold a superseded row:
+    the earlier rows of the keys this run wrote, and older duplicates (left by an interrupted run or a
+    retried write). ``previous`` is the state read before the run (``read_state``). A rewritten file
+    is written anew before the old one is deleted, so no row is ever missing. Returns the keys this
+    run wrote."""
+    fs, root = fsspec.core.url_to_fs(stats_uri, **storage_options)
+    fs.invalidate_cache()
+    parts = [_read_bookkeeping(fs, path, ["key", "processed_at"]) for path in _part_files(fs, root, f"part-{run_id}-")]
+    run_rows = pa.concat_tables(parts) if parts else previous.select(["key", "processed_at", "_file"]).slice(0, 0)
+    run_keys = pc.unique(run_rows["key"])
+    superseded = pa.concat_tables([
+        _locations(previous.filter(pc.is_in(previous["key"], value_set=run_keys))),
+        _older_duplicates(previous),
+        _older_duplicates(run_rows),
+    ])  # fmt: skip
+    for path in pc.unique(superseded["_file"]).to_pylist():
+        stale = superseded.filter(pc.equal(superseded["_file"], path))["key"]
         with fs.open(path, "rb") as f:
             table = pq.read_table(f)
-        if any(flags):
+        kept = table.filter(pc.invert(pc.is_in(table["key"], value_set=stale)))
+        if kept.num_rows:
             directory = path.rsplit("/", 1)[0]
-            write_atomic(fs, f"{directory}/part-compacted-{uuid.uuid4().hex[:12]}.parquet", _parquet_bytes(table.filter(pa.array(flags))))
+            write_atomic(fs, f"{directory}/part-compacted-{uuid.uuid4().hex[:12]}.parquet", _parquet_bytes(kept))
         fs.rm_file(path)
-    return state.filter(pa.array(keep))
+    return run_keys
+
+
+def _locations(rows: pa.Table) -> pa.Table:
+    """``key`` and ``_file`` (as plain strings) of ``rows``."""
+    return pa.table({"key": rows["key"], "_file": rows["_file"].cast(pa.string())})
+
+
+def _older_duplicates(rows: pa.Table) -> pa.Table:
+    """The rows of ``rows`` (``key``, ``processed_at``, ``_file``) that a newer row of the same key
+    supersedes, as ``_locations``; none when keys are unique (checked without sorting)."""
+    if rows.num_rows == pc.count_distinct(rows["key"]).as_py():
+        return _locations(rows.slice(0, 0))
+    ordered, newest = _by_key_oldest_first(rows)
+    return _locations(ordered.filter(pa.array(~newest)))

@@ -19,7 +19,7 @@ from pipelines.segment import SegmentConfig
 from pipelines.segment.cli import build_parser
 from pipelines.segment.driver import plan_blocks
 from pipelines.segment.model import describe_model
-from pipelines.segment.stages import SOURCE_SCHEMA, Segmenter, load_images, store_results
+from pipelines.segment.stages import Segmenter, load_images, store_results
 from segment_cases import EXIF_ORIENTATION, awkward_images, displayed, good_images, tiny_checkpoint, upload
 
 NUM_CLASSES = 5
@@ -32,7 +32,7 @@ def bucket(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, pa.Tabl
     files = {**good_images(seed=21, count=4), **awkward_images()[0]}
     upload(str(root / "in"), files)
     model = tiny_checkpoint(str(root / "model.pt"), num_classes=NUM_CLASSES)
-    sources = pa.Table.from_pylist(list_images(str(root / "in"), {}).images, schema=SOURCE_SCHEMA)
+    sources = list_images(str(root / "in"), {}).images
     return root, model, sources
 
 

@@ -89,10 +89,10 @@ def folder(tmp_path: Path) -> Path:
 
 def test_prefix_lists_images_with_keys_relative_to_the_prefix(folder: Path) -> None:
     listing = list_images(str(folder), {}, exclude=str(folder / "photos" / "night"))
-    keys = [image["key"] for image in listing.images]
+    keys = listing.images["key"].to_pylist()
     assert keys == sorted(keys) and keys == ["photos/day/img0_1.png", "photos/day/img0_2.jpg"]
     assert listing.kind == "prefix" and listing.ignored == 1  # notes.txt
-    first = listing.images[0]
+    first = listing.images.slice(0, 1).to_pylist()[0]
     assert first["image_uri"] == f"file://{folder}/photos/day/img0_1.png"
     assert first["source_size"] == (folder / "photos/day/img0_1.png").stat().st_size
     assert first["source_mtime"].tzinfo is not None and first["source_etag"] is None
@@ -100,7 +100,7 @@ def test_prefix_lists_images_with_keys_relative_to_the_prefix(folder: Path) -> N
 
 def test_glob_keys_are_relative_to_the_folder_before_the_wildcard(folder: Path) -> None:
     listing = list_images(f"{folder}/photos/*/*.png", {})
-    assert [i["key"] for i in listing.images] == ["day/img0_1.png", "night/img0_3.png"]
+    assert listing.images["key"].to_pylist() == ["day/img0_1.png", "night/img0_3.png"]
     assert listing.kind == "glob"
 
 
@@ -116,11 +116,43 @@ def test_manifest_with_relative_absolute_missing_and_duplicate_entries(folder: P
     )
     listing = list_images(str(manifest), {})
     assert listing.kind == "manifest"
-    assert [(i["key"], i["source_size"] is None) for i in listing.images] == [
+    assert [(i["key"], i["source_size"] is None) for i in listing.images.to_pylist()] == [
         ("day/img0_1.png", False),
         ("day/missing.jpg", True),
         ("night/img0_0.jpg", False),
     ]
+
+
+def test_an_inventory_lists_its_image_objects_with_arrow(tmp_path: Path) -> None:
+    """A Parquet inventory (S3 Inventory's column names) without a bucket column: keys below its
+    folder; non-images counted as ignored, hidden objects and the output prefix left out; sizes,
+    etags (quotes trimmed) and mtimes carried. A CSV inventory with a header reads the same."""
+    rows = {
+        "key": ["a/x.jpg", "a/y.PNG", "notes.txt", "a/.cache/z.jpg", ".hidden.png", "out/masks/x.png", "b/../w.jpg"],
+        "size": [10, 20, 30, 40, 50, 60, 70],
+        "e_tag": ['"e1"', '"e2"', '"e3"', '"e4"', '"e5"', '"e6"', '"e7"'],
+        "last_modified_date": [T0] * 7,
+    }
+    pq.write_table(pa.table(rows), tmp_path / "inventory.parquet")
+    listing = list_images(str(tmp_path / "inventory.parquet"), {}, exclude=f"file://{tmp_path}/out")
+    assert listing.kind == "inventory" and listing.prefix == f"file://{tmp_path}" and listing.ignored == 1
+    assert listing.images.schema == stats_table.SOURCE_SCHEMA
+    assert listing.images.to_pylist() == [
+        {"image_uri": f"file://{tmp_path}/{key}", "key": key, "source_size": size, "source_etag": etag, "source_mtime": T0}
+        for key, size, etag in (("a/x.jpg", 10, "e1"), ("a/y.PNG", 20, "e2"), ("b/../w.jpg", 70, "e7"))
+    ]  # ".." is no hidden name: listed, then refused as a key when written (an error row)
+    csv = tmp_path / "inventory.csv"
+    csv.write_text("key,size\na/x.jpg,10\nb.txt,1\n")
+    assert list_images(str(csv), {}).images.select(["key", "source_size"]).to_pylist() == [{"key": "a/x.jpg", "source_size": 10}]
+    pq.write_table(pa.table({"Key": ["a.jpg"]}), tmp_path / "bad.parquet")
+    with pytest.raises(InputError, match="has no 'key' column"):
+        list_images(str(tmp_path / "bad.parquet"), {})
+    pq.write_table(pa.table({"bucket": ["b1", "b2"], "key": ["a.jpg", "b.jpg"]}), tmp_path / "two.parquet")
+    with pytest.raises(InputError, match="lists 2 buckets"):
+        list_images(str(tmp_path / "two.parquet"), {})
+    pq.write_table(pa.table({"bucket": ["photos"] * 2, "key": ["a.jpg", "b.jpg"]}), tmp_path / "s3.parquet")
+    listing = list_images(str(tmp_path / "s3.parquet"), {})
+    assert listing.prefix == "s3://photos" and listing.images["image_uri"].to_pylist() == ["s3://photos/a.jpg", "s3://photos/b.jpg"]
 
 
 def test_missing_or_empty_input_is_an_input_error(tmp_path: Path) -> None:
@@ -149,34 +181,55 @@ def _rows(keys: list[str], status: str, at: datetime, run_id: str, size: int = 1
     )
 
 
-def test_compaction_keeps_the_newest_row_per_key(tmp_path: Path) -> None:
+def test_compaction_keeps_the_newest_row_per_key_and_touches_only_superseded_files(tmp_path: Path) -> None:
+    """A run that redoes b and adds d, after an interrupted run that left b twice: the files holding an
+    older row of b are rewritten (or deleted when nothing is left), the file of a and c only if it held
+    one, and an untouched file keeps its name and bytes."""
     stats_uri = str(tmp_path / "stats")
-    stats_table.write_part(stats_uri, _rows(["a", "b", "c"], "error", T0, "run1"), "run1", {})
-    stats_table.write_part(stats_uri, _rows(["b"], "ok", T0 + timedelta(hours=1), "run2"), "run2", {})
+    stats_table.write_part(stats_uri, _rows(["a", "c"], "error", T0, "run0"), "run0", {})
+    untouched = next(Path(stats_uri).iterdir())
+    before = untouched.read_bytes()
+    stats_table.write_part(stats_uri, _rows(["b", "e"], "error", T0, "run1"), "run1", {})
+    stats_table.write_part(stats_uri, _rows(["b"], "ok", T0 + timedelta(hours=1), "run1"), "run1", {})  # left twice
+    previous = stats_table.read_state(stats_uri, {})
     stats_table.write_part(stats_uri, _rows(["b", "d"], "ok", T0 + timedelta(hours=2), "run2"), "run2", {})
-    state = stats_table.compact(stats_uri, {})
-    assert sorted(state["key"].to_pylist()) == ["a", "b", "c", "d"]
+    written = stats_table.compact(stats_uri, {}, "run2", previous)
+    assert sorted(written.to_pylist()) == ["b", "d"]
     table = duckdb.sql(f"select key, status, run_id, processed_at from read_parquet('{stats_uri}/**/*.parquet') order by key").fetchall()
-    assert [(k, s) for k, s, _, _ in table] == [("a", "error"), ("b", "ok"), ("c", "error"), ("d", "ok")]
+    assert [(k, s, r) for k, s, r, _ in table] == [("a", "error", "run0"), ("b", "ok", "run2"), ("c", "error", "run0"),
+                                                    ("d", "ok", "run2"), ("e", "error", "run1")]  # fmt: skip
     assert table[1][3] == T0 + timedelta(hours=2)
+    assert untouched.exists() and untouched.read_bytes() == before  # it held no superseded row
+    names = sorted(p.name for p in Path(stats_uri).iterdir())
+    assert len(names) == 3 and sum(n.startswith("part-compacted-") for n in names) == 1  # e kept; the b-only file gone
     assert not [p for p in Path(stats_uri).iterdir() if not p.name.endswith(".parquet")]  # no temp files left
     assert json.loads(pq.read_schema(next(Path(stats_uri).glob("*.parquet"))).metadata[b"class_names"]) == ["bg", "fg"]
 
 
-def test_done_keys_need_ok_same_source_and_same_model(tmp_path: Path) -> None:
+def test_todo_images_need_ok_same_source_and_same_model(tmp_path: Path) -> None:
     stats_uri = str(tmp_path / "stats")
-    stats_table.write_part(stats_uri, _rows(["a", "b", "c", "d"], "ok", T0, "run1"), "run1", {})
+    stats_table.write_part(stats_uri, _rows(["a", "b", "c", "d", "f"], "ok", T0, "run1"), "run1", {})
     stats_table.write_part(stats_uri, _rows(["d"], "error", T0 + timedelta(hours=1), "run2"), "run2", {})
     state = stats_table.read_state(stats_uri, {})
-    images = [
-        {"key": "a", "source_size": 10, "source_etag": "e-a", "source_mtime": None},  # unchanged -> done
-        {"key": "b", "source_size": 11, "source_etag": "e-b", "source_mtime": None},  # size changed
-        {"key": "c", "source_size": 10, "source_etag": "other", "source_mtime": None},  # etag changed
-        {"key": "d", "source_size": 10, "source_etag": "e-d", "source_mtime": None},  # newest row is an error
-        {"key": "e", "source_size": 10, "source_etag": "e-e", "source_mtime": None},  # new
-    ]
-    assert stats_table.done_keys(state, images, "m.pt", "v0001") == {"a"}
-    assert stats_table.done_keys(state, images, "m.pt", "v0002") == set()
+    listing = pa.Table.from_pylist([
+        {"key": "a", "source_size": 10, "source_etag": "e-a"},  # unchanged -> done
+        {"key": "b", "source_size": 11, "source_etag": "e-b"},  # size changed
+        {"key": "c", "source_size": 10, "source_etag": "other"},  # etag changed
+        {"key": "d", "source_size": 10, "source_etag": "e-d"},  # newest row is an error
+        {"key": "e", "source_size": 10, "source_etag": "e-e"},  # new
+        {"key": "f", "source_size": 10, "source_etag": None},  # etag gone: a changed source
+    ], schema=stats_table.SOURCE_SCHEMA)  # fmt: skip
+    todo = stats_table.todo_images(listing, state, "m.pt", "v0001")
+    assert todo["key"].to_pylist() == ["b", "c", "d", "e", "f"]  # listing order kept
+    assert stats_table.todo_images(listing, state, "m.pt", "v0002")["key"].to_pylist() == ["a", "b", "c", "d", "e", "f"]
+    no_etags = pa.Table.from_pylist([{"key": "m", "source_size": 10, "source_mtime": T0}, {"key": "n", "source_size": 10, "source_mtime": T0}],
+                                    schema=stats_table.SOURCE_SCHEMA)  # fmt: skip
+    rows = pa.Table.from_pylist([{"key": k, "source_size": 10, "source_mtime": T0 + timedelta(seconds=i), "status": "ok",
+                                  "model_id": "m.pt", "model_version": "v0001", "processed_at": T0} for i, k in enumerate("mn")],
+                                schema=SCHEMA)  # fmt: skip
+    stats_table.write_part(str(tmp_path / "s2"), rows, "r", {})
+    state = stats_table.read_state(str(tmp_path / "s2"), {})
+    assert stats_table.todo_images(no_etags, state, "m.pt", "v0001")["key"].to_pylist() == ["n"]  # mtime differs by 1 s
 
 
 # --- CLI -------------------------------------------------------------------------------------
@@ -342,7 +395,7 @@ def test_keys_that_would_leave_the_output_folder_are_named_and_never_become_path
 def test_local_and_manifest_inputs_list_every_file_and_refuse_unsafe_keys_unread(tmp_path: Path) -> None:
     """Local files may carry backslashes, control characters and long names: each is listed with
     its own key and becomes a 'key:' error row without being read."""
-    from pipelines.segment.stages import SOURCE_SCHEMA, load_images
+    from pipelines.segment.stages import load_images
 
     good = next(iter(good_images(count=1).values()))
     names = ["ok.png", "back\\slash.png", "tab\there.png", "x" * 251 + ".png"]
@@ -352,8 +405,8 @@ def test_local_and_manifest_inputs_list_every_file_and_refuse_unsafe_keys_unread
     (tmp_path / "in" / "todo.txt").write_text("".join(f"{name}\n" for name in names if "\n" not in name))
     for uri in (str(tmp_path / "in"), str(tmp_path / "in" / "todo.txt")):
         listing = list_images(uri, {})
-        assert sorted(image["key"] for image in listing.images) == sorted(names)
-        sources = pa.Table.from_pylist(listing.images, schema=SOURCE_SCHEMA)
+        assert sorted(listing.images["key"].to_pylist()) == sorted(names)
+        sources = listing.images
         loaded = load_images(sources, storage_options={}, retries=0, max_image_pixels=10**8, device_jpegs=False)
         rows = {row["key"]: row for row in loaded.select(["key", "error", "read_ms", "width"]).to_pylist()}
         assert rows["ok.png"]["error"] is None and rows["ok.png"]["width"] == 64

@@ -20,6 +20,7 @@ from typing import Any
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 from fsspec.implementations.local import LocalFileSystem
 
 from pipelines import stats as stats_table
@@ -99,31 +100,34 @@ def run_segmentation(config: SegmentConfig) -> SegmentSummary:
         raise ConfigError(flag("input"), f"cannot list {config.input}: {type(error).__name__}: {error}") from None
     _check_writable(out_fs, out_root, run_id, config.write_retries)
 
-    def plan() -> tuple[ModelInfo, set[str]]:
-        """The model's description and the keys already done (on a thread, while Ray starts)."""
+    def plan() -> tuple[ModelInfo, pa.Table, pa.Table]:
+        """The model's description, the stats rows already there and the images still to segment (on a
+        thread, while Ray starts)."""
         import ray.data  # noqa: F401 - a second of imports, also done while Ray starts
 
         model = describe_model(config.model, so)  # imports torch: seconds
         _check_depth(config, model)
         if out_fs.exists(success_path):
             out_fs.rm_file(success_path)  # a stale marker must not vouch for this run's partial output
-        return model, stats_table.done_keys(stats_table.read_state(stats_uri, so), listing.images, model.uri, model.version)
+        state = stats_table.read_state(stats_uri, so)
+        return model, state, stats_table.todo_images(listing.images, state, model.uri, model.version)
 
     with ThreadPoolExecutor(1, thread_name_prefix="plan") as pool:
         planned = pool.submit(plan)
         connect(config.ray_address)  # here: Ray ties its processes' lives to the thread that starts them
-        model, done = planned.result()
-    todo = [image for image in listing.images if image["key"] not in done]
+        model, previous, todo = planned.result()
+    listed, done = listing.images.num_rows, listing.images.num_rows - todo.num_rows
     logger.info(
         "run %s: %d images at %s (%s), %d already done, %d to segment with %s",
-        run_id, len(listing.images), listing.prefix or config.input, listing.kind, len(done), len(todo), model.label,
+        run_id, listed, listing.prefix or config.input, listing.kind, done, todo.num_rows, model.label,
     )
-    ray_run = _segment_on_ray(config, todo, output, run_id, model) if todo else _RayRun()
+    ray_run = _segment_on_ray(config, todo, output, run_id, model) if todo.num_rows else _RayRun()
 
-    state = stats_table.compact(stats_uri, so)
-    missing = {image["key"] for image in listing.images} - set(state["key"].to_pylist())
-    if missing:
-        raise RuntimeError(f"{len(missing)} images have no stats row after the run (e.g. {sorted(missing)[:3]})")
+    written = stats_table.compact(stats_uri, so, run_id, previous)
+    missing = pc.invert(pc.is_in(todo["key"], value_set=written))
+    if pc.any(missing).as_py():
+        examples = todo["key"].filter(missing).slice(0, 3).to_pylist()
+        raise RuntimeError(f"{pc.sum(missing).as_py()} images have no stats row after the run (e.g. {examples})")
     duration = time.monotonic() - clock
     summary = SegmentSummary(
         run_id=run_id,
@@ -132,14 +136,14 @@ def run_segmentation(config: SegmentConfig) -> SegmentSummary:
         model=model.label,
         model_id=model.uri,
         model_version=model.version,
-        listed=len(listing.images),
+        listed=listed,
         ok=ray_run.ok,
         error=ray_run.error,
-        skipped=len(done),
+        skipped=done,
         duration_s=round(duration, 3),
         startup_s=round(ray_run.first_segmented - clock, 3) if ray_run.first_segmented else 0.0,
         images_per_second=round(_steady_rate(ray_run), 3),
-        end_to_end_images_per_second=round((ray_run.ok + ray_run.error) / duration, 3) if todo else 0.0,
+        end_to_end_images_per_second=round((ray_run.ok + ray_run.error) / duration, 3) if todo.num_rows else 0.0,
         stats_uri=stats_uri,
         masks_uri=masks_uri,
         manifest_uri=f"{output}/{MANIFEST_FILE}",
@@ -155,7 +159,7 @@ def run_segmentation(config: SegmentConfig) -> SegmentSummary:
         "class_names": model.class_names,
         "heads": {task: head["class_names"] for task, head in model.heads.items()},
         "masks": {task: f"{output}/{stages.mask_folder(task, list(model.heads))}" for task in model.heads},
-        "stats_rows": state.num_rows,
+        "stats_rows": pc.count_distinct(pa.chunked_array([*previous["key"].chunks, written], type=pa.string())).as_py(),
         "config": {k: v for k, v in asdict(config).items() if k != "storage_options"},
     }
     manifest_bytes = json.dumps(manifest, indent=2, default=str).encode()
@@ -218,9 +222,7 @@ def plan_blocks(sources: pa.Table, *, rows: int, megabytes: float, min_blocks: i
     return blocks
 
 
-def _segment_on_ray(
-    config: SegmentConfig, todo: list[dict[str, Any]], output: str, run_id: str, model: ModelInfo
-) -> _RayRun:
+def _segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: str, model: ModelInfo) -> _RayRun:
     """Stream ``todo`` through the Ray Data pipeline of ``stages``."""
     import ray
 
@@ -243,8 +245,7 @@ def _segment_on_ray(
         model.class_names, model.palette, {"uri": model.uri, "version": model.version, "arch": model.arch}, model.heads
     )
     reads_depth = bool(set(model.modalities) & stages.DEPTH_MODALITIES)
-    sources = pa.Table.from_pylist(todo, schema=stages.SOURCE_SCHEMA)
-    blocks = plan_blocks(sources, rows=config.block_rows, megabytes=config.block_megabytes, min_blocks=BLOCKS_PER_ACTOR * actors)
+    blocks = plan_blocks(todo, rows=config.block_rows, megabytes=config.block_megabytes, min_blocks=BLOCKS_PER_ACTOR * actors)
     logger.info(
         "Ray: %d %s actor(s), batch size %d, %d input blocks, cluster %s",
         actors, "GPU" if use_gpus else "CPU", config.batch_size, len(blocks), resources,
@@ -301,7 +302,7 @@ def _segment_on_ray(
         **cpu_stage,
     )
     run = _RayRun()
-    progress = Progress(len(todo), live=config.progress)
+    progress = Progress(todo.num_rows, live=config.progress)
     stop = threading.Event()
     follower = threading.Thread(target=_follow_tally, args=(tally, progress, run, stop), name="progress", daemon=True)
     follower.start()

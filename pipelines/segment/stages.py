@@ -40,8 +40,7 @@ OVERLAYS_DIR = "overlays"
 STATS_DIR = "stats"
 
 _TYPES = {name: type_ for name, type_, _ in stats_table.FIELDS}
-SOURCE_SCHEMA = pa.schema([(name, _TYPES[name]) for name in ("image_uri", "key", "source_size", "source_etag", "source_mtime")])
-"""What the listing knows of each image: the input of the pipeline."""
+SOURCE_SCHEMA = stats_table.SOURCE_SCHEMA  # the input of the pipeline: what the listing knows of each image
 
 
 def read_sources(batch: pa.Table, *, storage_options: dict[str, Any], retries: int) -> pa.Table:
