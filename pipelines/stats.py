@@ -139,10 +139,10 @@ def _read_bookkeeping(fs: fsspec.AbstractFileSystem, path: str, columns: list[st
     return table.append_column("_file", files)
 
 
-def newest_rows(state: pa.Table) -> pa.Table:
-    """The newest row (by ``processed_at``) of each key; ``state`` itself when keys are unique (the
-    usual case after a finished run, checked without sorting)."""
-    if state.num_rows == pc.count_distinct(state["key"]).as_py():
+def newest_rows(state: pa.Table, unique_keys: bool = False) -> pa.Table:
+    """The newest row (by ``processed_at``) of each key; ``state`` itself when its keys are unique:
+    ``unique_keys`` (known: a finished run compacted them), else checked (a hash count, no sort)."""
+    if unique_keys or state.num_rows == pc.count_distinct(state["key"]).as_py():
         return state
     ordered, newest = _by_key_oldest_first(state)
     return ordered.filter(pa.array(newest))
@@ -156,35 +156,37 @@ def _by_key_oldest_first(rows: pa.Table) -> tuple[pa.Table, np.ndarray]:
     return ordered, ~np.append(same_as_next, False)
 
 
-def todo_images(listing: pa.Table, state: pa.Table, model_id: str, model_version: str) -> pa.Table:
+def todo_images(listing: pa.Table, state: pa.Table, model_id: str, model_version: str, *, unique_keys: bool = False) -> pa.Table:
     """The images of ``listing`` (``SOURCE_SCHEMA``) to segment: all but those whose newest row in
     ``state`` is ``ok`` for the same source (size, and etag where either side has one, else mtime)
-    and the same model. Decided with an Arrow hash join, not per row in Python."""
-    newest = newest_rows(state)
-    ok = pc.and_(
-        pc.equal(newest["status"].cast(pa.string()), STATUS_OK),
-        pc.and_(pc.equal(newest["model_id"].cast(pa.string()), model_id), pc.equal(newest["model_version"].cast(pa.string()), model_version)),
-    )
-    columns = ["key", "source_size", "source_etag", "source_mtime"]
-    done = newest.filter(ok).select(columns)
-    rows = pa.array(np.arange(listing.num_rows, dtype=np.int64))
-    joined = listing.select(columns).append_column("_row", rows).join(done, keys="key", join_type="inner", right_suffix="_done")
-    etag, etag_done = joined["source_etag"], joined["source_etag_done"]
+    and the same model. Decided with Arrow (a hash lookup of each listed key), not per row in Python.
+    ``unique_keys``: ``state`` is known to hold one row per key (see ``newest_rows``)."""
+    newest = newest_rows(state, unique_keys)
+    ok = pc.and_(_is(newest["status"], STATUS_OK), pc.and_(_is(newest["model_id"], model_id), _is(newest["model_version"], model_version)))
+    where = pc.index_in(listing["key"], value_set=newest["key"].combine_chunks())  # a hash lookup per listed key
+    etag, etag_done = listing["source_etag"], newest["source_etag"].take(where)
     same_version = pc.if_else(
         pc.or_(pc.is_valid(etag), pc.is_valid(etag_done)),
         pc.fill_null(pc.equal(etag, etag_done), False),
-        pc.fill_null(pc.equal(joined["source_mtime"], joined["source_mtime_done"]), False),
+        pc.fill_null(pc.equal(listing["source_mtime"], newest["source_mtime"].take(where)), False),
     )
-    unchanged = pc.and_(pc.fill_null(pc.equal(joined["source_size"], joined["source_size_done"]), False), same_version)
-    keep = np.ones(listing.num_rows, bool)
-    keep[joined["_row"].filter(unchanged).to_numpy()] = False
-    return listing.filter(pa.array(keep))
+    same_size = pc.fill_null(pc.equal(listing["source_size"], newest["source_size"].take(where)), False)
+    unchanged = pc.and_(pc.and_(same_size, same_version), pc.fill_null(ok.take(where), False))
+    return listing.filter(pc.invert(unchanged))
 
 
-def compact(stats_uri: str, storage_options: dict[str, Any], run_id: str, previous: pa.Table) -> pa.Array:
+def _is(column: pa.ChunkedArray, value: str) -> pa.ChunkedArray:
+    """``column == value`` for a (dictionary-encoded) string column, without decoding it."""
+    return pc.is_in(column, value_set=pa.array([value], pa.string()))
+
+
+def compact(
+    stats_uri: str, storage_options: dict[str, Any], run_id: str, previous: pa.Table, *, unique_keys: bool = False
+) -> pa.Array:
     """Keep only the newest row of each key, touching only the part files that hold a superseded row:
     the earlier rows of the keys this run wrote, and older duplicates (left by an interrupted run or a
-    retried write). ``previous`` is the state read before the run (``read_state``). A rewritten file
+    retried write). ``previous`` is the state read before the run (``read_state``; ``unique_keys``: known
+    to hold one row per key, as after a finished run). A rewritten file
     is written anew before the old one is deleted, so no row is ever missing. Returns the keys this
     run wrote."""
     fs, root = fsspec.core.url_to_fs(stats_uri, **storage_options)
@@ -194,7 +196,7 @@ def compact(stats_uri: str, storage_options: dict[str, Any], run_id: str, previo
     run_keys = pc.unique(run_rows["key"])
     superseded = pa.concat_tables([
         _locations(previous.filter(pc.is_in(previous["key"], value_set=run_keys))),
-        _older_duplicates(previous),
+        _older_duplicates(previous.slice(0, 0) if unique_keys else previous),
         _older_duplicates(run_rows),
     ])  # fmt: skip
     for path in pc.unique(superseded["_file"]).to_pylist():

@@ -100,22 +100,24 @@ def run_segmentation(config: SegmentConfig) -> SegmentSummary:
         raise ConfigError(flag("input"), f"cannot list {config.input}: {type(error).__name__}: {error}") from None
     _check_writable(out_fs, out_root, run_id, config.write_retries)
 
-    def plan() -> tuple[ModelInfo, pa.Table, pa.Table]:
-        """The model's description, the stats rows already there and the images still to segment (on a
-        thread, while Ray starts)."""
+    def plan() -> tuple[ModelInfo, pa.Table, pa.Table, bool]:
+        """The model's description, the stats rows already there, the images still to segment, and
+        whether the last run finished (so its rows are compacted: one per key) (on a thread, while Ray
+        starts)."""
         import ray.data  # noqa: F401 - a second of imports, also done while Ray starts
 
         model = describe_model(config.model, so)  # imports torch: seconds
         _check_depth(config, model)
-        if out_fs.exists(success_path):
+        finished = out_fs.exists(success_path)
+        if finished:
             out_fs.rm_file(success_path)  # a stale marker must not vouch for this run's partial output
         state = stats_table.read_state(stats_uri, so)
-        return model, state, stats_table.todo_images(listing.images, state, model.uri, model.version)
+        return model, state, stats_table.todo_images(listing.images, state, model.uri, model.version, unique_keys=finished), finished
 
     with ThreadPoolExecutor(1, thread_name_prefix="plan") as pool:
         planned = pool.submit(plan)
         connect(config.ray_address)  # here: Ray ties its processes' lives to the thread that starts them
-        model, previous, todo = planned.result()
+        model, previous, todo, finished = planned.result()
     listed, done = listing.images.num_rows, listing.images.num_rows - todo.num_rows
     logger.info(
         "run %s: %d images at %s (%s), %d already done, %d to segment with %s",
@@ -123,7 +125,7 @@ def run_segmentation(config: SegmentConfig) -> SegmentSummary:
     )
     ray_run = _segment_on_ray(config, todo, output, run_id, model) if todo.num_rows else _RayRun()
 
-    written = stats_table.compact(stats_uri, so, run_id, previous)
+    written = stats_table.compact(stats_uri, so, run_id, previous, unique_keys=finished)
     missing = pc.invert(pc.is_in(todo["key"], value_set=written))
     if pc.any(missing).as_py():
         examples = todo["key"].filter(missing).slice(0, 3).to_pylist()
