@@ -4,8 +4,10 @@ then optionally re-segment a bucket with the new champion. Deployed with cron ``
 Tasks: read the current champion, train with Ray Train (``pipelines.train.run_training``, which
 registers the best epoch as a new model version), evaluate (the champion is re-scored on the same
 validation split as the candidate, so both are compared on today's data), promote the candidate only
-if its mean IU beats the champion's by more than ``promote_margin``, and re-segment with the
-``segment-bucket`` flow (as a subflow) when a new champion was promoted.
+if its mean IU (of the first, semantic head) beats the champion's by more than ``promote_margin``, and
+re-segment with the ``segment-bucket`` flow (as a subflow) when a new champion was promoted. The
+training parameters' defaults and descriptions are ``pipelines.train.TrainConfig``'s; the summary shows
+every head's four metrics.
 """
 
 from __future__ import annotations
@@ -30,20 +32,28 @@ from flows.segment_bucket import (
     is_transient,
     segment_bucket,
 )
-from pipelines.class_weights import CLASS_WEIGHTS_HELP
-from pipelines.train import RECIPES, SCORES, TrainConfig, TrainSummary, run_evaluation, run_training
+from pipelines.train import SCORES, TrainConfig, TrainSummary, run_evaluation, run_training
 
 ARTIFACT_KEY = "nightly-retrain"
 SCORE = model_registry.SCORE_METRIC
 
+# The training parameters: defaults and descriptions come from TrainConfig, the single source of both.
+DEFAULT = TrainConfig.default
 
-Width = Annotated[float, Field(gt=0, description="channel width multiplier of the network")]
-Epochs = Annotated[int, Field(ge=1)]
-Workers = Annotated[int, Field(ge=1, description="Ray Train data-parallel workers")]
-GpusPerWorker = Annotated[float, Field(ge=0)]
-Recipe = Literal[tuple(RECIPES)]  # "modern" | "paper"
-Margin = Annotated[float, Field(ge=0, description="mean IU the candidate must beat the champion by")]
-ClassWeights = Annotated[str, Field(min_length=1, description=CLASS_WEIGHTS_HELP)]
+
+def _described(name: str, **constraints: Any) -> Any:
+    return Field(description=TrainConfig.metadata(name)["help"], **constraints)
+
+
+ModelName = Annotated[Literal[TrainConfig.metadata("model")["choices"]], _described("model")]
+Width = Annotated[float, _described("width", gt=0)]
+Epochs = Annotated[int, _described("epochs", ge=1)]
+Workers = Annotated[int, _described("workers", ge=1)]
+GpusPerWorker = Annotated[float, _described("gpus_per_worker", ge=0)]
+Recipe = Annotated[Literal[TrainConfig.metadata("recipe")["choices"]], _described("recipe")]
+Margin = Annotated[float, _described("promote_margin", ge=0)]
+ClassWeights = Annotated[str, _described("class_weights", min_length=1)]
+RayAddress = Annotated[str | None, _described("ray_address")]
 
 
 class NightlyRetrainParams(BaseModel):
@@ -53,7 +63,7 @@ class NightlyRetrainParams(BaseModel):
 
     data: Uri
     registry: Uri
-    model: str
+    model: ModelName
     width: Width
     epochs: Epochs
     workers: Workers
@@ -64,7 +74,7 @@ class NightlyRetrainParams(BaseModel):
     promote_margin: Margin
     resegment_input: str | None
     resegment_output: str | None
-    ray_address: str | None
+    ray_address: RayAddress
     actors: Actors
     device: Device
 
@@ -163,6 +173,9 @@ def summary_markdown(params: NightlyRetrainParams, candidate: TrainSummary, deci
         return f"{metrics[name]:.4f}" if name in metrics else "-"
 
     rows = "".join(f"| {name} | {cell(candidate.metrics, name)} | {cell(champion, name)} |\n" for name in SCORES)
+    for head, scores in candidate.metrics.get("heads", {}).items():  # further heads (SIFT Flow: geometric)
+        rescored = champion.get("heads", {}).get(head, {})
+        rows += "".join(f"| {head} {name} | {cell(scores, name)} | {cell(rescored, name)} |\n" for name in SCORES)
     lines = [
         f"# nightly-retrain: {'promoted ' + str(candidate.version) if promoted else 'champion kept'}",
         "",
@@ -190,18 +203,18 @@ def summary_markdown(params: NightlyRetrainParams, candidate: TrainSummary, deci
 def nightly_retrain(
     data: Uri,
     registry: Uri,
-    model: str = "fcn8s_vgg16",
-    width: Width = 1.0,
-    epochs: Epochs = 10,
-    workers: Workers = 2,
-    gpus_per_worker: GpusPerWorker = 0,
-    recipe: Recipe = "modern",
-    class_weights: ClassWeights = TrainConfig.class_weights,
+    model: ModelName = DEFAULT("model"),
+    width: Width = DEFAULT("width"),
+    epochs: Epochs = DEFAULT("epochs"),
+    workers: Workers = DEFAULT("workers"),
+    gpus_per_worker: GpusPerWorker = DEFAULT("gpus_per_worker"),
+    recipe: Recipe = DEFAULT("recipe"),
+    class_weights: ClassWeights = DEFAULT("class_weights"),
     warm_start: bool = True,
-    promote_margin: Margin = 0.0,
+    promote_margin: Margin = DEFAULT("promote_margin"),
     resegment_input: str | None = None,
     resegment_output: str | None = None,
-    ray_address: str | None = None,
+    ray_address: RayAddress = DEFAULT("ray_address"),
     actors: Actors = None,
     device: Device = "auto",
 ) -> dict[str, Any]:

@@ -29,7 +29,7 @@ VOC classes, anything else ``class_0`` ... ``class_<largest id of the train spli
 :func:`open_dataset` reads every semantic mask once, concurrently, for this and for the label
 statistics (:class:`LabelStats`); a mask with a label id beyond the classes is a ValueError naming the
 file. A bad sample (a missing or unreadable file, sizes that disagree) raises :class:`BadSample` from
-:func:`load_example` and :func:`load_sample`; the training loop skips and counts it.
+:func:`load_example`, :func:`read_example` and :func:`load_sample`; the training loop skips and counts it.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -400,7 +400,7 @@ def load_example(sample: Sample, data: SegmentationData) -> Example:
     HxW with values below its head's class count or 255. Raises BadSample naming the problem and the
     file; never any other exception for bad files.
     """
-    return _load(sample, data.modalities, {head: len(names) for head, names in data.heads.items()})
+    return read_example(sample, data.modalities, {head: len(names) for head, names in data.heads.items()})
 
 
 def load_sample(sample: Sample, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -409,12 +409,13 @@ def load_sample(sample: Sample, num_classes: int) -> tuple[np.ndarray, np.ndarra
 
     Raises BadSample naming the problem; never any other exception for bad files.
     """
-    example = _load(sample, ("rgb",), {SEMANTIC: num_classes})
+    example = read_example(sample, ("rgb",), {SEMANTIC: num_classes})
     return example.modalities["rgb"], example.labels[SEMANTIC]
 
 
-def _load(sample: Sample, modalities: Sequence[str], class_counts: dict[str, int]) -> Example:
-    """Read ``modalities`` and the label maps of the heads in ``class_counts`` (head -> its class count)."""
+def read_example(sample: Sample, modalities: Sequence[str], class_counts: Mapping[str, int]) -> Example:
+    """Read the ``modalities`` a network needs and the label maps of the heads in ``class_counts`` (head ->
+    its class count), as :func:`load_example` describes them; only those (HHA is computed only if asked)."""
     if sample.mask is None:
         raise BadSample(sample.id, "missing mask")
     image = _read_image(sample.id, sample.image, "image")

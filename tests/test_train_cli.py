@@ -1,17 +1,23 @@
-"""`python -m pipelines.train`: --help, and bad arguments rejected with exit 2 and the option named
-(all before any Ray cluster is touched). Recipe settings from the paper."""
+"""`python -m pipelines.train`: --help, and bad arguments or data rejected with exit 2 and the option named
+(all before any Ray cluster is touched); flags and flow parameters made from TrainConfig. Recipe settings
+from the paper."""
 
 from __future__ import annotations
 
+import inspect
+import re
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import torch
 
+from pipelines.options import flag
 from pipelines.synthetic import write_synthetic_voc
-from pipelines.train import RECIPES, TrainConfig, main
+from pipelines.train import RECIPES, ConfigError, TrainConfig, main, run_training
+from pipelines.train.cli import build_parser
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +116,70 @@ def test_paper_recipe() -> None:
     with pytest.raises(ValueError, match="lr: .*pass --lr"):
         paper.learning_rate("fcn32s_alexnet", None)
     TrainConfig(data="d", registry="r", recipe="paper", model="fcn16s_vgg16", width=0.0625).validate()
+
+
+def test_config_is_the_single_source_of_cli_flags_and_flow_parameters() -> None:
+    """Every TrainConfig field is a CLI flag with the config's default, help and choices, and every
+    training parameter of the nightly-retrain flow has the config's default."""
+    from flows.nightly_retrain import nightly_retrain
+
+    parser = build_parser()
+    actions = {action.dest: action for action in parser._actions}
+    names = [spec.name for spec in fields(TrainConfig)]
+    for name in names:
+        action, meta = actions[name], TrainConfig.metadata(name)
+        assert action.option_strings[0] == flag(name), name
+        assert action.help.startswith(meta["help"]) and action.choices == meta.get("choices"), name
+        if not action.required:
+            assert action.default == TrainConfig.default(name), name
+    flow_parameters = inspect.signature(nightly_retrain.fn).parameters
+    shared = [name for name in flow_parameters if name in names]
+    assert {"model", "width", "epochs", "workers", "gpus_per_worker", "recipe", "class_weights", "promote_margin",
+            "ray_address"} <= set(shared)  # fmt: skip
+    for name in shared:
+        if flow_parameters[name].default is not inspect.Parameter.empty:  # data and registry are required
+            assert flow_parameters[name].default == TrainConfig.default(name), name
+    args = parser.parse_args(["--data", "d", "--registry", "r", "--layout", "nyud", "--no-promote", "--strict"])
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k != "verbose"})
+    assert (config.layout, config.promote, config.strict, config.epochs) == ("nyud", False, True, 10)
+
+
+@pytest.fixture(scope="module")
+def voc_and_pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder in two layouts at once: VOC (detected first) and images/ + masks/."""
+    root = tmp_path_factory.mktemp("two-layouts")
+    write_synthetic_voc(str(root), num_images=4, seed=0)
+    (root / "images").mkdir()
+    for image in (root / "JPEGImages").glob("*.jpg"):
+        (root / "images" / image.name).write_bytes(image.read_bytes())
+    (root / "masks").symlink_to(root / "SegmentationClass")
+    for split in ("train", "val"):
+        (root / f"{split}.txt").write_bytes((root / f"ImageSets/Segmentation/{split}.txt").read_bytes())
+    return root
+
+
+@pytest.mark.parametrize(
+    ("extra", "problem"),
+    [
+        ([], r"--model: fcn32s_hha_vgg16 reads \['hha'\], but --data \S+ \(voc layout\) has no \['hha'\]"),
+        (["--layout", "images-masks"], r"--data \S+ \(images-masks layout\) has no \['hha'\]"),
+        (["--layout", "nyud"], r"--data: .* is not in the nyud layout: missing data/images/"),
+    ],
+)
+def test_model_the_data_cannot_feed_and_layout_override_exit_2_before_ray(
+    voc_and_pairs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], problem: str
+) -> None:
+    """An HHA network on colour-only data is refused naming --model and --data, in the layout --layout forces."""
+    import ray
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", str(voc_and_pairs), "--registry", str(tmp_path / "reg"), "--model", "fcn32s_hha_vgg16", *extra])
+    assert exit_info.value.code == 2
+    assert re.search(problem, capsys.readouterr().err)
+    assert not ray.is_initialized()
+
+
+def test_two_head_model_on_one_head_data_is_refused(data: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"--model: fcn16s_siftflow_vgg16 has the heads \['semantic', 'geometric'\], "
+                                          r"but --data .* \(voc layout\) has no \['geometric'\] labels"):  # fmt: skip
+        run_training(TrainConfig(data=data, registry=str(tmp_path), model="fcn16s_siftflow_vgg16", width=1 / 16))

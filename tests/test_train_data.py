@@ -1,5 +1,6 @@
 """Dataset readers (VOC and pairs layouts, local and S3), class names from the data, label-id checks,
-class weights, bad-sample detection, batching and augmentation."""
+class weights, bad-sample detection, the workers' samples (every modality and head), batching and
+augmentation."""
 
 from __future__ import annotations
 
@@ -10,14 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from fcn.classes import VOC_CLASSES, voc_palette
+from fcn.conventions import get_convention
 from fcn.losses import cross_entropy
 from pipelines.class_weights import median_frequency_weights, resolve_class_weights
-from pipelines.datasets import BadSample, load_sample, open_dataset, read_class_names
-from pipelines.synthetic import SYNTHETIC_CLASSES, write_synthetic_voc
-from pipelines.train import RECIPES, _check_all_samples, _train_epoch, augment, copy_matching_weights, pad_collate
+from pipelines.datasets import BadSample, load_example, load_sample, open_dataset, read_class_names
+from pipelines.synthetic import SYNTHETIC_CLASSES, write_synthetic_nyud, write_synthetic_siftflow, write_synthetic_voc
+from pipelines.train import RECIPES, copy_matching_weights
+from pipelines.train.data import TrainImages, augment, pad_collate
+from pipelines.train.driver import check_all_samples
+from pipelines.train.loop import train_epoch
 
 BAD = {
     "scene_00001": "differs from mask size",
@@ -55,7 +61,7 @@ def test_voc_layout_with_bad_samples(tmp_path: Path) -> None:
     for sample_id, expected in BAD.items():
         assert expected in problems[sample_id]
     with pytest.raises(ValueError, match=r"strict: 4 bad samples: .*scene_0000"):
-        _check_all_samples(data.train + data.val, data.num_classes)
+        check_all_samples(data.train + data.val, ("rgb",), {"semantic": data.num_classes})
     bad = pickle.loads(pickle.dumps(BadSample("x", "why")))  # crosses process boundaries (loader workers)
     assert (bad.sample_id, bad.reason) == ("x", "why")
 
@@ -187,9 +193,37 @@ def test_train_epoch_weighs_the_loss_by_class() -> None:
     with torch.no_grad():
         logits = model(images)
     for w in (weight, None):
-        loss_sum, steps, _, _ = _train_epoch(model, [(images, targets, [])], optimizer, schedule, "mean", 1.0,
-                                             torch.Generator(), w, torch.device("cpu"))  # fmt: skip
+        loss_sum, steps, _, _ = train_epoch(model, [(images, {"semantic": targets}, [])], optimizer, schedule, "mean",
+                                            1.0, torch.Generator(), w, torch.device("cpu"))  # fmt: skip
         assert (loss_sum, steps) == (pytest.approx(float(cross_entropy(logits, targets, weight=w))), 1)
+
+
+class _TwoHeads(torch.nn.Module):
+    """A stand-in for a SIFT Flow net: {"semantic": 3 classes, "geometric": 2 classes}."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.semantic, self.geometric = torch.nn.Conv2d(3, 3, 1), torch.nn.Conv2d(3, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"semantic": self.semantic(x), "geometric": self.geometric(x)}
+
+
+def test_train_epoch_sums_the_heads_losses_and_weighs_the_semantic_head_only() -> None:
+    model = _TwoHeads()
+    images = torch.randn(1, 3, 4, 5)
+    targets = {"semantic": torch.tensor([[[0, 1, 2, 2, 255]] * 4]),
+               "geometric": torch.tensor([[[0, 1, 1, 255, 0]] * 4])}  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    weight = torch.tensor([0.2, 1.0, 5.0])
+    with torch.no_grad():
+        scores = model(images)
+    loss_sum, steps, _, _ = train_epoch(model, [(images, targets, [])], optimizer, schedule, "mean", 1.0,
+                                        torch.Generator(), weight, torch.device("cpu"))  # fmt: skip
+    expected = cross_entropy(scores["semantic"], targets["semantic"], weight=weight) + cross_entropy(
+        scores["geometric"], targets["geometric"])
+    assert (loss_sum, steps) == (pytest.approx(float(expected)), 1)
 
 
 def test_bad_dataset_roots(tmp_path: Path) -> None:
@@ -200,13 +234,18 @@ def test_bad_dataset_roots(tmp_path: Path) -> None:
 
 
 def test_pad_collate_marks_padding_ignored() -> None:
-    a = (torch.ones(3, 4, 5), torch.zeros(4, 5, dtype=torch.int64))
-    b = (torch.ones(3, 6, 3), torch.ones(6, 3, dtype=torch.int64))
+    """Inputs of any channel count (RGB-D: 4) are padded with 0, every head's labels with 255."""
+    long = torch.int64
+    a = (torch.ones(4, 4, 5), {"semantic": torch.zeros(4, 5, dtype=long), "geometric": torch.ones(4, 5, dtype=long)})
+    b = (torch.ones(4, 6, 3), {"semantic": torch.ones(6, 3, dtype=long), "geometric": torch.zeros(6, 3, dtype=long)})
     images, targets, bad = pad_collate([a, BadSample("z", "broken"), b])
-    assert images.shape == (2, 3, 6, 5) and targets.shape == (2, 6, 5)
+    assert images.shape == (2, 4, 6, 5) and list(targets) == ["semantic", "geometric"]
     assert [x.sample_id for x in bad] == ["z"]
-    assert (targets[0, 4:, :] == 255).all() and (targets[1, :, 3:] == 255).all()
-    assert (targets[0, :4, :] == 0).all() and (images[0, :, 4:, :] == 0).all()
+    for head, target in targets.items():
+        assert target.shape == (2, 6, 5), head
+        assert (target[0, 4:, :] == 255).all() and (target[1, :, 3:] == 255).all()
+    assert (targets["semantic"][0, :4, :] == 0).all() and (targets["geometric"][0, :4, :] == 1).all()
+    assert (images[0, :, 4:, :] == 0).all() and (images[1, :, :, :3] == 1).all()
     assert pad_collate([BadSample("y", "r")])[0] is None
 
 
@@ -217,12 +256,58 @@ def test_augment_keeps_image_and_labels_aligned() -> None:
     target[10:20, 5:15] = 3
     sizes = set()
     for seed in range(8):
-        x, y = augment(image, target, RECIPES["modern"], np.random.default_rng(seed))
+        x, labels = augment(image, {"semantic": target}, RECIPES["modern"], np.random.default_rng(seed))
+        y = labels["semantic"]
         assert x.shape[-2:] == y.shape
         sizes.add(tuple(y.shape))
         assert set(y.unique().tolist()) <= {0, 3}
         assert ((x[0] > 0.5) == (y == 3)).float().mean() > 0.97
     assert len(sizes) > 1
+
+
+def test_augment_keeps_every_modality_and_head_aligned() -> None:
+    """RGB-D input whose depth is a function of the semantic labels, and a second head that is one too:
+    after random flips and rescales, the depth channel and the geometric labels still agree with the
+    semantic labels pixel by pixel."""
+    semantic = np.zeros((40, 50), np.uint8)
+    semantic[5:20, 3:14], semantic[22:35, 30:47] = 1, 2  # off-centre, so that a flip moves them
+    depth_of_class, geometric_of_class = np.array([4.0, 2.0, 1.0], np.float32), np.array([0, 2, 1])
+    rgb = np.repeat((semantic * 100)[..., None], 3, axis=2).astype(np.uint8)
+    image = get_convention("torchvision").encode({"rgb": rgb, "depth": depth_of_class[semantic]}, ("rgb", "depth"))
+    depth_codes = torch.stack([image[3][torch.from_numpy(semantic == k)][0] for k in range(3)])  # per class
+    labels = {"semantic": torch.from_numpy(semantic.astype(np.int64)),
+              "geometric": torch.from_numpy(geometric_of_class[semantic])}  # fmt: skip
+    sides, sizes = set(), set()
+    for seed in range(12):
+        x, y = augment(image, labels, RECIPES["modern"], np.random.default_rng(seed))
+        assert x.shape == (4, *y["semantic"].shape) and y["geometric"].shape == y["semantic"].shape
+        nearest_class = (x[3][None] - depth_codes[:, None, None]).abs().argmin(0)
+        classes = y["semantic"][None].float()
+        interior = (F.max_pool2d(classes, 3, 1, 1) == -F.max_pool2d(-classes, 3, 1, 1))[0]  # away from label edges
+        assert (nearest_class == y["semantic"])[interior].float().mean() > 0.99, seed
+        assert torch.equal(y["geometric"], torch.from_numpy(geometric_of_class)[y["semantic"]]), seed
+        columns = torch.nonzero(y["semantic"] == 1)[:, 1].float()
+        sides.add(bool(columns.mean() > y["semantic"].shape[1] / 2))
+        sizes.add(tuple(y["semantic"].shape))
+    assert sides == {False, True} and len(sizes) > 1  # flipped and not, rescaled to several sizes
+
+
+def test_train_images_read_the_networks_modalities_and_heads(tmp_path: Path) -> None:
+    """A worker's samples: the network's inputs encoded and concatenated in its order, one label map per head."""
+    convention = get_convention("torchvision")
+    write_synthetic_nyud(str(tmp_path / "nyud"), num_images=4, seed=0)
+    nyud = open_dataset(str(tmp_path / "nyud"))
+    image, labels = TrainImages(nyud.train, ("rgb", "hha"), {"semantic": 40}, convention, RECIPES["paper"], 0)[0]
+    example = load_example(nyud.train[0], nyud)
+    assert torch.allclose(image, convention.encode(example.modalities, ("rgb", "hha"))) and image.shape[0] == 6
+    assert list(labels) == ["semantic"] and np.array_equal(labels["semantic"].numpy(), example.labels["semantic"])
+    write_synthetic_siftflow(str(tmp_path / "siftflow"), num_images=4, seed=0)
+    siftflow = open_dataset(str(tmp_path / "siftflow"))
+    heads = {"semantic": 33, "geometric": 3}
+    image, labels = TrainImages(siftflow.train, ("rgb",), heads, convention, RECIPES["paper"], 0)[0]
+    example = load_example(siftflow.train[0], siftflow)
+    assert image.shape[0] == 3 and list(labels) == list(heads)
+    assert all(np.array_equal(labels[head].numpy(), example.labels[head]) for head in heads)
 
 
 def test_copy_matching_weights_from_coarser_net() -> None:

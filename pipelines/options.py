@@ -1,0 +1,87 @@
+"""A job's options defined once, as the fields of its configuration dataclass: each field carries its
+default and help text (and choices), and the CLI flags are generated from them.
+
+``pipelines.train.TrainConfig`` is built this way; its fields are ``python -m pipelines.train``'s flags
+and the ``nightly-retrain`` flow's parameters take their defaults and descriptions from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from dataclasses import MISSING, field, fields
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad parameter; ``param`` names it as the user typed it (the CLI flag, e.g. ``--workers``). A CLI
+    shows it without a traceback and exits with code 2."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+def option(default: Any, help: str, **extra: Any) -> Any:
+    """A config field whose metadata carries its help text and CLI extras (``required``, ``choices``,
+    ``metavar``)."""
+    return field(default=default, metadata={"help": help, **extra})
+
+
+def flag(name: str) -> str:
+    """The CLI flag of config field ``name``: ``batch_size`` -> ``--batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
+class Options:
+    """Base of a configuration dataclass made with :func:`option`: each field's metadata and default."""
+
+    @classmethod
+    def metadata(cls, name: str) -> dict[str, Any]:
+        """The CLI metadata (help, choices, required) of field ``name``."""
+        return dict(_field(cls, name).metadata)
+
+    @classmethod
+    def default(cls, name: str) -> Any:
+        """The default value of field ``name``."""
+        default = _field(cls, name).default
+        if default is MISSING:
+            raise KeyError(f"{cls.__name__}.{name} has no default")
+        return default
+
+
+def add_arguments(parser: argparse.ArgumentParser, config: type[Options]) -> None:
+    """One flag per field of ``config``, with its default, type, choices and help; ``bool`` fields that
+    default to True get ``--no-<flag>``."""
+    hints = typing.get_type_hints(config)
+    for spec in fields(config):
+        meta = config.metadata(spec.name)
+        kwargs: dict[str, Any] = {"help": meta["help"], "dest": spec.name}
+        if meta.get("required"):
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = config.default(spec.name)
+            if kwargs["default"] is not None and kwargs["default"] is not False:
+                kwargs["help"] += " (default: %(default)s)"
+        base = _without_none(hints[spec.name])
+        if base is bool:
+            kwargs["action"] = "store_true" if kwargs.get("default") is False else argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = base
+            kwargs.update({key: meta[key] for key in ("choices", "metavar") if key in meta})
+        parser.add_argument(flag(spec.name), **kwargs)
+
+
+def _field(config: type, name: str) -> Any:
+    try:
+        return next(spec for spec in fields(config) if spec.name == name)
+    except StopIteration:
+        raise KeyError(f"{config.__name__} has no field {name!r}") from None
+
+
+def _without_none(hint: Any) -> Any:
+    """``int`` for ``int | None``; other hints as they are."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return hint

@@ -1,0 +1,5 @@
+import sys
+
+from pipelines.train.cli import main
+
+sys.exit(main())

@@ -1,0 +1,321 @@
+"""The driver side: check the configuration against the data, run the workers on Ray Train, then
+register the best epoch and promote it (``run_training``); score a checkpoint (``run_evaluation``).
+
+Registration and promotion rank epochs and models by the first (semantic) head's validation mean IU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import tempfile
+import threading
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import fsspec
+import pyarrow.fs
+import ray
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from torch import nn
+
+import fcn
+from fcn import registry
+from pipelines.class_weights import resolve_class_weights
+from pipelines.datasets import BadSample, Sample, SegmentationData, open_dataset, read_example
+from pipelines.options import ConfigError, flag
+from pipelines.ray_utils import connect
+from pipelines.train.config import TrainConfig
+from pipelines.train.loop import DIVERGED_FILE, EPOCH_DIR, HISTORY_DIR, eval_loop, run_folder, train_loop
+
+logger = logging.getLogger("pipelines.train")
+
+
+@dataclass
+class TrainSummary:
+    """What a finished run produced; ``metrics`` are the best epoch's (see ``loop.scores_by_head``)."""
+
+    run_name: str
+    checkpoint_uri: str
+    metrics: dict[str, Any]
+    version: str | None
+    promoted: bool
+    epochs: int = 0
+    skipped: dict[str, str] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: final (never retried like a worker failure)."""
+
+
+def run_training(config: TrainConfig) -> TrainSummary:
+    """Train on Ray Train, register the best epoch and promote it if it beats the champion.
+
+    Raises ConfigError naming the parameter for a bad configuration or data, before Ray starts.
+    """
+    config.validate()
+    data = _open(config.data, config.classes, config.layout, flag("data"))
+    with torch.device("meta"):
+        network = fcn.get_model(config.model, width=config.width, geometry=config.geometry)
+    heads = fit_to_data(network, data, network_param=flag("model"), data_param=flag("data"))
+    if len(heads) < len(data.heads):
+        logger.info("%s has the head(s) %s: the data's further head(s) %s are not trained", config.model,
+                    list(heads), [task for task in data.heads if task not in heads])  # fmt: skip
+    try:
+        class_weights = resolve_class_weights(config.class_weights, data)
+    except ValueError as error:
+        raise ConfigError(flag("class_weights"), str(error)) from None
+    if class_weights is not None:
+        logger.info("class weights (%s) of the semantic head: %s", config.class_weights,
+                    [round(w, 4) for w in class_weights])  # fmt: skip
+    if config.strict:
+        check_all_samples(data.train + data.val, network.modalities, {task: len(n) for task, n in heads.items()})
+    run_name = config.run_name or default_run_name(config.model)
+    run_uri = run_folder(config.registry, run_name)
+    init = _load_init(config.init) if config.init else None
+    convention = config.input_convention or (init["input_convention"] if init else "torchvision")
+    connect(config.ray_address)
+    if init is not None:
+        init["state_dict"] = ray.put(init["state_dict"])  # shipped once through the object store
+    loop_config = {
+        "config": asdict(config),
+        "run_name": run_name,
+        "heads": {task: list(names) for task, names in heads.items()},
+        "layout": data.layout,
+        "class_weights": class_weights,
+        "train": list(data.train),
+        "val": list(data.val),
+        "convention": convention,
+        "init": init,
+    }
+    storage_path, storage_filesystem = ray_storage(f"{config.registry.rstrip('/')}/runs")
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=_scaling(config.workers, config.gpus_per_worker, config.cpus_per_worker),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints,
+                                               checkpoint_score_attribute=registry.SCORE_METRIC,
+                                               checkpoint_score_order="max"),  # fmt: skip
+        ),
+    )
+    marker_fs, marker = fsspec.core.url_to_fs(f"{run_uri}/{DIVERGED_FILE}")
+    if marker_fs.exists(marker):
+        marker_fs.rm_file(marker)  # from an earlier attempt of this run name
+    result = _fit_interruptibly(trainer)
+    marker_fs.invalidate_cache()
+    if marker_fs.exists(marker):
+        where = json.loads(marker_fs.cat_file(marker))
+        raise TrainingDiverged(
+            f"run {run_name!r} diverged at epoch {where['epoch']}, step {where['step']}: loss is {where['loss']} "
+            f"(lr={where['lr']:g}); lower the learning rate. Nothing was registered."
+        )
+    history = read_run_history(run_uri)
+    if not history:
+        raise RuntimeError(f"run {run_name!r} finished without a checkpoint under {run_uri}")
+    best = best_epoch(history)
+    checkpoint_uri = f"{run_uri}/{EPOCH_DIR.format(best['epoch'])}/{registry.CHECKPOINT_FILE}"
+    version, promoted = None, False
+    if math.isfinite(best[registry.SCORE_METRIC]):
+        version = registry.register_model(config.registry, checkpoint_uri, best)
+        promoted = config.promote and registry.promote_if_better(
+            config.registry, version, margin=config.promote_margin
+        )
+    else:
+        logger.warning("run %s: validation mean IU is undefined; not registering a model", run_name)
+    logger.info("run %s done (ray result at %s)", run_name, result.path)
+    return TrainSummary(
+        run_name=run_name,
+        checkpoint_uri=checkpoint_uri,
+        metrics=best,
+        version=version,
+        promoted=promoted,
+        epochs=history[-1]["epoch"],
+        skipped=history[-1]["skipped_samples"],
+        history=history,
+    )
+
+
+def run_evaluation(
+    data: str,
+    checkpoint: str,
+    *,
+    workers: int = 1,
+    gpus_per_worker: float = 0,
+    classes: str | None = None,
+    layout: str | None = None,
+    split: str = "val",
+    ray_address: str | None = None,
+    storage: str | None = None,
+) -> dict[str, Any]:
+    """Score ``checkpoint`` (a file or a registry root) on a split of ``data`` with N Ray Train workers;
+    returns every head's scores as metrics.json holds them (the first head's four metrics, per_class_iu,
+    class_names and hist at the top level, further heads' under ``heads``) and the skipped samples.
+
+    ``storage`` (any fsspec URI) holds Ray Train's run folder; the default, a local temporary
+    folder, works on a single node; multi-node clusters need shared storage.
+    """
+    if split not in ("train", "val"):
+        raise ConfigError("split", f"must be 'train' or 'val', got {split!r}")
+    dataset = _open(data, classes, layout, "data")
+    checkpoint_uri = registry.resolve_checkpoint_uri(checkpoint)
+    heads = fit_to_data(fcn.load_checkpoint(checkpoint_uri).model, dataset, network_param="checkpoint",
+                        data_param="data")  # fmt: skip
+    connect(ray_address)
+    with contextlib.ExitStack() as stack:
+        if storage is None:
+            storage = stack.enter_context(tempfile.TemporaryDirectory(prefix="fcn-eval-"))
+        storage_path, storage_filesystem = ray_storage(storage)
+        trainer = TorchTrainer(
+            eval_loop,
+            train_loop_config={
+                "checkpoint": checkpoint_uri,
+                "samples": list(getattr(dataset, split)),
+                "heads": {task: list(names) for task, names in heads.items()},
+            },
+            scaling_config=_scaling(workers, gpus_per_worker, 1),
+            run_config=RunConfig(
+                name=f"eval-{uuid.uuid4().hex[:8]}", storage_path=storage_path, storage_filesystem=storage_filesystem
+            ),
+        )
+        result = trainer.fit()
+        with result.checkpoint.as_directory() as folder, open(os.path.join(folder, registry.METRICS_FILE)) as f:
+            return json.load(f)
+
+
+def fit_to_data(network: nn.Module, data: SegmentationData, *, network_param: str,
+                data_param: str) -> dict[str, tuple[str, ...]]:  # fmt: skip
+    """The class names of each of ``network``'s heads, from ``data``.
+
+    Raises ConfigError (naming ``network_param`` and ``data_param``) when the data lacks an input
+    modality or a head of the network. A data head the network lacks is left out (a one-head network
+    on SIFT Flow data trains its semantic head only).
+    """
+    name = network.arch["name"]
+    where = f"{data_param} {data.root} ({data.layout} layout)"
+    missing = [m for m in network.modalities if m not in data.modalities]
+    if missing:
+        raise ConfigError(network_param, f"{name} reads {list(network.modalities)}, but {where} has no {missing}: "
+                          f"choose a model that reads only {list(data.modalities)}")  # fmt: skip
+    lacking = [task for task in network.head_classes if task not in data.heads]
+    if lacking:
+        raise ConfigError(network_param, f"{name} has the heads {list(network.head_classes)}, but {where} has no "
+                          f"{lacking} labels: choose a model with only {list(data.heads)}")  # fmt: skip
+    return {task: data.heads[task] for task in network.head_classes}
+
+
+def check_all_samples(samples: Sequence[Sample], modalities: Sequence[str], head_classes: dict[str, int]) -> None:
+    """``--strict``: read every sample's ``modalities`` and labels up front; ConfigError listing the bad ones."""
+
+    def check(sample: Sample) -> str | None:
+        try:
+            read_example(sample, modalities, head_classes)
+        except BadSample as bad:
+            return str(bad)
+        return None
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        problems = [p for p in pool.map(check, samples) if p]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; ... ({len(problems) - 5} more)" if len(problems) > 5 else "")
+        raise ConfigError(flag("strict"), f"{len(problems)} bad samples: {shown}")
+
+
+def ray_storage(uri: str) -> tuple[str, pyarrow.fs.FileSystem | None]:
+    """(storage_path, storage_filesystem) for Ray Train's RunConfig from any fsspec URI.
+
+    Local paths go to Ray as they are; other filesystems (S3 with a custom endpoint, GCS, ...) are
+    wrapped as a pyarrow filesystem around the fsspec one, so Ray Train writes with the same
+    settings (endpoint, credentials from fsspec's config) as the rest of the pipeline.
+    """
+    fs, path = fsspec.core.url_to_fs(uri)
+    if isinstance(fs, LocalFileSystem):
+        return path, None
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def default_run_name(model: str) -> str:
+    """``<model>-<UTC time>``, the run name when none is given."""
+    return f"{model}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+
+
+def best_epoch(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The epoch with the highest validation mean IU of the first head (NaN lowest), the latest among
+    equals: the one Ray Train's ``CheckpointConfig(num_to_keep, checkpoint_score_attribute)`` keeps."""
+    def rank(m: dict[str, Any]) -> tuple[float, int]:
+        score = m[registry.SCORE_METRIC]
+        return (-1.0 if math.isnan(score) else score, m["epoch"])
+
+    return max(history, key=rank)
+
+
+def read_run_history(run_uri: str) -> list[dict[str, Any]]:
+    """The metrics of every finished epoch of a run, in epoch order, from ``history/`` (which
+    ``--keep-checkpoints`` never prunes) and from the checkpoint folders (runs written before it)."""
+    fs, root = fsspec.core.url_to_fs(run_uri)
+    fs.invalidate_cache(root)
+    files = fs.glob(f"{root}/epoch-*/{registry.METRICS_FILE}") + fs.glob(f"{root}/{HISTORY_DIR}/epoch-*.json")
+    by_epoch = {m["epoch"]: m for m in (json.loads(fs.cat_file(p)) for p in sorted(files))}
+    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
+
+
+def _open(uri: str, classes: str | None, layout: str | None, param: str) -> SegmentationData:
+    """``open_dataset``, its ValueError (no known layout, bad class names or label ids) a ConfigError."""
+    try:
+        return open_dataset(uri, classes=classes, layout=layout)
+    except ValueError as error:
+        raise ConfigError(param, str(error)) from None
+
+
+def _scaling(workers: int, gpus_per_worker: float, cpus_per_worker: float) -> ScalingConfig:
+    resources = {"CPU": cpus_per_worker} | ({"GPU": gpus_per_worker} if gpus_per_worker else {})
+    return ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources)
+
+
+def _load_init(uri: str) -> dict[str, Any]:
+    """State dict and input convention of the checkpoint (or registry champion) to start from."""
+    try:
+        ckpt = fcn.load_checkpoint(uri)
+    except fcn.CheckpointError as error:
+        raise ConfigError(flag("init"), str(error)) from None
+    return {
+        "uri": ckpt.uri,
+        "state_dict": {k: v.cpu() for k, v in ckpt.model.state_dict().items()},
+        "input_convention": ckpt.input_convention,
+    }
+
+
+def _fit_interruptibly(trainer: TorchTrainer) -> Any:
+    """``trainer.fit()`` on a helper thread, so that Ctrl-C reaches this thread at once as
+    KeyboardInterrupt (Ray Train's own handler would only abort the run and return); the driver then
+    exits, Ray ends the run's actors, the finished epochs stay, and the same run name resumes."""
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # noqa: BLE001 - handed to the calling thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
