@@ -1,13 +1,16 @@
 """A job's options defined once, as the fields of its configuration dataclass: each field carries its
 default and help text (and choices), and the CLI flags are generated from them.
 
-``pipelines.train.TrainConfig`` is built this way; its fields are ``python -m pipelines.train``'s flags
-and the ``nightly-retrain`` flow's parameters take their defaults and descriptions from it.
+``pipelines.segment.SegmentConfig`` and ``pipelines.train.TrainConfig`` are built this way: their fields
+are ``python -m pipelines.segment``'s and ``python -m pipelines.train``'s flags, and the
+``segment-bucket`` and ``nightly-retrain`` flows take their parameters' defaults and descriptions from
+them.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import types
 import typing
 from dataclasses import MISSING, field, fields
@@ -25,8 +28,9 @@ class ConfigError(ValueError):
 
 def option(default: Any, help: str, **extra: Any) -> Any:
     """A config field whose metadata carries its help text and CLI extras (``required``, ``choices``,
-    ``metavar``)."""
-    return field(default=default, metadata={"help": help, **extra})
+    ``metavar``); a callable ``default`` is a factory (a fresh ``dict`` per config)."""
+    factory = {"default_factory": default} if callable(default) else {"default": default}
+    return field(**factory, metadata={"help": help, **extra})
 
 
 def flag(name: str) -> str:
@@ -44,16 +48,18 @@ class Options:
 
     @classmethod
     def default(cls, name: str) -> Any:
-        """The default value of field ``name``."""
-        default = _field(cls, name).default
-        if default is MISSING:
+        """The default value of field ``name`` (a fresh one for a factory default)."""
+        spec = _field(cls, name)
+        if spec.default_factory is not MISSING:
+            return spec.default_factory()
+        if spec.default is MISSING:
             raise KeyError(f"{cls.__name__}.{name} has no default")
-        return default
+        return spec.default
 
 
 def add_arguments(parser: argparse.ArgumentParser, config: type[Options]) -> None:
     """One flag per field of ``config``, with its default, type, choices and help; ``bool`` fields that
-    default to True get ``--no-<flag>``."""
+    default to True get ``--no-<flag>``, ``dict`` fields take a JSON object."""
     hints = typing.get_type_hints(config)
     for spec in fields(config):
         meta = config.metadata(spec.name)
@@ -62,15 +68,27 @@ def add_arguments(parser: argparse.ArgumentParser, config: type[Options]) -> Non
             kwargs["required"] = True
         else:
             kwargs["default"] = config.default(spec.name)
-            if kwargs["default"] is not None and kwargs["default"] is not False:
+            if kwargs["default"] not in (None, False, {}):
                 kwargs["help"] += " (default: %(default)s)"
         base = _without_none(hints[spec.name])
         if base is bool:
             kwargs["action"] = "store_true" if kwargs.get("default") is False else argparse.BooleanOptionalAction
+        elif typing.get_origin(base) is dict:
+            kwargs.update(type=_json_object, metavar=meta.get("metavar", "JSON"))
         else:
             kwargs["type"] = base
             kwargs.update({key: meta[key] for key in ("choices", "metavar") if key in meta})
         parser.add_argument(flag(spec.name), **kwargs)
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 def _field(config: type, name: str) -> Any:

@@ -6,12 +6,11 @@ import argparse
 import json
 import logging
 import sys
-import types
-import typing
 from collections.abc import Sequence
-from dataclasses import asdict, fields
+from dataclasses import asdict
 
-from pipelines.segment.config import ConfigError, SegmentConfig, flag
+from pipelines.options import ConfigError, add_arguments
+from pipelines.segment.config import SegmentConfig
 from pipelines.segment.driver import run_segmentation
 
 
@@ -23,44 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Parquet statistics (one row per image), manifest.json and _SUCCESS under --output. "
         "Rerunning into the same output resumes: images already done are skipped.",
     )
-    hints = typing.get_type_hints(SegmentConfig)
-    for spec in fields(SegmentConfig):
-        meta = SegmentConfig.metadata(spec.name)
-        kwargs = {"help": meta["help"], "dest": spec.name}
-        if meta.get("required"):
-            kwargs["required"] = True
-        else:
-            kwargs["default"] = SegmentConfig.default(spec.name)
-            if kwargs["default"] not in (None, False, {}):
-                kwargs["help"] += " (default: %(default)s)"
-        base = _without_none(hints[spec.name])
-        if base is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction if kwargs.get("default") is not False else "store_true"
-        elif typing.get_origin(base) is dict:
-            kwargs.update(type=_json_object, metavar=meta.get("metavar", "JSON"))
-        else:
-            kwargs["type"] = base
-            if "choices" in meta:
-                kwargs["choices"] = meta["choices"]
-        parser.add_argument(flag(spec.name), **kwargs)
+    add_arguments(parser, SegmentConfig)
     return parser
-
-
-def _without_none(hint: typing.Any) -> typing.Any:
-    """``int`` for ``int | None``; other hints as they are."""
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        return next(arg for arg in typing.get_args(hint) if arg is not type(None))
-    return hint
-
-
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({error})") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object")
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

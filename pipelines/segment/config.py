@@ -3,55 +3,42 @@ help text that the CLI flags (``cli.py``) and the ``segment-bucket`` flow's para
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any
 
 from fcn.depth import NYUD_KINECT, Camera
+from pipelines.options import ConfigError, Options, flag, option
 
 DEVICES = ("auto", "cpu", "cuda")
 NYUD_CAMERA = ",".join(str(getattr(NYUD_KINECT, name)) for name in ("fx", "fy", "cx", "cy"))
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
-class ConfigError(ValueError):
-    """A bad parameter; ``param`` names the CLI flag. The CLI shows it without a traceback (exit 2)."""
-
-    def __init__(self, param: str, message: str):
-        super().__init__(f"{param}: {message}")
-        self.param = param
-
-
-def _option(default: Any, help: str, **extra: Any) -> Any:
-    """A config field whose metadata carries its help text (CLI flag and flow parameter alike)."""
-    factory = {"default_factory": default} if callable(default) else {"default": default}
-    return field(**factory, metadata={"help": help, **extra})
-
-
 @dataclass
-class SegmentConfig:
+class SegmentConfig(Options):
     """Parameters of one segmentation run; each field is a CLI flag (``--batch-size`` for ``batch_size``)."""
 
-    input: str = _option("", "prefix/folder, glob, or manifest file (one image URI per line); any fsspec URI", required=True)
-    output: str = _option("", "output URI (masks/, stats/, manifest.json, _SUCCESS)", required=True)
-    model: str = _option("", "checkpoint URI, or a model registry root (its champion is used)", required=True)
-    ray_address: str | None = _option(None, "Ray cluster address (default: RAY_ADDRESS, else a new local cluster)")
-    actors: int | None = _option(None, "FCN actors (default: one per GPU, else one per --cpus-per-actor CPUs)")
-    cpus_per_actor: float = _option(2.0, "CPUs (= torch threads) per CPU actor")
-    device: str = _option("auto", "auto: CUDA if the cluster has GPUs", choices=DEVICES)
-    precision: str = _option("auto", "auto: bf16 autocast + channels_last on CUDA, fp32 on CPU", choices=PRECISIONS)
-    batch_size: int = _option(16, "images per FCN actor call; equal sizes share forward passes (on CPUs of at most 128 Kpx)")
-    block_rows: int = _option(256, "most images per Ray Data block, i.e. per read/decode task")
-    block_megabytes: float = _option(32.0, "most encoded source megabytes per block")
-    gpu_decode: bool = _option(True, "CUDA actors decode baseline JPEGs on the GPU (nvJPEG); others decode on CPU workers")
-    overlays: bool = _option(False, "also write colour overlays to <output>/overlays/<key>.jpg")
-    depth: str | None = _option(None, "RGB-D and HHA models: prefix of the depth maps; image <key>'s is <prefix>/<key without extension>.png (16-bit, millimetres)")
-    camera: str = _option(NYUD_CAMERA, "intrinsics fx,fy,cx,cy (pixels) of the depth camera, for HHA (default: NYUDv2's Kinect)")
-    storage_options: dict[str, Any] = _option(dict, 'fsspec options for --input, --output and --model, as JSON, e.g. \'{"endpoint_url": "http://minio:9000"}\'', metavar="JSON")
-    max_image_pixels: int = _option(100_000_000, "refuse images whose header declares more pixels")
-    rows_per_file: int = _option(256, "stats rows per Parquet part file")
-    read_retries: int = _option(3, "retries of a failed read")
-    write_retries: int = _option(3, "retries of a failed write (masks, Parquet parts, manifest, _SUCCESS)")
-    progress: bool | None = _option(None, "live progress bar (default: when stderr is a terminal)")
+    input: str = option("", "prefix/folder, glob, manifest file (one image URI per line) or inventory (.parquet/.csv of object keys); any fsspec URI", required=True)
+    output: str = option("", "output URI (masks/, stats/, manifest.json, _SUCCESS)", required=True)
+    model: str = option("", "checkpoint URI, or a model registry root (its champion is used)", required=True)
+    ray_address: str | None = option(None, "Ray cluster address (default: RAY_ADDRESS, else a new local cluster)")
+    actors: int | None = option(None, "FCN actors (default: one per GPU, else one per --cpus-per-actor CPUs)")
+    cpus_per_actor: float = option(2.0, "CPUs (= torch threads) per CPU actor")
+    device: str = option("auto", "auto: CUDA if the cluster has GPUs", choices=DEVICES)
+    precision: str = option("auto", "auto: bf16 autocast + channels_last on CUDA, fp32 on CPU", choices=PRECISIONS)
+    batch_size: int = option(16, "images per FCN actor call; equal sizes share forward passes (on CPUs of at most 128 Kpx)")
+    block_rows: int = option(256, "most images per Ray Data block, i.e. per read/decode task")
+    block_megabytes: float = option(32.0, "most encoded source megabytes per block")
+    gpu_decode: bool = option(True, "CUDA actors decode baseline JPEGs on the GPU (nvJPEG); others decode on CPU workers")
+    overlays: bool = option(False, "also write colour overlays to <output>/overlays/<key>.jpg")
+    depth: str | None = option(None, "RGB-D and HHA models: prefix of the depth maps; image <key>'s is <prefix>/<key without extension>.png (16-bit, millimetres)")
+    camera: str = option(NYUD_CAMERA, "intrinsics fx,fy,cx,cy (pixels) of the depth camera, for HHA (default: NYUDv2's Kinect)")
+    storage_options: dict[str, Any] = option(dict, 'fsspec options for --input, --output and --model, as JSON, e.g. \'{"endpoint_url": "http://minio:9000"}\'', metavar="JSON")
+    max_image_pixels: int = option(100_000_000, "refuse images whose header declares more pixels")
+    rows_per_file: int = option(256, "stats rows per Parquet part file")
+    read_retries: int = option(3, "retries of a failed read")
+    write_retries: int = option(3, "retries of a failed write (masks, Parquet parts, manifest, _SUCCESS)")
+    progress: bool | None = option(None, "live progress bar (default: when stderr is a terminal)")
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad parameter."""
@@ -79,22 +66,3 @@ class SegmentConfig:
             Camera.parse(self.camera)
         except (ValueError, AttributeError) as error:
             raise ConfigError(flag("camera"), str(error)) from None
-
-    @classmethod
-    def metadata(cls, name: str) -> dict[str, Any]:
-        """The CLI metadata (help, choices, ...) of field ``name``."""
-        return dict(_FIELDS[name].metadata)
-
-    @classmethod
-    def default(cls, name: str) -> Any:
-        """The default value of field ``name`` (a fresh one for mutable defaults)."""
-        spec = _FIELDS[name]
-        return spec.default_factory() if callable(spec.default_factory) else spec.default
-
-
-def flag(name: str) -> str:
-    """The CLI flag of config field ``name``: ``batch_size`` -> ``--batch-size``."""
-    return "--" + name.replace("_", "-")
-
-
-_FIELDS = {spec.name: spec for spec in fields(SegmentConfig)}
