@@ -14,13 +14,12 @@ Prints a Markdown table and writes <out>/results.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
-from bench.train_skip_comparison import backbone_init, boundary_accuracy
+from bench.train_skip_comparison import backbone_init, boundary_accuracy, budget_parser
 from pipelines.ray_utils import connect
 from pipelines.synthetic import write_synthetic_voc
 from pipelines.train import TrainConfig, run_training
@@ -29,19 +28,8 @@ VARIANTS = ("fcn8s_vgg16:none", "fcn8s_vgg16:median-frequency", "fcn4s_vgg16:non
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="folder for the data, the registry and results.json")
+    parser = budget_parser(__doc__.split("\n\n")[0], images=160, epochs=12)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated <model>:<class weights>")
-    parser.add_argument("--images", type=int, default=160)
-    parser.add_argument("--min-size", type=int, default=64)
-    parser.add_argument("--max-size", type=int, default=96)
-    parser.add_argument("--warm-epochs", type=int, default=10, help="epochs of the shared backbone warm-up")
-    parser.add_argument("--epochs", type=int, default=8, help="epochs of each variant")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--width", type=float, default=1 / 16)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--band", type=int, default=2, help="boundary band radius in pixels")
-    parser.add_argument("--ray-address")
     args = parser.parse_args(argv)
     variants = [tuple(v.split(":", 1)) for v in args.variants.split(",")]
 

@@ -68,20 +68,25 @@ def backbone_init(warm_checkpoint: str, model: str, width: float, num_classes: i
     return fcn.save_checkpoint(net, uri, class_names=warm.class_names, input_convention=warm.input_convention)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def budget_parser(description: str, *, images: int, epochs: int) -> argparse.ArgumentParser:
+    """The options of a same-budget comparison: data, shared warm-up, epochs per net, workers, recipe."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", required=True, help="folder for the data, the registry and results.json")
-    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--images", type=int, default=images)
     parser.add_argument("--min-size", type=int, default=64)
     parser.add_argument("--max-size", type=int, default=96)
     parser.add_argument("--warm-epochs", type=int, default=10, help="epochs of the shared backbone warm-up")
-    parser.add_argument("--epochs", type=int, default=6, help="epochs of each compared net")
+    parser.add_argument("--epochs", type=int, default=epochs, help="epochs of each compared net")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--width", type=float, default=1 / 16)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--band", type=int, default=2, help="boundary band radius in pixels")
     parser.add_argument("--ray-address")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = budget_parser(__doc__.split("\n\n")[0], images=200, epochs=6).parse_args(argv)
 
     out = Path(args.out)
     data = str(out / "data")
