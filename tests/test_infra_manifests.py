@@ -8,6 +8,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -169,3 +170,127 @@ def test_local_stack_scripts_are_valid_bash_bound_to_loopback(script: str) -> No
                         r"--dashboard-host=127\.0\.0\.1", r"prefect\S* server start --host 127\.0\.0\.1",
                         r"-m flows\.serve"):  # fmt: skip
             assert re.search(service, text), service
+
+
+def _dry_run(*args: str, **env: str) -> dict[str, list[str]]:
+    """``start.sh --dry-run *args``: the services it would start, name -> command (argv)."""
+    run = subprocess.run(["bash", str(INFRA / "local/start.sh"), "--dry-run", *args], capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin", **env}, timeout=30)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    lines = dict(line.split(": ", 1) for line in run.stdout.splitlines())
+    assert int(lines.pop("ray nodes")) == sum(name.startswith("ray") for name in lines if name != "stack dir")
+    lines.pop("stack dir")
+    return {name: shlex.split(command) for name, command in lines.items()}
+
+
+def test_local_stack_dry_run_starts_a_head_and_n_worker_nodes_on_loopback(tmp_path: Path) -> None:
+    stack = tmp_path / "stack"
+    ports = {"RAY_PORT": "6390", "RAY_AGENT_PORT": "52400", "STACK_DIR": str(stack)}
+    services = _dry_run("--workers", "2", "--worker-cpus", "3", "--worker-memory-mb", "256", **ports)
+
+    assert set(services) == {"s3", "ray", "ray-worker-1", "ray-worker-2", "prefect", "serve"}
+    assert not stack.exists()  # a dry run starts and writes nothing
+    head = services["ray"]
+    assert head[1:3] == ["start", "--head"] and "--num-cpus=0" in head  # the work goes to the worker nodes
+    assert "--port=6390" in head and "--dashboard-agent-listen-port=52400" in head
+    for i in (1, 2):
+        worker = services[f"ray-worker-{i}"]
+        assert worker[1:3] == [str(INFRA / "local/join_node.py"), "start"]  # `ray start` that keeps 127.0.0.1
+        options = dict(arg.split("=", 1) for arg in worker[3:] if "=" in arg)
+        assert options["--address"] == "127.0.0.1:6390" and options["--node-ip-address"] == "127.0.0.1"
+        assert options["--num-cpus"] == "3" and json.loads(options["--resources"]) == {f"worker-{i}": 1}
+        assert options["--object-store-memory"] == str(256 * 2**20)
+        assert options["--dashboard-agent-listen-port"] == str(52400 + i)  # several agents on 127.0.0.1
+        assert (options["--min-worker-port"], options["--max-worker-port"]) == ("0", "0")
+        assert "--block" in worker and "--head" not in worker
+    assert not any("0.0.0.0" in arg for command in services.values() for arg in command)
+
+    # Without --workers: the single-node stack as before (the head's CPUs detected by Ray).
+    single = _dry_run(**ports)
+    assert set(single) == {"s3", "ray", "prefect", "serve"} and not any(a.startswith("--num-cpus") for a in single["ray"])
+    assert "--num-cpus=1" in _dry_run("--workers", "1", "--head-cpus", "1", **ports)["ray"]
+
+
+@pytest.mark.parametrize("args", [["--workers", "-1"], ["--workers"], ["--worker-cpus", "0"], ["--head-cpus", "x"],
+                                  ["--bogus"]])  # fmt: skip
+def test_local_stack_refuses_bad_arguments(args: list[str], tmp_path: Path) -> None:
+    run = subprocess.run(["bash", str(INFRA / "local/start.sh"), *args], capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin", "STACK_DIR": str(tmp_path / "stack")}, timeout=30)  # fmt: skip
+    assert run.returncode == 2 and run.stderr and not (tmp_path / "stack").exists()
+
+
+def test_local_stack_stop_kills_a_worker_node_then_stops_the_rest(tmp_path: Path) -> None:
+    """stop.sh by the recorded pids only: --kill-worker SIGKILLs one worker node's process group and every
+    process under it (Ray gives its workers process groups of their own); a plain stop ends every
+    recorded group, worker nodes included."""
+    stop = ["bash", str(INFRA / "local/stop.sh")]
+    env = {"PATH": "/usr/bin:/bin", "STACK_DIR": str(tmp_path)}
+    nodes = {}
+    for service in ("ray", "ray-worker-1", "ray-worker-2"):
+        # A process group leader (as `ray start --block`) with a child in its group (a raylet) and one in a
+        # group of its own (a Ray worker), detached from this process as start.sh leaves its services, so
+        # that ended ones are reaped instead of lingering as zombies of the test.
+        leader = subprocess.run(
+            ["bash", "-c", 'setsid bash -c "sleep 300 & setsid sleep 300 & wait" >/dev/null 2>&1 & echo $!'],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        (tmp_path / f"{service}.pid").write_text(leader)
+        deadline = time.monotonic() + 10
+        while len(under := _descendants(int(leader))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        nodes[service] = [int(leader), *under]
+        assert len(nodes[service]) == 3, nodes
+
+    killed = subprocess.run([*stop, "--kill-worker", "2"], capture_output=True, text=True, env=env, timeout=30)
+    assert killed.returncode == 0, killed.stderr
+    assert _wait_gone(nodes["ray-worker-2"]) and all(_alive(p) for p in nodes["ray"] + nodes["ray-worker-1"])
+    assert subprocess.run([*stop, "--kill-worker", "7"], capture_output=True, env=env).returncode == 2
+
+    stopped = subprocess.run(stop, capture_output=True, text=True, env=env, timeout=60)
+    assert stopped.returncode == 0, stopped.stderr
+    assert "stopped ray-worker-1" in stopped.stdout and "stopped ray " in stopped.stdout
+    assert _wait_gone([nodes["ray"][0], nodes["ray-worker-1"][0]]) and not list(tmp_path.glob("*.pid"))
+    for service in ("ray", "ray-worker-1"):  # the Ray worker stand-ins: a real raylet ends its own workers
+        subprocess.run(["kill", "-KILL", *map(str, nodes[service][1:])], capture_output=True)
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes under ``pid`` (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    found, pending = [], [pid]
+    while pending:
+        for child in children.get(pending.pop(), []):
+            found.append(child)
+            pending.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_gone(pids: list[int], timeout_s: float = 10) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not any(_alive(p) for p in pids)
+
+
+def test_join_node_lets_a_node_join_and_keeps_the_loopback_head_address() -> None:
+    """What infra/local/join_node.py changes in Ray for a worker node's `ray start`, under the stack's
+    single-machine mode: nodes may join, and 127.0.0.1 is not rewritten to the machine's IP."""
+    code = ("import runpy; runpy.run_path('infra/local/join_node.py', run_name='join_node'); "
+            "from ray._private import ray_constants, services; "
+            "print(ray_constants.ENABLE_RAY_CLUSTER, services.canonicalize_bootstrap_address('127.0.0.1:6390'))")  # fmt: skip
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={"PATH": "/usr/bin:/bin", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["True", "127.0.0.1:6390"]

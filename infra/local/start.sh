@@ -3,12 +3,57 @@
 #   - an S3 endpoint (moto's server) with the bucket `fcn-demo`,
 #   - a Ray head (GCS, dashboard and job API on 127.0.0.1),
 #   - a Prefect server (API and UI on 127.0.0.1),
-#   - the deployments of prefect.yaml served by `python -m flows.serve`.
+#   - the deployments of prefect.yaml served by `python -m flows.serve`;
+#   - with --workers N, N Ray worker nodes joined to the head (`ray start --address`), each its own
+#     raylet, object store and CPUs: a multi-node cluster on one machine.
 # Every service binds 127.0.0.1. State, logs and pids go to $STACK_DIR (default demo-data/stack);
 # `source $STACK_DIR/env` sets AWS_*, RAY_ADDRESS and PREFECT_API_URL for your shell.
-# Stop with infra/local/stop.sh. Ports: S3_PORT, RAY_PORT, RAY_DASHBOARD_PORT, RAY_AGENT_PORT, PREFECT_PORT (keep Ray's
-# ports outside Ray's worker port range, 10002-19999).
+# Stop with infra/local/stop.sh. Ports: S3_PORT, RAY_PORT, RAY_DASHBOARD_PORT, RAY_AGENT_PORT (worker node i's
+# agent: RAY_AGENT_PORT + i), PREFECT_PORT (keep Ray's ports outside Ray's worker port range, 10002-19999).
 set -Eeuo pipefail
+
+usage() {
+  cat <<USAGE
+Usage: infra/local/start.sh [--workers N] [--head-cpus C] [--worker-cpus C] [--worker-memory-mb M] [--dry-run]
+
+Start the loopback stack: S3 (moto), a Ray head with the dashboard and job API, a Prefect server and
+the served deployments; with --workers, also N Ray worker nodes on this machine.
+
+  --workers N           Ray worker nodes beside the head (default 0: a single-node cluster)
+  --head-cpus C         CPUs the head offers (default: all it detects; 0 with --workers, so that the
+                        jobs' actors and train workers run on the worker nodes, as on a cluster)
+  --worker-cpus C       CPUs each worker node offers (default 2)
+  --worker-memory-mb M  object store of each worker node, MiB (default 1024)
+  --dry-run             print the services and the commands that would start them; start nothing
+  -h, --help            this help
+
+Each worker node i also offers the custom resource "worker-i": 1 (to pin a task or actor to it), and
+\`infra/local/stop.sh --kill-worker i\` SIGKILLs it (its raylet and its workers), as a lost machine.
+USAGE
+}
+
+WORKERS=0 HEAD_CPUS="" WORKER_CPUS=2 WORKER_MEMORY_MB=1024 DRY_RUN=0
+while (($#)); do
+  case $1 in
+    --workers | --head-cpus | --worker-cpus | --worker-memory-mb)
+      [[ $# -ge 2 ]] || { echo "$1 needs a value" >&2; exit 2; }
+      case $1 in
+        --workers) WORKERS=$2 ;;
+        --head-cpus) HEAD_CPUS=$2 ;;
+        --worker-cpus) WORKER_CPUS=$2 ;;
+        --worker-memory-mb) WORKER_MEMORY_MB=$2 ;;
+      esac
+      shift 2 ;;
+    --dry-run) DRY_RUN=1; shift ;;
+    -h | --help) usage; exit 0 ;;
+    *) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
+  esac
+done
+[[ $WORKERS =~ ^[0-9]+$ ]] || { echo "--workers: must be a whole number >= 0, got '$WORKERS'" >&2; exit 2; }
+[[ -z $HEAD_CPUS || $HEAD_CPUS =~ ^[0-9]+$ ]] || { echo "--head-cpus: must be a whole number >= 0, got '$HEAD_CPUS'" >&2; exit 2; }
+[[ $WORKER_CPUS =~ ^[1-9][0-9]*$ ]] || { echo "--worker-cpus: must be a whole number >= 1, got '$WORKER_CPUS'" >&2; exit 2; }
+[[ $WORKER_MEMORY_MB =~ ^[1-9][0-9]*$ ]] || { echo "--worker-memory-mb: must be a whole number >= 1, got '$WORKER_MEMORY_MB'" >&2; exit 2; }
+if [[ -z $HEAD_CPUS && $WORKERS -gt 0 ]]; then HEAD_CPUS=0; fi
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
@@ -21,10 +66,40 @@ RAY_AGENT_PORT=${RAY_AGENT_PORT:-52365}  # the job API's agent
 PREFECT_PORT=${PREFECT_PORT:-4200}
 BUCKET=fcn-demo
 
+S3_CMD=("$BIN/moto_server" -H 127.0.0.1 -p "$S3_PORT")
+HEAD_CMD=("$BIN/ray" start --head --block --node-ip-address=127.0.0.1 --port="$RAY_PORT" --dashboard-host=127.0.0.1
+  --dashboard-port="$RAY_DASHBOARD_PORT" --dashboard-agent-listen-port="$RAY_AGENT_PORT" --disable-usage-stats)
+[[ -z $HEAD_CPUS ]] || HEAD_CMD+=(--num-cpus="$HEAD_CPUS")
+PREFECT_CMD=("$BIN/prefect" server start --host 127.0.0.1 --port "$PREFECT_PORT")
+SERVE_CMD=("$PYTHON" -m flows.serve)
+
+# worker_cmd I: set WORKER_CMD to the command of worker node I: `ray start --address` through join_node.py,
+# which lets a node join while the stack stays in Ray's single-machine mode, on 127.0.0.1. Several raylets
+# share 127.0.0.1, so each takes its own agent port, and random ports for its Ray workers instead of the
+# head's fixed range.
+worker_cmd() {
+  WORKER_CMD=("$PYTHON" "$ROOT/infra/local/join_node.py" start --address="127.0.0.1:$RAY_PORT" --block
+    --node-ip-address=127.0.0.1 --num-cpus="$WORKER_CPUS" --resources="{\"worker-$1\": 1}"
+    --object-store-memory=$((WORKER_MEMORY_MB * 1024 * 1024)) --dashboard-agent-listen-port=$((RAY_AGENT_PORT + $1))
+    --min-worker-port=0 --max-worker-port=0 --disable-usage-stats)
+}
+
+if ((DRY_RUN)); then  # one line per service: NAME: COMMAND (shell-quoted)
+  show() { printf '%s:' "$1"; shift; printf ' %q' "$@"; echo; }
+  echo "stack dir: $STACK_DIR"
+  show s3 "${S3_CMD[@]}"
+  show ray "${HEAD_CMD[@]}"
+  for i in $(seq 1 "$WORKERS"); do worker_cmd "$i"; show "ray-worker-$i" "${WORKER_CMD[@]}"; done
+  show prefect "${PREFECT_CMD[@]}"
+  show serve "${SERVE_CMD[@]}"
+  echo "ray nodes: $((WORKERS + 1))"
+  exit 0
+fi
+
 mkdir -p "$STACK_DIR"
-for service in s3 ray prefect serve; do
-  if [[ -f $STACK_DIR/$service.pid ]] && kill -0 "$(cat "$STACK_DIR/$service.pid")" 2>/dev/null; then
-    echo "the local stack is already running ($STACK_DIR/$service.pid); stop it with infra/local/stop.sh" >&2
+for pidfile in "$STACK_DIR"/{s3,ray,prefect,serve}.pid "$STACK_DIR"/ray-worker-*.pid; do
+  if [[ -f $pidfile ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+    echo "the local stack is already running ($pidfile); stop it with infra/local/stop.sh" >&2
     exit 1
   fi
 done
@@ -79,32 +154,59 @@ while time.monotonic() < deadline:
 sys.exit(f"{name} did not answer at {url} within 3 minutes; its log:")
 PY
 }
+
+# wait_nodes N: wait until N Ray nodes are alive in the head's GCS; fail (showing the worker nodes' logs)
+# after 3 minutes.
+wait_nodes() {
+  "$PYTHON" - "$1" <<'PY' || { tail -n 20 "$STACK_DIR"/ray-worker-*.log >&2; return 1; }
+import sys, time
+import ray
+want = int(sys.argv[1])
+ray.init(logging_level="ERROR", log_to_driver=False)  # RAY_ADDRESS: the stack's head
+deadline = time.monotonic() + 180
+while (alive := sum(node["Alive"] for node in ray.nodes())) < want and time.monotonic() < deadline:
+    time.sleep(0.5)
+sys.exit(f"{alive} of {want} Ray nodes are up after 3 minutes; the worker nodes' logs:" if alive < want else None)
+PY
+}
+
 # On any failure, stop whatever this script started.
 trap 'echo "start failed; stopping the stack" >&2; "$(dirname "$0")/stop.sh"' ERR
 
-launch s3 "$BIN/moto_server" -H 127.0.0.1 -p "$S3_PORT"
-launch ray "$BIN/ray" start --head --block --node-ip-address=127.0.0.1 --port="$RAY_PORT" \
-  --dashboard-host=127.0.0.1 --dashboard-port="$RAY_DASHBOARD_PORT" \
-  --dashboard-agent-listen-port="$RAY_AGENT_PORT" --disable-usage-stats
-launch prefect "$BIN/prefect" server start --host 127.0.0.1 --port "$PREFECT_PORT"
+launch s3 "${S3_CMD[@]}"
+launch ray "${HEAD_CMD[@]}"
+launch prefect "${PREFECT_CMD[@]}"
 
 wait_for s3 "http://127.0.0.1:$S3_PORT/moto-api/"
 "$PYTHON" -c "import s3fs; fs = s3fs.S3FileSystem(); fs.exists('$BUCKET') or fs.mkdir('$BUCKET')"
 wait_for ray "http://127.0.0.1:$RAY_DASHBOARD_PORT/api/version"
+# One worker node at a time: `ray start` picks its free ports before its raylet binds them, so nodes
+# started together on one address can pick the same port.
+for i in $(seq 1 "$WORKERS"); do
+  worker_cmd "$i"
+  launch "ray-worker-$i" "${WORKER_CMD[@]}"
+  wait_nodes $((i + 1))
+  echo "ray worker node $i is up"
+done
 wait_for prefect "http://127.0.0.1:$PREFECT_PORT/api/health"
 
-(cd "$ROOT" && launch serve "$PYTHON" -m flows.serve)
+(cd "$ROOT" && launch serve "${SERVE_CMD[@]}")
 for _ in $(seq 1 60); do
   "$BIN/prefect" deployment inspect segment-bucket/segment-bucket >/dev/null 2>&1 && break
   kill -0 "$(cat "$STACK_DIR/serve.pid")" 2>/dev/null || { tail -n 20 "$STACK_DIR/serve.log" >&2; false; }
   sleep 2
 done
 
+NODES="the head${HEAD_CPUS:+ ($HEAD_CPUS CPUs)}"
+if ((WORKERS)); then
+  NODES+=" + $WORKERS worker nodes, $WORKER_CPUS CPUs each (lose one: infra/local/stop.sh --kill-worker I)"
+fi
 cat <<MSG
 
 Local stack running (logs and pids in $STACK_DIR):
   S3 endpoint     http://127.0.0.1:$S3_PORT   bucket s3://$BUCKET
   Ray dashboard   http://127.0.0.1:$RAY_DASHBOARD_PORT   (jobs: ray job submit --address http://127.0.0.1:$RAY_DASHBOARD_PORT ...)
+  Ray nodes       $NODES
   Prefect UI/API  http://127.0.0.1:$PREFECT_PORT
   Deployments     segment-bucket/segment-bucket, nightly-retrain/nightly-retrain (served)
 

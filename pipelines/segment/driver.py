@@ -227,6 +227,7 @@ def plan_blocks(sources: pa.Table, *, rows: int, megabytes: float, min_blocks: i
 def _segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: str, model: ModelInfo) -> _RayRun:
     """Stream ``todo`` through the Ray Data pipeline of ``stages``."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
@@ -255,7 +256,10 @@ def _segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: 
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # our own bar counts images, skips included
-    tally = ray.remote(Tally).options(num_cpus=0).remote()
+    # The count lives on the driver's node: a lost worker node must not take it (an actor without
+    # restarts) and with it the progress bar and the run's start-up and steady-state figures.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    tally = ray.remote(Tally).options(num_cpus=0, scheduling_strategy=here).remote()
     ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(
         stages.ImageLoader,
