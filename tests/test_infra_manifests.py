@@ -207,7 +207,8 @@ def test_local_stack_dry_run_starts_a_head_and_n_worker_nodes_on_loopback(tmp_pa
 
     # Without --workers: the single-node stack as before (the head's CPUs detected by Ray).
     single = _dry_run(**ports)
-    assert set(single) == {"s3", "ray", "prefect", "serve"} and not any(a.startswith("--num-cpus") for a in single["ray"])
+    assert set(single) == {"s3", "ray", "prefect", "serve"}
+    assert not any(arg.startswith("--num-cpus") for arg in single["ray"])
     assert "--num-cpus=1" in _dry_run("--workers", "1", "--head-cpus", "1", **ports)["ray"]
 
 
@@ -289,7 +290,8 @@ def test_join_node_lets_a_node_join_and_keeps_the_loopback_head_address() -> Non
     single-machine mode: nodes may join, and 127.0.0.1 is not rewritten to the machine's IP."""
     code = ("import runpy; runpy.run_path('infra/local/join_node.py', run_name='join_node'); "
             "from ray._private import ray_constants, services; "
-            "print(ray_constants.ENABLE_RAY_CLUSTER, services.canonicalize_bootstrap_address('127.0.0.1:6390'))")  # fmt: skip
+            "print(ray_constants.ENABLE_RAY_CLUSTER, "
+            "services.canonicalize_bootstrap_address('127.0.0.1:6390'))")  # fmt: skip
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env={"PATH": "/usr/bin:/bin", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})  # fmt: skip
     assert run.returncode == 0, run.stderr

@@ -49,10 +49,12 @@ while (($#)); do
     *) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
   esac
 done
-[[ $WORKERS =~ ^[0-9]+$ ]] || { echo "--workers: must be a whole number >= 0, got '$WORKERS'" >&2; exit 2; }
-[[ -z $HEAD_CPUS || $HEAD_CPUS =~ ^[0-9]+$ ]] || { echo "--head-cpus: must be a whole number >= 0, got '$HEAD_CPUS'" >&2; exit 2; }
-[[ $WORKER_CPUS =~ ^[1-9][0-9]*$ ]] || { echo "--worker-cpus: must be a whole number >= 1, got '$WORKER_CPUS'" >&2; exit 2; }
-[[ $WORKER_MEMORY_MB =~ ^[1-9][0-9]*$ ]] || { echo "--worker-memory-mb: must be a whole number >= 1, got '$WORKER_MEMORY_MB'" >&2; exit 2; }
+# check FLAG VALUE PATTERN WHAT: exit 2 naming the flag unless VALUE matches PATTERN.
+check() { [[ $2 =~ $3 ]] || { echo "$1: must be $4, got '$2'" >&2; exit 2; }; }
+check --workers "$WORKERS" '^[0-9]+$' "a whole number >= 0"
+check --head-cpus "$HEAD_CPUS" '^[0-9]*$' "a whole number >= 0"
+check --worker-cpus "$WORKER_CPUS" '^[1-9][0-9]*$' "a whole number >= 1"
+check --worker-memory-mb "$WORKER_MEMORY_MB" '^[1-9][0-9]*$' "a whole number >= 1"
 if [[ -z $HEAD_CPUS && $WORKERS -gt 0 ]]; then HEAD_CPUS=0; fi
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
