@@ -167,16 +167,21 @@ def voc_and_pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ],
 )
 def test_model_the_data_cannot_feed_and_layout_override_exit_2_before_ray(
-    voc_and_pairs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], problem: str
+    voc_and_pairs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    extra: list[str], problem: str,
 ) -> None:
-    """An HHA network on colour-only data is refused naming --model and --data, in the layout --layout forces."""
-    import ray
+    """An HHA network on colour-only data is refused naming --model and --data, in the layout --layout
+    forces, before the driver connects to Ray (the session's cluster may already run: Ray being
+    initialised says nothing about this call)."""
+    from pipelines.train import driver
 
+    connections: list[object] = []
+    monkeypatch.setattr(driver, "connect", connections.append)
     with pytest.raises(SystemExit) as exit_info:
         main(["--data", str(voc_and_pairs), "--registry", str(tmp_path / "reg"), "--model", "fcn32s_hha_vgg16", *extra])
     assert exit_info.value.code == 2
     assert re.search(problem, capsys.readouterr().err)
-    assert not ray.is_initialized()
+    assert connections == []
 
 
 def test_two_head_model_on_one_head_data_is_refused(data: str, tmp_path: Path) -> None:
