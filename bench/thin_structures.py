@@ -19,9 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.train_skip_comparison import backbone_init, boundary_accuracy, budget_parser
-from pipelines.ray_utils import connect
-from pipelines.synthetic import write_synthetic_voc
+from bench.train_skip_comparison import backbone_init, boundary_accuracy, budget_parser, shared_warmup
 from pipelines.train import TrainConfig, run_training
 
 VARIANTS = ("fcn8s_vgg16:none", "fcn8s_vgg16:median-frequency", "fcn4s_vgg16:none", "fcn4s_vgg16:median-frequency")
@@ -34,14 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = [tuple(v.split(":", 1)) for v in args.variants.split(",")]
 
     out = Path(args.out)
-    data = str(out / "data")
-    write_synthetic_voc(data, num_images=args.images, seed=0, min_size=args.min_size, max_size=args.max_size)
-    connect(args.ray_address)
-    common = {"data": data, "registry": str(out / "registry"), "workers": args.workers, "width": args.width,
-              "geometry": "aligned", "lr": args.lr}  # fmt: skip
-    warm = run_training(TrainConfig(model="fcn8s_vgg16", epochs=args.warm_epochs, run_name="thin-warmup", **common))
+    data, common, warm = shared_warmup(args, "thin-warmup")
     class_names = list(warm.metrics["class_names"])
-    print(f"warm-up FCN-8s: mean IU {warm.metrics['mean_iu']:.3f}", file=sys.stderr, flush=True)
     rows = []
     for model, weights in variants:
         init = backbone_init(warm.checkpoint_uri, model, args.width, len(class_names), str(out / f"init-{model}.pt"))

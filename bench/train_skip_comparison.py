@@ -26,7 +26,7 @@ import fcn
 from pipelines.datasets import BadSample, load_sample, open_dataset
 from pipelines.ray_utils import connect
 from pipelines.synthetic import write_synthetic_voc
-from pipelines.train import SCORES, TrainConfig, copy_matching_weights, run_training
+from pipelines.train import SCORES, TrainConfig, TrainSummary, copy_matching_weights, run_training
 
 MODELS = ("fcn32s_vgg16", "fcn16s_vgg16", "fcn8s_vgg16")
 
@@ -85,17 +85,26 @@ def budget_parser(description: str, *, images: int, epochs: int) -> argparse.Arg
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = budget_parser(__doc__.split("\n\n")[0], images=200, epochs=6).parse_args(argv)
-
+def shared_warmup(args: argparse.Namespace, run_name: str) -> tuple[str, dict, TrainSummary]:
+    """Write the synthetic data under ``args.out``, connect to Ray and train the shared backbone (an
+    FCN-8s for ``args.warm_epochs``); return the data URI, the training options every compared net
+    shares, and the warm-up's summary."""
     out = Path(args.out)
     data = str(out / "data")
     write_synthetic_voc(data, num_images=args.images, seed=0, min_size=args.min_size, max_size=args.max_size)
     connect(args.ray_address)
     common = {"data": data, "registry": str(out / "registry"), "workers": args.workers, "width": args.width,
               "geometry": "aligned", "lr": args.lr}  # fmt: skip
-    warm = run_training(TrainConfig(model="fcn8s_vgg16", epochs=args.warm_epochs, run_name="bench-warmup", **common))
+    warm = run_training(TrainConfig(model="fcn8s_vgg16", epochs=args.warm_epochs, run_name=run_name, **common))
     print(f"warm-up FCN-8s: mean IU {warm.metrics['mean_iu']:.3f}", file=sys.stderr, flush=True)
+    return data, common, warm
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = budget_parser(__doc__.split("\n\n")[0], images=200, epochs=6).parse_args(argv)
+
+    out = Path(args.out)
+    data, common, warm = shared_warmup(args, "bench-warmup")
     num_classes = len(warm.metrics["class_names"])
     rows = []
     for model in MODELS:

@@ -33,6 +33,8 @@ from ray._private import state as ray_state
 from ray._private.services import get_node_ip_address
 from ray.cluster_utils import Cluster
 
+from process_tree import descendants
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # segment_cases
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # pipelines, fcn (run as a script)
 
@@ -92,23 +94,6 @@ def hard_kill(cluster: Cluster, node: Any) -> list[dict[str, Any]]:
         killed.append({"pid": pid, "name": name})
     cluster.remove_node(node, allow_graceful=False)  # reaps the raylet; nothing graceful is left to do
     return killed
-
-
-def descendants(pid: int) -> list[int]:
-    """The processes under ``pid`` (children, grandchildren, ...), from /proc (Linux)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    found, pending = [], [pid]
-    while pending:
-        for child in children.get(pending.pop(), []):
-            found.append(child)
-            pending.append(child)
-    return found
 
 
 class ActorWatcher(threading.Thread):

@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
+from process_tree import descendants
+
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra"
 CONFIG_FILES = sorted(
@@ -237,7 +239,7 @@ def test_local_stack_stop_kills_a_worker_node_then_stops_the_rest(tmp_path: Path
         ).stdout.strip()  # fmt: skip
         (tmp_path / f"{service}.pid").write_text(leader)
         deadline = time.monotonic() + 10
-        while len(under := _descendants(int(leader))) < 2 and time.monotonic() < deadline:
+        while len(under := descendants(int(leader))) < 2 and time.monotonic() < deadline:
             time.sleep(0.02)
         nodes[service] = [int(leader), *under]
         assert len(nodes[service]) == 3, nodes
@@ -253,22 +255,6 @@ def test_local_stack_stop_kills_a_worker_node_then_stops_the_rest(tmp_path: Path
     assert _wait_gone([nodes["ray"][0], nodes["ray-worker-1"][0]]) and not list(tmp_path.glob("*.pid"))
     for service in ("ray", "ray-worker-1"):  # the Ray worker stand-ins: a real raylet ends its own workers
         subprocess.run(["kill", "-KILL", *map(str, nodes[service][1:])], capture_output=True)
-
-
-def _descendants(pid: int) -> list[int]:
-    """The processes under ``pid`` (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    found, pending = [], [pid]
-    while pending:
-        for child in children.get(pending.pop(), []):
-            found.append(child)
-            pending.append(child)
-    return found
 
 
 def _alive(pid: int) -> bool:

@@ -24,6 +24,7 @@ from pipelines.class_weights import median_frequency_weights
 from pipelines.datasets import open_dataset
 from pipelines.synthetic import write_synthetic_voc
 from pipelines.train import SCORES, TrainConfig, TrainSummary, read_run_history, run_evaluation, run_training
+from process_tree import descendants
 from test_train_data import BAD, corrupt
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,22 +98,13 @@ def test_median_frequency_weights_recorded_in_checkpoint_and_metrics(ray_cluster
 
 def _train_workers() -> list[int]:
     """PIDs of the Ray Train worker processes descending from this test process (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    found = []
+    for pid in descendants(os.getpid()):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-        except (OSError, IndexError, ValueError):
+            if b"RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+        except OSError:
             continue
-    found, pending = [], [os.getpid()]
-    while pending:  # walk the tree: pids wrap around, so a child's pid may be smaller than its parent's
-        for pid in children.get(pending.pop(), []):
-            pending.append(pid)
-            try:
-                if b"RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    found.append(pid)
-            except OSError:
-                continue
     return sorted(found)
 
 
