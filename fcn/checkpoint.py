@@ -32,6 +32,7 @@ from torch import nn
 from fcn.classes import VOC_CLASSES, numbered_class_names, voc_palette
 from fcn.conventions import get_convention
 from fcn.models import get_model
+from fcn.models.fcn import PRIMARY_TASK
 from fcn.registry import resolve_checkpoint_uri, write_atomic
 from fcn.weights import pytorch_fcn_names
 
@@ -92,7 +93,7 @@ def save_checkpoint(
     palette = voc_palette() if palette is None else [int(v) for v in palette]
     if len(palette) % 3 or len(palette) > 768 or not all(0 <= v <= 255 for v in palette):
         raise ValueError("palette must be at most 256 RGB triples of ints in [0, 255]")
-    head_classes = getattr(model, "head_classes", {"semantic": num_classes})
+    head_classes = getattr(model, "head_classes", {PRIMARY_TASK: num_classes})
     tasks = list(head_classes)
     heads = {tasks[0]: {"class_names": class_names, "palette": palette}}
     for task in tasks[1:]:
@@ -167,7 +168,7 @@ def load_checkpoint(
         input_convention=convention,
         meta=payload["meta"],
         uri=uri,
-        heads=payload.get("heads") or {"semantic": {"class_names": class_names, "palette": list(payload["palette"])}},
+        heads=payload.get("heads") or {PRIMARY_TASK: {"class_names": class_names, "palette": list(payload["palette"])}},
         modalities=list(payload.get("modalities", ["rgb"])),
     )
 

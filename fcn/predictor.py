@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from fcn.checkpoint import Checkpoint, load_checkpoint
 from fcn.conventions import InputConvention, get_convention
 from fcn.image import to_rgb_array
+from fcn.models.fcn import PRIMARY_TASK
 
 DEFAULT_TILE_SIZE = 2048
 DEFAULT_MAX_PIXELS = DEFAULT_TILE_SIZE**2
@@ -106,7 +107,7 @@ class Predictor:
         self.max_pixels = int(max_pixels)
         self.batch_pixels = int(batch_pixels or max_pixels)
         self.num_classes = int(model.num_classes)
-        self.head_classes = dict(getattr(model, "head_classes", {"semantic": self.num_classes}))
+        self.head_classes = dict(getattr(model, "head_classes", {PRIMARY_TASK: self.num_classes}))
         self.modalities = tuple(getattr(model, "modalities", ("rgb",)))
         memory_format = torch.channels_last if self.channels_last else torch.preserve_format
         self.model = model.eval().to(self.device, memory_format=memory_format)
@@ -151,8 +152,10 @@ class Predictor:
     def _inputs(self, image: ImageLike) -> np.ndarray | Tensor | dict[str, np.ndarray | Tensor]:
         """``image`` as the predictor keeps it: an RGB array or tensor, or a dict of inputs by modality."""
         if isinstance(image, Mapping):
-            rgb = image.get("rgb")
-            return {**image, "rgb": rgb if rgb is None or isinstance(rgb, Tensor) else to_rgb_array(rgb)}
+            inputs = dict(image)
+            if "rgb" in inputs and not isinstance(inputs["rgb"], Tensor):
+                inputs["rgb"] = to_rgb_array(inputs["rgb"])
+            return inputs
         if self.modalities != ("rgb",):
             raise ValueError(f"this network reads {list(self.modalities)}: pass a dict of those inputs by modality")
         return image if isinstance(image, Tensor) else to_rgb_array(image)

@@ -41,15 +41,11 @@ class ClassDistribution:
         """Aggregate the ``pixel_counts`` and ``dominant_class`` columns of the ok rows (a further
         ``head``'s: ``<head>_pixel_counts`` and ``<head>_dominant_class``)."""
         ok = stats.filter(pc.equal(stats["status"], "ok"))
-        counts_column, dominant_column = (
-            ("pixel_counts", "dominant_class") if head is None
-            else (head_column(head, "pixel_counts"), head_column(head, "dominant_class"))
-        )  # fmt: skip
         n = len(class_names)
         pixels = np.zeros(n, dtype=np.int64)
-        for counts in ok[counts_column].to_pylist():
+        for counts in ok[head_column(head, "pixel_counts")].to_pylist():
             pixels[: len(counts)] += np.asarray(counts[:n], dtype=np.int64)
-        dominant = np.bincount(np.asarray(ok[dominant_column].to_pylist(), dtype=np.int64), minlength=n)
+        dominant = np.bincount(np.asarray(ok[head_column(head, "dominant_class")].to_pylist(), dtype=np.int64), minlength=n)
         return cls(list(class_names), pixels.tolist(), dominant[:n].tolist())
 
     @property

@@ -60,9 +60,10 @@ HEAD_COLUMNS = ("mask_uri", "pixel_counts", "class_fractions", "dominant_class",
 """The columns that each further head of a multi-task model repeats as ``<head>_<column>``."""
 
 
-def head_column(head: str, column: str) -> str:
-    """The name of a further head's ``column``: ``geometric_mask_uri``."""
-    return f"{head}_{column}"
+def head_column(head: str | None, column: str) -> str:
+    """The name of a head's ``column``: the first head's (``head`` None) is ``column`` itself, a further
+    head's is prefixed: ``geometric_mask_uri``."""
+    return column if head is None else f"{head}_{column}"
 
 
 def stats_schema(

@@ -253,5 +253,7 @@ def test_an_rgbd_net_reads_a_dict_of_inputs_in_its_modality_order() -> None:
         predictor(rgb)
     with pytest.raises(ValueError, match=r"missing \['depth'\]"):
         predictor({"rgb": rgb})
+    with pytest.raises(ValueError, match=r"missing \['rgb'\]"):
+        predictor({"depth": depth})
     with pytest.raises(ValueError, match="differ in size"):
         predictor({"rgb": rgb, "depth": depth[:40]})

@@ -539,7 +539,7 @@ def _height_width(pixels: Any) -> tuple[int, int]:
 
 def _column(task: str, tasks: list[str], column: str) -> str:
     """A head's ``column``: the first head's unprefixed, a further head's ``<head>_<column>``."""
-    return column if task == tasks[0] else stats_table.head_column(task, column)
+    return stats_table.head_column(None if task == tasks[0] else task, column)
 
 
 def _rgb_bytes(pixels: Any) -> memoryview | None:
