@@ -24,8 +24,9 @@ NYUDv2 also ``depth`` and ``hha``). ``.mat`` labels are shifted as the reference
 them: class k becomes label id k - 1 and void becomes 255 (ignored).
 
 Semantic class names come from an explicit file, else ``<root>/class_names.txt``, else the layout's
-(NYUDv2's 40, SIFT Flow's 33), else from the data: the VOC layout with label ids up to 20 gets the 21
-VOC classes, anything else ``class_0`` ... ``class_<largest id of the train split>`` and a warning.
+(NYUDv2's 40, SIFT Flow's 33), else from the data: PASCAL VOC itself (:func:`is_pascal_voc`: the VOC
+layout with every image id of VOC's form) with label ids up to 20 gets the 21 VOC classes, anything else
+``class_0`` ... ``class_<largest id of the train split>`` and a warning that says how to name them.
 :func:`open_dataset` reads every semantic mask once, concurrently, for this and for the label
 statistics (:class:`LabelStats`); a mask with a label id beyond the classes is a ValueError naming the
 file. A bad sample (a missing or unreadable file, sizes that disagree) raises :class:`BadSample` from
@@ -37,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import re
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -67,6 +69,9 @@ SEMANTIC = "semantic"  # the primary label head of every layout
 GEOMETRIC = "geometric"
 SIFTFLOW_SET = "spatial_envelope_256x256_static_8outdoorcategories"
 SCAN_THREADS = 16  # concurrent mask reads of scan_labels
+VOC_IMAGE_ID = re.compile(r"20(0[7-9]|1[0-2])_\d{6}")  # VOC2008-2012 (and SBD): 2007_000032
+VOC2007_IMAGE_ID = re.compile(r"\d{6}")  # VOC2007's own release: 000032
+VOC2007_FOLDER = "VOC2007"
 
 
 class BadSample(Exception):
@@ -166,7 +171,7 @@ def open_dataset(uri: str, *, classes: str | None = None, layout: str | None = N
     if not val:
         raise ValueError(f"data {uri!r}: the val split is empty")
     train_labels = scan_labels(train)
-    class_names, named_by = _class_names(uri, classes, layout, train_labels)
+    class_names, named_by = _class_names(uri, classes, layout, train_labels, [*train, *val])
     beyond = sorted(
         (mask, label)
         for labels in (train_labels, scan_labels(val))
@@ -200,26 +205,43 @@ def _layout_of(fs: fsspec.AbstractFileSystem, root: str, uri: str, forced: str |
     return forced
 
 
-def _class_names(uri: str, classes: str | None, layout: str, labels: LabelStats) -> tuple[tuple[str, ...], str]:
+def is_pascal_voc(uri: str, samples: Sequence[Sample]) -> bool:
+    """Whether VOC-layout ``samples`` are PASCAL VOC itself: every image id has the form of VOC2008-2012's
+    (``2007_000032``), or the root is VOC2007's release folder (``VOCdevkit/VOC2007``) and every id has
+    its form (``000032``). A root folder name alone is not enough: tools ask for custom data in
+    ``VOCdevkit/VOC2012``."""
+    ids = [sample.id for sample in samples]
+    if not ids:
+        return False
+    if all(VOC_IMAGE_ID.fullmatch(i) for i in ids):
+        return True
+    return uri.rstrip("/").rsplit("/", 1)[-1] == VOC2007_FOLDER and all(VOC2007_IMAGE_ID.fullmatch(i) for i in ids)
+
+
+def _class_names(
+    uri: str, classes: str | None, layout: str, labels: LabelStats, samples: Sequence[Sample]
+) -> tuple[tuple[str, ...], str]:
     """The class names (see the module docstring) and where they come from, for messages."""
     names = read_class_names(uri, classes)
     if names is not None:
         return names, f"named in {classes if classes else CLASS_NAMES_FILE}"
     if _LAYOUTS[layout].classes:
         return _LAYOUTS[layout].classes, f"of {layout}"
-    if layout == "voc" and 0 <= labels.max_label < len(VOC_CLASSES):
-        return VOC_CLASSES, "of VOC"
+    voc = layout == "voc" and is_pascal_voc(uri, samples)
+    if voc and 0 <= labels.max_label < len(VOC_CLASSES):
+        return VOC_CLASSES, "of PASCAL VOC"
     if labels.max_label < 1:
         raise ValueError(
             f"data {uri!r}: the train masks hold {'only label id 0' if labels.max_label == 0 else 'no label ids'}; "
             f"a network needs at least 2 classes (name them in {CLASS_NAMES_FILE} or a classes file)"
         )
     names = numbered_class_names(labels.max_label + 1)
+    not_voc = " and its image ids are not PASCAL VOC's (2007_000032)" if layout == "voc" and not voc else ""
     logger.warning(
-        "data %s: no class names (no %s, no --classes); the train masks hold label ids up to %d, so the "
+        "data %s: no class names (no %s, no --classes)%s; the train masks hold label ids up to %d, so the "
         "network gets %d classes named class_0 ... class_%d. Name them with one name per line in "
         "<data>/%s or a file passed as --classes.",
-        uri, CLASS_NAMES_FILE, labels.max_label, len(names), labels.max_label, CLASS_NAMES_FILE,
+        uri, CLASS_NAMES_FILE, not_voc, labels.max_label, len(names), labels.max_label, CLASS_NAMES_FILE,
     )  # fmt: skip
     return names, "found in the train masks"
 

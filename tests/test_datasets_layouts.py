@@ -14,6 +14,7 @@ import scipy.io
 from PIL import Image
 
 from fcn.classes import NYUD40_CLASSES, SIFTFLOW_CLASSES, SIFTFLOW_GEOMETRIC_CLASSES
+from fcn.depth import hha
 from pipelines.datasets import (
     LAYOUTS,
     SIFTFLOW_SET,
@@ -151,7 +152,6 @@ def test_siftflow_labels_shift_as_the_reference(tmp_path: Path) -> None:
 
 
 def test_hha_is_read_when_present_and_computed_from_depth_when_missing(tmp_path: Path) -> None:
-    hha = pytest.importorskip("fcn.depth").hha
     seg = np.ones((24, 32), np.uint8)
     write_nyud(tmp_path, {"1": seg, "2": seg}, val=("2",))
     depth_mm = (1000 + 40 * np.arange(24)[:, None] + np.zeros((1, 32))).astype(np.uint16)  # a tilted plane

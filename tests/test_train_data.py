@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import pickle
+import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -130,18 +132,69 @@ def test_unnamed_pairs_classes_come_from_the_train_label_ids(tmp_path: Path, cap
         open_dataset(str(tmp_path))
 
 
-def test_voc_layout_without_names_uses_voc_names_up_to_id_20(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    write_synthetic_voc(str(tmp_path), num_images=6, seed=0)
-    (tmp_path / "class_names.txt").unlink()
+def write_voc_layout(root: Path, ids: Sequence[str], seed: int = 0) -> None:
+    """A VOC-layout dataset made here, unlike pipelines.synthetic's: grey-level masks (not palette PNGs)
+    of label ids 0-3 (three coloured squares on ground, a top row of 255), every 4th id in val, and no
+    class_names.txt."""
+    for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    colours = np.zeros((256, 3), np.uint8)
+    colours[:4] = [(90, 90, 90), (200, 40, 40), (40, 200, 40), (40, 40, 200)]
+    rng = np.random.default_rng(seed)
+    for sample_id in ids:
+        labels = np.zeros((40, 48), np.uint8)
+        for label in (1, 2, 3):
+            y, x = (int(v) for v in rng.integers(1, 28, size=2))
+            labels[y : y + 12, x : x + 12] = label
+        labels[0] = 255
+        image = np.clip(colours[labels] + rng.normal(0, 8, (*labels.shape, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(image).save(root / "JPEGImages" / f"{sample_id}.jpg", quality=95)
+        Image.fromarray(labels).save(root / "SegmentationClass" / f"{sample_id}.png")
+    lists = {"train": [i for n, i in enumerate(ids) if n % 4 != 3], "val": [i for n, i in enumerate(ids) if n % 4 == 3]}
+    for name, members in lists.items():
+        (root / "ImageSets/Segmentation" / f"{name}.txt").write_text("".join(f"{i}\n" for i in members))
+
+
+PLOT_IDS = tuple(f"plot-{i:02d}a" for i in range(8))  # a custom dataset's ids
+FOUR_CLASSES = ("class_0", "class_1", "class_2", "class_3")
+
+
+def test_custom_data_in_the_voc_layout_gets_numbered_classes_and_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_voc_layout(tmp_path / "plots", PLOT_IDS)
     with caplog.at_level(logging.WARNING, logger="pipelines.datasets"):
-        data = open_dataset(str(tmp_path))
-    assert data.class_names == VOC_CLASSES and not caplog.records  # ids 0-5: VOC data, VOC names
-    mask = data.train[0].mask.removeprefix("file://")
+        data = open_dataset(str(tmp_path / "plots"))
+    assert (data.layout, data.class_names) == ("voc", FOUR_CLASSES)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "not PASCAL VOC's" in warning and "class_0 ... class_3" in warning
+    assert "class_names.txt" in warning and "--classes" in warning
+    # PASCAL VOC's release folders do not make it VOC: tools ask for custom data there too.
+    write_voc_layout(tmp_path / "VOCdevkit/VOC2012", PLOT_IDS)
+    assert open_dataset(str(tmp_path / "VOCdevkit/VOC2012")).class_names == FOUR_CLASSES
+    # Nor do VOC2007's plain 6-digit ids outside its release folder, or some ids of VOC's form among others.
+    write_voc_layout(tmp_path / "frames", ["000032", "000033", "000042", "000061"])
+    assert open_dataset(str(tmp_path / "frames")).class_names == FOUR_CLASSES
+    write_voc_layout(tmp_path / "mixed", ["2007_000032", "2007_000039", "2008_000002", "plot-01"])
+    assert open_dataset(str(tmp_path / "mixed")).class_names == FOUR_CLASSES
+
+
+def test_pascal_voc_itself_gets_the_voc_names(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    voc2012, voc2007 = tmp_path / "VOCdevkit/VOC2012", tmp_path / "VOCdevkit/VOC2007"
+    write_voc_layout(voc2012, ["2007_000032", "2007_000039", "2008_000002", "2011_003276", "2012_000003"])
+    write_voc_layout(voc2007, ["000032", "000033", "000042", "000061"])
+    shutil.copytree(voc2012, tmp_path / "voc")  # VOC2012's ids are enough, wherever it is
+    with caplog.at_level(logging.WARNING, logger="pipelines.datasets"):
+        for root in (voc2012, voc2007, tmp_path / "voc"):
+            assert open_dataset(str(root)).class_names == VOC_CLASSES, root
+    assert not caplog.records
+    # A label id beyond VOC's 20: not VOC's classes after all.
+    mask = voc2012 / "SegmentationClass/2007_000032.png"
     labels = np.array(Image.open(mask))
-    labels[0, 0] = 25
+    labels[5, 5] = 25
     Image.fromarray(labels).save(mask)
     with caplog.at_level(logging.WARNING, logger="pipelines.datasets"):
-        data = open_dataset(str(tmp_path))
+        data = open_dataset(str(voc2012))
     assert data.class_names == tuple(f"class_{i}" for i in range(26))
     assert "class_0 ... class_25" in caplog.records[-1].getMessage()
 

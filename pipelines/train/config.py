@@ -26,14 +26,16 @@ class TrainConfig(Options):
     receives the run's checkpoints and the registered model."""
 
     data: str = option("", "dataset root (any fsspec URI) in the voc, images-masks, nyud (NYUDv2) or siftflow "
-                       "(SIFT Flow) layout; the network's heads are sized from its classes", required=True)
+                       "(SIFT Flow) layout; the network's heads get one output per class of the data (see "
+                       "--classes)", required=True)
     registry: str = option("", "model registry root (any fsspec URI)", required=True)
     model: str = option("fcn8s_vgg16", f"network: one of {', '.join(BUILDERS)}. The data must provide its inputs "
                         "(nyud: rgb, depth, hha; other layouts: rgb) and its heads (siftflow: semantic, geometric; "
                         "others: semantic); a one-head network on SIFT Flow data trains the semantic head only",
                         choices=tuple(BUILDERS), metavar="NAME")
-    layout: str | None = option(None, "dataset layout (default: detected from the folders under --data)",
-                                choices=LAYOUTS)
+    layout: str | None = option(None, "dataset layout (default: detected from the folders under --data); the voc "
+                                "layout is any data in PASCAL VOC's folders, named as PASCAL VOC only when it is "
+                                "VOC itself (see --classes)", choices=LAYOUTS)
     init: str | None = option(None, "checkpoint or registry to start from; tensors with matching names and shapes "
                               "are copied")
     backbone_weights: str | None = option(None, "backbone weights for the builder (see fcn.get_model)")
@@ -52,8 +54,10 @@ class TrainConfig(Options):
     input_convention: str | None = option(None, "input normalisation (default: the --init checkpoint's, else "
                                           "torchvision)", choices=tuple(CONVENTIONS))
     classes: str | None = option(None, "file with one semantic class name per line (default: <data>/class_names.txt, "
-                                 "else the layout's (nyud: 40, siftflow: 33), else VOC's for VOC-layout data with "
-                                 "label ids up to 20, else class_0... up to the largest label id of the train split)")
+                                 "else the layout's (nyud: 40, siftflow: 33), else VOC's 21 for PASCAL VOC itself "
+                                 "(every image id like 2007_000032, or 000032 under a VOC2007 folder) with label ids "
+                                 "up to 20, else class_0... up to the largest label id of the train split, with a "
+                                 "warning)")
     class_weights: str = option(NO_WEIGHTS, f"{CLASS_WEIGHTS_HELP}; they weigh the semantic head's loss (further "
                                 "heads' losses are unweighted)")
     run_name: str | None = option(None, "run folder under <registry>/runs/; an existing run is resumed")
