@@ -66,11 +66,39 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
+BF16_MIN_CAPABILITY = (8, 0)
+"""CUDA compute capability from which ``precision="auto"`` picks bf16: Ampere and later have bf16 tensor
+cores; older GPUs emulate bf16 slowly (fp16 is not offered: FCN activations can overflow its range)."""
+
+
+def resolve_precision(
+    precision: str, device: str | torch.device, capability: tuple[int, int] | None = None
+) -> str:
+    """``"fp32"`` or ``"bf16"`` for a ``precision`` of ``"auto"``, ``"fp32"`` or ``"bf16"`` on ``device``.
+
+    ``"auto"`` is bf16 on a CUDA GPU of compute ``capability`` >= 8.0 (default: the device's) that
+    supports bf16, else fp32 (CPUs, pre-Ampere GPUs); ``"fp32"`` and ``"bf16"`` are taken as given.
+    """
+    if precision in ("fp32", "bf16"):
+        return precision
+    if precision != "auto":
+        raise ValueError(f"unknown precision {precision!r}; use 'auto', 'fp32' or 'bf16'")
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "fp32"
+    if capability is None:
+        capability = torch.cuda.get_device_capability(device)
+        if not torch.cuda.is_bf16_supported(including_emulation=False):
+            return "fp32"
+    return "bf16" if tuple(capability) >= BF16_MIN_CAPABILITY else "fp32"
+
+
 class Predictor:
     """Runs an FCN on images of any size and mode. The model is moved to ``device`` and put in eval mode.
 
-    ``bf16`` runs the network under bfloat16 autocast (CUDA or CPU), ``channels_last`` uses the NHWC
-    memory format (useful on CUDA tensor cores). ``max_pixels`` is the largest image run whole;
+    ``bf16`` runs the network's trunk under bfloat16 autocast (CUDA or CPU; the heads, whose scores
+    decide labels and confidences, compute in float32; see ``resolve_precision``), ``channels_last``
+    uses the NHWC memory format (useful on CUDA tensor cores). ``max_pixels`` is the largest image run whole;
     ``tile_size`` (rounded down to the output stride) bounds the input tile of tiled inference.
     ``batch_pixels`` bounds the pixels of equal-size images stacked into one forward pass (default:
     ``max_pixels``; CPUs run best with small stacks that stay in cache, GPUs with large ones).
@@ -180,7 +208,8 @@ class Predictor:
         return first
 
     def _logits(self, batch: Tensor) -> dict[str, Tensor]:
-        """The network's float32 logits by task for a normalised batch [N, C, H, W] on the device."""
+        """The network's float32 logits by task for a normalised batch [N, C, H, W] on the device (the heads
+        compute in float32 under autocast: only the trunk runs in bf16)."""
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):

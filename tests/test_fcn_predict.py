@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import fcn
-from fcn.predictor import Predictor, resolve_device
+from fcn.predictor import Predictor, resolve_device, resolve_precision
 
 
 def _random_weights(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -179,6 +179,31 @@ def test_bf16_and_channels_last_on_cpu(model: torch.nn.Module) -> None:
     assert (fast.labels == fp32.labels).mean() > 0.9
 
 
+def test_bf16_trunk_leaves_labels_and_confidence_to_a_float32_head(model: torch.nn.Module) -> None:
+    """Logits near 300 (a common offset of the coarsest scores) with gaps near 1: rounded to bf16 (steps
+    of 2 there) they would move labels and confidences; the head and decoding run in float32 instead."""
+    rgb = _blocky_image(64, 64, seed=4)
+    x = fcn.get_convention("torchvision").to_tensor(rgb)[None]
+    net = copy.deepcopy(model)
+    with torch.no_grad():
+        spread = net(x).std()
+        for name, parameter in net.head.named_parameters():
+            if name.startswith("score"):
+                parameter /= spread  # the head is linear: logits of unit spread
+        net.head.score_fr.bias += 300
+    fast = Predictor(copy.deepcopy(net), device="cpu", bf16=True)(rgb, confidence=True)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            features = net.features(x)["rgb"]
+        logits = net.head({tap: f.float() for tap, f in features.items()}, x.shape[-2:])[0]
+    probabilities = logits.softmax(0)
+    np.testing.assert_array_equal(fast.labels, probabilities.argmax(0).numpy())
+    np.testing.assert_allclose(fast.confidence, probabilities.max(0).values.numpy(), atol=1e-3)
+    exact = Predictor(net, device="cpu")(rgb, confidence=True)
+    assert (fast.labels == exact.labels).mean() >= 0.995
+    assert np.abs(fast.confidence - exact.confidence).max() < 0.05
+
+
 def test_predict_from_checkpoint_applies_its_convention(model: torch.nn.Module) -> None:
     uri = "memory://predict-test/caffe.pt"
     fcn.save_checkpoint(model, uri, class_names=["a", "b", "c", "d"], input_convention="caffe")
@@ -209,6 +234,29 @@ def test_bad_parameters_name_the_problem(model: torch.nn.Module) -> None:
         Predictor(model, device="cpu", input_convention="rgb")
     with pytest.raises(ValueError, match="uint32"):
         Predictor(model, device="cpu")(np.zeros((4, 4), np.uint32))
+
+
+@pytest.mark.parametrize(
+    ("precision", "device", "capability", "expected"),
+    [
+        ("auto", "cpu", None, "fp32"),
+        ("auto", "cuda", (7, 0), "fp32"),  # Volta: bf16 only emulated
+        ("auto", "cuda", (7, 5), "fp32"),  # Turing
+        ("auto", "cuda", (8, 0), "bf16"),  # Ampere
+        ("auto", "cuda", (9, 0), "bf16"),  # Hopper
+        ("fp32", "cuda", (9, 0), "fp32"),
+        ("bf16", "cpu", None, "bf16"),
+    ],
+)
+def test_auto_precision_is_bf16_only_on_gpus_with_bf16_tensor_cores(
+    precision: str, device: str, capability: tuple[int, int] | None, expected: str
+) -> None:
+    assert resolve_precision(precision, device, capability) == expected
+
+
+def test_an_unknown_precision_is_named() -> None:
+    with pytest.raises(ValueError, match="fp16"):
+        resolve_precision("fp16", "cpu")
 
 
 def test_a_two_head_net_is_predicted_per_head_whole_and_tiled_alike() -> None:

@@ -68,12 +68,17 @@ class SkipHead(nn.Module):
         self.upsamplings.append(name)
 
     def forward(self, features: Mapping[str, torch.Tensor], size: Sequence[int]) -> torch.Tensor:
-        """Class scores ``[N, num_classes, *size]`` from a trunk's ``features`` of an input of ``size``."""
-        score = self.score_fr(features[self.score_tap])
-        for tap, upsampling in zip(self.skips, self.upsamplings, strict=False):
-            skip = features[tap]
-            scale = self.skip_scales.get(tap)
-            if scale is not None:
-                skip = skip * scale
-            score = fuse(getattr(self, upsampling)(score), getattr(self, f"score_{tap}")(skip), self.crops[f"score_{tap}c"])
-        return crop_to(getattr(self, self.upsamplings[-1])(score), self.crops["score"], tuple(size))
+        """Class scores ``[N, num_classes, *size]`` from a trunk's ``features`` of an input of ``size``.
+
+        The head computes in float32 even under autocast (a trunk run in bf16): scoring, fusion,
+        upsampling and crop of 16-bit-rounded logits would move near-ties and the softmax confidence."""
+        with torch.autocast(features[self.score_tap].device.type, enabled=False):
+            score = self.score_fr(features[self.score_tap].float())
+            for tap, upsampling in zip(self.skips, self.upsamplings, strict=False):
+                skip = features[tap].float()
+                scale = self.skip_scales.get(tap)
+                if scale is not None:
+                    skip = skip * scale
+                skip_score = getattr(self, f"score_{tap}")(skip)
+                score = fuse(getattr(self, upsampling)(score), skip_score, self.crops[f"score_{tap}c"])
+            return crop_to(getattr(self, self.upsamplings[-1])(score), self.crops["score"], tuple(size))
