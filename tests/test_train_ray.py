@@ -17,6 +17,7 @@ from pathlib import Path
 
 import fsspec
 import pytest
+import torch
 
 import fcn
 from fcn import registry
@@ -25,7 +26,7 @@ from pipelines.datasets import open_dataset
 from pipelines.synthetic import write_synthetic_voc
 from pipelines.train import SCORES, TrainConfig, TrainSummary, read_run_history, run_evaluation, run_training
 from process_tree import descendants
-from test_train_data import BAD, corrupt
+from test_train_data import BAD, FOUR_CLASSES, PLOT_IDS, corrupt, write_voc_layout
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"model": "fcn8s_vgg16", "width": 1 / 16, "geometry": "aligned", "workers": 2}
@@ -94,6 +95,24 @@ def test_median_frequency_weights_recorded_in_checkpoint_and_metrics(ray_cluster
     assert _read_json(str(folder / "metrics.json"))["class_weights"] == pytest.approx(expected)
     assert fcn.load_checkpoint(str(folder / "checkpoint.pt")).meta["class_weights"] == pytest.approx(expected)
     assert summary.metrics["class_weights"] == pytest.approx(expected)
+
+
+def test_custom_voc_layout_data_trains_a_model_of_its_own_classes(ray_cluster: None, tmp_path: Path) -> None:
+    """Data in the VOC layout that is not PASCAL VOC, with label ids 0-3 and no class names, trains
+    through the CLI into a model with 4 outputs named class_0 ... class_3, and the run warns how to name them."""
+    import ray
+
+    data, reg = tmp_path / "plots", tmp_path / "registry"
+    write_voc_layout(data, PLOT_IDS)
+    command = [sys.executable, "-m", "pipelines.train", "--data", str(data), "--registry", str(reg)]
+    command += ["--model", "fcn8s_vgg16", "--width", "0.0625", "--workers", "1", "--epochs", "1"]
+    command += ["--ray-address", ray.get_runtime_context().gcs_address]
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=420)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "class_0 ... class_3" in run.stderr and "class_names.txt" in run.stderr, run.stderr[-3000:]
+    champion = fcn.load_checkpoint(str(reg))
+    assert champion.class_names == list(FOUR_CLASSES) and champion.arch["kwargs"]["num_classes"] == 4
+    assert champion.model(torch.zeros(1, 3, 32, 32)).shape[1] == 4
 
 
 def _train_workers() -> list[int]:
