@@ -11,6 +11,7 @@ Every upsampling starts as bilinear interpolation; every crop comes from the coo
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -72,7 +73,8 @@ class SkipHead(nn.Module):
 
         The head computes in float32 even under autocast (a trunk run in bf16): scoring, fusion,
         upsampling and crop of 16-bit-rounded logits would move near-ties and the softmax confidence."""
-        with torch.autocast(features[self.score_tap].device.type, enabled=False):
+        device = features[self.score_tap].device.type
+        with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
             score = self.score_fr(features[self.score_tap].float())
             for tap, upsampling in zip(self.skips, self.upsamplings, strict=False):
                 skip = features[tap].float()
