@@ -24,8 +24,7 @@ from pipelines.datasets import BadSample, load_example, load_sample, open_datase
 from pipelines.synthetic import SYNTHETIC_CLASSES, write_synthetic_nyud, write_synthetic_siftflow, write_synthetic_voc
 from pipelines.train import RECIPES, copy_matching_weights
 from pipelines.train.data import TrainImages, augment, pad_collate
-from pipelines.train.driver import check_all_samples
-from pipelines.train.loop import train_epoch
+from pipelines.train.worker import check_all_samples, train_epoch
 
 BAD = {
     "scene_00001": "differs from mask size",
@@ -350,14 +349,14 @@ def test_train_images_read_the_networks_modalities_and_heads(tmp_path: Path) -> 
     convention = get_convention("torchvision")
     write_synthetic_nyud(str(tmp_path / "nyud"), num_images=4, seed=0)
     nyud = open_dataset(str(tmp_path / "nyud"))
-    image, labels = TrainImages(nyud.train, ("rgb", "hha"), {"semantic": 40}, convention, RECIPES["paper"], 0)[0]
+    image, labels = TrainImages(nyud.train, ("rgb", "hha"), {"semantic": 40}, convention, RECIPES["paper"], 0)[0, 0]
     example = load_example(nyud.train[0], nyud)
     assert torch.allclose(image, convention.encode(example.modalities, ("rgb", "hha"))) and image.shape[0] == 6
     assert list(labels) == ["semantic"] and np.array_equal(labels["semantic"].numpy(), example.labels["semantic"])
     write_synthetic_siftflow(str(tmp_path / "siftflow"), num_images=4, seed=0)
     siftflow = open_dataset(str(tmp_path / "siftflow"))
     heads = {"semantic": 33, "geometric": 3}
-    image, labels = TrainImages(siftflow.train, ("rgb",), heads, convention, RECIPES["paper"], 0)[0]
+    image, labels = TrainImages(siftflow.train, ("rgb",), heads, convention, RECIPES["paper"], 0)[0, 0]
     example = load_example(siftflow.train[0], siftflow)
     assert image.shape[0] == 3 and list(labels) == list(heads)
     assert all(np.array_equal(labels[head].numpy(), example.labels[head]) for head in heads)

@@ -17,28 +17,35 @@ the current champion by more than ``--promote-margin``.
   ``nightly-retrain`` flow's parameters;
 - ``recipes``: the paper's and a modern optimisation recipe;
 - ``data``: samples as network inputs and label maps per head, augmentation and batching (on workers);
-- ``loop``: the Ray Train worker loop, validation and evaluation per head;
+- ``worker``: the training and evaluation worker with torch alone (step, epoch, validation, reduction,
+  checkpoints), runnable without Ray through ``LocalWorkerContext``;
+- ``loop``: the Ray Train adapter of the worker;
 - ``driver``: ``run_training`` (checks, Ray Train, registration, promotion) and ``run_evaluation``;
 - ``cli``: ``python -m pipelines.train`` / ``fcn-train``.
+
+The names below are imported on first use, so that ``pipelines.train.worker`` (and ``config``, ``data``,
+``recipes``) import without Ray.
 """
 
-from pipelines.options import ConfigError
-from pipelines.train.cli import main
-from pipelines.train.config import TrainConfig
-from pipelines.train.driver import (
-    TrainingDiverged,
-    TrainSummary,
-    best_epoch,
-    default_run_name,
-    read_run_history,
-    run_evaluation,
-    run_training,
-)
-from pipelines.train.loop import SCORES, copy_matching_weights, run_folder
-from pipelines.train.recipes import PAPER_LR, RECIPES, Recipe
+from __future__ import annotations
 
-__all__ = [
-    "PAPER_LR", "RECIPES", "SCORES", "ConfigError", "Recipe", "TrainConfig", "TrainSummary", "TrainingDiverged",
-    "best_epoch", "copy_matching_weights", "default_run_name", "main", "read_run_history", "run_evaluation",
-    "run_folder", "run_training",
-]  # fmt: skip
+import importlib
+from typing import Any
+
+_SOURCES = {
+    "ConfigError": "pipelines.options",
+    "main": "pipelines.train.cli",
+    "TrainConfig": "pipelines.train.config",
+    **dict.fromkeys(["TrainingDiverged", "TrainSummary", "best_epoch", "read_run_history", "run_evaluation",
+                     "run_training"], "pipelines.train.driver"),
+    **dict.fromkeys(["SCORES", "copy_matching_weights", "default_run_name", "run_folder"], "pipelines.train.worker"),
+    **dict.fromkeys(["PAPER_LR", "RECIPES", "Recipe"], "pipelines.train.recipes"),
+}  # fmt: skip
+
+__all__ = sorted(_SOURCES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _SOURCES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_SOURCES[name]), name)

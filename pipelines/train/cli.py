@@ -12,7 +12,7 @@ from typing import Any
 from pipelines.options import ConfigError, add_arguments
 from pipelines.train.config import TrainConfig
 from pipelines.train.driver import TrainSummary, default_run_name, run_training
-from pipelines.train.loop import SCORES
+from pipelines.train.worker import SCORES
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,6 +42,8 @@ class TrainConfig(Options):
     workers: int = option(2, "data-parallel Ray Train workers")
     gpus_per_worker: float = option(0.0, "GPUs per worker; > 0 trains with NCCL on GPUs")
     cpus_per_worker: float = option(1.0, "CPUs per worker")
+    loader_workers: int | None = option(None, "data loader processes per worker, decoding and augmenting ahead of the "
+                                        "network (default: min(4, --cpus-per-worker) on a GPU, 0 on the CPU)")
     epochs: int = option(10, "training epochs")
     recipe: str = option("modern", "'modern' (mean loss, AdamW, poly lr, flips, scale) or 'paper' (summed loss, "
                          "SGD momentum 0.99, the reference solvers' fixed lr, e.g. 1e-10/1e-12/1e-14 for "
@@ -82,7 +84,8 @@ class TrainConfig(Options):
                 raise ConfigError(flag(name), f"must be one of {', '.join(choices)}, got {value!r}")
         checks = [
             ("workers", self.workers >= 1, "must be >= 1"),
-            ("gpus_per_worker", self.gpus_per_worker >= 0, "must be >= 0"),
+            ("gpus_per_worker", whole_gpus(self.gpus_per_worker), GPUS_PER_WORKER_RULE),
+            ("loader_workers", self.loader_workers is None or self.loader_workers >= 0, "must be >= 0"),
             ("cpus_per_worker", self.cpus_per_worker > 0, "must be > 0"),
             ("epochs", self.epochs >= 1, "must be >= 1"),
             ("width", self.width > 0 and math.isfinite(self.width), "must be a positive number"),
@@ -119,6 +122,14 @@ class TrainConfig(Options):
             "geometry": self.geometry,
             "backbone_weights": self.backbone_weights,
         }
+
+
+GPUS_PER_WORKER_RULE = "must be 0 (train on CPUs) or a whole number of GPUs (NCCL refuses two ranks on one GPU)"
+
+
+def whole_gpus(gpus_per_worker: float) -> bool:
+    """Whether a worker's GPU share can run NCCL: 0 (CPU) or a whole number >= 1."""
+    return gpus_per_worker >= 0 and float(gpus_per_worker).is_integer()
 
 
 def _safe_name(name: str) -> bool:

@@ -1,15 +1,16 @@
-"""Training data on the Ray Train workers: samples read as the network's input tensor and one label map
+"""Training data on the training workers: samples read as the network's input tensor and one label map
 per head, augmented by the recipe (one random transform for all of them), batched with padding."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
+from torch.utils.data.distributed import DistributedSampler
 
 from fcn.conventions import InputConvention
 from pipelines.datasets import IGNORE_LABEL, BadSample, Sample, read_example
@@ -20,7 +21,8 @@ Labels = dict[str, Tensor]
 
 
 class TrainImages(Dataset):
-    """Samples as (network input ``[C, H, W]``, labels by head ``[H, W]``), augmented, or the BadSample they raise.
+    """Samples as (network input ``[C, H, W]``, labels by head ``[H, W]``), augmented, or the BadSample they raise;
+    indexed by ``(epoch, index)`` (see ``EpochIndices``).
 
     The input is the ``modalities`` encoded by ``convention`` and concatenated, as the network reads them;
     ``head_classes`` (task -> classes) names the heads whose labels are read.
@@ -29,19 +31,36 @@ class TrainImages(Dataset):
     def __init__(self, samples: Sequence[Sample], modalities: Sequence[str], head_classes: Mapping[str, int],
                  convention: InputConvention, recipe: Recipe, seed: int) -> None:  # fmt: skip
         self.samples, self.modalities, self.head_classes = list(samples), tuple(modalities), dict(head_classes)
-        self.convention, self.recipe, self.seed, self.epoch = convention, recipe, seed, 0
+        self.convention, self.recipe, self.seed = convention, recipe, seed
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Labels] | BadSample:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor, Labels] | BadSample:
+        """Sample ``index`` of ``item = (epoch, index)``, augmented as drawn from (seed, epoch, index)."""
+        epoch, index = item
         try:
             example = read_example(self.samples[index], self.modalities, self.head_classes)
         except BadSample as bad:
             return bad
         image = self.convention.encode(example.modalities, self.modalities)
         labels = {head: torch.from_numpy(label.astype(np.int64)) for head, label in example.labels.items()}
-        return augment(image, labels, self.recipe, np.random.default_rng([self.seed, self.epoch, index]))
+        return augment(image, labels, self.recipe, np.random.default_rng([self.seed, epoch, index]))
+
+
+class EpochIndices(Sampler[tuple[int, int]]):
+    """``(epoch, index)`` in the order of ``sampler``, at its current epoch (``set_epoch``): the epoch
+    travels with each index, so that a data loader's persistent processes, which hold copies of the
+    dataset made when they started, augment every epoch differently."""
+
+    def __init__(self, sampler: DistributedSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((self.sampler.epoch, index) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
 
 
 def augment(image: Tensor, labels: Labels, recipe: Recipe, rng: np.random.Generator) -> tuple[Tensor, Labels]:

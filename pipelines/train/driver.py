@@ -14,29 +14,24 @@ import os
 import tempfile
 import threading
 import uuid
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
 import pyarrow.fs
 import ray
-import torch
 from fsspec.implementations.local import LocalFileSystem
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from torch import nn
 
 import fcn
 from fcn import registry
-from pipelines.class_weights import resolve_class_weights
-from pipelines.datasets import BadSample, Sample, SegmentationData, open_dataset, read_example
+from pipelines.datasets import SegmentationData, open_dataset
 from pipelines.options import ConfigError, flag
 from pipelines.ray_utils import connect
-from pipelines.train.config import TrainConfig
-from pipelines.train.loop import DIVERGED_FILE, EPOCH_DIR, HISTORY_DIR, eval_loop, run_folder, train_loop
+from pipelines.train.config import GPUS_PER_WORKER_RULE, TrainConfig, whole_gpus
+from pipelines.train.loop import eval_loop, train_loop
+from pipelines.train.worker import DIVERGED_FILE, EPOCH_DIR, HISTORY_DIR, fit_to_data, make_loop_config, run_folder
 
 logger = logging.getLogger("pipelines.train")
 
@@ -66,39 +61,12 @@ def run_training(config: TrainConfig) -> TrainSummary:
     """
     config.validate()
     data = _open(config.data, config.classes, config.layout, flag("data"))
-    with torch.device("meta"):
-        network = fcn.get_model(config.model, width=config.width, geometry=config.geometry)
-    heads = fit_to_data(network, data, network_param=flag("model"), data_param=flag("data"))
-    if len(heads) < len(data.heads):
-        logger.info("%s has the head(s) %s: the data's further head(s) %s are not trained", config.model,
-                    list(heads), [task for task in data.heads if task not in heads])  # fmt: skip
-    try:
-        class_weights = resolve_class_weights(config.class_weights, data)
-    except ValueError as error:
-        raise ConfigError(flag("class_weights"), str(error)) from None
-    if class_weights is not None:
-        logger.info("class weights (%s) of the semantic head: %s", config.class_weights,
-                    [round(w, 4) for w in class_weights])  # fmt: skip
-    if config.strict:
-        check_all_samples(data.train + data.val, network.modalities, {task: len(n) for task, n in heads.items()})
-    run_name = config.run_name or default_run_name(config.model)
+    loop_config = make_loop_config(config, data)
+    run_name = loop_config["run_name"]
     run_uri = run_folder(config.registry, run_name)
-    init = _load_init(config.init) if config.init else None
-    convention = config.input_convention or (init["input_convention"] if init else "torchvision")
     connect(config.ray_address)
-    if init is not None:
-        init["state_dict"] = ray.put(init["state_dict"])  # shipped once through the object store
-    loop_config = {
-        "config": asdict(config),
-        "run_name": run_name,
-        "heads": {task: list(names) for task, names in heads.items()},
-        "layout": data.layout,
-        "class_weights": class_weights,
-        "train": list(data.train),
-        "val": list(data.val),
-        "convention": convention,
-        "init": init,
-    }
+    if loop_config["init"] is not None:  # shipped once through the object store
+        loop_config["init"]["state_dict"] = ray.put(loop_config["init"]["state_dict"])
     storage_path, storage_filesystem = ray_storage(f"{config.registry.rstrip('/')}/runs")
     trainer = TorchTrainer(
         train_loop,
@@ -172,6 +140,8 @@ def run_evaluation(
     """
     if split not in ("train", "val"):
         raise ConfigError("split", f"must be 'train' or 'val', got {split!r}")
+    if not whole_gpus(gpus_per_worker):
+        raise ConfigError("gpus_per_worker", f"{GPUS_PER_WORKER_RULE}, got {gpus_per_worker!r}")
     dataset = _open(data, classes, layout, "data")
     checkpoint_uri = registry.resolve_checkpoint_uri(checkpoint)
     heads = fit_to_data(fcn.load_checkpoint(checkpoint_uri).model, dataset, network_param="checkpoint",
@@ -198,44 +168,6 @@ def run_evaluation(
             return json.load(f)
 
 
-def fit_to_data(network: nn.Module, data: SegmentationData, *, network_param: str,
-                data_param: str) -> dict[str, tuple[str, ...]]:  # fmt: skip
-    """The class names of each of ``network``'s heads, from ``data``.
-
-    Raises ConfigError (naming ``network_param`` and ``data_param``) when the data lacks an input
-    modality or a head of the network. A data head the network lacks is left out (a one-head network
-    on SIFT Flow data trains its semantic head only).
-    """
-    name = network.arch["name"]
-    where = f"{data_param} {data.root} ({data.layout} layout)"
-    missing = [m for m in network.modalities if m not in data.modalities]
-    if missing:
-        raise ConfigError(network_param, f"{name} reads {list(network.modalities)}, but {where} has no {missing}: "
-                          f"choose a model that reads only {list(data.modalities)}")  # fmt: skip
-    lacking = [task for task in network.head_classes if task not in data.heads]
-    if lacking:
-        raise ConfigError(network_param, f"{name} has the heads {list(network.head_classes)}, but {where} has no "
-                          f"{lacking} labels: choose a model with only {list(data.heads)}")  # fmt: skip
-    return {task: data.heads[task] for task in network.head_classes}
-
-
-def check_all_samples(samples: Sequence[Sample], modalities: Sequence[str], head_classes: dict[str, int]) -> None:
-    """``--strict``: read every sample's ``modalities`` and labels up front; ConfigError listing the bad ones."""
-
-    def check(sample: Sample) -> str | None:
-        try:
-            read_example(sample, modalities, head_classes)
-        except BadSample as bad:
-            return str(bad)
-        return None
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        problems = [p for p in pool.map(check, samples) if p]
-    if problems:
-        shown = "; ".join(problems[:5]) + (f"; ... ({len(problems) - 5} more)" if len(problems) > 5 else "")
-        raise ConfigError(flag("strict"), f"{len(problems)} bad samples: {shown}")
-
-
 def ray_storage(uri: str) -> tuple[str, pyarrow.fs.FileSystem | None]:
     """(storage_path, storage_filesystem) for Ray Train's RunConfig from any fsspec URI.
 
@@ -247,11 +179,6 @@ def ray_storage(uri: str) -> tuple[str, pyarrow.fs.FileSystem | None]:
     if isinstance(fs, LocalFileSystem):
         return path, None
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
-
-
-def default_run_name(model: str) -> str:
-    """``<model>-<UTC time>``, the run name when none is given."""
-    return f"{model}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
 
 
 def best_epoch(history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -285,19 +212,6 @@ def _open(uri: str, classes: str | None, layout: str | None, param: str) -> Segm
 def _scaling(workers: int, gpus_per_worker: float, cpus_per_worker: float) -> ScalingConfig:
     resources = {"CPU": cpus_per_worker} | ({"GPU": gpus_per_worker} if gpus_per_worker else {})
     return ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources)
-
-
-def _load_init(uri: str) -> dict[str, Any]:
-    """State dict and input convention of the checkpoint (or registry champion) to start from."""
-    try:
-        ckpt = fcn.load_checkpoint(uri)
-    except fcn.CheckpointError as error:
-        raise ConfigError(flag("init"), str(error)) from None
-    return {
-        "uri": ckpt.uri,
-        "state_dict": {k: v.cpu() for k, v in ckpt.model.state_dict().items()},
-        "input_convention": ckpt.input_convention,
-    }
 
 
 def _fit_interruptibly(trainer: TorchTrainer) -> Any:
