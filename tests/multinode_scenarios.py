@@ -43,6 +43,14 @@ SEGMENT_BATCH = 2
 SEGMENT_ROWS_PER_FILE = 4
 TRAIN_EPOCHS = 4
 TRAIN_IMAGES = 24
+WAIT_S = 330
+"""The scenario's waits on its job, all together (for the moment to kill a node, then for the job to end),
+counted from the scenario's start: a job that hangs ends the scenario with its own "timed out" message
+in ``result.json``, which is written before the cluster is shut down."""
+TEARDOWN_S = 90
+"""Beyond ``WAIT_S``: for writing the result and shutting the cluster down (a hung driver's included)."""
+TIMEOUT_S = WAIT_S + TEARDOWN_S
+"""The test's limit on the scenario's process (``test_multinode.py``)."""
 FAST_NODE_DEATH = {"health_check_period_ms": 1000, "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}
 """The GCS declares a silent node dead after ~3 s instead of Ray's default ~15-30 s (checks every 3 s,
 dead after 5 failures): the lost actors and tasks are rescheduled sooner, and the tests take less time."""
@@ -146,11 +154,12 @@ class ActorWatcher(threading.Thread):
 
 class Driver(threading.Thread):
     """The job's driver on a thread of its own: the main thread keeps the cluster's controls (adding a
-    node installs signal handlers, which only the main thread may do)."""
+    node installs signal handlers, which only the main thread may do). Every wait on it ends by
+    ``deadline`` (``time.monotonic()``), the scenario's."""
 
-    def __init__(self, job: Any):
+    def __init__(self, job: Any, deadline: float):
         super().__init__(name="driver", daemon=True)
-        self.job, self.result, self.error, self.ended_at = job, None, None, None
+        self.job, self.deadline, self.result, self.error, self.ended_at = job, deadline, None, None, None
         self.started, self.started_at = time.monotonic(), time.time()
         self.start()
 
@@ -161,20 +170,26 @@ class Driver(threading.Thread):
             self.error = f"{type(error).__name__}: {error}"
         self.ended_at = time.time()
 
-    def wait_for(self, condition: Any, timeout_s: float, period_s: float = 0.05) -> Any:
-        """``condition()``'s first truthy value, polled while the job runs; None if it ends first."""
-        deadline = time.monotonic() + timeout_s
-        while self.is_alive() and time.monotonic() < deadline:
+    def wait_for(self, condition: Any, period_s: float = 0.05) -> Any:
+        """``condition()``'s first truthy value, polled while the job runs; None if it ends or the deadline
+        passes first."""
+        while self.is_alive() and time.monotonic() < self.deadline:
             value = condition()
             if value:
                 return value
             time.sleep(period_s)
         return None
 
-    def finish(self, timeout_s: float = 600) -> dict[str, Any]:
-        self.join(timeout_s)
+    def missed(self, what: str) -> str:
+        """Why ``what`` (awaited with :meth:`wait_for`) did not happen."""
+        if self.is_alive():
+            return f"timed out: {WAIT_S} s into the scenario, before {what}"
+        return f"the run ended before {what}"
+
+    def finish(self) -> dict[str, Any]:
+        self.join(max(0.0, self.deadline - time.monotonic()))
         return {
-            "summary": self.result, "error": "timed out" if self.is_alive() else self.error,
+            "summary": self.result, "error": self.missed("the job ended") if self.is_alive() else self.error,
             "run_s": round(time.monotonic() - self.started, 1), "finished_at": self.ended_at,
         }  # fmt: skip
 
@@ -190,11 +205,11 @@ def _by_node(actors: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
     return nodes
 
 
-def segment(workdir: Path) -> dict[str, Any]:
+def segment(workdir: Path, deadline: float) -> tuple[dict[str, Any], Cluster]:
     """120 small images through ``run_segmentation`` on a head (2 CPUs) and two worker nodes (1 CPU
     each): 3 one-CPU FCN actors, which Ray Data spreads over the nodes. Once some (not all) Parquet
     parts are written, a worker node hosting an FCN actor is killed; Ray restarts the lost actors where
-    a CPU is free (one is spare) and reruns the lost tasks."""
+    a CPU is free (one is spare) and reruns the lost tasks. Returns what happened and the cluster."""
     from pipelines.segment import SegmentConfig, run_segmentation
     from segment_cases import good_images, tiny_checkpoint, upload
 
@@ -223,7 +238,7 @@ def segment(workdir: Path) -> dict[str, Any]:
         summary = run_segmentation(config)
         return {k: getattr(summary, k) for k in ("run_id", "listed", "ok", "error", "skipped", "duration_s")}
 
-    driver = Driver(job)
+    driver = Driver(job, deadline)
 
     def mid_run() -> tuple[Any, dict[str, Any]] | None:
         """(a worker node hosting an FCN actor, the live FCN actors), once some Parquet parts are written
@@ -233,9 +248,9 @@ def segment(workdir: Path) -> dict[str, Any]:
         victim = next((n for n in nodes if n.node_id in hosts), None)
         return (victim, alive) if parts() >= 1 and len(hosts) >= 2 and victim else None
 
-    found = driver.wait_for(mid_run, timeout_s=300)
+    found = driver.wait_for(mid_run)
     if found is None:
-        outcome["kill_error"] = f"the run ended before FCN actors ran on two nodes with parts written: {parts()}"
+        outcome["kill_error"] = driver.missed(f"FCN actors ran on two nodes with parts written: {parts()}")
     else:
         victim, alive = found
         written = sorted(stats.glob("part-*.parquet"))  # written atomically: whole files only
@@ -250,16 +265,15 @@ def segment(workdir: Path) -> dict[str, Any]:
     watcher.join(timeout=5)
     expected_parts = -(-len(files) // SEGMENT_ROWS_PER_FILE)
     outcome.update(keys=sorted(files), expected_parts=expected_parts, actors=watcher.snapshot())
-    ray.shutdown()
-    cluster.shutdown()
-    return outcome
+    return outcome, cluster
 
 
-def train(workdir: Path, bucket: str) -> dict[str, Any]:
+def train(workdir: Path, bucket: str, deadline: float) -> tuple[dict[str, Any], Cluster]:
     """``run_training`` with 2 one-CPU workers on a head without CPUs and two one-CPU worker nodes:
     one worker per node. Once epoch 1's checkpoint is registered (in Ray Train's snapshot on S3), the
     node of one worker is killed and a replacement node joins (as an autoscaler would add one); Ray
-    Train restarts the worker group from the latest checkpoint and the run finishes and is registered."""
+    Train restarts the worker group from the latest checkpoint and the run finishes and is registered.
+    Returns what happened and the cluster."""
     from fcn import registry
     from pipelines.synthetic import write_synthetic_voc
     from pipelines.train import TrainConfig, run_training
@@ -301,9 +315,9 @@ def train(workdir: Path, bucket: str) -> dict[str, Any]:
                         for h in summary.history],
         }  # fmt: skip
 
-    driver = Driver(job)
-    if not driver.wait_for(checkpointed, timeout_s=300, period_s=0.1):
-        outcome["kill_error"] = "the run ended before epoch 1's checkpoint was registered"
+    driver = Driver(job, deadline)
+    if not driver.wait_for(checkpointed, period_s=0.1):
+        outcome["kill_error"] = driver.missed("epoch 1's checkpoint was registered")
     else:
         alive = watcher.alive("RayTrainWorker")
         victim = next((n for n in nodes if n.node_id in _by_node(alive)), None)
@@ -315,7 +329,7 @@ def train(workdir: Path, bucket: str) -> dict[str, Any]:
             outcome["killed_processes"] = hard_kill(cluster, victim)
             outcome["replacement_node"] = add_worker(cluster, 1).node_id
             outcome["replacement_at"] = time.time()
-    driver.wait_for(lambda: len(checkpointed()) == TRAIN_EPOCHS, timeout_s=600, period_s=0.5)
+    driver.wait_for(lambda: len(checkpointed()) == TRAIN_EPOCHS, period_s=0.5)
     outcome.update(driver.finish())
     watcher.stop.set()
     watcher.join(timeout=5)
@@ -323,17 +337,18 @@ def train(workdir: Path, bucket: str) -> dict[str, Any]:
         checkpoint_seen_at=seen, champion=registry.get_champion(reg), versions=registry.list_versions(reg),
         actors=watcher.snapshot(),
     )  # fmt: skip
-    ray.shutdown()
-    cluster.shutdown()
-    return outcome
+    return outcome, cluster
 
 
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     scenario, workdir = argv[0], Path(argv[1])
+    deadline = time.monotonic() + WAIT_S
     workdir.mkdir(parents=True, exist_ok=True)
-    result = segment(workdir) if scenario == "segment" else train(workdir, argv[2])
+    result, cluster = segment(workdir, deadline) if scenario == "segment" else train(workdir, argv[2], deadline)
     (workdir / "result.json").write_text(json.dumps(result, indent=1, default=str))
+    ray.shutdown()
+    cluster.shutdown()
     return 0
 
 

@@ -12,6 +12,8 @@ import io
 import json
 import subprocess
 import sys
+import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -20,20 +22,42 @@ import fsspec
 import pyarrow.parquet as pq
 from PIL import Image
 
-from multinode_scenarios import SEGMENT_IMAGES, TRAIN_EPOCHS
+from multinode_scenarios import SEGMENT_IMAGES, TIMEOUT_S, TRAIN_EPOCHS, WAIT_S, Driver
 
 HERE = Path(__file__).resolve().parent
-TIMEOUT_S = 420
 
 
 def _scenario(*args: str) -> dict[str, Any]:
-    """Run ``multinode_scenarios.py *args`` (the last path-like arg is its workdir); return its result."""
-    run = subprocess.run([sys.executable, str(HERE / "multinode_scenarios.py"), *args], cwd=HERE.parent,
-                         capture_output=True, text=True, timeout=TIMEOUT_S)  # fmt: skip
-    assert run.returncode == 0, run.stderr[-4000:]
-    result = json.loads((Path(args[1]) / "result.json").read_text())
+    """Run ``multinode_scenarios.py *args`` (``args[1]`` is its workdir); return its result."""
+    written = Path(args[1]) / "result.json"
+    try:
+        run = subprocess.run([sys.executable, str(HERE / "multinode_scenarios.py"), *args], cwd=HERE.parent,
+                             capture_output=True, text=True, timeout=TIMEOUT_S)  # fmt: skip
+    except subprocess.TimeoutExpired:  # its own waits end earlier: the cluster's shutdown hung
+        found = written.read_text()[:4000] if written.exists() else "not written"
+        raise AssertionError(f"scenario not done in {TIMEOUT_S} s; result.json: {found}") from None
+    assert written.exists(), run.stderr[-4000:]
+    result = json.loads(written.read_text())  # first: a hang's message is here, whatever the exit status
     assert result.get("kill_error") is None and result["error"] is None, (result, run.stderr[-4000:])
+    assert run.returncode == 0, run.stderr[-4000:]
     return result
+
+
+def test_a_hung_job_ends_the_scenario_by_its_deadline_with_its_own_message() -> None:
+    """Every wait of a scenario ends by one deadline, WAIT_S from its start, well before the test's
+    TIMEOUT_S: a job that never ends is reported as timed out instead of being killed from outside."""
+    assert WAIT_S < TIMEOUT_S - 60
+    release = threading.Event()
+    started = time.monotonic()
+    driver = Driver(release.wait, deadline=started + 1.0)  # a job that hangs until released
+    try:
+        assert driver.wait_for(lambda: False) is None  # the moment to kill a node never comes
+        assert driver.missed("a node was killed").startswith(f"timed out: {WAIT_S} s into the scenario")
+        ended = driver.finish()
+        assert time.monotonic() - started < 3.0
+        assert ended["error"] == f"timed out: {WAIT_S} s into the scenario, before the job ended"
+    finally:
+        release.set()
 
 
 def _killed_pids(result: dict[str, Any]) -> set[int]:
