@@ -2,7 +2,8 @@
 to an Arrow table of images (``pipelines.stats.SOURCE_SCHEMA``), built in record batches.
 
 Each image gets a *key*: its path relative to the input prefix. Keys name the outputs
-(``masks/<key>.png``) and identify an image across runs, together with its size and etag/mtime.
+(``masks/<key>.png``, with ``%?#`` escaped: ``output_name``) and identify an image across runs,
+together with its size and etag/mtime.
 Big buckets are listed from an inventory (a Parquet or CSV file of object keys, such as an S3
 Inventory report) rather than by LIST calls: it is read in batches and filtered with Arrow.
 """
@@ -10,6 +11,7 @@ Inventory report) rather than by LIST calls: it is read in batches and filtered 
 from __future__ import annotations
 
 import posixpath
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -33,6 +35,7 @@ INVENTORY_COLUMNS = ("bucket", "key", "size", "last_modified_date", "e_tag")
 """The columns an inventory may have (S3 Inventory's names); only ``key`` is required."""
 BATCH_ROWS = 1 << 16
 MAX_KEY_SEGMENT_BYTES = 250  # file systems allow 255 per name; outputs add ".png" / ".jpg"
+_NAME_ESCAPES = str.maketrans({"%": "%25", "?": "%3F", "#": "%23"})
 _STAT_THREADS = 32
 
 
@@ -212,13 +215,21 @@ def _list_manifest(fs: fsspec.AbstractFileSystem, path: str, storage_options: di
     return Listing(prefix=fs.unstrip_protocol(prefix) if prefix else "", kind="manifest", images=images, ignored=0)
 
 
+def output_name(key: str) -> str:
+    """The name of ``key``'s outputs below their folder (``masks/<name>.png``): the key with ``%``, ``?``
+    and ``#`` percent-encoded, reversibly (``urllib.parse.unquote`` gives the key back). fsspec
+    filesystems may read what follows ``?`` or ``#`` as a query or a fragment (s3fs cuts
+    ``x?versionId=1.png`` to ``x``), which would give two images one mask."""
+    return key.translate(_NAME_ESCAPES)
+
+
 def unsafe_key_reason(key: str) -> str | None:
     """Why an image key cannot name an output file under the output prefix, or None if it can.
 
     Keys are object names relative to the input prefix, kept as they are (``in/x.png`` and
     ``in//x.png`` are two objects); a key is written as ``masks/<key>.png`` only if each of its
-    segments is a plain name: not empty, not ``.`` or ``..``, no backslash or control character, at
-    most ``MAX_KEY_SEGMENT_BYTES`` bytes.
+    segments is a plain name: not empty, not ``.`` or ``..``, no backslash or control character (C0,
+    DEL or C1: Unicode category Cc), at most ``MAX_KEY_SEGMENT_BYTES`` bytes as an output name.
     """
     for segment in key.split("/"):
         if not segment:
@@ -227,10 +238,12 @@ def unsafe_key_reason(key: str) -> str | None:
             return f"key {key!r} has a {segment!r} path segment"
         if "\\" in segment:
             return f"key {key!r} contains a backslash"
-        if any(ord(c) < 32 or ord(c) == 127 for c in segment):
+        if any(unicodedata.category(c) == "Cc" for c in segment):
             return f"key {key!r} contains a control character"
-        if len(segment.encode()) > MAX_KEY_SEGMENT_BYTES:
-            return f"key {key[:60]!r}... has a path segment of {len(segment.encode())} bytes (at most {MAX_KEY_SEGMENT_BYTES})"
+        size = len(output_name(segment).encode())
+        if size > MAX_KEY_SEGMENT_BYTES:
+            limit = MAX_KEY_SEGMENT_BYTES
+            return f"key {key[:60]!r}... has a path segment of {size} bytes as an output name (at most {limit})"
     return None
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import fsspec
@@ -89,13 +90,22 @@ def stats_schema(
 def write_part(stats_uri: str, rows: pa.Table, run_id: str, storage_options: dict[str, Any], retries: int = 0) -> str:
     """Write ``rows`` as one new Parquet file under ``stats_uri``, atomically; return its URI. A failed
     write is retried ``retries`` times under the same name, so a PUT that failed after the store kept it
-    cannot leave the rows twice."""
+    cannot leave the rows twice; the last failure is raised as an OSError naming the file."""
     fs, root = fsspec.core.url_to_fs(stats_uri, **storage_options)
     path = f"{root.rstrip('/')}/part-{run_id}-{uuid.uuid4().hex[:12]}.parquet"
     fs.makedirs(root, exist_ok=True)
     data = _parquet_bytes(rows)
-    with_retries(lambda: write_atomic(fs, path, data), retries)
+    _retried(lambda: write_atomic(fs, path, data), retries, f"write: stats part {fs.unstrip_protocol(path)}")
     return fs.unstrip_protocol(path)
+
+
+def _retried(action: Callable[[], None], retries: int, what: str) -> None:
+    """``action()``, retried as ``with_retries`` does; its last failure is raised as an OSError whose
+    message starts with ``what``."""
+    try:
+        with_retries(action, retries)
+    except Exception as error:
+        raise OSError(f"{what}: {type(error).__name__}: {error}") from error
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
@@ -182,13 +192,20 @@ def _is(column: pa.ChunkedArray, value: str) -> pa.ChunkedArray:
 
 
 def compact(
-    stats_uri: str, storage_options: dict[str, Any], run_id: str, previous: pa.Table, *, unique_keys: bool = False
+    stats_uri: str,
+    storage_options: dict[str, Any],
+    run_id: str,
+    previous: pa.Table,
+    *,
+    unique_keys: bool = False,
+    retries: int = 0,
 ) -> pa.Array:
     """Keep only the newest row of each key, touching only the part files that hold a superseded row:
     the earlier rows of the keys this run wrote, and older duplicates (left by an interrupted run or a
     retried write). ``previous`` is the state read before the run (``read_state``; ``unique_keys``: known
-    to hold one row per key, as after a finished run). A rewritten file
-    is written anew before the old one is deleted, so no row is ever missing. Returns the keys this
+    to hold one row per key, as after a finished run). A rewritten file is written anew before the old
+    one is deleted, so no row is ever missing. Each write and delete is retried ``retries`` times: a
+    write under the same name, a delete of a file already gone counts as done. Returns the keys this
     run wrote."""
     fs, root = fsspec.core.url_to_fs(stats_uri, **storage_options)
     fs.invalidate_cache()
@@ -206,10 +223,20 @@ def compact(
             table = pq.read_table(f)
         kept = table.filter(pc.invert(pc.is_in(table["key"], value_set=stale)))
         if kept.num_rows:
-            directory = path.rsplit("/", 1)[0]
-            write_atomic(fs, f"{directory}/part-compacted-{uuid.uuid4().hex[:12]}.parquet", _parquet_bytes(kept))
-        fs.rm_file(path)
+            rewritten = f"{path.rsplit('/', 1)[0]}/part-compacted-{uuid.uuid4().hex[:12]}.parquet"  # kept on retries
+            data = _parquet_bytes(kept)
+            what = f"compaction: writing {fs.unstrip_protocol(rewritten)}"
+            _retried(lambda: write_atomic(fs, rewritten, data), retries, what)
+        _retried(lambda: _remove(fs, path), retries, f"compaction: deleting {fs.unstrip_protocol(path)}")
     return run_keys
+
+
+def _remove(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Delete ``path``; one already gone (an earlier attempt deleted it, its answer lost) is fine."""
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
 
 
 def _locations(rows: pa.Table) -> pa.Table:

@@ -1,7 +1,8 @@
-"""A loopback HTTP proxy in front of an S3 endpoint that fails the first PUTs of every object. Each
-object's failures follow the same order, so a test's outcome does not depend on how concurrent
-writes interleave: a 500 InternalError, a 503 SlowDown, a connection reset halfway through reading the
-body, and again."""
+"""A loopback HTTP proxy in front of an S3 endpoint that fails the first PUTs (or other requests) of
+every object. Each object's failures follow the same order, so a test's outcome does not depend on how
+concurrent writes interleave: by default a 500 InternalError, a 503 SlowDown, a connection reset halfway
+through reading the body, and again. A "lost" fault lets the store carry the request out and then answers
+500, as when a response is lost on the way back."""
 
 from __future__ import annotations
 
@@ -9,25 +10,38 @@ import http.client
 import socket
 import struct
 import threading
+from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 FAULTS = ("500", "503", "reset")
 _ERRORS = {
     "500": (500, b"<Error><Code>InternalError</Code><Message>injected</Message></Error>"),
+    "lost": (500, b"<Error><Code>InternalError</Code><Message>injected after the store acted</Message></Error>"),
     "503": (503, b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"),
 }
 
 
 class FaultyProxy:
-    """``url`` forwards to ``upstream``; the first ``failures`` PUTs of each path fail (see the module
-    docstring). ``faults`` counts what was injected, ``puts`` every PUT seen."""
+    """``url`` forwards to ``upstream``; the first ``failures`` requests of each of ``methods`` to each
+    object whose path (``/bucket/key``, decoded) satisfies ``faulty`` fail, in the order of ``faults`` (see
+    the module docstring). ``faults`` counts what was injected by kind, ``faulted`` lists (method, path)
+    of each injected fault, ``puts`` counts every PUT seen."""
 
-    def __init__(self, upstream: str, failures: int = 1):
+    def __init__(
+        self,
+        upstream: str,
+        failures: int = 1,
+        *,
+        methods: Sequence[str] = ("PUT",),
+        faulty: Callable[[str], bool] = lambda path: True,
+        faults: Sequence[str] = FAULTS,
+    ):
         target = urlsplit(upstream)
-        self.faults: dict[str, int] = dict.fromkeys(FAULTS, 0)
+        self.faults: dict[str, int] = dict.fromkeys(faults, 0)
+        self.faulted: list[tuple[str, str]] = []
         self.puts = 0
-        failed: dict[str, int] = {}
+        failed: dict[tuple[str, str], int] = {}
         lock = threading.Lock()
         proxy = self
 
@@ -37,14 +51,15 @@ class FaultyProxy:
             def _forward(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 fault = None
-                if self.command == "PUT":
-                    with lock:
-                        proxy.puts += 1
-                        attempt = failed.get(self.path, 0)
-                        if attempt < failures:
-                            failed[self.path] = attempt + 1
-                            fault = FAULTS[attempt % len(FAULTS)]
-                            proxy.faults[fault] += 1
+                path = unquote(urlsplit(self.path).path)
+                with lock:
+                    proxy.puts += self.command == "PUT"
+                    attempt = failed.get((self.command, path), 0)
+                    if self.command in methods and faulty(path) and attempt < failures:
+                        failed[(self.command, path)] = attempt + 1
+                        fault = faults[attempt % len(faults)]
+                        proxy.faults[fault] += 1
+                        proxy.faulted.append((self.command, path))
                 if fault == "reset":
                     self.rfile.read(length // 2)
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -52,28 +67,37 @@ class FaultyProxy:
                     self.close_connection = True
                     return
                 body = self.rfile.read(length) if length else None
-                if fault:
-                    status, payload = _ERRORS[fault]
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
+                if fault and fault != "lost":
+                    self._answer_error(fault)
                     return
                 upstream_conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "transfer-encoding")}
                 upstream_conn.request(self.command, self.path, body=body, headers=headers)
                 response = upstream_conn.getresponse()
                 payload = response.read()
+                upstream_conn.close()
+                if fault == "lost":
+                    self._answer_error(fault)
+                    return
                 self.send_response(response.status)
                 for key, value in response.getheaders():
                     if key.lower() not in ("connection", "transfer-encoding", "content-length", "date", "server"):
                         self.send_header(key, value)
+                if self.command == "HEAD":  # no body, and the object's length
+                    self.send_header("Content-Length", response.getheader("Content-Length", "0"))
+                    self.end_headers()
+                    return
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(payload)
-                upstream_conn.close()
+                self.wfile.write(payload)
+
+            def _answer_error(self, fault: str) -> None:
+                status, payload = _ERRORS[fault]
+                self.send_response(status)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward  # noqa: N815 - http.server's naming
 

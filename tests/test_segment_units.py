@@ -11,6 +11,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import duckdb
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -206,6 +207,40 @@ def test_compaction_keeps_the_newest_row_per_key_and_touches_only_superseded_fil
     assert json.loads(pq.read_schema(next(Path(stats_uri).glob("*.parquet"))).metadata[b"class_names"]) == ["bg", "fg"]
 
 
+def test_compaction_on_a_flaky_store_retries_its_writes_and_deletes(s3_endpoint: str, s3_bucket: str) -> None:
+    """A rerun's compaction through a proxy whose first two PUTs and DELETEs of every stats object fail,
+    the first after the store acted (a lost answer) and the second before: with retries it finishes
+    with one newest row per key and no file twice; without, it fails and still loses no row."""
+    from faulty_proxy import FaultyProxy
+
+    proxy = FaultyProxy(s3_endpoint, failures=2, methods=("PUT", "DELETE"), faults=("lost", "500"))
+    flaky = {"endpoint_url": proxy.url, "config_kwargs": {"retries": {"total_max_attempts": 1}}}
+    try:
+        for stats_uri, retries in ((f"{s3_bucket}/retried/stats", 2), (f"{s3_bucket}/once/stats", 0)):
+            stats_table.write_part(stats_uri, _rows(["a", "c"], "ok", T0, "run1"), "run1", {})
+            stats_table.write_part(stats_uri, _rows(["b"], "error", T0, "run1"), "run1", {})
+            previous = stats_table.read_state(stats_uri, {})
+            stats_table.write_part(stats_uri, _rows(["b", "c"], "ok", T0 + timedelta(hours=1), "run2"), "run2", {})
+            if retries:
+                written = stats_table.compact(stats_uri, flaky, "run2", previous, retries=retries)
+                assert sorted(written.to_pylist()) == ["b", "c"]
+            else:
+                with pytest.raises(OSError, match=r"^compaction: (writing|deleting) s3://.*/once/stats/part-.*: OSError: .*injected"):
+                    stats_table.compact(stats_uri, flaky, "run2", previous)
+    finally:
+        proxy.close()
+    fs, bucket = fsspec.core.url_to_fs(s3_bucket)
+    fs.invalidate_cache()
+    faulted = {(method, path.rsplit("/", 1)[-1].split("-")[1]) for method, path in proxy.faulted if "/retried/" in path}
+    assert faulted == {("PUT", "compacted"), ("DELETE", "run1")}  # the rewrite of a's file, both run1 files removed
+    retried = pq.read_table(f"{bucket}/retried/stats", filesystem=fs)
+    rows = sorted(zip(retried["key"].to_pylist(), retried["run_id"].to_pylist()))
+    assert rows == [("a", "run1"), ("b", "run2"), ("c", "run2")]
+    assert len(fs.find(f"{bucket}/retried/stats")) == 2  # run2's part and one compacted file
+    once = pq.read_table(f"{bucket}/once/stats", filesystem=fs)
+    assert {"a", "b", "c"} <= set(once["key"].to_pylist())  # a failed compaction loses nothing
+
+
 def test_todo_images_need_ok_same_source_and_same_model(tmp_path: Path) -> None:
     stats_uri = str(tmp_path / "stats")
     stats_table.write_part(stats_uri, _rows(["a", "b", "c", "d", "f"], "ok", T0, "run1"), "run1", {})
@@ -376,7 +411,11 @@ HOSTILE_KEYS = {
     "a/../../../../escape2.png": "'..' path segment",
     "back\\slash.png": "backslash",
     "tab\there.png": "control character",
+    "nel\x85.png": "control character",  # C1 controls, U+0080-U+009F
+    "c1/\x80first.png": "control character",
+    "c1/last\x9f.png": "control character",
     "x" * 251 + ".png": "path segment of 255 bytes",
+    "y" * 248 + "?.png": "path segment of 255 bytes as an output name",  # '?' is written as '%3F'
 }
 
 
@@ -389,7 +428,23 @@ def test_keys_that_would_leave_the_output_folder_are_named_and_never_become_path
     with pytest.raises(ValueError, match="key"):
         output_path("/out", "masks", key, ".png")
     assert unsafe_key_reason("photos/2026/a b.png") is None
+    assert unsafe_key_reason("nbsp\xa0and\u00e9.png") is None  # the first characters past C1 are names
     assert output_path("/out", "masks", "photos/a.jpg", ".png") == "/out/masks/photos/a.jpg.png"
+
+
+def test_output_names_escape_what_fsspec_would_read_as_a_query_and_give_the_key_back() -> None:
+    """s3fs cuts a path at '?versionId=' (and other filesystems at '?' or '#'): those characters, and '%'
+    so that the escaping stays one-to-one, are percent-encoded in output names; unquote reverses it."""
+    from urllib.parse import unquote
+
+    from pipelines.segment.stages import output_path
+
+    keys = ["a.png", "a?versionId=1.png", "a?versionId=2.png", "a%3FversionId=1.png", "a#b.png", "a%23b.png", "%.png"]
+    paths = [output_path("s3://b/out", "masks", key, ".png") for key in keys]
+    assert paths[1] == "s3://b/out/masks/a%3FversionId=1.png.png"
+    assert paths[3] == "s3://b/out/masks/a%253FversionId=1.png.png"
+    assert len(set(paths)) == len(keys) and not any(c in path for path in paths for c in "?#")
+    assert [unquote(path.removeprefix("s3://b/out/masks/").removesuffix(".png")) for path in paths] == keys
 
 
 def test_local_and_manifest_inputs_list_every_file_and_refuse_unsafe_keys_unread(tmp_path: Path) -> None:

@@ -125,7 +125,7 @@ def run_segmentation(config: SegmentConfig) -> SegmentSummary:
     )
     ray_run = _segment_on_ray(config, todo, output, run_id, model) if todo.num_rows else _RayRun()
 
-    written = stats_table.compact(stats_uri, so, run_id, previous, unique_keys=finished)
+    written = stats_table.compact(stats_uri, so, run_id, previous, unique_keys=finished, retries=config.write_retries)
     missing = pc.invert(pc.is_in(todo["key"], value_set=written))
     if pc.any(missing).as_py():
         examples = todo["key"].filter(missing).slice(0, 3).to_pylist()

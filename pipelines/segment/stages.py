@@ -12,8 +12,11 @@ stages pass it through.
 
 from __future__ import annotations
 
+import logging
+import os
 import posixpath
 import time
+import traceback
 from datetime import datetime, timezone
 from collections.abc import Callable
 from typing import Any
@@ -24,10 +27,12 @@ import pyarrow as pa
 
 from pipelines import stats as stats_table
 from pipelines.decode import decode_depth, decode_image, device_jpeg_orientation, orient
-from pipelines.listing import unsafe_key_reason
+from pipelines.listing import output_name, unsafe_key_reason
 from pipelines.masks import encode_mask, encode_overlay
 from pipelines.segment.model import ModelInfo
 from pipelines.storage import PERMANENT_IO_ERRORS, backoff_s, with_retries
+
+logger = logging.getLogger(__name__)
 
 CPU_FORWARD_PIXELS = 1 << 17
 """Pixels stacked into one forward pass on a CPU: measured on FCN-8s, 128 px images run 1.7x faster
@@ -217,9 +222,53 @@ class ResultWriter:
         return store_results(batch, **self.options)
 
 
+FATAL_DEVICE_MARKERS = (
+    "CUDA error",
+    "CUDA driver error",
+    "device-side assert",
+    "illegal memory access",
+    "CUBLAS_STATUS",
+    "CUDNN_STATUS",
+    "cuDNN error",
+    "NCCL error",
+)
+"""Texts of the RuntimeErrors (torch < 2.8) of failures that leave a CUDA context unusable."""
+OUT_OF_MEMORY_TILE_SIZE = 1024
+"""Input tile side of the last try of an image that ran out of device memory alone."""
+
+
+def fatal_device_error(error: BaseException) -> bool:
+    """Whether ``error`` leaves the device unusable in this process: a CUDA error other than running out
+    of memory (an illegal address, a device-side assert, a failed cuBLAS/cuDNN/NCCL call). Every later
+    kernel fails too, so the process must end (Ray restarts the actor), not turn images into error rows."""
+    import torch
+
+    if out_of_memory(error):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)  # torch >= 2.8
+    if accelerator_error is not None and isinstance(error, accelerator_error):
+        return True
+    return isinstance(error, RuntimeError) and any(marker in str(error) for marker in FATAL_DEVICE_MARKERS)
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is the device running out of memory (worth retrying with smaller passes)."""
+    import torch
+
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error)
+    )
+
+
 class Segmenter:
     """Ray actor: loads the checkpoint once onto its device, then segments the loaded images of each
-    batch (equal sizes share forward passes) and returns their label maps and statistics."""
+    batch (equal sizes share forward passes) and returns their label maps and statistics.
+
+    A batch that runs out of device memory is retried image by image, an image that does alone is
+    retried in smaller tiles, and only then does it become an error row. A fatal device error (see
+    ``fatal_device_error``) is raised; with ``exit_on_fatal_error`` (set by the Ray job) it ends the
+    process instead, so that Ray restarts the actor with a fresh CUDA context and retries the batch.
+    """
 
     def __init__(
         self,
@@ -232,6 +281,7 @@ class Segmenter:
         max_image_pixels: int,
         keep_pixels: bool,
         tally: Any | None = None,
+        exit_on_fatal_error: bool = False,
     ):
         import torch
 
@@ -241,10 +291,11 @@ class Segmenter:
         self.cuda = device == "cuda"  # the driver resolves "auto" from the cluster's GPUs
         if not self.cuda:
             torch.set_num_threads(cpu_threads)
+        self.exit_on_fatal_error = exit_on_fatal_error
         self.predictor = fcn.Predictor.from_checkpoint(
             checkpoint,
             device=device,
-            bf16=precision == "bf16" or (precision == "auto" and self.cuda),
+            bf16=fcn.resolve_precision(precision, device) == "bf16",
             channels_last=self.cuda,
             batch_pixels=None if self.cuda else CPU_FORWARD_PIXELS,
         )
@@ -254,7 +305,21 @@ class Segmenter:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Segment every loaded image of ``batch``; adds ``labels``, ``pixel_counts``,
-        ``mean_confidence`` and ``inference_ms``; a failure becomes the row's ``error``."""
+        ``mean_confidence`` and ``inference_ms``; a failure becomes the row's ``error``, except a fatal
+        device error (raised, or the end of the process with ``exit_on_fatal_error``)."""
+        try:
+            return self._segment(batch)
+        except Exception as error:
+            if self.exit_on_fatal_error and fatal_device_error(error):
+                logger.critical(
+                    "fatal device error; ending this actor's process for Ray to restart it and retry the batch:\n%s",
+                    "".join(traceback.format_exception(error)),
+                )
+                logging.shutdown()
+                os._exit(1)  # the CUDA context cannot be reset in-process; a clean exit would not be restarted
+            raise
+
+    def _segment(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
         errors = batch["error"].to_pylist()
         heights, widths = batch["height"].to_pylist(), batch["width"].to_pylist()
@@ -324,13 +389,14 @@ class Segmenter:
         tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
         try:
             decoded: list[Any] = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
-        except RuntimeError:
-            self._free_device_memory()
+        except RuntimeError as error:
+            self._recover(error)
             decoded = []
             for tensor, encoded in zip(tensors, data):
                 try:
                     decoded.append(decode_jpeg(tensor, mode=ImageReadMode.RGB, device=device))
-                except RuntimeError:
+                except RuntimeError as error:
+                    self._recover(error)
                     try:
                         decoded.append(decode_image(encoded, max_pixels=self.max_image_pixels))
                     except Exception as error:  # noqa: BLE001 - DecodeError, or anything Pillow raises
@@ -341,21 +407,33 @@ class Segmenter:
         ]
 
     def _predict(self, images: list[Any]) -> list[Any]:
-        """Predictions for ``images``; if the batch fails, each image alone (its exception in its place)."""
+        """Predictions for ``images``; if the batch fails, each image alone, and an image that runs out
+        of memory alone in smaller tiles (its exception in its place if that fails too)."""
         try:
             return self.predictor.predict_batch(images, statistics=True)
-        except Exception:  # noqa: BLE001 - isolate the image(s) that fail
-            self._free_device_memory()
+        except Exception as error:  # noqa: BLE001 - isolate the image(s) that fail
+            self._recover(error)
         results: list[Any] = []
         for image in images:
             try:
                 results.append(self.predictor(image, statistics=True))
+                continue
             except Exception as error:  # noqa: BLE001
-                self._free_device_memory()
+                self._recover(error)
+                if not out_of_memory(error):
+                    results.append(error)
+                    continue
+            try:
+                results.append(self.predictor.tiled(OUT_OF_MEMORY_TILE_SIZE)(image, statistics=True))
+            except Exception as error:  # noqa: BLE001
+                self._recover(error)
                 results.append(error)
         return results
 
-    def _free_device_memory(self) -> None:
+    def _recover(self, error: BaseException) -> None:
+        """Re-raise a fatal device error; otherwise free the device memory the failed call left cached."""
+        if fatal_device_error(error):
+            raise error
         if self.cuda:
             import torch
 
@@ -485,12 +563,13 @@ _LOADED_COLUMNS = {"pixels", "jpeg", "orientation", "error", "height", "width", 
 
 
 def output_path(root: str, folder: str, key: str, suffix: str) -> str:
-    """``<root>/<folder>/<key><suffix>``; ValueError for a key that would not stay inside that folder
-    or name a file of its own (see ``pipelines.listing.unsafe_key_reason``)."""
+    """``<root>/<folder>/<name><suffix>``, ``name`` being the key with ``%``, ``?`` and ``#`` escaped
+    (``pipelines.listing.output_name``); ValueError for a key that would not stay inside that folder or
+    name a file of its own (see ``pipelines.listing.unsafe_key_reason``)."""
     reason = unsafe_key_reason(key)
     if reason:
         raise ValueError(reason)
-    return f"{root}/{folder}/{key}{suffix}"
+    return f"{root}/{folder}/{output_name(key)}{suffix}"
 
 
 _STAGE_TYPES = {
