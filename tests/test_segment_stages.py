@@ -196,3 +196,79 @@ def test_batch_pixels_bounds_the_images_stacked_per_forward_pass() -> None:
         predictor.predict_batch(images, statistics=True)
         hook.remove()
         assert seen == passes
+
+
+def _loaded_batch(root: Path, files: dict[str, bytes]) -> pa.Table:
+    upload(str(root / "in"), files)
+    sources = list_images(str(root / "in"), {}).images
+    return load_images(sources, storage_options={}, retries=0, max_image_pixels=10**8, device_jpegs=False)
+
+
+def test_device_errors_are_told_apart() -> None:
+    """Out of memory: retried smaller; a CUDA error that poisons the context: fatal; anything else: a row's error."""
+    import torch
+
+    from pipelines.segment.stages import fatal_device_error
+
+    assert fatal_device_error(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert fatal_device_error(RuntimeError("CUDA error: device-side assert triggered"))
+    assert fatal_device_error(RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED"))
+    if hasattr(torch, "AcceleratorError"):  # torch >= 2.8 raises CUDA errors as this type
+        assert fatal_device_error(torch.AcceleratorError("an illegal instruction was encountered"))
+    assert not fatal_device_error(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not fatal_device_error(RuntimeError("CUDA error: out of memory"))
+    assert not fatal_device_error(RuntimeError("Invalid JPEG data"))
+    assert not fatal_device_error(ValueError("CUDA error"))
+
+
+def test_a_poisoned_device_raises_instead_of_making_error_rows(tmp_path: Path) -> None:
+    """After an illegal memory access every later kernel fails: the actor must end (Ray restarts it),
+    not turn the rest of its images into error rows."""
+    model = tiny_checkpoint(str(tmp_path / "model.pt"), num_classes=NUM_CLASSES)
+    loaded = _loaded_batch(tmp_path, good_images(seed=5, count=3))
+    segmenter = Segmenter(
+        model_uri=model, storage_options={}, device="cpu", precision="fp32", cpu_threads=1, max_image_pixels=10**8,
+        keep_pixels=False,
+    )
+
+    def poison(module: object, inputs: object, output: object) -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    segmenter.predictor.model.register_forward_hook(poison)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        segmenter(loaded)
+
+
+def test_out_of_memory_is_retried_image_by_image_then_tiled(tmp_path: Path) -> None:
+    """A batch that runs out of memory is retried image by image, and an image too large to run whole
+    in smaller tiles: every row ends ok, with the labels of a run that had the memory."""
+    import torch
+
+    from pipelines.segment.stages import OUT_OF_MEMORY_TILE_SIZE
+
+    model = tiny_checkpoint(str(tmp_path / "model.pt"), num_classes=NUM_CLASSES)
+    big = OUT_OF_MEMORY_TILE_SIZE + 100
+    rng = np.random.default_rng(6)
+    blocks = rng.integers(0, 256, (big // 16 + 1, big // 16 + 1, 3), dtype=np.uint8)
+    large = np.kron(blocks, np.ones((16, 16, 1), np.uint8))[:big, :big]
+    buffer = io.BytesIO()
+    Image.fromarray(large).save(buffer, "PNG")
+    loaded = _loaded_batch(tmp_path, {**good_images(seed=6, count=3), "large.png": buffer.getvalue()})
+    options = dict(
+        model_uri=model, storage_options={}, device="cpu", precision="fp32", cpu_threads=1, max_image_pixels=10**8,
+        keep_pixels=False,
+    )
+    expected = Segmenter(**options)(loaded)
+    segmenter = Segmenter(**options)
+    calls: list[tuple[int, ...]] = []
+
+    def short_of_memory(module: object, inputs: tuple[torch.Tensor], output: object) -> None:
+        calls.append(tuple(inputs[0].shape))
+        if len(calls) == 1 or inputs[0].shape[-2] * inputs[0].shape[-1] > OUT_OF_MEMORY_TILE_SIZE**2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    segmenter.predictor.model.register_forward_hook(short_of_memory)
+    got = segmenter(loaded)
+    assert got["error"].to_pylist() == [None] * 4
+    assert got["labels"].to_pylist() == expected["labels"].to_pylist()
+    assert any(h * w > OUT_OF_MEMORY_TILE_SIZE**2 for _, _, h, w in calls)  # the whole large image was tried
