@@ -28,6 +28,7 @@ from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, t
 
 from fcn import registry
 from flows.segment_bucket import segment_bucket
+from pipelines.ray_utils import exit_interrupted
 from pipelines.synthetic import render_scene, write_synthetic_voc
 from pipelines.train import TrainConfig, run_training
 
@@ -91,8 +92,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     bucket, registry_dir, output = root / "bucket", root / "registry", root / "segmented"
     started = time.monotonic()
     make_bucket(bucket, args.images)
-    champion = obtain_model(registry_dir, root / "labelled", epochs=args.epochs, width=args.width, lr=args.lr,
-                            workers=args.workers)  # fmt: skip
+    try:
+        champion = obtain_model(registry_dir, root / "labelled", epochs=args.epochs, width=args.width, lr=args.lr,
+                                workers=args.workers)  # fmt: skip
+    except KeyboardInterrupt:  # trainer.fit() may still be inside Ray on a thread: end here (see exit_interrupted)
+        exit_interrupted("interrupted: run the same command to resume training after the last finished epoch")
     # Prefect's temporary server migrates its database on first use: allow a slow machine more than 20 s.
     with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: EPHEMERAL_STARTUP_TIMEOUT}):
         result = segment_bucket(input=bucket.as_uri(), output=output.as_uri(), model=registry_dir.as_uri())

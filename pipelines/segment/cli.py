@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 
 from pipelines.options import ConfigError, add_arguments
+from pipelines.ray_utils import exit_interrupted
 from pipelines.segment.config import SegmentConfig
 from pipelines.segment.driver import run_segmentation
 
@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; exit code 0 on a finished run, 2 for a bad parameter, 130 when interrupted."""
+    """CLI entry point; exit code 0 on a finished run, 2 for a bad parameter, 130 when interrupted
+    (``exit_interrupted``: the process ends there)."""
     parser = build_parser()
     config = SegmentConfig(**vars(parser.parse_args(argv)))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -36,7 +37,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         parser.error(str(error))
     except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume (finished images are kept)", file=sys.stderr)
-        return 130
+        exit_interrupted("interrupted: rerun the same command to resume (finished images are kept)")
     print(json.dumps(asdict(summary), indent=2))
     return 0

@@ -10,9 +10,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipelines.options import ConfigError, add_arguments
+from pipelines.ray_utils import exit_interrupted
 from pipelines.train.config import TrainConfig
-from pipelines.train.driver import TrainSummary, default_run_name, run_training
-from pipelines.train.worker import SCORES
+from pipelines.train.driver import TrainSummary, run_training
+from pipelines.train.worker import SCORES, default_run_name
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point: exit 0 on success, 2 on bad arguments or data, 1 if training fails, 130 when interrupted."""
+    """CLI entry point: exit 0 on success, 2 on bad arguments or data, 1 if training fails, 130 when interrupted
+    (``exit_interrupted``: the process ends there)."""
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     logging.basicConfig(level=logging.DEBUG if args.pop("verbose") else logging.INFO,
@@ -41,9 +43,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         parser.error(str(error))
     except KeyboardInterrupt:
-        print(f"interrupted: run the same command with --run-name {config.run_name} to resume after the last "
-              "finished epoch", file=sys.stderr)  # fmt: skip
-        return 130
+        exit_interrupted(
+            f"interrupted: run the same command with --run-name {config.run_name} to resume after the last "
+            "finished epoch"
+        )
     except Exception as error:  # noqa: BLE001  (report, do not dump a traceback on the user)
         logging.getLogger("pipelines.train").debug("training failed", exc_info=True)
         print(f"training failed: {type(error).__name__}: {error}", file=sys.stderr)

@@ -217,7 +217,8 @@ def _scaling(workers: int, gpus_per_worker: float, cpus_per_worker: float) -> Sc
 def _fit_interruptibly(trainer: TorchTrainer) -> Any:
     """``trainer.fit()`` on a helper thread, so that Ctrl-C reaches this thread at once as
     KeyboardInterrupt (Ray Train's own handler would only abort the run and return); the driver then
-    exits, Ray ends the run's actors, the finished epochs stay, and the same run name resumes."""
+    exits, Ray ends the run's actors, the finished epochs stay, and the same run name resumes. The
+    thread is still inside Ray then: end the process with ``pipelines.ray_utils.exit_interrupted``."""
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
