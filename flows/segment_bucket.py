@@ -38,7 +38,10 @@ DEFAULT = SegmentConfig.default
 Uri = Annotated[str, Field(min_length=1, description="fsspec URI or local path")]
 Device = Annotated[Literal[DEVICES], Field(description=SegmentConfig.metadata("device")["help"])]
 Precision = Annotated[Literal[PRECISIONS], Field(description=SegmentConfig.metadata("precision")["help"])]
-Actors = Annotated[int | None, Field(ge=1, description=SegmentConfig.metadata("actors")["help"])]
+Actors = Annotated[
+    Annotated[int, Field(ge=1)] | Annotated[str, Field(pattern=r"^\s*\d+\s*(-\s*\d+\s*)?$")] | None,
+    Field(description=SegmentConfig.metadata("actors")["help"]),
+]
 BatchSize = Annotated[int, Field(ge=1, description=SegmentConfig.metadata("batch_size")["help"])]
 Overlays = Annotated[bool, Field(description=SegmentConfig.metadata("overlays")["help"])]
 Depth = Annotated[str | None, Field(description=SegmentConfig.metadata("depth")["help"])]

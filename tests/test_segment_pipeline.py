@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from PIL import Image
 
 import fcn
 from pipelines import segment
+from pipelines.listing import output_name
 from pipelines.segment import stages
 from pipelines.segment import SegmentConfig, run_segmentation
 from segment_cases import awkward_images, displayed, good_images, tiny_checkpoint, upload
@@ -56,7 +58,7 @@ def _check_masks(output: str, table, files: dict[str, bytes], model_uri: str) ->
         with fsspec.open(row["mask_uri"], "rb") as f:
             mask = Image.open(io.BytesIO(f.read()))
         image = displayed(files[row["key"]])
-        assert row["mask_uri"] == f"{output}/masks/{row['key']}.png"
+        assert row["mask_uri"] == f"{output}/masks/{output_name(row['key'])}.png"
         assert mask.mode == "P" and mask.size == image.size == (row["width"], row["height"])
         assert mask.getpalette()[: 3 * NUM_CLASSES] == checkpoint.palette[: 3 * NUM_CLASSES]
         labels = np.asarray(mask)
@@ -286,35 +288,78 @@ def test_progress_counts_images_as_actors_segment_them(
     assert "9/9 images (100.0%) | written: ok 9 error 0" in shown.split("\r")[-1]
 
 
-def test_hostile_s3_keys_get_one_row_each_and_nothing_lands_outside_the_output(ray_cluster: None, s3_bucket: str, tmp_path: Path) -> None:
-    """Object names with '.', '..', empty segments, backslashes and control characters: every object
-    gets one row; those that cannot name a file under the output are 'key:' error rows, and
-    ``in/x.png`` and ``in//x.png`` never share a mask."""
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_hostile_s3_keys_get_one_row_each_and_nothing_lands_outside_the_output(
+    ray_cluster: None, s3_bucket: str, tmp_path: Path, where: str
+) -> None:
+    """Object names with '.', '..', empty segments, backslashes and C0/C1 control characters, written
+    with overlays to a local folder or to S3: every object gets one row; those that cannot name a file
+    under the output are 'key:' error rows, ``in/x.png`` and ``in//x.png`` never share a mask, and names
+    holding '?', '#' or '%' get masks and overlays of their own (escaped), where the row says."""
     import s3fs
 
     image = next(iter(good_images(seed=2, count=1).values()))
-    keys = ["ok.png", "x.png", "/x.png", "./dot.png", "/double.png", "../../../escape.png",
-            "a/../../../../escape2.png", "back\\slash.png", "tab\there.png"]  # fmt: skip
+    escaped = {  # key: output name
+        "ok.png": "ok.png",
+        "x.png": "x.png",
+        "q?x=1.png": "q%3Fx=1.png",
+        "h#f.png": "h%23f.png",
+        "q%3Fx=1.png": "q%253Fx=1.png",
+    }
+    keys = [*escaped, "/x.png", "./dot.png", "/double.png", "../../../escape.png", "a/../../../../escape2.png",
+            "back\\slash.png", "tab\there.png", "nel\x85.png"]  # fmt: skip
     fs = s3fs.S3FileSystem()
+    bucket = s3_bucket.removeprefix("s3://")
     for key in keys:
-        fs.pipe_file(f"{s3_bucket.removeprefix('s3://')}/in/{key}", image)
+        fs.pipe_file(f"{bucket}/in/{key}", image)
     model = tiny_checkpoint(str(tmp_path / "model.pt"), num_classes=NUM_CLASSES)
     sandbox = tmp_path / "sandbox"
-    output = sandbox / "deep" / "out"
+    output = f"file://{sandbox}/deep/out" if where == "local" else f"{s3_bucket}/deep/out"
 
-    summary = run_segmentation(_config(f"{s3_bucket}/in", f"file://{output}", model))
+    summary = run_segmentation(_config(f"{s3_bucket}/in", output, model, overlays=True))
 
-    assert (summary.listed, summary.ok, summary.error) == (len(keys), 2, len(keys) - 2)
-    table = _stats(f"file://{output}")
+    assert (summary.listed, summary.ok, summary.error) == (len(keys), len(escaped), len(keys) - len(escaped))
+    table = _stats(output)
     _check_one_row_per_key(table, set(keys))
     for row in table.to_pylist():
-        if row["key"] in ("ok.png", "x.png"):
-            assert row["status"] == "ok" and Path(row["mask_uri"].removeprefix("file://")).is_file()
+        if row["key"] in escaped:
+            name = escaped[row["key"]]
+            assert row["status"] == "ok" and row["mask_uri"] == f"{output}/masks/{name}.png", row
+            assert row["overlay_uri"] == f"{output}/overlays/{name}.jpg", row
         else:
             assert row["status"] == "error" and row["error"].startswith("key: ") and row["mask_uri"] is None, row
-    written = {p.relative_to(sandbox).as_posix() for p in sandbox.rglob("*") if p.is_file()}
+            assert row["overlay_uri"] is None
+    if where == "local":
+        written = {f"{p.relative_to(sandbox).as_posix()}" for p in sandbox.rglob("*") if p.is_file()}
+    else:
+        fs.invalidate_cache()
+        written = {p.removeprefix(f"{bucket}/") for p in fs.find(bucket) if not p.startswith(f"{bucket}/in/")}
     assert all(p.startswith("deep/out/") for p in written), written
-    assert {p for p in written if "/masks/" in p} == {"deep/out/masks/ok.png.png", "deep/out/masks/x.png.png"}
+    assert {p for p in written if "/masks/" in p} == {f"deep/out/masks/{name}.png" for name in escaped.values()}
+    assert {p for p in written if "/overlays/" in p} == {f"deep/out/overlays/{name}.jpg" for name in escaped.values()}
+
+
+def test_images_whose_names_hold_a_query_get_masks_of_their_own_on_s3(
+    ray_cluster: None, s3_bucket: str, tmp_path: Path
+) -> None:
+    """s3fs reads 'a?versionId=1.png' as object 'a' (version '1.png'): local images named so, written to
+    S3, would share one mask. Each gets its own mask and overlay, under its escaped name, of its own size."""
+    images = list(good_images(seed=31, count=4).values())  # four sizes
+    files = dict(zip(["a.png", "a?versionId=1.png", "a?versionId=2.png", "a%3FversionId=1.png"], images))
+    upload(str(tmp_path / "in"), files)
+    model = tiny_checkpoint(str(tmp_path / "model.pt"), num_classes=NUM_CLASSES)
+    output = f"{s3_bucket}/out"
+
+    summary = run_segmentation(_config(str(tmp_path / "in"), output, model, overlays=True))
+
+    assert (summary.ok, summary.error) == (len(files), 0)
+    table = _stats(output)
+    _check_one_row_per_key(table, set(files))
+    fs, root = fsspec.core.url_to_fs(output)
+    masks = sorted(p.removeprefix(f"{root}/masks/") for p in fs.find(f"{root}/masks"))
+    assert masks == ["a%253FversionId=1.png.png", "a%3FversionId=1.png.png", "a%3FversionId=2.png.png", "a.png.png"]
+    assert len(fs.find(f"{root}/overlays")) == len(files)
+    _check_masks(output, table, files, model)  # each mask has its own image's size and labels
 
 
 def test_sigint_exits_130_and_the_same_command_resumes(ray_cluster: None, tmp_path: Path) -> None:
@@ -388,37 +433,80 @@ def test_credentials_appear_in_no_output_and_no_log(ray_cluster: None, private_s
         assert not leaks, f"{secret} found in {leaks}"
 
 
-def test_a_store_that_fails_the_first_puts_of_every_object_still_gets_every_mask_and_row(
+def test_a_store_that_fails_the_first_writes_of_every_object_still_gets_every_mask_and_row(
     ray_cluster: None, s3_endpoint: str, s3_bucket: str, tmp_path: Path
 ) -> None:
-    """The first 6 PUTs of every object through a loopback proxy fail (500, 503 SlowDown, connection
-    reset mid-body, twice over). s3fs gives up on a 500 at once (botocore's own retries off), so the
-    job's write retries are what saves the run. It completes, every image has one row, every ok row's
-    mask exists, and _SUCCESS is written."""
+    """The first 6 PUTs and DELETEs of every mask and stats object through a loopback proxy fail (500,
+    503 SlowDown, connection reset mid-body, twice over). s3fs gives up on a 500 at once (botocore's own
+    retries off), so the job's write retries are what saves the run: it completes, every image has one
+    row, every ok row's mask exists, and _SUCCESS is written; a rerun after an image changed compacts
+    through the same faults. Without the job's retries the faults reach the writes (the output probe,
+    manifest and _SUCCESS are not faulted): a mask that cannot be written is a 'write:' error row, and a
+    stats part that cannot be written fails the run with an error naming it, and leaves no _SUCCESS."""
+    import ray
     from faulty_proxy import FaultyProxy
 
     files = good_images(seed=19, count=12)
     upload(f"{s3_bucket}/in", files)
     model = tiny_checkpoint(str(tmp_path / "model.pt"), num_classes=NUM_CLASSES)
-    proxy = FaultyProxy(s3_endpoint, failures=6)
-    options = {"endpoint_url": proxy.url, "config_kwargs": {"retries": {"total_max_attempts": 1}}}
+    fs, bucket = fsspec.core.url_to_fs(s3_bucket)
+
+    def run_through(proxy: FaultyProxy, output: str, **kwargs):
+        options = {"endpoint_url": proxy.url, "config_kwargs": {"retries": {"total_max_attempts": 1}}}
+        try:
+            return run_segmentation(_config(f"{s3_bucket}/in", f"{s3_bucket}/{output}", model, rows_per_file=3,
+                                            storage_options=options, **kwargs))  # fmt: skip
+        finally:
+            fs.invalidate_cache()
+
+    def masks_and_stats(path: str) -> bool:
+        return "/masks/" in path or "/stats/" in path
+
+    proxy = FaultyProxy(s3_endpoint, failures=6, methods=("PUT", "DELETE"), faulty=masks_and_stats)
     try:
-        summary = run_segmentation(_config(f"{s3_bucket}/in", f"{s3_bucket}/out", model, rows_per_file=3, storage_options=options))
-        # The same store without the job's own write retries: the run fails, and leaves no _SUCCESS.
-        with pytest.raises(Exception):  # noqa: B017 - whichever write gives up first
-            run_segmentation(_config(f"{s3_bucket}/in", f"{s3_bucket}/out2", model, rows_per_file=3,
-                                     storage_options=options, write_retries=0))  # fmt: skip
+        summary = run_through(proxy, "out")
+        assert all(proxy.faults.values()), proxy.faults  # each kind of fault was injected
+        assert (summary.ok, summary.error) == (len(files), 0)
+        table = _stats(f"{s3_bucket}/out")
+        _check_one_row_per_key(table, set(files))
+        assert all(fs.exists(uri) for uri in table["mask_uri"].to_pylist())
+        assert fs.isfile(f"{bucket}/out/_SUCCESS")
+
+        changed = sorted(files)[0]  # its old row is superseded: compaction rewrites its part and deletes the old one
+        upload(f"{s3_bucket}/in", {changed: next(iter(good_images(seed=20, count=1).values()))})
+        again = run_through(proxy, "out")
     finally:
         proxy.close()
-    assert not fsspec.filesystem("s3").exists(f"{s3_bucket}/out2/_SUCCESS")
-
-    assert all(proxy.faults.values()), proxy.faults  # each kind of fault was injected
-    assert (summary.ok, summary.error) == (len(files), 0)
+    assert (again.ok, again.skipped) == (1, len(files) - 1)
     table = _stats(f"{s3_bucket}/out")
     _check_one_row_per_key(table, set(files))
-    fs, root = fsspec.core.url_to_fs(f"{s3_bucket}/out")
-    assert all(fs.exists(uri) for uri in table["mask_uri"].to_pylist())
-    assert fs.isfile(f"{root}/_SUCCESS")
+    assert {row["run_id"] for row in table.to_pylist() if row["key"] == changed} == {again.run_id}
+    compaction = {method for method, path in proxy.faulted if "/part-compacted-" in path or method == "DELETE"}
+    assert compaction == {"PUT", "DELETE"}  # its writes and deletes met the faults
+
+    # No retries, faults on masks only: every image is an error row naming the write, and no mask exists.
+    proxy = FaultyProxy(s3_endpoint, failures=6, faulty=lambda path: "/masks/" in path)
+    try:
+        summary = run_through(proxy, "masks-fail", write_retries=0)
+    finally:
+        proxy.close()
+    assert (summary.ok, summary.error) == (0, len(files))
+    for row in _stats(f"{s3_bucket}/masks-fail").to_pylist():
+        assert row["status"] == "error" and row["mask_uri"] is None, row
+        assert re.fullmatch(r"write: OSError: .*injected", row["error"], re.S), row["error"]
+    assert not fs.exists(f"{bucket}/masks-fail/masks")
+
+    # No retries, faults on stats parts only: the masks are written, the first part that fails ends the run
+    # (Ray Data's task error, carrying the writer's).
+    proxy = FaultyProxy(s3_endpoint, failures=6, faulty=lambda path: "/stats/" in path)
+    try:
+        expected = rf"OSError: write: stats part {s3_bucket}/parts-fail/stats/part-\S+\.parquet: OSError: .*injected"
+        with pytest.raises(ray.exceptions.RayTaskError, match=expected):
+            run_through(proxy, "parts-fail", write_retries=0)
+    finally:
+        proxy.close()
+    assert {method for method, path in proxy.faulted} == {"PUT"} and fs.find(f"{bucket}/parts-fail/masks")
+    assert not fs.exists(f"{bucket}/parts-fail/_SUCCESS") and not fs.exists(f"{bucket}/parts-fail/stats")
 
 
 def test_a_two_head_model_writes_a_mask_and_columns_per_head(ray_cluster: None, tmp_path: Path) -> None:
@@ -489,3 +577,18 @@ def test_an_rgb_hha_model_reads_depth_maps_beside_the_images(ray_cluster: None, 
     rgb_model = tiny_checkpoint(str(tmp_path / "rgb.pt"), num_classes=NUM_CLASSES)
     with pytest.raises(segment.ConfigError, match="--depth: .*reads only RGB"):
         run_segmentation(_config(str(tmp_path / "in"), str(tmp_path / "out2"), rgb_model, depth=str(tmp_path / "depth")))
+
+
+def test_cuda_on_a_cluster_without_gpus_waits_then_names_the_flags(ray_cluster: None, tmp_path: Path) -> None:
+    """``--device cuda`` waits (here 2 s) for the autoscaler to bring a GPU, then fails with a message
+    naming --device and --gpu-wait-s; nothing is written as done."""
+    upload(str(tmp_path / "in"), good_images(seed=31, count=2))
+    model = tiny_checkpoint(str(tmp_path / "model.pt"), num_classes=NUM_CLASSES)
+    output = tmp_path / "out"
+    start = time.monotonic()
+    with pytest.raises(segment.ConfigError) as error:
+        run_segmentation(_config(str(tmp_path / "in"), str(output), model, device="cuda", gpu_wait_s=2))
+    waited = time.monotonic() - start
+    assert error.value.param == "--device" and "--gpu-wait-s" in str(error.value) and "within 2 s" in str(error.value)
+    assert 2 <= waited < 60
+    assert not (output / "_SUCCESS").exists() and not (output / "stats").exists()

@@ -278,7 +278,11 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--actors", "0"], "--actors: must be > 0"),
+        (["--actors", "0"], "--actors: must be >= 1"),
+        (["--actors", "8-2"], "--actors: must be >= 1, and MIN <= MAX"),
+        (["--actors", "two"], "--actors: must be N or MIN-MAX"),
+        (["--actors", "1-"], "--actors: must be N or MIN-MAX"),
+        (["--gpu-wait-s", "-1"], "--gpu-wait-s: must be >= 0"),
         (["--batch-size", "x"], "argument --batch-size: invalid int value"),
         (["--device", "tpu"], "argument --device: invalid choice"),
         (["--storage-options", "{nope"], "--storage-options: not valid JSON"),
@@ -296,6 +300,28 @@ def test_bad_parameters_exit_2_naming_the_parameter(
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out" / "_SUCCESS").exists()
+
+
+def test_actors_take_a_size_or_a_range_that_becomes_an_autoscaling_pool() -> None:
+    """``--actors 4`` is a fixed pool, ``--actors 1-8`` one that Ray Data grows to 8 (each pending GPU
+    actor asks the autoscaler for a node); by default a GPU pool may grow to what the node types hold."""
+    from pipelines.segment import SegmentConfig
+    from pipelines.segment.cli import build_parser
+    from pipelines.segment.driver import _default_actors, actor_pool
+
+    args = build_parser().parse_args(["--input", "i", "--output", "o", "--model", "m", "--actors", "1-8"])
+    assert SegmentConfig(**vars(args)).actor_range() == (1, 8)
+    assert SegmentConfig(input="i", output="o", model="m", actors=4).actor_range() == (4, 4)
+    assert SegmentConfig(input="i", output="o", model="m", actors=" 2 - 3 ").actor_range() == (2, 3)
+    assert SegmentConfig(input="i", output="o", model="m").actor_range() is None
+    growing, fixed = actor_pool(1, 8), actor_pool(3, 3)
+    assert (growing.min_size, growing.max_size) == (1, 8) and (fixed.min_size, fixed.max_size) == (3, 3)
+    assert actor_pool(2, None).max_size == float("inf")
+    cluster = {"CPU": 8.0, "GPU": 0.0}
+    assert _default_actors(True, cluster, 4, 2.0) == (1, 4)  # an idle cluster whose node types hold 4 GPUs
+    assert _default_actors(True, cluster | {"GPU": 2.0}, sys.maxsize, 2.0) == (2, None)
+    assert _default_actors(True, cluster | {"GPU": 2.0}, None, 2.0) == (2, 2)  # no autoscaler
+    assert _default_actors(False, cluster, None, 2.0) == (4, 4)
 
 
 def test_cli_help_lists_the_flags(capsys: pytest.CaptureFixture[str]) -> None:
@@ -433,7 +459,7 @@ def test_keys_that_would_leave_the_output_folder_are_named_and_never_become_path
 
 
 def test_output_names_escape_what_fsspec_would_read_as_a_query_and_give_the_key_back() -> None:
-    """s3fs cuts a path at '?versionId=' (and other filesystems at '?' or '#'): those characters, and '%'
+    """s3fs cuts a path at '?versionId=', gcsfs (version-aware) at '?' or '#': those characters, and '%'
     so that the escaping stays one-to-one, are percent-encoded in output names; unquote reverses it."""
     from urllib.parse import unquote
 

@@ -22,10 +22,27 @@ class SegmentConfig(Options):
     output: str = option("", "output URI (masks/, stats/, manifest.json, _SUCCESS)", required=True)
     model: str = option("", "checkpoint URI, or a model registry root (its champion is used)", required=True)
     ray_address: str | None = option(None, "Ray cluster address (default: RAY_ADDRESS, else a new local cluster)")
-    actors: int | None = option(None, "FCN actors (default: one per GPU, else one per --cpus-per-actor CPUs)")
+    actors: str | int | None = option(
+        None,
+        "FCN actors: N (a pool of N) or MIN-MAX (a pool that grows from MIN to MAX while images queue; its pending "
+        "GPU actors ask the cluster's autoscaler for GPU nodes) (default: on GPUs from the GPUs present, at least 1, "
+        "to the most the autoscaler's node types hold; on CPUs one per --cpus-per-actor CPUs)",
+        metavar="N|MIN-MAX",
+    )
     cpus_per_actor: float = option(2.0, "CPUs (= torch threads) per CPU actor")
-    device: str = option("auto", "auto: CUDA if the cluster has GPUs", choices=DEVICES)
-    precision: str = option("auto", "auto: bf16 autocast + channels_last on CUDA, fp32 on CPU", choices=PRECISIONS)
+    device: str = option(
+        "auto",
+        "auto: CUDA if the cluster has GPUs or its autoscaler's node types have some, else CPU; cuda (or auto) with "
+        "no GPU in the cluster yet waits up to --gpu-wait-s for the autoscaler to add one",
+        choices=DEVICES,
+    )
+    gpu_wait_s: float = option(600.0, "on GPUs: the longest wait for a first GPU to join the cluster before failing")
+    precision: str = option(
+        "auto",
+        "auto: bf16 autocast (the network's trunk; its heads, arg-max and confidence stay fp32) + channels_last on "
+        "CUDA GPUs of compute capability >= 8.0 (Ampere and later), fp32 on older GPUs (bf16 emulated, slow) and CPUs",
+        choices=PRECISIONS,
+    )
     batch_size: int = option(16, "images per FCN actor call; equal sizes share forward passes (on CPUs of at most 128 Kpx)")
     block_rows: int = option(256, "most images per Ray Data block, i.e. per read/decode task")
     block_megabytes: float = option(32.0, "most encoded source megabytes per block")
@@ -37,7 +54,7 @@ class SegmentConfig(Options):
     max_image_pixels: int = option(100_000_000, "refuse images whose header declares more pixels")
     rows_per_file: int = option(256, "stats rows per Parquet part file")
     read_retries: int = option(3, "retries of a failed read")
-    write_retries: int = option(3, "retries of a failed write (masks, Parquet parts, manifest, _SUCCESS)")
+    write_retries: int = option(3, "retries of a failed write (masks, Parquet parts, compaction, manifest, _SUCCESS)")
     progress: bool | None = option(None, "live progress bar (default: when stderr is a terminal)")
 
     def validate(self) -> None:
@@ -50,7 +67,10 @@ class SegmentConfig(Options):
             choices = self.metadata(name)["choices"]
             if getattr(self, name) not in choices:
                 raise ConfigError(flag(name), f"must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
-        for name in ("actors", "cpus_per_actor", "batch_size", "block_rows", "block_megabytes", "max_image_pixels", "rows_per_file"):
+        self.actor_range()
+        if not isinstance(self.gpu_wait_s, (int, float)) or self.gpu_wait_s < 0:
+            raise ConfigError(flag("gpu_wait_s"), f"must be >= 0, got {self.gpu_wait_s}")
+        for name in ("cpus_per_actor", "batch_size", "block_rows", "block_megabytes", "max_image_pixels", "rows_per_file"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0):
                 raise ConfigError(flag(name), f"must be > 0, got {value}")
@@ -66,3 +86,17 @@ class SegmentConfig(Options):
             Camera.parse(self.camera)
         except (ValueError, AttributeError) as error:
             raise ConfigError(flag("camera"), str(error)) from None
+
+    def actor_range(self) -> tuple[int, int] | None:
+        """``--actors`` as (fewest, most) FCN actors, or None for the default; ConfigError if malformed."""
+        if self.actors is None:
+            return None
+        text = str(self.actors).strip()
+        low, dash, high = text.partition("-")
+        bounds = (low, high) if dash else (low, low)
+        if isinstance(self.actors, bool) or not all(b.strip().isdigit() for b in bounds):
+            raise ConfigError(flag("actors"), f"must be N or MIN-MAX (whole numbers), got {self.actors!r}")
+        fewest, most = (int(b) for b in bounds)
+        if not 1 <= fewest <= most:
+            raise ConfigError(flag("actors"), f"must be >= 1, and MIN <= MAX in MIN-MAX, got {self.actors!r}")
+        return fewest, most

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import threading
 import time
 import uuid
@@ -37,6 +38,8 @@ logger = logging.getLogger("pipelines.segment")
 MANIFEST_FILE = "manifest.json"
 SUCCESS_FILE = "_SUCCESS"
 ERROR_SAMPLES = 20
+FATAL_ERROR_RETRIES = 3
+"""Times a batch is redone on a restarted FCN actor after its actor died (a fatal device error ends it)."""
 BLOCKS_PER_ACTOR = 4  # at least this many input blocks per FCN actor (while blocks hold >= batch_size rows)
 
 
@@ -231,27 +234,35 @@ def _segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: 
 
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
-    if config.device == "cuda" and not gpus:
-        raise ConfigError(flag("device"), "cuda requested but the Ray cluster has no GPUs")
-    use_gpus = gpus > 0 and config.device != "cpu"
-    actors = config.actors or (gpus if use_gpus else max(1, int(resources.get("CPU", 1) // config.cpus_per_actor)))
+    gpus_possible = _autoscaler_limit("GPU")
+    use_gpus = config.device == "cuda" or (config.device == "auto" and (gpus > 0 or bool(gpus_possible)))
+    if use_gpus and not gpus:
+        if gpus_possible == 0:
+            raise ConfigError(flag("device"), "cuda requested but the Ray cluster has no GPUs, nor node types with any")
+        _wait_for_gpu(config.gpu_wait_s)
+        resources = ray.cluster_resources()
+    fewest, most = config.actor_range() or _default_actors(use_gpus, resources, gpus_possible, config.cpus_per_actor)
     # CPU stages (actor pools: workers that stay, with their imports done once): on GPU clusters one
-    # CPU per worker, scaled up to the CPUs the GPU actors leave; on CPU clusters the FCN actors hold
-    # the CPUs (their torch threads) and one light worker per stage and FCN actor runs beside them.
-    spare_cpus = max(1, int(resources.get("CPU", 1)) - actors)
+    # CPU per worker, scaled up to the CPUs the GPU actors leave (to any number while the GPU pool may
+    # grow: new GPU nodes bring CPUs); on CPU clusters the FCN actors hold the CPUs (their torch
+    # threads) and one light worker per stage and FCN actor runs beside them.
+    spare_cpus = max(1, int(resources.get("CPU", 1)) - fewest)
     cpu_stage = (
-        {"num_cpus": 1, "compute": ray.data.ActorPoolStrategy(min_size=1, max_size=spare_cpus)}
+        {"num_cpus": 1, "compute": actor_pool(1, spare_cpus if most == fewest else None)}
         if use_gpus
-        else {"num_cpus": 0, "compute": ray.data.ActorPoolStrategy(size=actors)}
+        else {"num_cpus": 0, "compute": actor_pool(fewest, most)}
     )
     schema = stats_table.stats_schema(
         model.class_names, model.palette, {"uri": model.uri, "version": model.version, "arch": model.arch}, model.heads
     )
     reads_depth = bool(set(model.modalities) & stages.DEPTH_MODALITIES)
-    blocks = plan_blocks(todo, rows=config.block_rows, megabytes=config.block_megabytes, min_blocks=BLOCKS_PER_ACTOR * actors)
+    blocks = plan_blocks(
+        todo, rows=config.block_rows, megabytes=config.block_megabytes, min_blocks=BLOCKS_PER_ACTOR * (most or fewest)
+    )
     logger.info(
-        "Ray: %d %s actor(s), batch size %d, %d input blocks, cluster %s",
-        actors, "GPU" if use_gpus else "CPU", config.batch_size, len(blocks), resources,
+        "Ray: %s %s actor(s), batch size %d, %d input blocks, cluster %s",
+        fewest if most == fewest else f"{fewest} to {most or 'any number of'}", "GPU" if use_gpus else "CPU",
+        config.batch_size, len(blocks), resources,
     )
 
     context = ray.data.DataContext.get_current()
@@ -281,9 +292,10 @@ def _segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: 
         stages.Segmenter,
         batch_format="pyarrow",
         batch_size=config.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=actors),
+        compute=actor_pool(fewest, most),
         num_cpus=1 if use_gpus else config.cpus_per_actor,
         num_gpus=1 if use_gpus else None,
+        max_task_retries=FATAL_ERROR_RETRIES,  # a batch whose actor died (e.g. a poisoned CUDA context) is redone
         fn_constructor_kwargs={
             "model_uri": model.uri,
             "storage_options": config.storage_options,
@@ -293,6 +305,7 @@ def _segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: 
             "cpu_threads": max(1, int(config.cpus_per_actor)),
             "max_image_pixels": config.max_image_pixels,
             "keep_pixels": config.overlays,
+            "exit_on_fatal_error": True,
         },
         udf_modifying_row_count=False,
     )
@@ -328,6 +341,63 @@ def _segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: 
     progress.close()
     run.ok, run.error = progress.ok, progress.error
     return run
+
+
+def actor_pool(fewest: int, most: int | None) -> Any:
+    """Ray Data's pool of ``fewest`` actors, or of ``fewest`` to ``most`` (None: no limit) that grows while
+    work queues; each pending actor is a resource demand that Ray's autoscaler meets by adding nodes."""
+    import ray.data
+
+    if most == fewest:
+        return ray.data.ActorPoolStrategy(size=fewest)
+    return ray.data.ActorPoolStrategy(min_size=fewest, max_size=most)
+
+
+def _default_actors(
+    use_gpus: bool, resources: dict[str, float], gpus_possible: int | None, cpus_per_actor: float
+) -> tuple[int, int | None]:
+    """The default pool: on GPUs from the GPUs present to the most the autoscaler's node types hold
+    (None: no limit); on CPUs one per ``cpus_per_actor`` CPUs."""
+    if not use_gpus:
+        fixed = max(1, int(resources.get("CPU", 1) // cpus_per_actor))
+        return fixed, fixed
+    present = max(1, int(resources.get("GPU", 0)))
+    if gpus_possible is None:
+        return present, present
+    return present, None if gpus_possible >= sys.maxsize else max(present, gpus_possible)
+
+
+def _autoscaler_limit(resource: str) -> int | None:
+    """The most of ``resource`` the cluster's autoscaler can provide (its node types' maximum counts; sys.maxsize
+    without a limit), or None when the cluster reports no autoscaler configuration."""
+    try:
+        from ray._private.state import state  # what Ray Train and Ray Data read for the same purpose
+
+        limits = state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 - an internal API: without it the cluster counts as fixed
+        return None
+    return None if limits is None else int(limits.get(resource, 0))
+
+
+def _wait_for_gpu(timeout_s: float) -> None:
+    """Wait up to ``timeout_s`` for a GPU in the cluster: a pending one-GPU task is a resource demand
+    that Ray's autoscaler meets by adding a GPU node. ConfigError naming --device if none comes."""
+    import ray
+
+    logger.info("no GPU in the Ray cluster yet: waiting up to %g s (%s) for one to join", timeout_s, flag("gpu_wait_s"))
+    probe = ray.remote(_on_a_gpu).options(num_gpus=1, num_cpus=0).remote()
+    ready, _ = ray.wait([probe], timeout=timeout_s)
+    if not ready:
+        ray.cancel(probe)
+        raise ConfigError(
+            flag("device"),
+            f"no GPU joined the Ray cluster within {timeout_s:g} s ({flag('gpu_wait_s')}): give the cluster GPU nodes "
+            "(or an autoscaler with GPU node types), wait longer, or use --device cpu",
+        )
+
+
+def _on_a_gpu() -> None:
+    """The task ``_wait_for_gpu`` waits for."""
 
 
 def _follow_tally(tally: Any, progress: Progress, run: _RayRun, stop: threading.Event) -> None:
