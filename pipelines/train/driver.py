@@ -31,7 +31,15 @@ from pipelines.options import ConfigError, flag
 from pipelines.ray_utils import connect
 from pipelines.train.config import GPUS_PER_WORKER_RULE, TrainConfig, whole_gpus
 from pipelines.train.loop import eval_loop, train_loop
-from pipelines.train.worker import DIVERGED_FILE, EPOCH_DIR, HISTORY_DIR, fit_to_data, make_loop_config, run_folder
+from pipelines.train.worker import (
+    DIVERGED_FILE,
+    EPOCH_DIR,
+    HISTORY_DIR,
+    fit_to_data,
+    make_loop_config,
+    raise_if_diverged,
+    run_folder,
+)
 
 logger = logging.getLogger("pipelines.train")
 
@@ -48,10 +56,6 @@ class TrainSummary:
     epochs: int = 0
     skipped: dict[str, str] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite: final (never retried like a worker failure)."""
 
 
 def run_training(config: TrainConfig) -> TrainSummary:
@@ -86,13 +90,7 @@ def run_training(config: TrainConfig) -> TrainSummary:
     if marker_fs.exists(marker):
         marker_fs.rm_file(marker)  # from an earlier attempt of this run name
     result = _fit_interruptibly(trainer)
-    marker_fs.invalidate_cache()
-    if marker_fs.exists(marker):
-        where = json.loads(marker_fs.cat_file(marker))
-        raise TrainingDiverged(
-            f"run {run_name!r} diverged at epoch {where['epoch']}, step {where['step']}: loss is {where['loss']} "
-            f"(lr={where['lr']:g}); lower the learning rate. Nothing was registered."
-        )
+    raise_if_diverged(run_uri, run_name)
     history = read_run_history(run_uri)
     if not history:
         raise RuntimeError(f"run {run_name!r} finished without a checkpoint under {run_uri}")

@@ -80,6 +80,23 @@ Divergence = tuple[float, int, float]
 """Where the loss stopped being finite: (that loss, its step, the learning rate)."""
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: final (never retried like a worker failure)."""
+
+
+def raise_if_diverged(run_uri: str, run_name: str) -> None:
+    """TrainingDiverged naming the epoch, step, loss and learning rate where the run's workers stopped on a
+    non-finite loss (its ``diverged.json``); nothing where they did not."""
+    fs, marker = fsspec.core.url_to_fs(f"{run_uri}/{DIVERGED_FILE}")
+    fs.invalidate_cache()
+    if fs.exists(marker):
+        where = json.loads(fs.cat_file(marker))
+        raise TrainingDiverged(
+            f"run {run_name!r} diverged at epoch {where['epoch']}, step {where['step']}: loss is {where['loss']} "
+            f"(lr={where['lr']:g}); lower the learning rate. Nothing was registered."
+        )
+
+
 class WorkerContext(Protocol):
     """What a worker needs from the engine that runs it (Ray Train, or ``LocalWorkerContext``)."""
 
@@ -275,9 +292,14 @@ def make_loader(dataset: TrainImages, sampler: DistributedSampler, batch_size: i
                 device: torch.device) -> DataLoader:  # fmt: skip
     """Batches of ``dataset`` in ``sampler``'s order, decoded and augmented by ``workers`` persistent
     processes (0: in this one) ahead of the network, in pinned memory for a GPU. Each index carries the
-    sampler's epoch (``EpochIndices``), so the augmentation changes every epoch in every process."""
-    return DataLoader(dataset, batch_size=batch_size, sampler=EpochIndices(sampler), collate_fn=pad_collate,
-                      num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda")  # fmt: skip
+    sampler's epoch (``EpochIndices``), so the augmentation changes every epoch in every process; the
+    loader draws its own seeds from a generator of its own, so that the global one (dropout) runs the
+    same with any number of processes."""
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=EpochIndices(sampler), collate_fn=pad_collate, num_workers=workers,
+        persistent_workers=workers > 0, pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(dataset.seed),
+    )  # fmt: skip
 
 
 def run_training_worker(loop_config: dict[str, Any], context: WorkerContext) -> None:
@@ -450,6 +472,9 @@ def train_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.opti
                 for head, target in targets.items()
             )  # fmt: skip
             if not torch.isfinite(loss):  # the other ranks finish their pass under DDP's join
+                if isinstance(model, nn.parallel.DistributedDataParallel):
+                    # this step's gradient all-reduce, which the other ranks are in: zeros from here
+                    sum(p.view(-1)[:0].sum() for p in model.parameters() if p.requires_grad).backward()
                 return loss_sum, steps, skipped, (float(loss.item()), steps, schedule.get_last_lr()[0])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
