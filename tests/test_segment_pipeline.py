@@ -401,9 +401,10 @@ def test_sigint_exits_130_and_the_same_command_resumes(ray_cluster: None, tmp_pa
 
 
 def test_credentials_appear_in_no_output_and_no_log(ray_cluster: None, private_s3_options: dict, tmp_path: Path) -> None:
-    """The environment's AWS secret and session token, and a secret passed in --storage-options,
-    appear nowhere in what a run leaves: its console output, the Parquet data and schema metadata,
-    manifest.json, the masks, and the Ray cluster's logs."""
+    """The environment's AWS secret and session token, and a secret passed the recommended way
+    (``--storage-options @FILE``), appear nowhere: not in the process list while the run goes on, nor
+    in what it leaves: its console output, the Parquet data and schema metadata, manifest.json, the
+    masks, and the Ray cluster's logs."""
     import ray
 
     from conftest import SECRETS
@@ -413,20 +414,30 @@ def test_credentials_appear_in_no_output_and_no_log(ray_cluster: None, private_s
     for key, data in {**good_images(seed=17, count=3), "odd/text.jpg": b"not an image"}.items():
         fs.pipe_file(f"secrets/in/{key}", data)
     model = tiny_checkpoint(str(tmp_path / "model.pt"), num_classes=NUM_CLASSES)
-    run = subprocess.run(
+    options_file = tmp_path / "storage-options.json"
+    options_file.write_text(json.dumps(private_s3_options))
+    process = subprocess.Popen(
         [sys.executable, "-m", "pipelines.segment", "--input", "s3://secrets/in", "--output", "s3://secrets/out",
-         "--model", model, "--storage-options", json.dumps(private_s3_options),
+         "--model", model, "--storage-options", f"@{options_file}",
          "--ray-address", ray.get_runtime_context().gcs_address, "--actors", "1", "--cpus-per-actor", "1"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-2000:]
+    process_lists = []
+    while process.poll() is None:  # every process's command line, as anyone on the machine sees them
+        process_lists.append(subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout)
+        time.sleep(0.2)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-2000:]
+    assert any(f"@{options_file}" in listing for listing in process_lists)  # the run was seen in them
+    assert "warning" not in stderr.lower()
     fs.invalidate_cache()
     outputs = {path: fs.cat_file(path) for path in fs.find("secrets/out")}
     assert any(path.endswith("manifest.json") for path in outputs) and any(path.endswith(".parquet") for path in outputs)
     table = pq.read_table("secrets/out/stats", filesystem=fs)  # Parquet pages are compressed: decode them too
     outputs["stats, decoded"] = repr((table.to_pylist(), table.schema.metadata)).encode()
     logs = Path(ray._private.worker.global_worker.node.get_session_dir_path()) / "logs"
-    places = {"stdout": run.stdout.encode(), "stderr": run.stderr.encode(), **outputs,
+    places = {"stdout": stdout.encode(), "stderr": stderr.encode(), **outputs,
+              **{f"ps -eo args #{i}": listing.encode() for i, listing in enumerate(process_lists)},
               **{str(p): p.read_bytes() for p in logs.rglob("*") if p.is_file()}}  # fmt: skip
     for secret in SECRETS:
         leaks = [name for name, content in places.items() if secret.encode() in content]

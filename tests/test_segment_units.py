@@ -287,6 +287,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
         (["--device", "tpu"], "argument --device: invalid choice"),
         (["--storage-options", "{nope"], "--storage-options: not valid JSON"),
         (["--storage-options", "[1]"], "--storage-options: must be a JSON object"),
+        (["--storage-options", "@/nonexistent/options.json"], "--storage-options: cannot read /nonexistent/options.json"),
         (["--model", "/nonexistent/model.pt"], "--model: no checkpoint at /nonexistent/model.pt"),
         (["--input", "/nonexistent/images"], "--input: /nonexistent/images does not exist"),
     ],
@@ -322,6 +323,29 @@ def test_actors_take_a_size_or_a_range_that_becomes_an_autoscaling_pool() -> Non
     assert _default_actors(True, cluster | {"GPU": 2.0}, sys.maxsize, 2.0) == (2, None)
     assert _default_actors(True, cluster | {"GPU": 2.0}, None, 2.0) == (2, 2)  # no autoscaler
     assert _default_actors(False, cluster, None, 2.0) == (4, 4)
+
+
+def test_storage_options_from_a_file_or_inline_with_a_warning_for_secrets(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``@FILE`` reads the options from a file, silently; inline options with secret-looking names
+    (nested ones too) warn, naming the option and the safe ways, never its value."""
+    from conftest import OPTION_SECRET
+
+    from pipelines.segment.cli import build_parser
+
+    options = {"endpoint_url": "http://minio:9000", "client_kwargs": {"aws_session_token": OPTION_SECRET}}
+    path = tmp_path / "options.json"
+    path.write_text(json.dumps(options))
+    required = ["--input", "i", "--output", "o", "--model", "m"]
+    assert build_parser().parse_args([*required, "--storage-options", f"@{path}"]).storage_options == options
+    assert capsys.readouterr().err == ""
+    assert build_parser().parse_args([*required, "--storage-options", json.dumps(options)]).storage_options == options
+    warning = capsys.readouterr().err
+    assert "warning: aws_session_token given on the command line" in warning and "@FILE" in warning
+    assert "AWS_SECRET_ACCESS_KEY" in warning and OPTION_SECRET not in warning
+    build_parser().parse_args([*required, "--storage-options", '{"endpoint_url": "http://minio:9000"}'])
+    assert capsys.readouterr().err == ""
 
 
 def test_cli_help_lists_the_flags(capsys: pytest.CaptureFixture[str]) -> None:
