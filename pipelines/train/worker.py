@@ -310,9 +310,7 @@ def run_training_worker(loop_config: dict[str, Any], context: WorkerContext) -> 
     at once when any rank's loss is not finite."""
     config = TrainConfig(**loop_config["config"])
     recipe = RECIPES[config.recipe]
-    rank, world, device = context.rank, context.world_size, torch.device(context.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # NCCL and all_gather_object use the current device
+    rank, world, device = context.rank, context.world_size, _use_device(context.device)
     heads = loop_config["heads"]
     head_classes = {task: len(names) for task, names in heads.items()}
     convention = get_convention(loop_config["convention"])
@@ -515,9 +513,7 @@ def validate(module: nn.Module, samples: Sequence[Sample], head_classes: Mapping
 def run_evaluation_worker(loop_config: dict[str, Any], context: WorkerContext) -> None:
     """One evaluation worker: score ``loop_config["checkpoint"]`` on its share of ``loop_config["samples"]``;
     rank 0 reports every head's scores and the skipped samples as the folder ``evaluation``."""
-    rank, world, device = context.rank, context.world_size, torch.device(context.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    rank, world, device = context.rank, context.world_size, _use_device(context.device)
     ckpt = fcn.load_checkpoint(loop_config["checkpoint"])
     heads = loop_config["heads"]
     hists, skipped = validate(ckpt.model.to(device), loop_config["samples"], {t: len(n) for t, n in heads.items()},
@@ -539,6 +535,16 @@ def merge_across_workers(local: dict[str, Any], world: int) -> dict[str, Any]:
         parts = [{} for _ in range(world)]
         dist.all_gather_object(parts, local)
     return dict(sorted(kv for part in parts for kv in part.items()))
+
+
+def _use_device(device: torch.device | str) -> torch.device:
+    """``device`` with its index (``cuda``: the current GPU), made the current GPU: NCCL and
+    ``all_gather_object`` use the current one."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+        torch.cuda.set_device(device)
+    return device
 
 
 def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
