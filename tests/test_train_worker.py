@@ -40,6 +40,7 @@ from pipelines.train.worker import (
     TRAIN_STATE_FILE,
     LocalWorkerContext,
     TrainingDiverged,
+    loader_workers,
     make_loader,
     make_loop_config,
     raise_if_diverged,
@@ -347,3 +348,15 @@ def test_fractional_gpus_per_worker_are_refused_naming_the_flag(tmp_path: Path, 
         config.validate()
     for whole in (0, 1, 2.0):
         TrainConfig(data=str(tmp_path), registry=str(tmp_path), gpus_per_worker=whole).validate()
+
+
+def test_loader_processes_default_to_the_workers_cpus_on_a_gpu_and_none_on_the_cpu(tmp_path: Path) -> None:
+    def config(**options: Any) -> TrainConfig:
+        return TrainConfig(data=str(tmp_path), registry=str(tmp_path), **options)
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert [loader_workers(config(cpus_per_worker=c), cuda) for c in (0.5, 1, 3, 16)] == [1, 1, 3, 4]
+    assert loader_workers(config(cpus_per_worker=16), cpu) == 0
+    assert [loader_workers(config(loader_workers=n), d) for n in (0, 2) for d in (cuda, cpu)] == [0, 0, 2, 2]
+    with pytest.raises(ConfigError, match="--loader-workers: must be >= 0"):
+        config(loader_workers=-1).validate()
