@@ -24,9 +24,18 @@ from fcn import registry
 from pipelines.class_weights import median_frequency_weights
 from pipelines.datasets import open_dataset
 from pipelines.synthetic import write_synthetic_voc
-from pipelines.train import SCORES, TrainConfig, TrainSummary, read_run_history, run_evaluation, run_training
+from pipelines.train import (
+    SCORES,
+    TrainConfig,
+    TrainingDiverged,
+    TrainSummary,
+    read_run_history,
+    run_evaluation,
+    run_training,
+)
 from process_tree import descendants
 from test_train_data import BAD, FOUR_CLASSES, PLOT_IDS, corrupt, write_voc_layout
+from test_train_worker import DIVERGING, overflowing_init, write_square_scenes
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"model": "fcn8s_vgg16", "width": 1 / 16, "geometry": "aligned", "workers": 2}
@@ -207,6 +216,24 @@ def test_diverging_training_stops_at_once_with_exit_1_and_registers_nothing(ray_
     assert run.returncode == 1, run.stderr[-3000:]
     assert re.search(r"training failed: TrainingDiverged: run 'diverging' diverged at epoch 1, step \d+: loss is (nan|inf)", run.stderr), run.stderr[-3000:]
     assert registry.list_versions(str(reg)) == [] and registry.get_champion(str(reg)) is None
+
+
+def test_divergence_after_a_checkpointed_epoch_names_that_epoch_and_registers_nothing(ray_cluster: None,
+                                                                                      tmp_path: Path) -> None:
+    """A run whose epoch 1 was checkpointed (and registered) resumes and diverges in epoch 2, where an
+    image now overflows the summed loss: run_training raises naming epoch 2, epoch 1's history stays,
+    and no further version is registered."""
+    data, reg = tmp_path / "data", tmp_path / "registry"
+    write_square_scenes(data, {"a": 24, "b": 24, "val": 24}, val=["val"])
+    options = {"data": str(data), "registry": str(reg), "run_name": "later", "workers": 1,
+               "init": overflowing_init(tmp_path / "init.pt"), **DIVERGING}  # fmt: skip
+    run_training(TrainConfig(epochs=1, **options))
+    versions = registry.list_versions(str(reg))
+    write_square_scenes(data, {"a": 24, "b": 128, "val": 24}, val=["val"])  # "b" is now large
+    with pytest.raises(TrainingDiverged, match=r"run 'later' diverged at epoch 2, step \d: loss is inf"):
+        run_training(TrainConfig(epochs=2, **options))
+    assert registry.list_versions(str(reg)) == versions
+    assert [m["epoch"] for m in read_run_history(f"{reg}/runs/later")] == [1]
 
 
 def test_keep_checkpoints_prunes_folders_but_not_the_history(ray_cluster: None, tmp_path: Path) -> None:

@@ -195,7 +195,7 @@ def test_the_class_weights_reach_the_semantic_loss(tmp_path: Path, monkeypatch: 
     assert reported == pytest.approx(weighted, rel=1e-5)
 
 
-def _write_scenes(root: Path, sizes: dict[str, int], val: list[str]) -> None:
+def write_square_scenes(root: Path, sizes: dict[str, int], val: list[str]) -> None:
     """Square scenes of the given sizes in the VOC layout, every pixel labelled 1 ("thing")."""
     for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (root / folder).mkdir(parents=True, exist_ok=True)
@@ -210,7 +210,7 @@ def _write_scenes(root: Path, sizes: dict[str, int], val: list[str]) -> None:
     (root / "class_names.txt").write_text("background\nthing\n")
 
 
-def _overflowing_init(path: Path) -> str:
+def overflowing_init(path: Path) -> str:
     """An FCN-32s whose class-0 score is 1e35 everywhere: the paper's summed loss is ~1e35 per labelled
     pixel, finite for a 24x24 image (< 6e37) and infinite in float32 for a 128x128 one (> 1e39)."""
     model = fcn.get_model("fcn32s_vgg16", num_classes=2, width=0.0625, geometry="aligned")
@@ -307,9 +307,9 @@ def test_divergence_on_one_rank_stops_both_through_ddps_join(tmp_path: Path) -> 
     overflows there); the other keeps stepping under DDP's join. Both stop after the pass, nothing is
     reported, and diverged.json names epoch 1."""
     data, registry = tmp_path / "data", tmp_path / "registry"
-    _write_scenes(data, {"small-1": 24, "small-2": 24, "small-3": 24, "large": 128, "val": 24}, val=["val"])
+    write_square_scenes(data, {"small-1": 24, "small-2": 24, "small-3": 24, "large": 128, "val": 24}, val=["val"])
     config = TrainConfig(data=str(data), registry=str(registry), run_name="one-rank", epochs=2, workers=2,
-                         init=_overflowing_init(tmp_path / "init.pt"), **DIVERGING)  # fmt: skip
+                         init=overflowing_init(tmp_path / "init.pt"), **DIVERGING)  # fmt: skip
     results = _run_ranks(tmp_path, make_loop_config(config, open_dataset(config.data)))
     assert [result["reports"] for result in results] == [[], []]
     run_uri = run_folder(str(registry), "one-rank")
@@ -325,14 +325,14 @@ def test_divergence_after_a_checkpointed_epoch_keeps_it_and_names_the_epoch(tmp_
     epoch 2: it stops there, epoch 1's folder and history stay as they were, and the driver's reading
     of the marker names epoch 2."""
     data, registry = tmp_path / "data", tmp_path / "registry"
-    _write_scenes(data, {"a": 24, "b": 24, "val": 24}, val=["val"])
-    init = _overflowing_init(tmp_path / "init.pt")
+    write_square_scenes(data, {"a": 24, "b": 24, "val": 24}, val=["val"])
+    init = overflowing_init(tmp_path / "init.pt")
     _tiny_run(tmp_path, "later", epochs=1, init=init, **DIVERGING)
     run_uri = Path(run_folder(str(registry), "later"))
     epoch_one = {p.relative_to(run_uri): p.read_bytes() for p in run_uri.rglob("*") if p.is_file()}
     raise_if_diverged(str(run_uri), "later")  # epoch 1 did not diverge
 
-    _write_scenes(data, {"a": 24, "b": 128, "val": 24}, val=["val"])  # "b" is now large
+    write_square_scenes(data, {"a": 24, "b": 128, "val": 24}, val=["val"])  # "b" is now large
     _, context = _tiny_run(tmp_path, "later", epochs=2, init=init, **DIVERGING)
     assert context.reports == []
     with pytest.raises(TrainingDiverged, match=r"run 'later' diverged at epoch 2, step \d: loss is inf"):
