@@ -219,7 +219,8 @@ def output_name(key: str) -> str:
     """The name of ``key``'s outputs below their folder (``masks/<name>.png``): the key with ``%``, ``?``
     and ``#`` percent-encoded, reversibly (``urllib.parse.unquote`` gives the key back). fsspec
     filesystems may read what follows ``?`` or ``#`` as a query or a fragment (s3fs cuts
-    ``x?versionId=1.png`` to ``x``), which would give two images one mask."""
+    ``x?versionId=1.png`` to ``x``, version-aware gcsfs any ``?`` or ``#``), which would give two images
+    one mask."""
     return key.translate(_NAME_ESCAPES)
 
 
