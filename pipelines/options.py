@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import types
 import typing
 from dataclasses import MISSING, field, fields
 from typing import Any
+
+import fsspec
 
 
 class ConfigError(ValueError):
@@ -81,14 +84,54 @@ def add_arguments(parser: argparse.ArgumentParser, config: type[Options]) -> Non
         parser.add_argument(flag(spec.name), **kwargs)
 
 
+SECRET_WORDS = ("secret", "token", "password", "passwd", "credential")
+"""An option whose name holds one of these, or ends in "key" (``key``, ``account_key``), looks like a secret."""
+SAFE_SECRETS_HELP = (
+    "@FILE (a JSON file the driver reads: any fsspec URI), or the environment: s3fs reads AWS_ACCESS_KEY_ID, "
+    "AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN (or an instance role), and fsspec any option from "
+    "FSSPEC_<PROTOCOL>_<OPTION> (e.g. FSSPEC_S3_SECRET) or its config files in FSSPEC_CONFIG_DIR"
+)
+"""The ways to pass secrets that neither process lists (ps) nor Ray's job table show."""
+
+
 def _json_object(text: str) -> dict:
+    """A JSON object given inline or as ``@FILE`` (read from that path or URI); inline options with
+    secret-looking names print a warning naming the safe ways."""
+    source = "the command line"
+    if text.startswith("@"):
+        source = text[1:]
+        try:
+            with fsspec.open(source, "rt") as file:
+                text = file.read()
+        except (OSError, ValueError) as error:
+            raise argparse.ArgumentTypeError(f"cannot read {source}: {type(error).__name__}: {error}") from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({error})") from None
+        raise argparse.ArgumentTypeError(f"not valid JSON in {source} ({error})") from None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object")
+        raise argparse.ArgumentTypeError(f"must be a JSON object (in {source})")
+    secrets = secret_names(value)
+    if secrets and source == "the command line":
+        print(
+            f"warning: {', '.join(secrets)} given on the command line, where process lists (ps) and Ray's job "
+            f"table show it to others; pass it as {SAFE_SECRETS_HELP}",
+            file=sys.stderr,
+        )
     return value
+
+
+def secret_names(options: Any) -> list[str]:
+    """The names of the options in ``options`` (nested dicts included) that look like secrets."""
+    if not isinstance(options, dict):
+        return []
+    found = []
+    for name, value in options.items():
+        lowered = str(name).lower()
+        if any(word in lowered for word in SECRET_WORDS) or lowered.endswith("key"):
+            found.append(str(name))
+        found += secret_names(value)
+    return found
 
 
 def _field(config: type, name: str) -> Any:

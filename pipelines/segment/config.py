@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fcn.depth import NYUD_KINECT, Camera
-from pipelines.options import ConfigError, Options, flag, option
+from pipelines.options import SAFE_SECRETS_HELP, ConfigError, Options, flag, option
 
 DEVICES = ("auto", "cpu", "cuda")
 NYUD_CAMERA = ",".join(str(getattr(NYUD_KINECT, name)) for name in ("fx", "fy", "cx", "cy"))
@@ -50,7 +50,13 @@ class SegmentConfig(Options):
     overlays: bool = option(False, "also write colour overlays to <output>/overlays/<key>.jpg")
     depth: str | None = option(None, "RGB-D and HHA models: prefix of the depth maps; image <key>'s is <prefix>/<key without extension>.png (16-bit, millimetres)")
     camera: str = option(NYUD_CAMERA, "intrinsics fx,fy,cx,cy (pixels) of the depth camera, for HHA (default: NYUDv2's Kinect)")
-    storage_options: dict[str, Any] = option(dict, 'fsspec options for --input, --output and --model, as JSON, e.g. \'{"endpoint_url": "http://minio:9000"}\'', metavar="JSON")
+    storage_options: dict[str, Any] = option(
+        dict,
+        'fsspec options for --input, --output and --model, as JSON, e.g. \'{"endpoint_url": "http://minio:9000"}\', '
+        "or @FILE holding that JSON. Secrets: not here, where process lists and Ray's job table show them; as "
+        f"{SAFE_SECRETS_HELP}",
+        metavar="JSON|@FILE",
+    )
     max_image_pixels: int = option(100_000_000, "refuse images whose header declares more pixels")
     rows_per_file: int = option(256, "stats rows per Parquet part file")
     read_retries: int = option(3, "retries of a failed read")
