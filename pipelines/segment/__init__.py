@@ -5,12 +5,26 @@
 - ``stages``: what runs on Ray workers (``load_images`` tasks, ``Segmenter`` actors, ``store_results`` tasks);
 - ``driver``: ``run_segmentation``, which lists, resumes, runs the Ray Data pipeline and finishes the output;
 - ``cli``: ``python -m pipelines.segment`` / ``fcn-segment``.
+
+The names below are imported on first use, so that ``pipelines.segment.stages`` (and ``config``, ``model``)
+import without the driver and what it may import (Ray).
 """
 
-from pipelines.segment.cli import main
-from pipelines.segment.config import DEVICES, PRECISIONS, ConfigError, SegmentConfig
-from pipelines.segment.driver import SegmentSummary, run_segmentation
+from __future__ import annotations
 
-__all__ = [
-    "DEVICES", "PRECISIONS", "ConfigError", "SegmentConfig", "SegmentSummary", "main", "run_segmentation",
-]
+import importlib
+from typing import Any
+
+_SOURCES = {
+    "main": "pipelines.segment.cli",
+    **dict.fromkeys(["DEVICES", "PRECISIONS", "ConfigError", "SegmentConfig"], "pipelines.segment.config"),
+    **dict.fromkeys(["SegmentSummary", "run_segmentation"], "pipelines.segment.driver"),
+}
+
+__all__ = sorted(_SOURCES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _SOURCES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_SOURCES[name]), name)
