@@ -142,9 +142,12 @@ def _create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> 
 
 
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Replace ``path`` so that readers see either the old or the new content."""
+    """Replace ``path`` so that readers see either the old or the new content. On a local disk the
+    content is written under a hidden temporary name first: a writer killed before the rename leaves a
+    file that folder readers (pyarrow, DuckDB globs, the stats state) skip."""
     if isinstance(fs, LocalFileSystem):
-        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        folder, name = os.path.split(path)
+        tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()

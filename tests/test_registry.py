@@ -116,6 +116,28 @@ def test_local_promotion_is_atomic_for_readers(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("*.tmp"))  # no temporary files left behind
 
 
+def test_a_write_cut_off_before_its_rename_leaves_no_file_that_a_folder_reader_reads(tmp_path: Path) -> None:
+    """A writer killed between writing and renaming (as a Ray actor ended with its interrupted driver)
+    leaves its temporary file; it is hidden, so reading the folder (pyarrow, as a user does) sees only
+    whole files. Here the rename fails for real: the target is a folder."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    stats = tmp_path / "stats"
+    stats.mkdir()
+    pq.write_table(pa.table({"key": ["a"]}), stats / "part-a.parquet")
+    (stats / "part-b.parquet").mkdir()
+    (stats / "part-b.parquet" / ".keep").touch()  # a folder that os.replace cannot overwrite
+    row = pa.BufferOutputStream()
+    pq.write_table(pa.table({"key": ["b"]}), row)
+
+    with pytest.raises(OSError):
+        registry.write_atomic(fsspec.filesystem("file"), str(stats / "part-b.parquet"), row.getvalue().to_pybytes())
+
+    assert [p.name.startswith(".") for p in stats.glob("*.tmp")] == [True]
+    assert pq.read_table(stats)["key"].to_pylist() == ["a"]
+
+
 def test_copied_registry_resolves_to_its_own_champion(tmp_path: Path) -> None:
     """champion.json points inside the registry, so a copied registry does not point back to the original."""
     original = str(tmp_path / "original")
