@@ -24,7 +24,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+from prefect.settings import (
+    PREFECT_SERVER_ANALYTICS_ENABLED,
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+    temporary_settings,
+)
 
 from fcn import registry
 from flows.segment_bucket import segment_bucket
@@ -97,8 +101,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 workers=args.workers)  # fmt: skip
     except KeyboardInterrupt:  # trainer.fit() may still be inside Ray on a thread: end here (see exit_interrupted)
         exit_interrupted("interrupted: run the same command to resume training after the last finished epoch")
-    # Prefect's temporary server migrates its database on first use: allow a slow machine more than 20 s.
-    with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: EPHEMERAL_STARTUP_TIMEOUT}):
+    # Prefect's temporary server migrates its database on first use: allow a slow machine more than 20 s. It
+    # sends no usage analytics: its telemetry task can find the busy SQLite file locked and log a traceback.
+    server_settings = {
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: EPHEMERAL_STARTUP_TIMEOUT,
+        PREFECT_SERVER_ANALYTICS_ENABLED: False,
+    }
+    with temporary_settings(server_settings):
         result = segment_bucket(input=bucket.as_uri(), output=output.as_uri(), model=registry_dir.as_uri())
     elapsed = time.monotonic() - started
     print(

@@ -603,3 +603,25 @@ def test_cuda_on_a_cluster_without_gpus_waits_then_names_the_flags(ray_cluster: 
     assert error.value.param == "--device" and "--gpu-wait-s" in str(error.value) and "within 2 s" in str(error.value)
     assert 2 <= waited < 60
     assert not (output / "_SUCCESS").exists() and not (output / "stats").exists()
+
+
+RAY_CORE_ERROR = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+ E \d+ \d+\] ", re.MULTILINE)  # Ray's C++ log line prefix
+
+
+def test_the_cli_prints_no_ray_internal_error_or_progress_bar_notice(ray_cluster: None, tmp_path: Path) -> None:
+    """Ray Data's actor pools start restartable actors with object-store arguments of its own, for which
+    Ray's core worker logs an ERROR line once per driver; the driver spends it before any job (see
+    pipelines.ray_utils), and Ray Data's notice that its progress bars are off (ours counts) is dropped."""
+    import ray
+
+    upload(str(tmp_path / "in"), good_images(seed=23, count=3))
+    model = tiny_checkpoint(str(tmp_path / "model.pt"), num_classes=NUM_CLASSES)
+    command = [sys.executable, "-m", "pipelines.segment", "--input", str(tmp_path / "in")]
+    command += ["--output", str(tmp_path / "out"), "--model", model, "--actors", "1"]
+    command += ["--ray-address", ray.get_runtime_context().gcs_address]
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout)["ok"] == 3
+    assert not RAY_CORE_ERROR.search(run.stderr), run.stderr[-3000:]
+    assert "constructor arguments in the object store" not in run.stderr
+    assert "Progress bars disabled" not in run.stderr, run.stderr[-3000:]

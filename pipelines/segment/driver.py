@@ -267,6 +267,7 @@ def _segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: 
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # our own bar counts images, skips included
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # Ray Data warns that it is off
     # The count lives on the driver's node: a lost worker node must not take it (an actor without
     # restarts) and with it the progress bar and the run's start-up and steady-state figures.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)

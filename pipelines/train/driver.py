@@ -21,7 +21,7 @@ import fsspec
 import pyarrow.fs
 import ray
 from fsspec.implementations.local import LocalFileSystem
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 import fcn
@@ -42,6 +42,9 @@ from pipelines.train.worker import (
 )
 
 logger = logging.getLogger("pipelines.train")
+RAY_TRAIN_CONSOLE = LoggingConfig(log_level="WARNING")
+"""Ray Train's own console lines (worker-group start, every checkpoint and report as a dict): warnings only.
+Its log files keep every level; the workers' progress lines are this project's."""
 
 
 @dataclass
@@ -81,6 +84,7 @@ def run_training(config: TrainConfig) -> TrainSummary:
             storage_path=storage_path,
             storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=config.max_failures),
+            logging_config=RAY_TRAIN_CONSOLE,
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints,
                                                checkpoint_score_attribute=registry.SCORE_METRIC,
                                                checkpoint_score_order="max"),  # fmt: skip
@@ -158,7 +162,8 @@ def run_evaluation(
             },
             scaling_config=_scaling(workers, gpus_per_worker, 1),
             run_config=RunConfig(
-                name=f"eval-{uuid.uuid4().hex[:8]}", storage_path=storage_path, storage_filesystem=storage_filesystem
+                name=f"eval-{uuid.uuid4().hex[:8]}", storage_path=storage_path, storage_filesystem=storage_filesystem,
+                logging_config=RAY_TRAIN_CONSOLE,
             ),
         )
         result = trainer.fit()
