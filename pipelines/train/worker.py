@@ -489,7 +489,8 @@ def validate(module: nn.Module, samples: Sequence[Sample], head_classes: Mapping
     """Each head's confusion matrix over this worker's share of ``samples`` (every world-th one, no
     duplicates), summed over all workers with an all-reduce; returns (hists by head, bad samples seen here)."""
     cuda = device.type == "cuda"
-    predictor = fcn.Predictor(module, input_convention=convention, device=device, bf16=cuda, channels_last=cuda)
+    bf16 = fcn.resolve_precision("auto", device) == "bf16"
+    predictor = fcn.Predictor(module, input_convention=convention, device=device, bf16=bf16, channels_last=cuda)
     matrices = {head: fcn.ConfusionMatrix(classes) for head, classes in head_classes.items()}
     skipped = {}
     for sample in samples[rank::world]:
@@ -548,4 +549,7 @@ def _use_device(device: torch.device | str) -> torch.device:
 
 
 def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    """bf16 autocast where ``fcn.resolve_precision`` picks it (Ampere or newer GPUs), else fp32."""
+    if fcn.resolve_precision("auto", device) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
