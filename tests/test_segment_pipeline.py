@@ -423,13 +423,13 @@ def test_credentials_appear_in_no_output_and_no_log(ray_cluster: None, private_s
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     process_lists = []
-    while process.poll() is None:  # every process's command line, as anyone on the machine sees them
-        process_lists.append(subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout)
+    while process.poll() is None:  # every process's whole command line (-ww), as anyone on the machine sees them
+        process_lists.append(subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout)
         time.sleep(0.2)
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr[-2000:]
     assert any(f"@{options_file}" in listing for listing in process_lists)  # the run was seen in them
-    assert "warning" not in stderr.lower()
+    assert "given on the command line" not in stderr  # (the warning of secrets passed inline)
     fs.invalidate_cache()
     outputs = {path: fs.cat_file(path) for path in fs.find("secrets/out")}
     assert any(path.endswith("manifest.json") for path in outputs) and any(path.endswith(".parquet") for path in outputs)
@@ -437,7 +437,7 @@ def test_credentials_appear_in_no_output_and_no_log(ray_cluster: None, private_s
     outputs["stats, decoded"] = repr((table.to_pylist(), table.schema.metadata)).encode()
     logs = Path(ray._private.worker.global_worker.node.get_session_dir_path()) / "logs"
     places = {"stdout": stdout.encode(), "stderr": stderr.encode(), **outputs,
-              **{f"ps -eo args #{i}": listing.encode() for i, listing in enumerate(process_lists)},
+              **{f"ps -ww -eo args #{i}": listing.encode() for i, listing in enumerate(process_lists)},
               **{str(p): p.read_bytes() for p in logs.rglob("*") if p.is_file()}}  # fmt: skip
     for secret in SECRETS:
         leaks = [name for name, content in places.items() if secret.encode() in content]

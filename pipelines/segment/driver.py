@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -39,7 +40,8 @@ MANIFEST_FILE = "manifest.json"
 SUCCESS_FILE = "_SUCCESS"
 ERROR_SAMPLES = 20
 FATAL_ERROR_RETRIES = 3
-"""Times a batch is redone on a restarted FCN actor after its actor died (a fatal device error ends it)."""
+"""Times a batch is redone on a restarted FCN actor after its actor died (a fatal device error ends it);
+Ray Data's default (-1) would redo forever a batch that kills its actor each time."""
 BLOCKS_PER_ACTOR = 4  # at least this many input blocks per FCN actor (while blocks hold >= batch_size rows)
 
 
@@ -289,14 +291,14 @@ def _segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: 
         udf_modifying_row_count=False,
         **cpu_stage,
     )
-    ds = ds.map_batches(
+    ds = _map_batches_redone_on_actor_death(
+        ds,
         stages.Segmenter,
         batch_format="pyarrow",
         batch_size=config.batch_size,
         compute=actor_pool(fewest, most),
         num_cpus=1 if use_gpus else config.cpus_per_actor,
         num_gpus=1 if use_gpus else None,
-        max_task_retries=FATAL_ERROR_RETRIES,  # a batch whose actor died (e.g. a poisoned CUDA context) is redone
         fn_constructor_kwargs={
             "model_uri": model.uri,
             "storage_options": config.storage_options,
@@ -342,6 +344,15 @@ def _segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: 
     progress.close()
     run.ok, run.error = progress.ok, progress.error
     return run
+
+
+def _map_batches_redone_on_actor_death(ds: Any, fn: Any, **kwargs: Any) -> Any:
+    """``ds.map_batches(fn, **kwargs)`` whose batches are redone at most ``FATAL_ERROR_RETRIES`` times on
+    a restarted actor (e.g. after a poisoned CUDA context ended it). Ray 2.60 names no map_batches
+    parameter for this and warns that the generic remote arguments are deprecated: not here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(fn, max_task_retries=FATAL_ERROR_RETRIES, **kwargs)
 
 
 def actor_pool(fewest: int, most: int | None) -> Any:
