@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -17,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import fcn
-from conftest import free_port
+from conftest import OPTION_SECRET, free_port
 from fcn import registry
 from pipelines.synthetic import write_synthetic_voc
 from segment_cases import good_images, tiny_checkpoint, upload
@@ -91,17 +92,27 @@ def submit(address: str, env: dict[str, str], *entrypoint: str) -> subprocess.Co
 
 
 def test_ray_job_submit_segments_a_folder(ray_head: tuple[str, dict[str, str]], tmp_path: Path) -> None:
+    """The job runs with its storage options (a secret among them) passed as ``@FILE``: Ray's job table
+    records the entrypoint, and with it the file's name, never the secret."""
     address, env = ray_head
     model = tiny_checkpoint(str(tmp_path / "model.pt"))
     files = good_images(seed=21, count=4)
     upload(str(tmp_path / "in"), files)
     output = tmp_path / "out"
+    options = tmp_path / "storage-options.json"
+    options.write_text(json.dumps({"secret": OPTION_SECRET}))  # local files take (and ignore) any option
     submitted = submit(
         address, env, "python", "-m", "pipelines.segment", "--input", str(tmp_path / "in"), "--output", str(output),
-        "--model", model, "--actors", "1", "--cpus-per-actor", "1", "--batch-size", "2",
+        "--model", model, "--actors", "1", "--cpus-per-actor", "1", "--batch-size", "2", "--storage-options",
+        f"@{options}",
     )
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     assert "succeeded" in submitted.stdout
+    job_table = subprocess.run(
+        [str(BIN / "ray"), "job", "list", "--address", address], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert f"@{options}" in job_table.stdout  # the entrypoint is there
+    assert OPTION_SECRET not in job_table.stdout + submitted.stdout + submitted.stderr
     assert (output / "_SUCCESS").exists()
     table = pq.read_table(output / "stats")
     assert sorted(table["key"].to_pylist()) == sorted(files) and set(table["status"].to_pylist()) == {"ok"}
