@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from pipelines import stats as stats_table
 
 MODEL, VERSION = "file:///models/fcn.pt", "v0001"
-T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def synthesize(root: Path, n: int, rows_per_part: int, changed: float) -> None:
@@ -44,25 +44,44 @@ def synthesize(root: Path, n: int, rows_per_part: int, changed: float) -> None:
     index = np.arange(n)
     keys = pc.binary_join_element_wise("images/", pa.array(np.char.zfill(index.astype(str), 9)), ".jpg", "")
     etags = pc.binary_join_element_wise("e", pa.array(index.astype(str)), "")
-    pq.write_table(pa.table({"key": keys, "size": pa.array(10_000 + index % 5000), "e_tag": etags,
-                             "last_modified_date": pa.array(np.full(n, T0), pa.timestamp("us", tz="UTC"))}),
-                   root / "inventory.parquet")  # fmt: skip
+    pq.write_table(
+        pa.table(
+            {
+                "key": keys,
+                "size": pa.array(10_000 + index % 5000),
+                "e_tag": etags,
+                "last_modified_date": pa.array(np.full(n, T0), pa.timestamp("us", tz="UTC")),
+            }
+        ),
+        root / "inventory.parquet",
+    )
     schema = stats_table.stats_schema(["background", "object"], [0, 0, 0, 255, 255, 255], {})
     flipped = index < int(n * changed)  # these images' etag changed since: redone by the next run
-    history = pa.table({
-        "image_uri": pc.binary_join_element_wise(f"file://{root}/", keys, ""), "key": keys,
-        "source_size": pa.array(10_000 + index % 5000), "source_etag": pc.if_else(pa.array(flipped), "stale", etags),
-        "source_mtime": pa.array(np.full(n, T0), pa.timestamp("us", tz="UTC")),
-        "model_id": pa.array([MODEL] * n).dictionary_encode(), "model_version": pa.array([VERSION] * n).dictionary_encode(),
-        "status": pa.array(["ok"] * n).dictionary_encode(), "run_id": pa.array(["run0"] * n).dictionary_encode(),
-        "processed_at": pa.array(np.full(n, T0), pa.timestamp("us", tz="UTC")),
-    })  # fmt: skip
+    history = pa.table(
+        {
+            "image_uri": pc.binary_join_element_wise(f"file://{root}/", keys, ""),
+            "key": keys,
+            "source_size": pa.array(10_000 + index % 5000),
+            "source_etag": pc.if_else(pa.array(flipped), "stale", etags),
+            "source_mtime": pa.array(np.full(n, T0), pa.timestamp("us", tz="UTC")),
+            "model_id": pa.array([MODEL] * n).dictionary_encode(),
+            "model_version": pa.array([VERSION] * n).dictionary_encode(),
+            "status": pa.array(["ok"] * n).dictionary_encode(),
+            "run_id": pa.array(["run0"] * n).dictionary_encode(),
+            "processed_at": pa.array(np.full(n, T0), pa.timestamp("us", tz="UTC")),
+        }
+    )
     history = pa.Table.from_arrays(
-        [history[f.name].cast(f.type) if f.name in history.column_names else pa.nulls(n, f.type) for f in schema], schema=schema
+        [history[f.name].cast(f.type) if f.name in history.column_names else pa.nulls(n, f.type) for f in schema],
+        schema=schema,
     )
     (root / "out" / "stats").mkdir(parents=True, exist_ok=True)
     for part, start in enumerate(range(0, n, rows_per_part)):
-        pq.write_table(history.slice(start, rows_per_part), root / "out" / "stats" / f"part-run0-{part:05d}.parquet", compression="zstd")
+        pq.write_table(
+            history.slice(start, rows_per_part),
+            root / "out" / "stats" / f"part-run0-{part:05d}.parquet",
+            compression="zstd",
+        )
 
 
 def _rss() -> int:
@@ -88,7 +107,12 @@ def measure(phase, *args) -> dict[str, float]:
     seconds = time.perf_counter() - start
     done.set()
     sampler.join()
-    return {"seconds": seconds, "peak_bytes": max(peak[0], _rss()) - start_rss, "arrow_peak_bytes": pool.max_memory(), "result": result}
+    return {
+        "seconds": seconds,
+        "peak_bytes": max(peak[0], _rss()) - start_rss,
+        "arrow_peak_bytes": pool.max_memory(),
+        "result": result,
+    }
 
 
 def run_phase(root: Path, phase: str) -> dict[str, float]:
@@ -102,19 +126,36 @@ def run_phase(root: Path, phase: str) -> dict[str, float]:
         listing = list_images(str(root / "inventory.parquet"), {}, exclude=output).images
         if phase == "resume":
             state = lambda: stats_table.read_state(f"{output}/stats", {})  # noqa: E731
-            outcome = measure(lambda: stats_table.todo_images(listing, state(), MODEL, VERSION, unique_keys=True).num_rows)
+            outcome = measure(
+                lambda: stats_table.todo_images(listing, state(), MODEL, VERSION, unique_keys=True).num_rows
+            )
         else:  # compaction, after a run that redid the changed images
             previous = stats_table.read_state(f"{output}/stats", {})
             todo = stats_table.todo_images(listing, previous, MODEL, VERSION)
             del listing
             redone = previous.filter(pc.is_in(previous["key"], value_set=todo["key"])).select(["key"])
             schema = pq.read_schema(next((root / "out" / "stats").glob("*.parquet")))
-            rows = pa.Table.from_arrays([redone["key"] if f.name == "key" else pa.array(np.full(redone.num_rows, datetime.now(timezone.utc)), f.type)
-                                         if f.name == "processed_at" else pa.nulls(redone.num_rows, f.type) for f in schema], schema=schema)  # fmt: skip
+            rows = pa.Table.from_arrays(
+                [
+                    redone["key"]
+                    if f.name == "key"
+                    else pa.array(np.full(redone.num_rows, datetime.now(UTC)), f.type)
+                    if f.name == "processed_at"
+                    else pa.nulls(redone.num_rows, f.type)
+                    for f in schema
+                ],
+                schema=schema,
+            )
             stats_table.write_part(f"{output}/stats", rows, "run1", {})
-            outcome = measure(lambda: len(stats_table.compact(f"{output}/stats", {}, "run1", previous, unique_keys=True)))
-    return {"seconds": outcome["seconds"], "peak_bytes": outcome["peak_bytes"], "arrow_peak_bytes": outcome["arrow_peak_bytes"],
-            "rows": outcome["result"]}  # fmt: skip
+            outcome = measure(
+                lambda: len(stats_table.compact(f"{output}/stats", {}, "run1", previous, unique_keys=True))
+            )
+    return {
+        "seconds": outcome["seconds"],
+        "peak_bytes": outcome["peak_bytes"],
+        "arrow_peak_bytes": outcome["arrow_peak_bytes"],
+        "rows": outcome["result"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,16 +176,24 @@ def main(argv: list[str] | None = None) -> int:
         synthesize(root, n, args.rows_per_part, args.changed)
         print(f"n={n}: synthesized in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
         for phase in ("listing", "resume", "compaction"):
-            out = subprocess.run([sys.executable, "-m", "bench.driver_bookkeeping", "--out", str(root), "--phase", phase],
-                                 check=True, capture_output=True, text=True).stdout  # fmt: skip
+            out = subprocess.run(
+                [sys.executable, "-m", "bench.driver_bookkeeping", "--out", str(root), "--phase", phase],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
             result = {"images": n, "phase": phase, **json.loads(out.strip().splitlines()[-1])}
             results.append(result)
             print(result, file=sys.stderr, flush=True)
-    print("\n| images | phase | seconds | µs per image | peak resident above start | bytes per image | Arrow peak, bytes per image |")
+    print(
+        "\n| images | phase | seconds | µs per image | peak resident above start | bytes per image | Arrow peak, bytes per image |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['images']:,} | {r['phase']} | {r['seconds']:.2f} | {1e6 * r['seconds'] / r['images']:.2f} | "
-              f"{r['peak_bytes'] / 2**20:.0f} MiB | {r['peak_bytes'] / r['images']:.0f} | {r['arrow_peak_bytes'] / r['images']:.0f} |")  # fmt: skip
+        print(
+            f"| {r['images']:,} | {r['phase']} | {r['seconds']:.2f} | {1e6 * r['seconds'] / r['images']:.2f} | "
+            f"{r['peak_bytes'] / 2**20:.0f} MiB | {r['peak_bytes'] / r['images']:.0f} | {r['arrow_peak_bytes'] / r['images']:.0f} |"
+        )
     (Path(args.out) / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
     return 0
 

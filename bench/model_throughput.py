@@ -40,9 +40,7 @@ def device_sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(
-    fn: Callable[[], object], device: torch.device, iters: int, warmup: bool = True
-) -> tuple[float, object]:
+def timed(fn: Callable[[], object], device: torch.device, iters: int, warmup: bool = True) -> tuple[float, object]:
     """Seconds per call and the last result: the fastest of ``iters`` calls after an optional warm-up
     (on a shared machine the minimum is the measurement least disturbed by other work)."""
     out = fn() if warmup else None

@@ -61,8 +61,11 @@ def synthetic_jpeg(rng: np.random.Generator, size: int) -> bytes:
 def start_s3() -> tuple[subprocess.Popen, str]:
     """moto's S3 server on loopback in its own process (so its CPU is counted apart)."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
@@ -70,8 +73,13 @@ def start_s3() -> tuple[subprocess.Popen, str]:
             break
         except OSError:
             time.sleep(0.1)
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
-                      FSSPEC_S3_ENDPOINT_URL=endpoint, AWS_ENDPOINT_URL=endpoint)
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+        FSSPEC_S3_ENDPOINT_URL=endpoint,
+        AWS_ENDPOINT_URL=endpoint,
+    )
     return server, endpoint
 
 
@@ -128,7 +136,9 @@ class CpuSampler:
                 stack.append(child)
         if self.s3_pid:
             mine.add(self.s3_pid)
-        return {pid: (group_of(pid, procs[pid][1], self.me, self.s3_pid), procs[pid][2]) for pid in mine if pid in procs}
+        return {
+            pid: (group_of(pid, procs[pid][1], self.me, self.s3_pid), procs[pid][2]) for pid in mine if pid in procs
+        }
 
     def _run(self) -> None:
         while not self.stop.wait(0.5):
@@ -184,8 +194,15 @@ def plain_loop(predictor, uris: list[str], output: str, palette: list[int]) -> f
         mask_path = f"{root}/masks/{path.rsplit('/', 1)[-1]}.png"
         fs.pipe_file(mask_path, encode_mask(prediction.labels, palette))
         counts = prediction.pixel_counts
-        rows.append({"image_uri": uri, "mask_uri": mask_path, "pixel_counts": counts.tolist(),
-                     "dominant_class": int(counts.argmax()), "mean_confidence": prediction.mean_confidence})
+        rows.append(
+            {
+                "image_uri": uri,
+                "mask_uri": mask_path,
+                "pixel_counts": counts.tolist(),
+                "dominant_class": int(counts.argmax()),
+                "mean_confidence": prediction.mean_confidence,
+            }
+        )
     with fs.open(f"{root}/stats.parquet", "wb") as f:
         pq.write_table(pa.Table.from_pylist(rows), f)
     return len(uris) / (time.perf_counter() - start)
@@ -220,28 +237,39 @@ def main() -> None:
     model_uri = f"{root}/model.pt"
     fcn.save_checkpoint(fcn.get_model("fcn8s_vgg16", num_classes=21, width=args.width, geometry="aligned"), model_uri)
     rng = np.random.default_rng(0)
-    files = {f"{root_path}/images/{i // 500:02d}/img{i:05d}.jpg": synthetic_jpeg(rng, args.size) for i in range(args.images)}
+    files = {
+        f"{root_path}/images/{i // 500:02d}/img{i:05d}.jpg": synthetic_jpeg(rng, args.size) for i in range(args.images)
+    }
     for parent in {path.rsplit("/", 1)[0] for path in files}:
         fs.makedirs(parent, exist_ok=True)
     fs.pipe(files)
     uris = [fs.unstrip_protocol(path) for path in files]
-    print(f"{len(files)} JPEGs of {args.size}x{args.size} px ({sum(map(len, files.values())) / 1e6:.1f} MB) "
-          f"on {args.store}; FCN-8s width {args.width:g}; {cpus} CPUs")
+    print(
+        f"{len(files)} JPEGs of {args.size}x{args.size} px ({sum(map(len, files.values())) / 1e6:.1f} MB) "
+        f"on {args.store}; FCN-8s width {args.width:g}; {cpus} CPUs"
+    )
 
     torch.set_num_threads(cpus)
     checkpoint = fcn.load_checkpoint(model_uri)
     predictor = fcn.Predictor.from_checkpoint(checkpoint, device="cpu")
     sample = [decode_image(data, max_pixels=10**8) for data in list(files.values())[: args.bare_sample]]
     predictor(sample[0])  # warm-up
-    config = SegmentConfig(input=f"{root}/images", output=f"{root}/out", model=model_uri, progress=False,
-                           **({"batch_size": args.batch_size} if args.batch_size else {}))
+    config = SegmentConfig(
+        input=f"{root}/images",
+        output=f"{root}/out",
+        model=model_uri,
+        progress=False,
+        **({"batch_size": args.batch_size} if args.batch_size else {}),
+    )
     bare, _ = bare_model(predictor, sample)
     predictor.batch_pixels = CPU_FORWARD_PIXELS  # stacked as the job's FCN actor stacks them
     bare_batched, network_cpu = bare_model(predictor, sample, config.batch_size)
     predictor.batch_pixels = predictor.max_pixels
     loop = plain_loop(predictor, uris, f"{root}/loop", checkpoint.palette)
-    print(f"bare model {bare:.2f} images/s ({bare_batched:.2f} in batches of {config.batch_size}, "
-          f"{1000 * network_cpu:.2f} CPU ms/image), plain loop {loop:.2f} images/s")
+    print(
+        f"bare model {bare:.2f} images/s ({bare_batched:.2f} in batches of {config.batch_size}, "
+        f"{1000 * network_cpu:.2f} CPU ms/image), plain loop {loop:.2f} images/s"
+    )
     sampler = CpuSampler(s3_pid)
     started = time.monotonic()
     summary = run_segmentation(config)
@@ -253,19 +281,30 @@ def main() -> None:
     stats = pq.read_table(f"{root_path}/out/stats", filesystem=fs).to_pandas()
     processed = summary.ok + summary.error
     print(f"bare model again after the job: {bare_after:.2f} images/s")
-    print(f"job: {summary.ok} ok, {summary.error} error; start-up {summary.startup_s:.1f} s; "
-          f"whole run {summary.duration_s:.1f} s")
-    print("mean per image (ms): " + ", ".join(f"{c} {stats[c].mean():.2f}" for c in ("read_ms", "decode_ms", "inference_ms", "write_ms"))
-          + f"; bare model {1000 / bare:.2f}")
+    print(
+        f"job: {summary.ok} ok, {summary.error} error; start-up {summary.startup_s:.1f} s; "
+        f"whole run {summary.duration_s:.1f} s"
+    )
+    print(
+        "mean per image (ms): "
+        + ", ".join(f"{c} {stats[c].mean():.2f}" for c in ("read_ms", "decode_ms", "inference_ms", "write_ms"))
+        + f"; bare model {1000 / bare:.2f}"
+    )
     print()
     print("| measure | images/s | vs plain loop | vs bare model |")
     print("|---|---|---|---|")
     print(f"| bare model | {bare:.2f} | {bare / loop:.2f} | 1.00 |")
-    print(f"| bare model, batches of {config.batch_size} | {bare_batched:.2f} | {bare_batched / loop:.2f} | {bare_batched / bare:.2f} |")
+    print(
+        f"| bare model, batches of {config.batch_size} | {bare_batched:.2f} | {bare_batched / loop:.2f} | {bare_batched / bare:.2f} |"
+    )
     print(f"| plain loop | {loop:.2f} | 1.00 | {loop / bare:.2f} |")
-    print(f"| job, steady state | {summary.images_per_second:.2f} | {summary.images_per_second / loop:.2f} | {summary.images_per_second / bare:.2f} |")
-    print(f"| job, end to end (Ray start-up included) | {summary.end_to_end_images_per_second:.2f} | "
-          f"{summary.end_to_end_images_per_second / loop:.2f} | {summary.end_to_end_images_per_second / bare:.2f} |")
+    print(
+        f"| job, steady state | {summary.images_per_second:.2f} | {summary.images_per_second / loop:.2f} | {summary.images_per_second / bare:.2f} |"
+    )
+    print(
+        f"| job, end to end (Ray start-up included) | {summary.end_to_end_images_per_second:.2f} | "
+        f"{summary.end_to_end_images_per_second / loop:.2f} | {summary.end_to_end_images_per_second / bare:.2f} |"
+    )
     print()
     print("| process group | CPU s | CPU ms per image |")
     print("|---|---|---|")
@@ -280,8 +319,10 @@ def main() -> None:
         steady_cpu = sampler.cpu_between(window_start + 0.1 * window, window_start + 0.9 * window)
         per_image = steady_cpu / (0.8 * processed)
         print(f"| all, steady state | {steady_cpu:.1f} | {1000 * per_image:.2f} |")
-        print(f"| all, steady state, outside the network (minus the bare model's CPU per image) | | "
-              f"{1000 * (per_image - network_cpu):.2f} |")
+        print(
+            f"| all, steady state, outside the network (minus the bare model's CPU per image) | | "
+            f"{1000 * (per_image - network_cpu):.2f} |"
+        )
     if server:
         server.terminate()
 

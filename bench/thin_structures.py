@@ -38,25 +38,42 @@ def main(argv: list[str] | None = None) -> int:
     for model, weights in variants:
         init = backbone_init(warm.checkpoint_uri, model, args.width, len(class_names), str(out / f"init-{model}.pt"))
         start = time.perf_counter()
-        summary = run_training(TrainConfig(model=model, epochs=args.epochs, init=init, class_weights=weights,
-                                           run_name=f"thin-{model}-{weights}", **common))  # fmt: skip
-        rows.append({
-            "model": model, "class_weights": weights, "mean_iu": summary.metrics["mean_iu"],
-            "per_class_iu": dict(zip(class_names, summary.metrics["per_class_iu"], strict=True)),
-            "boundary_accuracy": boundary_accuracy(summary.checkpoint_uri, data, args.band),
-            "best_epoch": summary.metrics["epoch"], "train_seconds": time.perf_counter() - start,
-        })  # fmt: skip
+        summary = run_training(
+            TrainConfig(
+                model=model,
+                epochs=args.epochs,
+                init=init,
+                class_weights=weights,
+                run_name=f"thin-{model}-{weights}",
+                **common,
+            )
+        )
+        rows.append(
+            {
+                "model": model,
+                "class_weights": weights,
+                "mean_iu": summary.metrics["mean_iu"],
+                "per_class_iu": dict(zip(class_names, summary.metrics["per_class_iu"], strict=True)),
+                "boundary_accuracy": boundary_accuracy(summary.checkpoint_uri, data, args.band),
+                "best_epoch": summary.metrics["epoch"],
+                "train_seconds": time.perf_counter() - start,
+            }
+        )
         print(f"{model} {weights}: {rows[-1]}", file=sys.stderr, flush=True)
 
-    print(f"\n{args.images} synthetic scenes ({args.min_size}-{args.max_size} px), width {args.width:g}, shared backbone "
-          f"from a {args.warm_epochs}-epoch FCN-8s warm-up, then {args.epochs} epochs per variant, {args.workers} "
-          f"Ray Train workers, lr {args.lr:g}; IU in %\n")  # fmt: skip
+    print(
+        f"\n{args.images} synthetic scenes ({args.min_size}-{args.max_size} px), width {args.width:g}, shared backbone "
+        f"from a {args.warm_epochs}-epoch FCN-8s warm-up, then {args.epochs} epochs per variant, {args.workers} "
+        f"Ray Train workers, lr {args.lr:g}; IU in %\n"
+    )
     print(f"| network | loss | {' | '.join(class_names)} | mean IU | boundary acc (±{args.band} px) | train s |")
     print("|---|---|" + "---|" * (len(class_names) + 3))
     for row in rows:
         ius = [f"{100 * row['per_class_iu'][name]:.1f}" for name in class_names]
-        print(f"| {row['model']} | {row['class_weights']} | {' | '.join(ius)} | {100 * row['mean_iu']:.1f} | "
-              f"{100 * row['boundary_accuracy']:.1f} | {row['train_seconds']:.0f} |")  # fmt: skip
+        print(
+            f"| {row['model']} | {row['class_weights']} | {' | '.join(ius)} | {100 * row['mean_iu']:.1f} | "
+            f"{100 * row['boundary_accuracy']:.1f} | {row['train_seconds']:.0f} |"
+        )
     (out / "results.json").write_text(json.dumps({"args": vars(args), "results": rows}, indent=2))
     return 0
 

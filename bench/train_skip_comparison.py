@@ -93,8 +93,14 @@ def shared_warmup(args: argparse.Namespace, run_name: str) -> tuple[str, dict, T
     data = str(out / "data")
     write_synthetic_voc(data, num_images=args.images, seed=0, min_size=args.min_size, max_size=args.max_size)
     connect(args.ray_address)
-    common = {"data": data, "registry": str(out / "registry"), "workers": args.workers, "width": args.width,
-              "geometry": "aligned", "lr": args.lr}  # fmt: skip
+    common = {
+        "data": data,
+        "registry": str(out / "registry"),
+        "workers": args.workers,
+        "width": args.width,
+        "geometry": "aligned",
+        "lr": args.lr,
+    }
     warm = run_training(TrainConfig(model="fcn8s_vgg16", epochs=args.warm_epochs, run_name=run_name, **common))
     print(f"warm-up FCN-8s: mean IU {warm.metrics['mean_iu']:.3f}", file=sys.stderr, flush=True)
     return data, common, warm
@@ -110,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     for model in MODELS:
         init = backbone_init(warm.checkpoint_uri, model, args.width, num_classes, str(out / f"init-{model}.pt"))
         start = time.perf_counter()
-        summary = run_training(TrainConfig(model=model, epochs=args.epochs, init=init, run_name=f"bench-{model}", **common))
+        summary = run_training(
+            TrainConfig(model=model, epochs=args.epochs, init=init, run_name=f"bench-{model}", **common)
+        )
         seconds = time.perf_counter() - start
         rows.append(
             {
@@ -123,9 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"{model}: {rows[-1]}", file=sys.stderr, flush=True)
 
-    print(f"\n{args.images} synthetic scenes ({args.min_size}-{args.max_size} px), width {args.width:g}, shared backbone "
-          f"from a {args.warm_epochs}-epoch FCN-8s warm-up (mean IU {warm.metrics['mean_iu']:.3f}), then {args.epochs} "
-          f"epochs per net, {args.workers} Ray Train workers, modern recipe, lr {args.lr:g}\n")  # fmt: skip
+    print(
+        f"\n{args.images} synthetic scenes ({args.min_size}-{args.max_size} px), width {args.width:g}, shared backbone "
+        f"from a {args.warm_epochs}-epoch FCN-8s warm-up (mean IU {warm.metrics['mean_iu']:.3f}), then {args.epochs} "
+        f"epochs per net, {args.workers} Ray Train workers, modern recipe, lr {args.lr:g}\n"
+    )
     print(f"| network | pixel acc | mean acc | mean IU | f.w. IU | boundary acc (±{args.band} px) | train s |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:

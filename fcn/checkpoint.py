@@ -77,8 +77,9 @@ def save_checkpoint(
 
     ``class_names`` (the first head's) defaults to the VOC names for 21 classes (``class_0``...
     otherwise), ``palette`` to the VOC colour map; ``head_class_names`` names a multi-task net's
-    further heads' classes (default ``class_0``...; their palette is VOC's). ``meta`` must be plain data (str, int, float, bool, None, lists, dicts,
-    tensors). Local files are written to a temporary name and renamed; object stores receive one PUT.
+    further heads' classes (default ``class_0``...; their palette is VOC's). ``meta`` must be plain data
+    (str, int, float, bool, None, lists, dicts, tensors). Local files are written to a temporary name
+    and renamed; object stores receive one PUT.
     ``storage_options`` go to fsspec (e.g. ``{"endpoint_url": ...}`` for an S3-compatible store).
     """
     arch = getattr(model, "arch", None)

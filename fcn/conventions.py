@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-
 HHA_MEAN = (132.431, 94.076, 118.477)
 """Mean of the NYUDv2 HHA images in 0-255 units (the reference ``nyud_layers.py``), subtracted first."""
 
@@ -47,7 +46,9 @@ class InputConvention:
             x = rgb.to(device)
         else:
             if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-                described = f"{rgb.dtype} array of shape {rgb.shape}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
+                described = (
+                    f"{rgb.dtype} array of shape {rgb.shape}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
+                )
                 raise ValueError(f"to_tensor expects an HxWx3 uint8 RGB array, got a {described}")
             x = torch.tensor(rgb, device=device).permute(2, 0, 1)  # a uint8 copy: cheap, safe for read-only arrays
         if self.bgr:
@@ -58,7 +59,10 @@ class InputConvention:
         return x.mul_(self.scale / std).sub_(mean / std)  # (x * scale - mean) / std
 
     def encode(
-        self, inputs: Mapping[str, np.ndarray | Tensor], modalities: Sequence[str], device: torch.device | str | None = None
+        self,
+        inputs: Mapping[str, np.ndarray | Tensor],
+        modalities: Sequence[str],
+        device: torch.device | str | None = None,
     ) -> Tensor:
         """A network's ``[C, H, W]`` input from ``inputs`` by modality: ``rgb`` (``HxWx3`` uint8 or
         ``3xHxW`` tensor), ``depth`` (``HxW`` metres, 0 = missing), ``hha`` (``HxWx3`` uint8),

@@ -110,9 +110,7 @@ def fuse_offset(a: CoordMap, b: CoordMap) -> int:
 
 
 def receptive_field(layers: Iterable[nn.Module]) -> int:
-    """Receptive field in input pixels of one output cell of the composed layers (widest path).
-
-    """
+    """Receptive field in input pixels of one output cell of the composed layers (widest path)."""
     field, jump = 1, 1
     for layer in layers:
         if isinstance(layer, nn.Sequential):

@@ -61,9 +61,7 @@ def _array_to_rgb(array: np.ndarray, background: tuple[int, int, int]) -> np.nda
     if array.ndim == 2:
         array = array[:, :, None]
     if array.ndim != 3 or array.shape[2] not in (1, 2, 3, 4):
-        raise ValueError(
-            f"image array must be HxW or HxWxC with C in 1, 2, 3, 4 channels, got shape {array.shape}"
-        )
+        raise ValueError(f"image array must be HxW or HxWxC with C in 1, 2, 3, 4 channels, got shape {array.shape}")
     pixels = _to_uint8(array)
     channels = pixels.shape[2]
     color = pixels[:, :, :1].repeat(3, axis=2) if channels <= 2 else pixels[:, :, :3]
@@ -86,6 +84,4 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
         if not np.isfinite(array).all():
             raise ValueError("float image array contains NaN or infinite values")
         return (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    raise ValueError(
-        f"unsupported image array dtype {array.dtype}; expected uint8, uint16, bool or float in [0, 1]"
-    )
+    raise ValueError(f"unsupported image array dtype {array.dtype}; expected uint8, uint16, bool or float in [0, 1]")

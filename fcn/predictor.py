@@ -72,9 +72,7 @@ BF16_MIN_CAPABILITY = (8, 0)
 cores; older GPUs emulate bf16 slowly (fp16 is not offered: FCN activations can overflow its range)."""
 
 
-def resolve_precision(
-    precision: str, device: str | torch.device, capability: tuple[int, int] | None = None
-) -> str:
+def resolve_precision(precision: str, device: str | torch.device, capability: tuple[int, int] | None = None) -> str:
     """``"fp32"`` or ``"bf16"`` for a ``precision`` of ``"auto"``, ``"fp32"`` or ``"bf16"`` on ``device``.
 
     ``"auto"`` is bf16 on a CUDA GPU of compute ``capability`` >= 8.0 (default: the device's) that
@@ -204,13 +202,17 @@ class Predictor:
             return self.convention.encode(inputs, self.modalities, self.device)
         return self.convention.to_tensor(inputs, self.device)
 
-    def _predict_tiled(self, image: np.ndarray | Tensor | dict[str, np.ndarray | Tensor], confidence: bool, statistics: bool) -> Prediction:
+    def _predict_tiled(
+        self, image: np.ndarray | Tensor | dict[str, np.ndarray | Tensor], confidence: bool, statistics: bool
+    ) -> Prediction:
         height, width = _size(image)
         tiled = {task: _TiledHead(height, width, classes, confidence) for task, classes in self.head_classes.items()}
         for y0, y1, cy0, cy1 in _spans(height, self.tile_size, self.margin):
             for x0, x1, cx0, cx1 in _spans(width, self.tile_size, self.margin):
                 tile = self._encode(_crop(image, y0, y1, x0, x1))[None]
-                logits = {task: t[..., cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] for task, t in self._logits(tile).items()}
+                logits = {
+                    task: t[..., cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] for task, t in self._logits(tile).items()
+                }
                 [part] = self._decode(logits, confidence, statistics)
                 for task, head in tiled.items():
                     head.add(part.heads.get(task, part), cy0, cy1, cx0, cx1, statistics)
@@ -308,7 +310,11 @@ def _size(image: np.ndarray | Tensor | dict[str, np.ndarray | Tensor]) -> tuple[
     """(height, width) of an ``HxWx3`` array or a ``3xHxW`` tensor (of a dict of inputs: the first's)."""
     if isinstance(image, dict):
         first = next(iter(image.values()))
-        return (int(first.shape[1]), int(first.shape[2])) if isinstance(first, Tensor) else (int(first.shape[0]), int(first.shape[1]))
+        return (
+            (int(first.shape[1]), int(first.shape[2]))
+            if isinstance(first, Tensor)
+            else (int(first.shape[0]), int(first.shape[1]))
+        )
     if isinstance(image, Tensor):
         if image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"image tensors must be 3xHxW uint8 RGB, got shape {tuple(image.shape)}")

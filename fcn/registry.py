@@ -19,7 +19,7 @@ import json
 import math
 import os
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import fsspec
@@ -102,7 +102,7 @@ def promote(registry: str, version: str) -> dict[str, Any]:
     stored = {
         **entry,
         "checkpoint": f"models/{version}/{CHECKPOINT_FILE}",
-        "promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "promoted_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     fs, root = fsspec.core.url_to_fs(registry)
     write_atomic(fs, f"{root.rstrip('/')}/{CHAMPION_FILE}", json.dumps(stored, indent=2).encode())

@@ -19,9 +19,20 @@ __all__ = ["read_state_dict", "convolutionalize", "load_backbone", "load_pytorch
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
 VGG16_CONV_NAMES = (
-    "conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3",
-    "conv4_1", "conv4_2", "conv4_3", "conv5_1", "conv5_2", "conv5_3",
-)  # fmt: skip
+    "conv1_1",
+    "conv1_2",
+    "conv2_1",
+    "conv2_2",
+    "conv3_1",
+    "conv3_2",
+    "conv3_3",
+    "conv4_1",
+    "conv4_2",
+    "conv4_3",
+    "conv5_1",
+    "conv5_2",
+    "conv5_3",
+)
 VGG16_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
 """Positions of VGG16's convolutions in torchvision's ``features`` Sequential."""
 ALEXNET_CONV_INDICES = (0, 3, 6, 8, 10)
@@ -127,8 +138,10 @@ def pytorch_fcn_names(model: nn.Module) -> dict[str, str]:
     trunk and head layers carry pytorch-fcn's names (``conv1_1.weight`` -> ``streams.rgb.conv1_1.weight``,
     ``score_fr.weight`` -> ``heads.semantic.rgb.score_fr.weight``). ValueError for other nets."""
     if len(model.streams) != 1 or len(model.heads) != 1:
-        raise ValueError(f"{model.arch['name']} has {len(model.streams)} streams and {len(model.heads)} heads; "
-                         "pytorch-fcn's flat names describe one of each")  # fmt: skip
+        raise ValueError(
+            f"{model.arch['name']} has {len(model.streams)} streams and {len(model.heads)} heads; "
+            "pytorch-fcn's flat names describe one of each"
+        )
     (stream,), (task,) = model.streams.keys(), model.heads.keys()
     prefixes = (f"streams.{stream}.", f"heads.{task}.{stream}.")
     return {key.removeprefix(next(p for p in prefixes if key.startswith(p))): key for key in model.state_dict()}

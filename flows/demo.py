@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-
 from prefect.settings import (
     PREFECT_SERVER_ANALYTICS_ENABLED,
     PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
@@ -70,10 +69,21 @@ def obtain_model(
         return champion
     if not labelled.exists():
         write_synthetic_voc(labelled.as_uri(), num_images=LABELLED_IMAGES, seed=LABELLED_SEED)
-    print(f"training a small {DEMO_MODEL} (width {width}, {epochs} epochs, {workers} Ray Train workers) ...", flush=True)
+    print(
+        f"training a small {DEMO_MODEL} (width {width}, {epochs} epochs, {workers} Ray Train workers) ...", flush=True
+    )
     run_training(
-        TrainConfig(data=labelled.as_uri(), registry=registry_dir.as_uri(), model=DEMO_MODEL, width=width,
-                    epochs=epochs, lr=lr, workers=workers, geometry="aligned", run_name="demo")  # fmt: skip
+        TrainConfig(
+            data=labelled.as_uri(),
+            registry=registry_dir.as_uri(),
+            model=DEMO_MODEL,
+            width=width,
+            epochs=epochs,
+            lr=lr,
+            workers=workers,
+            geometry="aligned",
+            run_name="demo",
+        )
     )
     champion = registry.get_champion(registry_dir.as_uri())
     if champion is None:
@@ -97,8 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     make_bucket(bucket, args.images)
     try:
-        champion = obtain_model(registry_dir, root / "labelled", epochs=args.epochs, width=args.width, lr=args.lr,
-                                workers=args.workers)  # fmt: skip
+        champion = obtain_model(
+            registry_dir, root / "labelled", epochs=args.epochs, width=args.width, lr=args.lr, workers=args.workers
+        )
     except KeyboardInterrupt:  # trainer.fit() may still be inside Ray on a thread: end here (see exit_interrupted)
         exit_interrupted("interrupted: run the same command to resume training after the last finished epoch")
     # Prefect's temporary server migrates its database on first use: allow a slow machine more than 20 s. It
@@ -114,13 +125,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"""
 Demo finished in {elapsed:.0f} s.
   bucket (input)   {bucket}
-  model            {champion['checkpoint']} ({champion['version']}, val mean IU {champion['metrics']['mean_iu']:.3f})
-  images           {result['ok']} ok, {result['error']} error, {result['skipped']} skipped (already done)
-  throughput       {_steady(result['images_per_second'])} after {result['startup_s']:.1f} s of start-up (Ray, actors, model); {result['end_to_end_images_per_second']:.1f} images/s end to end
-  masks            {result['masks']}
-  Parquet stats    {result['stats']}
-  manifest         {result['manifest']}
-  HTML report      {result['report']}
+  model            {champion["checkpoint"]} ({champion["version"]}, val mean IU {champion["metrics"]["mean_iu"]:.3f})
+  images           {result["ok"]} ok, {result["error"]} error, {result["skipped"]} skipped (already done)
+  throughput       {_steady(result["images_per_second"])} after {result["startup_s"]:.1f} s of start-up (Ray, actors, model); {result["end_to_end_images_per_second"]:.1f} images/s end to end
+  masks            {result["masks"]}
+  Parquet stats    {result["stats"]}
+  manifest         {result["manifest"]}
+  HTML report      {result["report"]}
 
 Query the statistics:
   .venv/bin/python -c "import duckdb; print(duckdb.sql(\\"select dominant_class_name, count(*) n from read_parquet('{output}/stats/**/*.parquet') group by 1 order by n desc\\"))"
@@ -132,7 +143,11 @@ Query the statistics:
 
 def _steady(images_per_second: float) -> str:
     """The steady-state rate, or why there is none (the run's images fit in too few batches to time)."""
-    return f"{images_per_second:.1f} images/s steady state" if images_per_second else "too few batches for a steady-state rate"
+    return (
+        f"{images_per_second:.1f} images/s steady state"
+        if images_per_second
+        else "too few batches for a steady-state rate"
+    )
 
 
 if __name__ == "__main__":

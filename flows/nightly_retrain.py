@@ -94,8 +94,13 @@ class Decision:
     champion_metrics: dict[str, Any] | None
 
 
-@task(name="read-champion", retries=TRANSIENT_RETRIES, retry_delay_seconds=RETRY_DELAYS,
-      retry_condition_fn=is_transient, cache_policy=NO_CACHE)  # fmt: skip
+@task(
+    name="read-champion",
+    retries=TRANSIENT_RETRIES,
+    retry_delay_seconds=RETRY_DELAYS,
+    retry_condition_fn=is_transient,
+    cache_policy=NO_CACHE,
+)
 def read_champion(registry_uri: str) -> dict[str, Any] | None:
     """The registry's current ``champion.json``, or None."""
     champion = model_registry.get_champion(registry_uri)
@@ -124,7 +129,10 @@ def train(params: NightlyRetrainParams, warm_start_from: str | None) -> TrainSum
     summary = run_training(config)
     get_run_logger().info(
         "run %s: best epoch %s, mean IU %.4f, registered as %s",
-        summary.run_name, summary.metrics.get("epoch"), summary.metrics[SCORE], summary.version,
+        summary.run_name,
+        summary.metrics.get("epoch"),
+        summary.metrics[SCORE],
+        summary.version,
     )
     return summary
 
@@ -138,9 +146,12 @@ def evaluate(params: NightlyRetrainParams, candidate: TrainSummary, champion: di
     if champion is None:
         return Decision(True, "no champion yet", None)
     rescored = run_evaluation(
-        params.data, champion["checkpoint"], workers=params.workers,
-        gpus_per_worker=params.gpus_per_worker, ray_address=params.ray_address,
-    )  # fmt: skip
+        params.data,
+        champion["checkpoint"],
+        workers=params.workers,
+        gpus_per_worker=params.gpus_per_worker,
+        ray_address=params.ray_address,
+    )
     best = rescored[SCORE] + params.promote_margin
     better = score > best
     reason = (
@@ -151,8 +162,13 @@ def evaluate(params: NightlyRetrainParams, candidate: TrainSummary, champion: di
     return Decision(better, reason, rescored)
 
 
-@task(name="promote", retries=TRANSIENT_RETRIES, retry_delay_seconds=RETRY_DELAYS,
-      retry_condition_fn=is_transient, cache_policy=NO_CACHE)  # fmt: skip
+@task(
+    name="promote",
+    retries=TRANSIENT_RETRIES,
+    retry_delay_seconds=RETRY_DELAYS,
+    retry_condition_fn=is_transient,
+    cache_policy=NO_CACHE,
+)
 def promote(params: NightlyRetrainParams, candidate: TrainSummary, decision: Decision) -> bool:
     """Make the candidate the champion if the decision says so; return whether it is champion now."""
     if not decision.promote:
@@ -164,8 +180,13 @@ def promote(params: NightlyRetrainParams, candidate: TrainSummary, decision: Dec
     return True
 
 
-def summary_markdown(params: NightlyRetrainParams, candidate: TrainSummary, decision: Decision,
-                     promoted: bool, resegmented: dict[str, Any] | None) -> str:  # fmt: skip
+def summary_markdown(
+    params: NightlyRetrainParams,
+    candidate: TrainSummary,
+    decision: Decision,
+    promoted: bool,
+    resegmented: dict[str, Any] | None,
+) -> str:
     """The run's markdown artifact: candidate vs champion metrics, the decision, re-segmentation."""
     champion = decision.champion_metrics or {}
 
@@ -230,9 +251,13 @@ def nightly_retrain(
         resegmented = None
         if promoted and params.resegment_input:
             resegmented = segment_bucket(
-                input=params.resegment_input, output=params.resegment_output, model=params.registry,
-                ray_address=params.ray_address, actors=params.actors, device=params.device,
-            )  # fmt: skip
+                input=params.resegment_input,
+                output=params.resegment_output,
+                model=params.registry,
+                ray_address=params.ray_address,
+                actors=params.actors,
+                device=params.device,
+            )
         create_markdown_artifact(
             summary_markdown(params, candidate, decision, promoted, resegmented),
             key=ARTIFACT_KEY,

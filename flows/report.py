@@ -45,7 +45,9 @@ class ClassDistribution:
         pixels = np.zeros(n, dtype=np.int64)
         for counts in ok[head_column(head, "pixel_counts")].to_pylist():
             pixels[: len(counts)] += np.asarray(counts[:n], dtype=np.int64)
-        dominant = np.bincount(np.asarray(ok[head_column(head, "dominant_class")].to_pylist(), dtype=np.int64), minlength=n)
+        dominant = np.bincount(
+            np.asarray(ok[head_column(head, "dominant_class")].to_pylist(), dtype=np.int64), minlength=n
+        )
         return cls(list(class_names), pixels.tolist(), dominant[:n].tolist())
 
     @property
@@ -126,11 +128,14 @@ def markdown_summary(report: RunReport) -> str:
         f"| error | {report.error} |",
         f"| skipped (already done) | {report.skipped} |",
         "",
-        f"**Throughput:** {report.images_per_second:.2f} images/s steady state, after {report.startup_s:.1f} s of start-up  ",
+        f"**Throughput:** {report.images_per_second:.2f} images/s steady state, "
+        f"after {report.startup_s:.1f} s of start-up  ",
         f"**Model:** `{report.model}`",
         "",
     ]
-    headed = [("Class distribution", dist)] + [(f"Class distribution: {head} head", d) for head, (d, _) in report.further_heads.items()]
+    headed = [("Class distribution", dist)] + [
+        (f"Class distribution: {head} head", d) for head, (d, _) in report.further_heads.items()
+    ]
     for heading, dist in headed:
         lines += [f"## {heading}", "", "| class | pixels | share | images dominated |", "|---|---:|---:|---:|"]
         for name, pixels, dominant in zip(dist.class_names, dist.pixels, dist.dominant_images, strict=True):
@@ -177,8 +182,15 @@ def class_chart_svg(dist: ClassDistribution, palette: list[int]) -> str:
     return "".join(parts)
 
 
-def overlay_thumbnail(image_uri: str, mask_uri: str, pixels: int, palette: list[int], *,
-                      size: int = THUMBNAIL_SIZE, storage_options: dict[str, Any] | None = None) -> str:  # fmt: skip
+def overlay_thumbnail(
+    image_uri: str,
+    mask_uri: str,
+    pixels: int,
+    palette: list[int],
+    *,
+    size: int = THUMBNAIL_SIZE,
+    storage_options: dict[str, Any] | None = None,
+) -> str:
     """The image (as displayed; ``pixels`` = its width x height) and the same colour overlay as the
     job's ``--overlays``, side by side, scaled so that the longer side is ``size`` px, as a PNG data URI."""
     with fsspec.open(image_uri, "rb", **(storage_options or {})) as f:
@@ -197,8 +209,13 @@ def overlay_thumbnail(image_uri: str, mask_uri: str, pixels: int, palette: list[
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def sample_gallery(stats: pa.Table, class_names: list[str], palette: list[int], size: int,
-                   storage_options: dict[str, Any] | None = None) -> list[GalleryItem]:  # fmt: skip
+def sample_gallery(
+    stats: pa.Table,
+    class_names: list[str],
+    palette: list[int],
+    size: int,
+    storage_options: dict[str, Any] | None = None,
+) -> list[GalleryItem]:
     """Overlays of ``size`` ok rows spread evenly over the run (sorted by image URI)."""
     ok = stats.filter(pc.equal(stats["status"], "ok")).sort_by("image_uri")
     if size <= 0 or ok.num_rows == 0:
@@ -206,10 +223,13 @@ def sample_gallery(stats: pa.Table, class_names: list[str], palette: list[int], 
     picks = np.unique(np.linspace(0, ok.num_rows - 1, num=min(size, ok.num_rows)).round().astype(int))
     items = []
     for row in ok.take(pa.array(picks)).to_pylist():
-        caption = f"{row['image_uri'].rsplit('/', 1)[-1]} ({row['width']}x{row['height']}, " \
-                  f"mostly {class_names[row['dominant_class']]})"
-        thumbnail = overlay_thumbnail(row["image_uri"], row["mask_uri"], row["width"] * row["height"], palette,
-                                      storage_options=storage_options)  # fmt: skip
+        caption = (
+            f"{row['image_uri'].rsplit('/', 1)[-1]} ({row['width']}x{row['height']}, "
+            f"mostly {class_names[row['dominant_class']]})"
+        )
+        thumbnail = overlay_thumbnail(
+            row["image_uri"], row["mask_uri"], row["width"] * row["height"], palette, storage_options=storage_options
+        )
         items.append(GalleryItem(row["image_uri"], caption, thumbnail))
     return items
 
@@ -228,20 +248,22 @@ def _relative(uri: str, report_uri: str) -> str:
     """``uri`` relative to the report's folder when it lies below it (links work wherever the output is
     browsed, e.g. a local folder or a static website bucket), else ``uri`` itself."""
     base = report_uri.rsplit("/", 1)[0] + "/"
-    return uri[len(base):] or "." if report_uri and uri.startswith(base) else uri
+    return uri[len(base) :] or "." if report_uri and uri.startswith(base) else uri
 
 
 def html_report(report: RunReport, gallery: list[GalleryItem]) -> str:
     """A self-contained HTML page: counts, the class chart, the overlay gallery and output links."""
     esc = html.escape
     heads = [("Class distribution", report.distribution, report.palette)] + [
-        (f"Class distribution: {esc(head)} head", dist, palette) for head, (dist, palette) in report.further_heads.items()
+        (f"Class distribution: {esc(head)} head", dist, palette)
+        for head, (dist, palette) in report.further_heads.items()
     ]
     distributions = "".join(
         f"<h2>{heading}</h2>\n{class_chart_svg(dist, palette)}\n"
         "<table><tr><th>class</th><th>pixels</th><th>share</th><th>images dominated</th></tr>"
         + "".join(
-            f"<tr><td>{esc(name)}</td><td>{pixels}</td><td>{_percent(pixels, dist.total_pixels)}</td><td>{dominant}</td></tr>"
+            f"<tr><td>{esc(name)}</td><td>{pixels}</td><td>{_percent(pixels, dist.total_pixels)}</td>"
+            f"<td>{dominant}</td></tr>"
             for name, pixels, dominant in zip(dist.class_names, dist.pixels, dist.dominant_images, strict=True)
             if pixels or dominant
         )

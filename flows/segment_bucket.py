@@ -49,8 +49,10 @@ CameraIntrinsics = Annotated[str, Field(description=SegmentConfig.metadata("came
 GallerySize = Annotated[int, Field(ge=0, le=200, description="image/mask overlays in report.html")]
 StorageOptions = Annotated[
     dict[str, Any] | None,
-    Field(description="fsspec options for input, output and model, e.g. {'endpoint_url': ...}; "
-                      "keep credentials in the environment, not in parameters"),
+    Field(
+        description="fsspec options for input, output and model, e.g. {'endpoint_url': ...}; "
+        "keep credentials in the environment, not in parameters"
+    ),
 ]
 
 REPORT_FILE = "report.html"
@@ -142,7 +144,11 @@ def segment(params: SegmentBucketParams) -> SegmentSummary:
     summary = run_segmentation(params.segment_config())
     get_run_logger().info(
         "segmented: %d ok, %d error, %d skipped; start-up %.1f s, steady state %.2f images/s, end to end %.2f images/s",
-        summary.ok, summary.error, summary.skipped, summary.startup_s, summary.images_per_second,
+        summary.ok,
+        summary.error,
+        summary.skipped,
+        summary.startup_s,
+        summary.images_per_second,
         summary.end_to_end_images_per_second,
     )
     return summary

@@ -45,7 +45,9 @@ def load_deployments(prefect_yaml: Path = PREFECT_YAML) -> list[RunnerDeployment
     deployments = []
     for entry in spec["deployments"]:
         schedules = [Cron(s["cron"], timezone=s.get("timezone")) for s in entry.get("schedules") or []]
-        limit = entry.get("concurrency_limit")  # an int, or {limit, collision_strategy, ...} as `prefect deploy` reads it
+        limit = entry.get(
+            "concurrency_limit"
+        )  # an int, or {limit, collision_strategy, ...} as `prefect deploy` reads it
         deployments.append(
             load_flow(entry["entrypoint"]).to_deployment(
                 name=entry["name"],

@@ -241,8 +241,14 @@ def _class_names(
         "data %s: no class names (no %s, no --classes)%s; the train masks hold label ids up to %d, so the "
         "network gets %d classes named class_0 ... class_%d. Name them with one name per line in "
         "<data>/%s or a file passed as --classes.",
-        uri, CLASS_NAMES_FILE, not_voc, labels.max_label, len(names), labels.max_label, CLASS_NAMES_FILE,
-    )  # fmt: skip
+        uri,
+        CLASS_NAMES_FILE,
+        not_voc,
+        labels.max_label,
+        len(names),
+        labels.max_label,
+        CLASS_NAMES_FILE,
+    )
     return names, "found in the train masks"
 
 
@@ -540,7 +546,7 @@ def _read_mat(sample_id: str, uri: str, what: str, variable: str) -> np.ndarray:
     data = _read_bytes(sample_id, uri, what)
     try:
         contents = scipy.io.loadmat(io.BytesIO(data), variable_names=[variable])
-    except Exception as exc:  # noqa: BLE001 - corrupt files raise ValueError, OSError, zlib.error, ...
+    except Exception as exc:
         raise BadSample(sample_id, f"unreadable {what} {uri}: {exc}") from None
     if variable not in contents:
         raise BadSample(sample_id, f"{what} {uri} has no variable {variable!r}")

@@ -60,7 +60,9 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
         return to_rgb_array(image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         width, height = image.size
-        raise DecodeError(f"cannot decode {image.format or 'image'} {width}x{height} mode {image.mode}: {error}") from None
+        raise DecodeError(
+            f"cannot decode {image.format or 'image'} {width}x{height} mode {image.mode}: {error}"
+        ) from None
 
 
 def device_jpeg_orientation(data: bytes, *, max_pixels: int) -> int | None:
@@ -76,7 +78,7 @@ def device_jpeg_orientation(data: bytes, *, max_pixels: int) -> int | None:
     return orientation if 1 <= orientation <= 8 else 1
 
 
-def orient(pixels, orientation: int):  # noqa: ANN001, ANN201 - torch.Tensor in and out (torch imported lazily)
+def orient(pixels, orientation: int):
     """Apply EXIF ``orientation`` to a ``CxHxW`` tensor as ``PIL.ImageOps.exif_transpose`` does."""
     if orientation == 2:
         return pixels.flip(2)

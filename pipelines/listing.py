@@ -14,7 +14,7 @@ import posixpath
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import fsspec
@@ -162,13 +162,22 @@ def _list_inventory(fs: fsspec.AbstractFileSystem, path: str, exclude: str | Non
         if excluded:
             outside = pc.invert(pc.starts_with(uris, excluded))
             uris, batch, keys = uris.filter(outside), batch.filter(outside), keys.filter(outside)
-        batches.append(pa.RecordBatch.from_arrays([
-            uris, keys,
-            batch["size"].cast(pa.int64()) if "size" in columns else pa.nulls(len(keys), pa.int64()),
-            pc.utf8_trim(batch["e_tag"].cast(pa.string()), '"') if "e_tag" in columns else pa.nulls(len(keys), pa.string()),
-            batch["last_modified_date"].cast(pa.timestamp("us", tz="UTC")) if "last_modified_date" in columns
-            else pa.nulls(len(keys), pa.timestamp("us", tz="UTC")),
-        ], schema=SOURCE_SCHEMA))  # fmt: skip
+        batches.append(
+            pa.RecordBatch.from_arrays(
+                [
+                    uris,
+                    keys,
+                    batch["size"].cast(pa.int64()) if "size" in columns else pa.nulls(len(keys), pa.int64()),
+                    pc.utf8_trim(batch["e_tag"].cast(pa.string()), '"')
+                    if "e_tag" in columns
+                    else pa.nulls(len(keys), pa.string()),
+                    batch["last_modified_date"].cast(pa.timestamp("us", tz="UTC"))
+                    if "last_modified_date" in columns
+                    else pa.nulls(len(keys), pa.timestamp("us", tz="UTC")),
+                ],
+                schema=SOURCE_SCHEMA,
+            )
+        )
     if len(buckets) > 1:
         raise InputError(f"inventory {uri} lists {len(buckets)} buckets; segment one bucket per run")
     table = pa.Table.from_batches(batches, schema=SOURCE_SCHEMA)
@@ -184,7 +193,9 @@ def _list_manifest(fs: fsspec.AbstractFileSystem, path: str, storage_options: di
     try:
         lines = text.decode("utf-8").splitlines()
     except UnicodeDecodeError:
-        raise InputError(f"{fs.unstrip_protocol(path)} is neither an image nor a UTF-8 manifest of image URIs") from None
+        raise InputError(
+            f"{fs.unstrip_protocol(path)} is neither an image nor a UTF-8 manifest of image URIs"
+        ) from None
     base = posixpath.dirname(path)
     entries: dict[str, tuple[fsspec.AbstractFileSystem, str]] = {}
     for line in lines:
@@ -199,7 +210,11 @@ def _list_manifest(fs: fsspec.AbstractFileSystem, path: str, storage_options: di
     if not entries:
         raise InputError(f"manifest {fs.unstrip_protocol(path)} lists no images")
     paths = [p for _, p in entries.values()]
-    prefix = posixpath.commonpath([posixpath.dirname(p) for p in paths]) if len({f.protocol for f, _ in entries.values()}) == 1 else ""
+    prefix = (
+        posixpath.commonpath([posixpath.dirname(p) for p in paths])
+        if len({f.protocol for f, _ in entries.values()}) == 1
+        else ""
+    )
 
     def stat(item: tuple[fsspec.AbstractFileSystem, str]) -> dict[str, Any]:
         entry_fs, entry_path = item
@@ -275,9 +290,9 @@ def _mtime(info: dict[str, Any]) -> datetime | None:
         if value is None:
             continue
         if isinstance(value, (int, float)):
-            return datetime.fromtimestamp(value, timezone.utc)
+            return datetime.fromtimestamp(value, UTC)
         if isinstance(value, datetime):
-            return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+            return value if value.tzinfo else value.replace(tzinfo=UTC)
         if isinstance(value, str):
             return datetime.fromisoformat(value.replace("Z", "+00:00"))
     return None

@@ -9,6 +9,7 @@ newest row is kept, so a finished output has exactly one row per image key.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import uuid
@@ -57,7 +58,14 @@ COLUMNS = [name for name, _, _ in FIELDS]
 SOURCE_SCHEMA = pa.schema([(name, type_) for name, type_, _ in FIELDS[:5]])
 """What a listing knows of each image (``image_uri``, ``key``, ``source_size``, ``source_etag``,
 ``source_mtime``): the input of a run, and of its resume decision."""
-HEAD_COLUMNS = ("mask_uri", "pixel_counts", "class_fractions", "dominant_class", "dominant_class_name", "mean_confidence")
+HEAD_COLUMNS = (
+    "mask_uri",
+    "pixel_counts",
+    "class_fractions",
+    "dominant_class",
+    "dominant_class_name",
+    "mean_confidence",
+)
 """The columns that each further head of a multi-task model repeats as ``<head>_<column>``."""
 
 
@@ -76,14 +84,22 @@ def stats_schema(
     heads = heads or {"semantic": {"class_names": class_names, "palette": palette}}
     documented = {name: (type_, doc) for name, type_, doc in FIELDS}
     further = [
-        pa.field(head_column(head, column), documented[column][0], metadata={"description": f"{head} head: {documented[column][1]}"})
+        pa.field(
+            head_column(head, column),
+            documented[column][0],
+            metadata={"description": f"{head} head: {documented[column][1]}"},
+        )
         for head in list(heads)[1:]
         for column in HEAD_COLUMNS
-    ]  # fmt: skip
+    ]
     return pa.schema(
         [pa.field(name, type_, metadata={"description": doc}) for name, type_, doc in FIELDS] + further,
-        metadata={"class_names": json.dumps(class_names), "palette": json.dumps(palette), "heads": json.dumps(heads),
-                  "model": json.dumps(model)},  # fmt: skip
+        metadata={
+            "class_names": json.dumps(class_names),
+            "palette": json.dumps(palette),
+            "heads": json.dumps(heads),
+            "model": json.dumps(model),
+        },
     )
 
 
@@ -114,7 +130,16 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return buffer.getvalue()
 
 
-_STATE_COLUMNS = ["key", "source_size", "source_etag", "source_mtime", "model_id", "model_version", "status", "processed_at"]
+_STATE_COLUMNS = [
+    "key",
+    "source_size",
+    "source_etag",
+    "source_mtime",
+    "model_id",
+    "model_version",
+    "status",
+    "processed_at",
+]
 _REPEATED = ["model_id", "model_version", "status"]  # few distinct values: read dictionary-encoded
 
 
@@ -140,7 +165,9 @@ def _part_files(fs: fsspec.AbstractFileSystem, root: str, prefix: str = "") -> l
     if not fs.exists(root):
         return []
     names = (p for p in fs.find(root) if p.endswith(".parquet"))
-    return sorted(p for p in names if not p.rsplit("/", 1)[-1].startswith((".", "_")) and p.rsplit("/", 1)[-1].startswith(prefix))
+    return sorted(
+        p for p in names if not p.rsplit("/", 1)[-1].startswith((".", "_")) and p.rsplit("/", 1)[-1].startswith(prefix)
+    )
 
 
 def _read_bookkeeping(fs: fsspec.AbstractFileSystem, path: str, columns: list[str] = _STATE_COLUMNS) -> pa.Table:
@@ -167,13 +194,18 @@ def _by_key_oldest_first(rows: pa.Table) -> tuple[pa.Table, np.ndarray]:
     return ordered, ~np.append(same_as_next, False)
 
 
-def todo_images(listing: pa.Table, state: pa.Table, model_id: str, model_version: str, *, unique_keys: bool = False) -> pa.Table:
+def todo_images(
+    listing: pa.Table, state: pa.Table, model_id: str, model_version: str, *, unique_keys: bool = False
+) -> pa.Table:
     """The images of ``listing`` (``SOURCE_SCHEMA``) to segment: all but those whose newest row in
     ``state`` is ``ok`` for the same source (size, and etag where either side has one, else mtime)
     and the same model. Decided with Arrow (a hash lookup of each listed key), not per row in Python.
     ``unique_keys``: ``state`` is known to hold one row per key (see ``newest_rows``)."""
     newest = newest_rows(state, unique_keys)
-    ok = pc.and_(_is(newest["status"], STATUS_OK), pc.and_(_is(newest["model_id"], model_id), _is(newest["model_version"], model_version)))
+    ok = pc.and_(
+        _is(newest["status"], STATUS_OK),
+        pc.and_(_is(newest["model_id"], model_id), _is(newest["model_version"], model_version)),
+    )
     where = pc.index_in(listing["key"], value_set=newest["key"].combine_chunks())  # a hash lookup per listed key
     etag, etag_done = listing["source_etag"], newest["source_etag"].take(where)
     same_version = pc.if_else(
@@ -212,11 +244,13 @@ def compact(
     parts = [_read_bookkeeping(fs, path, ["key", "processed_at"]) for path in _part_files(fs, root, f"part-{run_id}-")]
     run_rows = pa.concat_tables(parts) if parts else previous.select(["key", "processed_at", "_file"]).slice(0, 0)
     run_keys = pc.unique(run_rows["key"])
-    superseded = pa.concat_tables([
-        _locations(previous.filter(pc.is_in(previous["key"], value_set=run_keys))),
-        _older_duplicates(previous.slice(0, 0) if unique_keys else previous),
-        _older_duplicates(run_rows),
-    ])  # fmt: skip
+    superseded = pa.concat_tables(
+        [
+            _locations(previous.filter(pc.is_in(previous["key"], value_set=run_keys))),
+            _older_duplicates(previous.slice(0, 0) if unique_keys else previous),
+            _older_duplicates(run_rows),
+        ]
+    )
     for path in pc.unique(superseded["_file"]).to_pylist():
         stale = superseded.filter(pc.equal(superseded["_file"], path))["key"]
         with fs.open(path, "rb") as f:
@@ -233,10 +267,8 @@ def compact(
 
 def _remove(fs: fsspec.AbstractFileSystem, path: str) -> None:
     """Delete ``path``; one already gone (an earlier attempt deleted it, its answer lost) is fine."""
-    try:
+    with contextlib.suppress(FileNotFoundError):
         fs.rm_file(path)
-    except FileNotFoundError:
-        pass
 
 
 def _locations(rows: pa.Table) -> pa.Table:

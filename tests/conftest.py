@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 
-
 # Distinctive credentials (moto accepts any): tests search outputs and logs for them.
 ENV_SECRET = "env-secret-4f9b27c1"
 ENV_TOKEN = "env-session-token-8d13e5a0"

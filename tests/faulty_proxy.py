@@ -71,7 +71,9 @@ class FaultyProxy:
                     self._answer_error(fault)
                     return
                 upstream_conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "transfer-encoding")}
+                headers = {
+                    k: v for k, v in self.headers.items() if k.lower() not in ("connection", "transfer-encoding")
+                }
                 upstream_conn.request(self.command, self.path, body=body, headers=headers)
                 response = upstream_conn.getresponse()
                 payload = response.read()
@@ -99,7 +101,7 @@ class FaultyProxy:
                 self.end_headers()
                 self.wfile.write(payload)
 
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward  # noqa: N815 - http.server's naming
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
 
             def log_message(self, *args: object) -> None:
                 pass

@@ -29,11 +29,10 @@ from typing import Any
 import fsspec
 import pyarrow.parquet as pq
 import ray
+from process_tree import descendants
 from ray._private import state as ray_state
 from ray._private.services import get_node_ip_address
 from ray.cluster_utils import Cluster
-
-from process_tree import descendants
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # segment_cases
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # pipelines, fcn (run as a script)
@@ -66,10 +65,15 @@ def start_cluster(head_cpus: float, workers: list[float]) -> tuple[Cluster, list
     port = free_port()
     os.environ["RAY_ADDRESS"] = f"{get_node_ip_address()}:{port}"
     cluster = Cluster(
-        initialize_head=True, connect=False,
-        head_node_args={"num_cpus": head_cpus, "include_dashboard": False, "gcs_server_port": port,
-                        "_system_config": FAST_NODE_DEATH},
-    )  # fmt: skip
+        initialize_head=True,
+        connect=False,
+        head_node_args={
+            "num_cpus": head_cpus,
+            "include_dashboard": False,
+            "gcs_server_port": port,
+            "_system_config": FAST_NODE_DEATH,
+        },
+    )
     assert cluster.address == os.environ["RAY_ADDRESS"], (cluster.address, os.environ["RAY_ADDRESS"])
     nodes = [add_worker(cluster, cpus) for cpus in workers]
     cluster.wait_for_nodes()
@@ -124,9 +128,12 @@ class ActorWatcher(threading.Thread):
             if not any(n in name for n in self.names):
                 continue
             record = {
-                "class": name, "state": info["State"], "node_id": info["Address"]["NodeID"],
-                "pid": info.get("Pid"), "restarts": info.get("NumRestarts"),
-            }  # fmt: skip
+                "class": name,
+                "state": info["State"],
+                "node_id": info["Address"]["NodeID"],
+                "pid": info.get("Pid"),
+                "restarts": info.get("NumRestarts"),
+            }
             with self.lock:
                 self.latest[actor_id] = record
                 seen = self.alive_on.setdefault(actor_id, [])
@@ -138,7 +145,7 @@ class ActorWatcher(threading.Thread):
         while not self.stop.wait(self.period_s):
             try:
                 self.poll()
-            except Exception as error:  # noqa: BLE001 - e.g. the GCS busy for a moment: poll again
+            except Exception as error:
                 logging.getLogger(__name__).debug("actor poll failed: %s", error)
 
     def alive(self, name: str) -> dict[str, dict[str, Any]]:
@@ -166,7 +173,7 @@ class Driver(threading.Thread):
     def run(self) -> None:
         try:
             self.result = self.job()
-        except Exception as error:  # noqa: BLE001 - reported to the test
+        except Exception as error:
             self.error = f"{type(error).__name__}: {error}"
         self.ended_at = time.time()
 
@@ -189,9 +196,11 @@ class Driver(threading.Thread):
     def finish(self) -> dict[str, Any]:
         self.join(max(0.0, self.deadline - time.monotonic()))
         return {
-            "summary": self.result, "error": self.missed("the job ended") if self.is_alive() else self.error,
-            "run_s": round(time.monotonic() - self.started, 1), "finished_at": self.ended_at,
-        }  # fmt: skip
+            "summary": self.result,
+            "error": self.missed("the job ended") if self.is_alive() else self.error,
+            "run_s": round(time.monotonic() - self.started, 1),
+            "finished_at": self.ended_at,
+        }
 
 
 def _node_ids(cluster: Cluster, nodes: list[Any]) -> dict[str, str]:
@@ -210,8 +219,9 @@ def segment(workdir: Path, deadline: float) -> tuple[dict[str, Any], Cluster]:
     each): 3 one-CPU FCN actors, which Ray Data spreads over the nodes. Once some (not all) Parquet
     parts are written, a worker node hosting an FCN actor is killed; Ray restarts the lost actors where
     a CPU is free (one is spare) and reruns the lost tasks. Returns what happened and the cluster."""
-    from pipelines.segment import SegmentConfig, run_segmentation
     from segment_cases import good_images, tiny_checkpoint, upload
+
+    from pipelines.segment import SegmentConfig, run_segmentation
 
     files = {}
     for seed in range(SEGMENT_IMAGES // 6):
@@ -230,9 +240,16 @@ def segment(workdir: Path, deadline: float) -> tuple[dict[str, Any], Cluster]:
     watcher = ActorWatcher(("Segmenter", "Tally"))
     watcher.start()
     config = SegmentConfig(
-        input=str(workdir / "input"), output=str(output), model=model, ray_address=cluster.address, actors=3,
-        cpus_per_actor=1, batch_size=SEGMENT_BATCH, rows_per_file=SEGMENT_ROWS_PER_FILE, progress=False,
-    )  # fmt: skip
+        input=str(workdir / "input"),
+        output=str(output),
+        model=model,
+        ray_address=cluster.address,
+        actors=3,
+        cpus_per_actor=1,
+        batch_size=SEGMENT_BATCH,
+        rows_per_file=SEGMENT_ROWS_PER_FILE,
+        progress=False,
+    )
 
     def job() -> dict[str, Any]:
         summary = run_segmentation(config)
@@ -256,10 +273,15 @@ def segment(workdir: Path, deadline: float) -> tuple[dict[str, Any], Cluster]:
         written = sorted(stats.glob("part-*.parquet"))  # written atomically: whole files only
         keys = [key for part in written for key in pq.read_table(part, columns=["key"])["key"].to_pylist()]
         outcome.update(
-            actors_at_kill=alive, killed_node=victim.node_id, killed_actors=_by_node(alive)[victim.node_id],
-            parts_at_kill=len(written), keys_at_kill=sorted(keys), run_started_at=driver.started_at,
-            killed_at=time.time(), killed_processes=hard_kill(cluster, victim),
-        )  # fmt: skip
+            actors_at_kill=alive,
+            killed_node=victim.node_id,
+            killed_actors=_by_node(alive)[victim.node_id],
+            parts_at_kill=len(written),
+            keys_at_kill=sorted(keys),
+            run_started_at=driver.started_at,
+            killed_at=time.time(),
+            killed_processes=hard_kill(cluster, victim),
+        )
     outcome.update(driver.finish())
     watcher.stop.set()
     watcher.join(timeout=5)
@@ -303,17 +325,31 @@ def train(workdir: Path, bucket: str, deadline: float) -> tuple[dict[str, Any], 
     watcher = ActorWatcher(("RayTrainWorker",))
     watcher.start()
     config = TrainConfig(
-        data=str(data), registry=reg, model="fcn8s_vgg16", width=1 / 16, geometry="aligned", workers=2,
-        cpus_per_worker=1, epochs=TRAIN_EPOCHS, lr=3e-3, run_name=run_name, max_failures=2, ray_address=cluster.address,
-    )  # fmt: skip
+        data=str(data),
+        registry=reg,
+        model="fcn8s_vgg16",
+        width=1 / 16,
+        geometry="aligned",
+        workers=2,
+        cpus_per_worker=1,
+        epochs=TRAIN_EPOCHS,
+        lr=3e-3,
+        run_name=run_name,
+        max_failures=2,
+        ray_address=cluster.address,
+    )
 
     def job() -> dict[str, Any]:
         summary = run_training(config)
         return {
-            "version": summary.version, "promoted": summary.promoted, "epochs": summary.epochs,
-            "history": [{k: h[k] for k in ("epoch", "resumed_from_epoch", "world_size", "train_loss", "mean_iu")}
-                        for h in summary.history],
-        }  # fmt: skip
+            "version": summary.version,
+            "promoted": summary.promoted,
+            "epochs": summary.epochs,
+            "history": [
+                {k: h[k] for k in ("epoch", "resumed_from_epoch", "world_size", "train_loss", "mean_iu")}
+                for h in summary.history
+            ],
+        }
 
     driver = Driver(job, deadline)
     if not driver.wait_for(checkpointed, period_s=0.1):
@@ -334,9 +370,11 @@ def train(workdir: Path, bucket: str, deadline: float) -> tuple[dict[str, Any], 
     watcher.stop.set()
     watcher.join(timeout=5)
     outcome.update(
-        checkpoint_seen_at=seen, champion=registry.get_champion(reg), versions=registry.list_versions(reg),
+        checkpoint_seen_at=seen,
+        champion=registry.get_champion(reg),
+        versions=registry.list_versions(reg),
         actors=watcher.snapshot(),
-    )  # fmt: skip
+    )
     return outcome, cluster
 
 

@@ -50,7 +50,9 @@ def good_images(seed: int = 0, count: int = 3) -> dict[str, bytes]:
     for i in range(count):
         height, width = sizes[i % len(sizes)]
         fmt, ext = ("JPEG", "jpg") if i % 2 == 0 else ("PNG", "png")
-        images[f"photos/{'day' if i % 3 else 'night'}/img{seed}_{i}.{ext}"] = _encode(Image.fromarray(_noise(rng, height, width)), fmt)
+        images[f"photos/{'day' if i % 3 else 'night'}/img{seed}_{i}.{ext}"] = _encode(
+            Image.fromarray(_noise(rng, height, width)), fmt
+        )
     return images
 
 

@@ -189,7 +189,9 @@ def test_bad_files_raise_bad_sample_naming_the_file(tmp_path: Path) -> None:
     assert "img_no_variable.mat has no variable 'segmentation'" in reasons["no_variable"]
     assert "image size (3, 2) differs from depth size (2, 2)" in reasons["small_depth"]
     assert "img_small_depth.png" in reasons["small_depth"]
-    assert "depth has mode 'L', not a 16-bit PNG" in reasons["depth_8bit"] and reasons["depth_8bit"].endswith("img_depth_8bit.png)")
+    assert "depth has mode 'L', not a 16-bit PNG" in reasons["depth_8bit"] and reasons["depth_8bit"].endswith(
+        "img_depth_8bit.png)"
+    )
     assert "differs from hha size (3, 3)" in reasons["small_hha"] and "img_small_hha.png" in reasons["small_hha"]
     assert "img_bad_id.mat holds [300], neither void 0 nor a class" in reasons["bad_id"]
 
@@ -223,14 +225,14 @@ def test_synthetic_data_reads_back_through_any_fsspec_uri(layout: str) -> None:
             example = load_example(sample, data)
             assert set(example.modalities) == set(data.modalities)
             height, width = example.modalities["rgb"].shape[:2]
-            assert 48 <= min(height, width) and max(height, width) <= 64
+            assert min(height, width) >= 48 and max(height, width) <= 64
             for head, labels in example.labels.items():
                 assert labels.shape == (height, width) and labels.dtype == np.uint8
                 seen[head] |= set(np.unique(labels).tolist())
             if layout == "nyud":
                 depth, semantic = example.modalities["depth"], example.labels["semantic"]
                 wall, floor = semantic == NYUD40_CLASSES.index("wall"), semantic == NYUD40_CLASSES.index("floor")
-                assert depth.dtype == np.float32 and 0.3 < depth.min() and depth.max() <= 5.0
+                assert depth.dtype == np.float32 and depth.min() > 0.3 and depth.max() <= 5.0
                 assert depth[floor].min() < depth[wall].min()  # the floor comes nearer than the wall
                 assert example.modalities["hha"].shape == (height, width, 3)
         assert seen["semantic"] == scene_classes | {255}  # every scene class, void from the ignore band

@@ -27,8 +27,20 @@ def test_console_script_help(script: str, flags: tuple[str, ...], tmp_path: Path
 
 def test_console_script_bad_parameter_exits_2_naming_it(tmp_path: Path) -> None:
     done = subprocess.run(
-        [str(BIN / "fcn-segment"), "--input", str(tmp_path), "--output", str(tmp_path / "out"),
-         "--model", "model.pt", "--batch-size", "0"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            str(BIN / "fcn-segment"),
+            "--input",
+            str(tmp_path),
+            "--output",
+            str(tmp_path / "out"),
+            "--model",
+            "model.pt",
+            "--batch-size",
+            "0",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and "--batch-size: must be > 0" in done.stderr and "Traceback" not in done.stderr

@@ -42,9 +42,12 @@ def _assert_same_network(loaded: torch.nn.Module, original: torch.nn.Module) -> 
 def test_local_round_trip_keeps_everything(model: torch.nn.Module, tmp_path: Path) -> None:
     uri = str(tmp_path / "runs" / "a" / "checkpoint.pt")  # parent folders are created
     palette = [0, 0, 0, 128, 64, 128, 0, 128, 0]
-    assert save_checkpoint(
-        model, uri, class_names=NAMES, palette=palette, input_convention="caffe", epoch=3, metrics={"mean_iu": 0.5}
-    ) == uri
+    assert (
+        save_checkpoint(
+            model, uri, class_names=NAMES, palette=palette, input_convention="caffe", epoch=3, metrics={"mean_iu": 0.5}
+        )
+        == uri
+    )
     ckpt = load_checkpoint(uri)
     _assert_same_network(ckpt.model, model)
     assert ckpt.arch == model.arch and ckpt.arch["kwargs"]["geometry"] == "aligned"
@@ -97,7 +100,7 @@ def test_readers_never_see_half_a_file(model: torch.nn.Module, tmp_path: Path) -
         while not done.is_set():
             try:
                 reads.append(load_checkpoint(uri).meta["generation"])
-            except Exception as error:  # noqa: BLE001 - any failure is what the test looks for
+            except Exception as error:
                 errors.append(error)
 
     thread = threading.Thread(target=reader)
@@ -190,7 +193,12 @@ def test_a_two_head_rgbd_checkpoint_records_its_heads_and_modalities(tmp_path: P
         for p in net.parameters():
             p.normal_(0, 0.1)
     uri = str(tmp_path / "siftflow.pt")
-    save_checkpoint(net, uri, class_names=["sky", "tree", "road", "car"], head_class_names={"geometric": ["sky", "horizontal", "vertical"]})
+    save_checkpoint(
+        net,
+        uri,
+        class_names=["sky", "tree", "road", "car"],
+        head_class_names={"geometric": ["sky", "horizontal", "vertical"]},
+    )
     ckpt = load_checkpoint(uri)
     assert list(ckpt.heads) == ["semantic", "geometric"]
     assert ckpt.heads["semantic"]["class_names"] == ["sky", "tree", "road", "car"] == ckpt.class_names
@@ -214,8 +222,16 @@ def test_a_version_1_checkpoint_with_flat_pytorch_fcn_names_still_loads(model: t
 
     flat = {name: model.state_dict()[key] for name, key in pytorch_fcn_names(model).items()}
     assert "conv1_1.weight" in flat and "score_pool3.weight" in flat
-    payload = {"format": FORMAT, "version": 1, "arch": model.arch, "state_dict": flat, "class_names": NAMES,
-               "palette": voc_palette(), "input_convention": "torchvision", "meta": {}}  # fmt: skip
+    payload = {
+        "format": FORMAT,
+        "version": 1,
+        "arch": model.arch,
+        "state_dict": flat,
+        "class_names": NAMES,
+        "palette": voc_palette(),
+        "input_convention": "torchvision",
+        "meta": {},
+    }
     uri = tmp_path / "v1.pt"
     torch.save(payload, uri)
     ckpt = load_checkpoint(str(uri))

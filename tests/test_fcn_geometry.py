@@ -272,5 +272,11 @@ def test_conv_flops_counts_every_multiply_accumulate_once(layer: nn.Module) -> N
 
 
 def _same_args(layer: nn.Module) -> dict:
-    return {"in_channels": layer.in_channels, "out_channels": layer.out_channels, "kernel_size": layer.kernel_size,
-            "stride": layer.stride, "padding": layer.padding, "bias": False}
+    return {
+        "in_channels": layer.in_channels,
+        "out_channels": layer.out_channels,
+        "kernel_size": layer.kernel_size,
+        "stride": layer.stride,
+        "padding": layer.padding,
+        "bias": False,
+    }

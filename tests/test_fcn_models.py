@@ -208,13 +208,20 @@ def test_trunks_are_torchvision_definitions(name: str, classifier, dropped: tupl
         tv = classifier(weights=None)
         model = get_model(name)
     tv_convs = [m.weight.shape for n, m in tv.named_modules() if isinstance(m, nn.Conv2d)]
-    fcn_convs = [m.weight.shape for n, m in model.backbone.named_modules() if isinstance(m, nn.Conv2d) and not n.startswith("fc")]
+    fcn_convs = [
+        m.weight.shape for n, m in model.backbone.named_modules() if isinstance(m, nn.Conv2d) and not n.startswith("fc")
+    ]
     assert fcn_convs == tv_convs
     if name == "fcn32s_googlenet":
         tv_keys = {k for k in tv.state_dict() if not k.startswith(dropped)}
         assert tv_keys == set(model.backbone.state_dict())
     else:
-        assert model.backbone.fc6.weight.shape == (4096, 256, 6, 6) and model.backbone.fc7.weight.shape == (4096, 4096, 1, 1)
+        assert model.backbone.fc6.weight.shape == (4096, 256, 6, 6) and model.backbone.fc7.weight.shape == (
+            4096,
+            4096,
+            1,
+            1,
+        )
         assert model.crops == {"score": 18}  # Caffe voc-fcn-alexnet
 
 
@@ -253,7 +260,9 @@ def test_late_fusion_averages_the_two_streams_scores() -> None:
     """RGB-HHA: each stream scores with its own layers; the output is the 0.5/0.5 average, which, with
     the reference's fixed bilinear upsampling, is the average of the score maps before upsampling."""
     torch.manual_seed(0)
-    model = randomize_scores(get_model("fcn16s_rgbhha_vgg16", width=WIDTH, num_classes=5, learnable_upsampling=False)).eval()
+    model = randomize_scores(
+        get_model("fcn16s_rgbhha_vgg16", width=WIDTH, num_classes=5, learnable_upsampling=False)
+    ).eval()
     assert list(model.streams) == ["rgb", "hha"] and list(model.heads["semantic"]) == ["rgb", "hha"]
     x = torch.randn(1, 6, 45, 51)
     with torch.no_grad():
@@ -267,8 +276,11 @@ def test_late_fusion_averages_the_two_streams_scores() -> None:
         skip = (head_rgb.score_pool4(f_rgb["pool4"]) + head_hha.score_pool4(f_hha["pool4"])) / 2
         from fcn.models._common import crop_to, fuse
 
-        early = crop_to(head_rgb.upscore16(fuse(head_rgb.upscore2(coarse), skip, head_rgb.crops["score_pool4c"])),
-                        head_rgb.crops["score"], x.shape[-2:])  # fmt: skip
+        early = crop_to(
+            head_rgb.upscore16(fuse(head_rgb.upscore2(coarse), skip, head_rgb.crops["score_pool4c"])),
+            head_rgb.crops["score"],
+            x.shape[-2:],
+        )
     assert not torch.allclose(rgb, hha)
     torch.testing.assert_close(fused, (rgb + hha) / 2)
     torch.testing.assert_close(fused, early, rtol=1e-4, atol=1e-5)
@@ -280,14 +292,16 @@ def test_siftflow_heads_have_their_own_skips_and_losses_add() -> None:
     assert semantic.skips == geometric.skips == ("pool4", "pool3")
     assert semantic.score_pool3 is not geometric.score_pool3
     out = model(torch.randn(2, 3, 40, 40))
-    loss = nn.functional.cross_entropy(out["semantic"], torch.randint(0, 33, (2, 40, 40))) + nn.functional.cross_entropy(
-        out["geometric"], torch.randint(0, 3, (2, 40, 40))
-    )
+    loss = nn.functional.cross_entropy(
+        out["semantic"], torch.randint(0, 33, (2, 40, 40))
+    ) + nn.functional.cross_entropy(out["geometric"], torch.randint(0, 3, (2, 40, 40)))
     loss.backward()
     assert semantic.score_pool3.weight.grad.abs().sum() > 0 and geometric.score_pool3.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize(("name", "skips", "last"), [("fcn4s_vgg16", 3, "upscore4"), ("fcn2s_vgg16", 4, "upscore_pool1")])
+@pytest.mark.parametrize(
+    ("name", "skips", "last"), [("fcn4s_vgg16", 3, "upscore4"), ("fcn2s_vgg16", 4, "upscore_pool1")]
+)
 def test_finer_skips_continue_the_pattern(name: str, skips: int, last: str) -> None:
     """FCN-4s/2s: the same head with pool2 (and pool1) skips; every upsampling bilinear, x2 between
     fusions; crops from the coordinate maps; the finest skip changes the output."""

@@ -16,9 +16,22 @@ from fcn.weights import load_backbone, load_pytorch_fcn, pytorch_fcn_names, read
 WIDTH = 1 / 16
 
 PYTORCH_FCN_CONVS = [
-    "conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3",
-    "conv4_1", "conv4_2", "conv4_3", "conv5_1", "conv5_2", "conv5_3", "fc6", "fc7",
-]  # fmt: skip
+    "conv1_1",
+    "conv1_2",
+    "conv2_1",
+    "conv2_2",
+    "conv3_1",
+    "conv3_2",
+    "conv3_3",
+    "conv4_1",
+    "conv4_2",
+    "conv4_3",
+    "conv5_1",
+    "conv5_2",
+    "conv5_3",
+    "fc6",
+    "fc7",
+]
 PYTORCH_FCN_HEADS = {
     "fcn32s_vgg16": {"score_fr.weight": (21, 4096, 1, 1), "upscore.weight": (21, 21, 64, 64)},
     "fcn16s_vgg16": {

@@ -93,8 +93,10 @@ def prefect_env(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixtur
         server = subprocess.Popen(
             [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
             env=_without_prefect_settings() | _prefect_settings(home),
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         request.getfixturevalue("ray_cluster")  # S3 endpoint and Ray start while the server migrates its db
         api = f"http://127.0.0.1:{port}/api"
@@ -111,8 +113,12 @@ def served(prefect_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
     with open(log, "w") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "flows.serve"],
-            cwd=ROOT, env=prefect_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            cwd=ROOT,
+            env=prefect_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         for name in ("segment-bucket/segment-bucket", "nightly-retrain/nightly-retrain"):
             _wait_until(lambda: _deployment(prefect_env, name), f"deployment {name}", STARTUP_TIMEOUT, process, log)
@@ -150,9 +156,7 @@ def _deployment(env: dict[str, str], name: str) -> Any:
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN / "prefect"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
-    )
+    return subprocess.run([str(BIN / "prefect"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
 def _run_deployment(env: dict[str, str], name: str, params: dict[str, Any]) -> UUID:
@@ -183,8 +187,9 @@ def _artifact(env: dict[str, str], flow_run_id: UUID, key: str) -> str:
 
     with _client(env) as client:
         found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]),
-                                           flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))  # fmt: skip
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])
+            )
         )
     assert found, f"no artifact {key!r} for flow run {flow_run_id}"
     return found[0].data
@@ -208,8 +213,9 @@ def _registry_with_champion(root: Path) -> str:
     return uri
 
 
-def test_segment_bucket_deployment_runs_from_the_cli(served: dict[str, str], ray_cluster: None,
-                                                     private_s3_options: dict, tmp_path: Path) -> None:  # fmt: skip
+def test_segment_bucket_deployment_runs_from_the_cli(
+    served: dict[str, str], ray_cluster: None, private_s3_options: dict, tmp_path: Path
+) -> None:
     """The bucket lives on an S3 endpoint that only the ``storage_options`` parameter reaches (the
     served flow's environment points at another one): listing, segmentation, verification and the
     report all go through it."""
@@ -220,9 +226,16 @@ def test_segment_bucket_deployment_runs_from_the_cli(served: dict[str, str], ray
     write_synthetic_voc(str(tmp_path / "scenes"), num_images=5, seed=3, min_size=48, max_size=64)
     fs.put(str(tmp_path / "scenes" / "JPEGImages"), "deployed/scenes/", recursive=True)
     images, output = "s3://deployed/scenes/JPEGImages/", "s3://deployed/segmented"
-    params = {"input": images, "output": output, "model": _registry_with_champion(tmp_path),
-              "ray_address": _ray_address(), "actors": 1, "device": "cpu", "gallery_size": 3,
-              "storage_options": private_s3_options}  # fmt: skip
+    params = {
+        "input": images,
+        "output": output,
+        "model": _registry_with_champion(tmp_path),
+        "ray_address": _ray_address(),
+        "actors": 1,
+        "device": "cpu",
+        "gallery_size": 3,
+        "storage_options": private_s3_options,
+    }
 
     run_id = _run_deployment(served, "segment-bucket/segment-bucket", params)
     run = _wait_for_run(served, run_id)
@@ -246,10 +259,16 @@ def test_segment_bucket_deployment_runs_from_the_cli(served: dict[str, str], ray
 
     with _client(served) as client:
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+        )
     assert logs and artifacts
-    texts = {"logs": "\n".join(log.message for log in logs), "artifacts": "\n".join(str(a.data) for a in artifacts),
-             "report.html": page, "serve.log": Path(served["_SERVE_LOG"]).read_text()}  # fmt: skip
+    texts = {
+        "logs": "\n".join(log.message for log in logs),
+        "artifacts": "\n".join(str(a.data) for a in artifacts),
+        "report.html": page,
+        "serve.log": Path(served["_SERVE_LOG"]).read_text(),
+    }
     for secret in SECRETS:
         assert not [name for name, text in texts.items() if secret in text], secret
 
@@ -270,16 +289,26 @@ def test_nightly_retrain_deployment_promotes_a_champion_and_resegments(
     write_synthetic_voc(data.as_uri(), num_images=6, seed=0, min_size=48, max_size=64)
     registry_uri = (tmp_path / "registry").as_uri()
     output = tmp_path / "resegmented"
-    params = {"data": data.as_uri(), "registry": registry_uri, "width": 0.0625, "epochs": 1, "workers": 1,
-              "ray_address": _ray_address(), "resegment_input": (data / "JPEGImages").as_uri(),
-              "resegment_output": output.as_uri(), "actors": 1, "device": "cpu"}  # fmt: skip
+    params = {
+        "data": data.as_uri(),
+        "registry": registry_uri,
+        "width": 0.0625,
+        "epochs": 1,
+        "workers": 1,
+        "ray_address": _ray_address(),
+        "resegment_input": (data / "JPEGImages").as_uri(),
+        "resegment_output": output.as_uri(),
+        "actors": 1,
+        "device": "cpu",
+    }
     assert registry.get_champion(registry_uri) is None
 
     # Two runs requested back to back: the deployment's concurrency limit (prefect.yaml) queues the
     # second until the first has finished, so the registry never has two writers.
     run_id = _run_deployment(served, "nightly-retrain/nightly-retrain", params)
-    second_id = _run_deployment(served, "nightly-retrain/nightly-retrain",
-                                params | {"resegment_input": None, "resegment_output": None})
+    second_id = _run_deployment(
+        served, "nightly-retrain/nightly-retrain", params | {"resegment_input": None, "resegment_output": None}
+    )
     first, second = _wait_for_run(served, run_id), _wait_for_run(served, second_id)
     assert first.end_time <= second.start_time, (first.start_time, first.end_time, second.start_time)
     assert registry.list_versions(registry_uri) == ["v0001", "v0002"]

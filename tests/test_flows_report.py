@@ -41,14 +41,28 @@ def _stats(tmp_path: Path, ok: int, errors: int) -> pa.Table:
         labels[: 10 + i, :] = 1 + i % 3  # class 1..3 on top, background below
         image_uri, mask_uri = _write_pair(tmp_path, f"img{i:02d}", labels)
         counts = np.bincount(labels.ravel(), minlength=len(CLASSES)).tolist()
-        rows.append({
-            "image_uri": image_uri, "key": f"img{i:02d}.jpg", "width": 50, "height": 40 + i,
-            "pixel_counts": counts, "class_fractions": [c / labels.size for c in counts],
-            "dominant_class": int(np.argmax(counts)), "mask_uri": mask_uri, "status": "ok",
-        })  # fmt: skip
+        rows.append(
+            {
+                "image_uri": image_uri,
+                "key": f"img{i:02d}.jpg",
+                "width": 50,
+                "height": 40 + i,
+                "pixel_counts": counts,
+                "class_fractions": [c / labels.size for c in counts],
+                "dominant_class": int(np.argmax(counts)),
+                "mask_uri": mask_uri,
+                "status": "ok",
+            }
+        )
     for i in range(errors):
-        rows.append({"image_uri": f"file:///bucket/bad{i}.jpg", "key": f"bad{i}.jpg", "status": "error",
-                     "error": f"decode: not an image | row {i}"})  # fmt: skip
+        rows.append(
+            {
+                "image_uri": f"file:///bucket/bad{i}.jpg",
+                "key": f"bad{i}.jpg",
+                "status": "error",
+                "error": f"decode: not an image | row {i}",
+            }
+        )
     schema = stats_schema(CLASSES, voc_palette(), {"id": "file:///m.pt"})
     return pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in rows], schema=schema)
 
@@ -129,13 +143,29 @@ def test_segment_bucket_rejects_bad_parameters_naming_them() -> None:
 
     good = {"input": "s3://b/in/", "output": "s3://b/out/", "model": "s3://b/registry"}
     assert segment_bucket.validate_parameters(good)["device"] == "auto"
-    for bad, name in [({"actors": 0}, "actors"), ({"device": "gpu"}, "device"), ({"input": ""}, "input"),
-                      ({"gallery_size": -1}, "gallery_size"), ({"storage_options": "endpoint"}, "storage_options")]:  # fmt: skip
+    for bad, name in [
+        ({"actors": 0}, "actors"),
+        ({"device": "gpu"}, "device"),
+        ({"input": ""}, "input"),
+        ({"gallery_size": -1}, "gallery_size"),
+        ({"storage_options": "endpoint"}, "storage_options"),
+    ]:
         with pytest.raises(ParameterTypeError, match=rf"- {name}[:.]"):  # (actors.constrained-int: a union)
             segment_bucket.validate_parameters(good | bad)
         with pytest.raises(ValidationError, match=name):
-            SegmentBucketParams(**(good | {"ray_address": None, "actors": None, "device": "auto",
-                                            "gallery_size": 1, "storage_options": None} | bad))  # fmt: skip
+            SegmentBucketParams(
+                **(
+                    good
+                    | {
+                        "ray_address": None,
+                        "actors": None,
+                        "device": "auto",
+                        "gallery_size": 1,
+                        "storage_options": None,
+                    }
+                    | bad
+                )
+            )
     with pytest.raises(ParameterTypeError, match="model"):
         segment_bucket.validate_parameters({"input": "a", "output": "b"})
 
@@ -145,8 +175,13 @@ def test_nightly_retrain_rejects_bad_parameters_naming_them() -> None:
 
     good = {"data": "s3://b/voc", "registry": "s3://b/registry"}
     assert nightly_retrain.validate_parameters(good)["epochs"] == 10
-    for bad, name in [({"epochs": 0}, "epochs"), ({"width": 0}, "width"), ({"recipe": "new"}, "recipe"),
-                      ({"promote_margin": -0.1}, "promote_margin"), ({"workers": 0}, "workers")]:  # fmt: skip
+    for bad, name in [
+        ({"epochs": 0}, "epochs"),
+        ({"width": 0}, "width"),
+        ({"recipe": "new"}, "recipe"),
+        ({"promote_margin": -0.1}, "promote_margin"),
+        ({"workers": 0}, "workers"),
+    ]:
         with pytest.raises(ParameterTypeError, match=rf"- {name}[:.]"):  # (actors.constrained-int: a union)
             nightly_retrain.validate_parameters(good | bad)
 
@@ -176,15 +211,34 @@ def test_nightly_retrain_cross_field_check_and_summary() -> None:
     from flows.nightly_retrain import Decision, NightlyRetrainParams, summary_markdown
     from pipelines.train import TrainSummary
 
-    fields = {"data": "s3://b/voc", "registry": "s3://b/registry", "model": "fcn8s_vgg16", "width": 1.0,
-              "epochs": 2, "workers": 1, "gpus_per_worker": 0, "recipe": "modern", "class_weights": "none",
-              "warm_start": True, "promote_margin": 0.0, "resegment_input": None, "resegment_output": None,
-              "ray_address": None, "actors": None, "device": "auto"}  # fmt: skip
+    fields = {
+        "data": "s3://b/voc",
+        "registry": "s3://b/registry",
+        "model": "fcn8s_vgg16",
+        "width": 1.0,
+        "epochs": 2,
+        "workers": 1,
+        "gpus_per_worker": 0,
+        "recipe": "modern",
+        "class_weights": "none",
+        "warm_start": True,
+        "promote_margin": 0.0,
+        "resegment_input": None,
+        "resegment_output": None,
+        "ray_address": None,
+        "actors": None,
+        "device": "auto",
+    }
     with pytest.raises(ValidationError, match="resegment_input and resegment_output"):
         NightlyRetrainParams(**(fields | {"resegment_input": "s3://b/photos"}))
-    candidate = TrainSummary(run_name="r1", checkpoint_uri="s3://b/registry/runs/r1/epoch-0002/checkpoint.pt",
-                             metrics={"pixel_accuracy": 0.9, "mean_accuracy": 0.5, "mean_iu": 0.4, "fw_iu": 0.8},
-                             version="v0002", promoted=False, epochs=2)  # fmt: skip
+    candidate = TrainSummary(
+        run_name="r1",
+        checkpoint_uri="s3://b/registry/runs/r1/epoch-0002/checkpoint.pt",
+        metrics={"pixel_accuracy": 0.9, "mean_accuracy": 0.5, "mean_iu": 0.4, "fw_iu": 0.8},
+        version="v0002",
+        promoted=False,
+        epochs=2,
+    )
     rescored = {"pixel_accuracy": 0.8, "mean_accuracy": 0.4, "mean_iu": 0.3, "fw_iu": 0.7}
     text = summary_markdown(NightlyRetrainParams(**fields), candidate, Decision(True, "better", rescored), True, None)
     assert text.startswith("# nightly-retrain: promoted v0002")
@@ -196,7 +250,9 @@ def test_nightly_retrain_cross_field_check_and_summary() -> None:
 def test_failure_artifacts_show_storage_options_by_name_only() -> None:
     from flows.segment_bucket import shown_parameters
 
-    shown = shown_parameters({"input": "s3://b/in", "storage_options": {"key": "AKIA", "secret": "s3cr3t", "endpoint_url": "http://x"}})
+    shown = shown_parameters(
+        {"input": "s3://b/in", "storage_options": {"key": "AKIA", "secret": "s3cr3t", "endpoint_url": "http://x"}}
+    )
     assert shown == {"input": "s3://b/in", "storage_options": ["endpoint_url", "key", "secret"]}
     assert "s3cr3t" not in repr(shown)
 
@@ -206,21 +262,38 @@ def test_a_two_head_run_reports_each_heads_distribution() -> None:
     from pipelines.stats import head_column
 
     geometric = ["sky", "horizontal", "vertical"]
-    heads = {"semantic": {"class_names": CLASSES, "palette": voc_palette()}, "geometric": {"class_names": geometric, "palette": voc_palette()}}
+    heads = {
+        "semantic": {"class_names": CLASSES, "palette": voc_palette()},
+        "geometric": {"class_names": geometric, "palette": voc_palette()},
+    }
     schema = stats_schema(CLASSES, voc_palette(), {}, heads)
     rows = [
-        {"image_uri": f"file:///b/{i}.jpg", "key": f"{i}.jpg", "status": "ok", "pixel_counts": [4, 0, 0, 0],
-         "dominant_class": 0, head_column("geometric", "pixel_counts"): [1, 3 + i, 0],
-         head_column("geometric", "dominant_class"): 1}
+        {
+            "image_uri": f"file:///b/{i}.jpg",
+            "key": f"{i}.jpg",
+            "status": "ok",
+            "pixel_counts": [4, 0, 0, 0],
+            "dominant_class": 0,
+            head_column("geometric", "pixel_counts"): [1, 3 + i, 0],
+            head_column("geometric", "dominant_class"): 1,
+        }
         for i in range(2)
-    ]  # fmt: skip
+    ]
     stats = pa.Table.from_pylist([{c: r.get(c) for c in schema.names} for r in rows], schema=schema)
-    assert {task: names for task, (names, _) in schema_heads(schema).items()} == {"semantic": CLASSES, "geometric": geometric}
+    assert {task: names for task, (names, _) in schema_heads(schema).items()} == {
+        "semantic": CLASSES,
+        "geometric": geometric,
+    }
     report = _report(stats, ok=2, errors=0)
-    report = dataclasses.replace(report, further_heads={"geometric": (ClassDistribution.from_stats(stats, geometric, head="geometric"), voc_palette())})
+    report = dataclasses.replace(
+        report,
+        further_heads={"geometric": (ClassDistribution.from_stats(stats, geometric, head="geometric"), voc_palette())},
+    )
     assert report.further_heads["geometric"][0].pixels == [2, 7, 0]
     assert report.further_heads["geometric"][0].dominant_images == [0, 2, 0]
     markdown = markdown_summary(report)
     assert "## Class distribution: geometric head" in markdown and "| horizontal | 7 | 77.8% | 2 |" in markdown
     page = html_report(report, [])
-    assert "Class distribution: geometric head" in page and "<td>horizontal</td><td>7</td><td>77.8%</td><td>2</td>" in page
+    assert (
+        "Class distribution: geometric head" in page and "<td>horizontal</td><td>7</td><td>77.8%</td><td>2</td>" in page
+    )

@@ -14,14 +14,11 @@ from typing import Any
 
 import pytest
 import yaml
-
 from process_tree import descendants
 
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra"
-CONFIG_FILES = sorted(
-    [p for p in INFRA.rglob("*") if p.suffix in {".yaml", ".yml", ".json"}] + [ROOT / "prefect.yaml"]
-)
+CONFIG_FILES = sorted([p for p in INFRA.rglob("*") if p.suffix in {".yaml", ".yml", ".json"}] + [ROOT / "prefect.yaml"])
 
 
 def _load(path: Path) -> list[Any]:
@@ -53,8 +50,14 @@ def _assert_cli_accepts(module: str, flags: list[str]) -> None:
 
 def test_config_files_exist_and_parse() -> None:
     names = {p.relative_to(ROOT).as_posix() for p in CONFIG_FILES}
-    assert {"prefect.yaml", "infra/ray/cluster.yaml", "infra/ray/runtime_env.yaml", "infra/k8s/raycluster.yaml",
-            "infra/k8s/rayjob-segment.yaml", "infra/k8s/rayjob-train.yaml"} <= names  # fmt: skip
+    assert {
+        "prefect.yaml",
+        "infra/ray/cluster.yaml",
+        "infra/ray/runtime_env.yaml",
+        "infra/k8s/raycluster.yaml",
+        "infra/k8s/rayjob-segment.yaml",
+        "infra/k8s/rayjob-train.yaml",
+    } <= names
     for path in CONFIG_FILES:
         documents = _load(path)
         assert documents and all(isinstance(d, dict) for d in documents), path
@@ -168,16 +171,25 @@ def test_local_stack_scripts_are_valid_bash_bound_to_loopback(script: str) -> No
     text = path.read_text()
     if script == "start.sh":
         assert "0.0.0.0" not in text
-        for service in (r"moto_server\S* -H 127\.0\.0\.1", r"--node-ip-address=127\.0\.0\.1",
-                        r"--dashboard-host=127\.0\.0\.1", r"prefect\S* server start --host 127\.0\.0\.1",
-                        r"-m flows\.serve"):  # fmt: skip
+        for service in (
+            r"moto_server\S* -H 127\.0\.0\.1",
+            r"--node-ip-address=127\.0\.0\.1",
+            r"--dashboard-host=127\.0\.0\.1",
+            r"prefect\S* server start --host 127\.0\.0\.1",
+            r"-m flows\.serve",
+        ):
             assert re.search(service, text), service
 
 
 def _dry_run(*args: str, **env: str) -> dict[str, list[str]]:
     """``start.sh --dry-run *args``: the services it would start, name -> command (argv)."""
-    run = subprocess.run(["bash", str(INFRA / "local/start.sh"), "--dry-run", *args], capture_output=True, text=True,
-                         env={"PATH": "/usr/bin:/bin", **env}, timeout=30)  # fmt: skip
+    run = subprocess.run(
+        ["bash", str(INFRA / "local/start.sh"), "--dry-run", *args],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", **env},
+        timeout=30,
+    )
     assert run.returncode == 0, run.stderr
     lines = dict(line.split(": ", 1) for line in run.stdout.splitlines())
     assert int(lines.pop("ray nodes")) == sum(name.startswith("ray") for name in lines if name != "stack dir")
@@ -214,11 +226,17 @@ def test_local_stack_dry_run_starts_a_head_and_n_worker_nodes_on_loopback(tmp_pa
     assert "--num-cpus=1" in _dry_run("--workers", "1", "--head-cpus", "1", **ports)["ray"]
 
 
-@pytest.mark.parametrize("args", [["--workers", "-1"], ["--workers"], ["--worker-cpus", "0"], ["--head-cpus", "x"],
-                                  ["--bogus"]])  # fmt: skip
+@pytest.mark.parametrize(
+    "args", [["--workers", "-1"], ["--workers"], ["--worker-cpus", "0"], ["--head-cpus", "x"], ["--bogus"]]
+)
 def test_local_stack_refuses_bad_arguments(args: list[str], tmp_path: Path) -> None:
-    run = subprocess.run(["bash", str(INFRA / "local/start.sh"), *args], capture_output=True, text=True,
-                         env={"PATH": "/usr/bin:/bin", "STACK_DIR": str(tmp_path / "stack")}, timeout=30)  # fmt: skip
+    run = subprocess.run(
+        ["bash", str(INFRA / "local/start.sh"), *args],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "STACK_DIR": str(tmp_path / "stack")},
+        timeout=30,
+    )
     assert run.returncode == 2 and run.stderr and not (tmp_path / "stack").exists()
 
 
@@ -235,8 +253,10 @@ def test_local_stack_stop_kills_a_worker_node_then_stops_the_rest(tmp_path: Path
         # that ended ones are reaped instead of lingering as zombies of the test.
         leader = subprocess.run(
             ["bash", "-c", 'setsid bash -c "sleep 300 & setsid sleep 300 & wait" >/dev/null 2>&1 & echo $!'],
-            capture_output=True, text=True, check=True,
-        ).stdout.strip()  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         (tmp_path / f"{service}.pid").write_text(leader)
         deadline = time.monotonic() + 10
         while len(under := descendants(int(leader))) < 2 and time.monotonic() < deadline:
@@ -274,11 +294,19 @@ def _wait_gone(pids: list[int], timeout_s: float = 10) -> bool:
 def test_join_node_lets_a_node_join_and_keeps_the_loopback_head_address() -> None:
     """What infra/local/join_node.py changes in Ray for a worker node's `ray start`, under the stack's
     single-machine mode: nodes may join, and 127.0.0.1 is not rewritten to the machine's IP."""
-    code = ("import runpy; runpy.run_path('infra/local/join_node.py', run_name='join_node'); "
-            "from ray._private import ray_constants, services; "
-            "print(ray_constants.ENABLE_RAY_CLUSTER, "
-            "services.canonicalize_bootstrap_address('127.0.0.1:6390'))")  # fmt: skip
-    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                         env={"PATH": "/usr/bin:/bin", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})  # fmt: skip
+    code = (
+        "import runpy; runpy.run_path('infra/local/join_node.py', run_name='join_node'); "
+        "from ray._private import ray_constants, services; "
+        "print(ray_constants.ENABLE_RAY_CLUSTER, "
+        "services.canonicalize_bootstrap_address('127.0.0.1:6390'))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["True", "127.0.0.1:6390"]

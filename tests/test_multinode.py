@@ -14,15 +14,14 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import fsspec
 import pyarrow.parquet as pq
-from PIL import Image
-
 from multinode_scenarios import SEGMENT_IMAGES, TIMEOUT_S, TRAIN_EPOCHS, WAIT_S, Driver
+from PIL import Image
 
 HERE = Path(__file__).resolve().parent
 
@@ -31,8 +30,13 @@ def _scenario(*args: str) -> dict[str, Any]:
     """Run ``multinode_scenarios.py *args`` (``args[1]`` is its workdir); return its result."""
     written = Path(args[1]) / "result.json"
     try:
-        run = subprocess.run([sys.executable, str(HERE / "multinode_scenarios.py"), *args], cwd=HERE.parent,
-                             capture_output=True, text=True, timeout=TIMEOUT_S)  # fmt: skip
+        run = subprocess.run(
+            [sys.executable, str(HERE / "multinode_scenarios.py"), *args],
+            cwd=HERE.parent,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_S,
+        )
     except subprocess.TimeoutExpired:  # its own waits end earlier: the cluster's shutdown hung
         found = written.read_text()[:4000] if written.exists() else "not written"
         raise AssertionError(f"scenario not done in {TIMEOUT_S} s; result.json: {found}") from None
@@ -97,7 +101,7 @@ def test_segmentation_spreads_over_nodes_and_survives_losing_one(tmp_path: Path)
     rows = stats.to_pylist()
     assert sorted(r["key"] for r in rows) == keys  # sorted, so a duplicate or a gap shows
     assert {r["status"] for r in rows} == {"ok"}
-    killed_at = datetime.fromtimestamp(result["killed_at"], timezone.utc)
+    killed_at = datetime.fromtimestamp(result["killed_at"], UTC)
     assert sum(r["processed_at"] > killed_at for r in rows) > 0
     for row in rows:
         with fsspec.open(row["mask_uri"], "rb") as f:
@@ -118,8 +122,9 @@ def test_training_on_two_nodes_resumes_on_a_replacement_node_and_registers(tmp_p
     assert len(lost) == 1 and set(lost) <= _killed_pids(result)
     # The last worker group (the 2 workers started last): on the surviving node and the replacement node.
     survivor = ({nodes["worker1"], nodes["worker2"]} - {killed}).pop()
-    started = sorted((seen[0]["since"], seen[0]["node_id"]) for a, seen in result["actors"]["alive_on"].items()
-                     if a not in at_kill)  # fmt: skip
+    started = sorted(
+        (seen[0]["since"], seen[0]["node_id"]) for a, seen in result["actors"]["alive_on"].items() if a not in at_kill
+    )
     assert sorted(node for _, node in started[-2:]) == sorted([survivor, result["replacement_node"]]), started
 
     # Killed during an epoch: after epoch k's checkpoint was registered, before the last one's. The run

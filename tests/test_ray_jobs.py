@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -16,17 +17,22 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import OPTION_SECRET, free_port
+from segment_cases import good_images, tiny_checkpoint, upload
 
 import fcn
-from conftest import OPTION_SECRET, free_port
 from fcn import registry
 from pipelines.synthetic import write_synthetic_voc
-from segment_cases import good_images, tiny_checkpoint, upload
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 180
-AGENT_PORT_FLAGS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")
+AGENT_PORT_FLAGS = (
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "runtime-env-agent-port",
+    "metrics-export-port",
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,45 +49,71 @@ def ray_head() -> Iterator[tuple[str, dict[str, str]]]:
         "RAY_AUTH_TOKEN": secrets.token_hex(16),
     }
     head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", f"--port={port}",
-         "--dashboard-host", "127.0.0.1", f"--dashboard-port={dashboard_port}", "--num-cpus", "2",
-         "--include-dashboard", "true", f"--temp-dir={temp_dir}",
-         # fixed default agent ports would collide with any other Ray on this machine
-         *(f"--{flag}={p}" for flag, p in zip(AGENT_PORT_FLAGS, agent_ports, strict=True))],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address",
+            "127.0.0.1",
+            f"--port={port}",
+            "--dashboard-host",
+            "127.0.0.1",
+            f"--dashboard-port={dashboard_port}",
+            "--num-cpus",
+            "2",
+            "--include-dashboard",
+            "true",
+            f"--temp-dir={temp_dir}",
+            # fixed default agent ports would collide with any other Ray on this machine
+            *(f"--{flag}={p}" for flag, p in zip(AGENT_PORT_FLAGS, agent_ports, strict=True)),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
-        while subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
-                             capture_output=True).returncode != 0:
+        while (
+            subprocess.run(
+                [str(BIN / "ray"), "job", "list", "--address", address], env=env, capture_output=True
+            ).returncode
+            != 0
+        ):
             assert head.poll() is None, "ray start --head exited"
             assert time.monotonic() < deadline, "the Ray head did not come up"
             time.sleep(1)
         yield address, env
     finally:
         _kill_group(head, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             head.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
         _kill_group(head, signal.SIGKILL)  # whatever ignored SIGTERM: gcs_server, raylet, workers
         head.wait(10)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _kill_group(process: subprocess.Popen, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, sig)  # the process group that ray start --head leads (start_new_session)
-    except ProcessLookupError:
-        pass
 
 
 def submit(address: str, env: dict[str, str], *entrypoint: str) -> subprocess.CompletedProcess:
     """``ray job submit`` of ``entrypoint`` with this repository as the working directory; waits for the job."""
     command = [
-        str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
-        "--runtime-env-json", '{"excludes": [".venv", ".git", "tests", "bench"]}', "--", *entrypoint,
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--working-dir",
+        str(REPO),
+        "--runtime-env-json",
+        '{"excludes": [".venv", ".git", "tests", "bench"]}',
+        "--",
+        *entrypoint,
     ]
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:  # the head's job agent may come up a little after its HTTP API
@@ -102,8 +134,24 @@ def test_ray_job_submit_segments_a_folder(ray_head: tuple[str, dict[str, str]], 
     options = tmp_path / "storage-options.json"
     options.write_text(json.dumps({"secret": OPTION_SECRET}))  # local files take (and ignore) any option
     submitted = submit(
-        address, env, "python", "-m", "pipelines.segment", "--input", str(tmp_path / "in"), "--output", str(output),
-        "--model", model, "--actors", "1", "--cpus-per-actor", "1", "--batch-size", "2", "--storage-options",
+        address,
+        env,
+        "python",
+        "-m",
+        "pipelines.segment",
+        "--input",
+        str(tmp_path / "in"),
+        "--output",
+        str(output),
+        "--model",
+        model,
+        "--actors",
+        "1",
+        "--cpus-per-actor",
+        "1",
+        "--batch-size",
+        "2",
+        "--storage-options",
         f"@{options}",
     )
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
@@ -124,9 +172,27 @@ def test_ray_job_submit_trains_and_registers_a_champion(ray_head: tuple[str, dic
     data, registry_dir = tmp_path / "scenes", tmp_path / "registry"
     write_synthetic_voc(str(data), num_images=6, seed=3, min_size=48, max_size=64)
     submitted = submit(
-        address, env, "python", "-m", "pipelines.train", "--data", str(data), "--registry", str(registry_dir),
-        "--model", "fcn32s_vgg16", "--width", "0.0625", "--geometry", "aligned", "--workers", "1",
-        "--epochs", "1", "--run-name", "job",
+        address,
+        env,
+        "python",
+        "-m",
+        "pipelines.train",
+        "--data",
+        str(data),
+        "--registry",
+        str(registry_dir),
+        "--model",
+        "fcn32s_vgg16",
+        "--width",
+        "0.0625",
+        "--geometry",
+        "aligned",
+        "--workers",
+        "1",
+        "--epochs",
+        "1",
+        "--run-name",
+        "job",
     )
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     assert "succeeded" in submitted.stdout

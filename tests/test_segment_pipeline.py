@@ -13,19 +13,18 @@ import time
 from pathlib import Path
 
 import duckdb
-import polars
 import fsspec
 import numpy as np
+import polars
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from segment_cases import awkward_images, displayed, good_images, tiny_checkpoint, upload
 
 import fcn
 from pipelines import segment
 from pipelines.listing import output_name
-from pipelines.segment import stages
-from pipelines.segment import SegmentConfig, run_segmentation
-from segment_cases import awkward_images, displayed, good_images, tiny_checkpoint, upload
+from pipelines.segment import SegmentConfig, run_segmentation, stages
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 4
@@ -100,7 +99,9 @@ def test_s3_bucket_end_to_end_then_reruns_skip_done_images(ray_cluster: None, s3
     assert manifest["run_id"] == summary.run_id and (manifest["ok"], manifest["error"]) == (summary.ok, summary.error)
     assert manifest["model_id"] == model and len(fs.find(f"{root}/stats")) >= 2  # rows_per_file=5 -> several parts
     assert 0 < summary.startup_s < summary.duration_s and manifest["startup_s"] == summary.startup_s
-    assert summary.end_to_end_images_per_second == pytest.approx((summary.ok + summary.error) / summary.duration_s, rel=0.01)
+    assert summary.end_to_end_images_per_second == pytest.approx(
+        (summary.ok + summary.error) / summary.duration_s, rel=0.01
+    )
 
     # Rerun after adding images and changing one: those are processed, error rows are retried,
     # the other ok images are skipped; still exactly one row per image.
@@ -172,10 +173,30 @@ def test_interrupted_run_resumes_with_each_image_once(ray_cluster: None, tmp_pat
     output.mkdir()
     (output / "_SUCCESS").write_text("stale marker of an earlier run")
     driver = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.segment", "--input", str(tmp_path / "in"), "--output", str(output),
-         "--model", model, "--ray-address", ray.get_runtime_context().gcs_address,
-         "--actors", "1", "--cpus-per-actor", "1", "--batch-size", "1", "--rows-per-file", "1"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "pipelines.segment",
+            "--input",
+            str(tmp_path / "in"),
+            "--output",
+            str(output),
+            "--model",
+            model,
+            "--ray-address",
+            ray.get_runtime_context().gcs_address,
+            "--actors",
+            "1",
+            "--cpus-per-actor",
+            "1",
+            "--batch-size",
+            "1",
+            "--rows-per-file",
+            "1",
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         deadline = time.monotonic() + 120
@@ -224,14 +245,18 @@ def test_storage_options_reach_input_output_and_a_registry_model(
     fs = fsspec.filesystem("s3", **options)
     fs.mkdir("private")
     local_registry = tmp_path / "registry"
-    version = registry.register_model(str(local_registry), tiny_checkpoint(str(tmp_path / "model.pt")), {"mean_iu": 0.5})
+    version = registry.register_model(
+        str(local_registry), tiny_checkpoint(str(tmp_path / "model.pt")), {"mean_iu": 0.5}
+    )
     registry.promote(str(local_registry), version)
     fs.put(str(local_registry), "private/registry", recursive=True)
     files = good_images(seed=11, count=5)
     for key, data in files.items():
         fs.pipe_file(f"private/in/{key}", data)
 
-    summary = run_segmentation(_config("s3://private/in", "s3://private/out", "s3://private/registry", storage_options=options))
+    summary = run_segmentation(
+        _config("s3://private/in", "s3://private/out", "s3://private/registry", storage_options=options)
+    )
 
     assert (summary.ok, summary.error) == (5, 0)
     assert summary.model_id == "s3://private/registry/models/v0001/checkpoint.pt"
@@ -306,8 +331,17 @@ def test_hostile_s3_keys_get_one_row_each_and_nothing_lands_outside_the_output(
         "h#f.png": "h%23f.png",
         "q%3Fx=1.png": "q%253Fx=1.png",
     }
-    keys = [*escaped, "/x.png", "./dot.png", "/double.png", "../../../escape.png", "a/../../../../escape2.png",
-            "back\\slash.png", "tab\there.png", "nel\x85.png"]  # fmt: skip
+    keys = [
+        *escaped,
+        "/x.png",
+        "./dot.png",
+        "/double.png",
+        "../../../escape.png",
+        "a/../../../../escape2.png",
+        "back\\slash.png",
+        "tab\there.png",
+        "nel\x85.png",
+    ]
     fs = s3fs.S3FileSystem()
     bucket = s3_bucket.removeprefix("s3://")
     for key in keys:
@@ -369,9 +403,27 @@ def test_sigint_exits_130_and_the_same_command_resumes(ray_cluster: None, tmp_pa
     files = good_images(seed=13, count=24)
     upload(str(tmp_path / "in"), files)
     output = tmp_path / "out"
-    command = [sys.executable, "-m", "pipelines.segment", "--input", str(tmp_path / "in"), "--output", str(output),
-               "--model", model, "--ray-address", ray.get_runtime_context().gcs_address,
-               "--actors", "1", "--cpus-per-actor", "1", "--batch-size", "1", "--rows-per-file", "1"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "pipelines.segment",
+        "--input",
+        str(tmp_path / "in"),
+        "--output",
+        str(output),
+        "--model",
+        model,
+        "--ray-address",
+        ray.get_runtime_context().gcs_address,
+        "--actors",
+        "1",
+        "--cpus-per-actor",
+        "1",
+        "--batch-size",
+        "1",
+        "--rows-per-file",
+        "1",
+    ]
     log = tmp_path / "driver.log"  # a file, not a pipe: a full pipe that nobody reads would stall the driver
     with log.open("w") as stderr_file:
         driver = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr_file)
@@ -400,13 +452,14 @@ def test_sigint_exits_130_and_the_same_command_resumes(ray_cluster: None, tmp_pa
     assert (output / "_SUCCESS").exists()
 
 
-def test_credentials_appear_in_no_output_and_no_log(ray_cluster: None, private_s3_options: dict, tmp_path: Path) -> None:
+def test_credentials_appear_in_no_output_and_no_log(
+    ray_cluster: None, private_s3_options: dict, tmp_path: Path
+) -> None:
     """The environment's AWS secret and session token, and a secret passed the recommended way
     (``--storage-options @FILE``), appear nowhere: not in the process list while the run goes on, nor
     in what it leaves: its console output, the Parquet data and schema metadata, manifest.json, the
     masks, and the Ray cluster's logs."""
     import ray
-
     from conftest import SECRETS
 
     fs = fsspec.filesystem("s3", **private_s3_options)
@@ -417,11 +470,30 @@ def test_credentials_appear_in_no_output_and_no_log(ray_cluster: None, private_s
     options_file = tmp_path / "storage-options.json"
     options_file.write_text(json.dumps(private_s3_options))
     process = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.segment", "--input", "s3://secrets/in", "--output", "s3://secrets/out",
-         "--model", model, "--storage-options", f"@{options_file}",
-         "--ray-address", ray.get_runtime_context().gcs_address, "--actors", "1", "--cpus-per-actor", "1"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pipelines.segment",
+            "--input",
+            "s3://secrets/in",
+            "--output",
+            "s3://secrets/out",
+            "--model",
+            model,
+            "--storage-options",
+            f"@{options_file}",
+            "--ray-address",
+            ray.get_runtime_context().gcs_address,
+            "--actors",
+            "1",
+            "--cpus-per-actor",
+            "1",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     process_lists = []
     while process.poll() is None:  # every process's whole command line (-ww), as anyone on the machine sees them
         process_lists.append(subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout)
@@ -432,13 +504,19 @@ def test_credentials_appear_in_no_output_and_no_log(ray_cluster: None, private_s
     assert "given on the command line" not in stderr  # (the warning of secrets passed inline)
     fs.invalidate_cache()
     outputs = {path: fs.cat_file(path) for path in fs.find("secrets/out")}
-    assert any(path.endswith("manifest.json") for path in outputs) and any(path.endswith(".parquet") for path in outputs)
+    assert any(path.endswith("manifest.json") for path in outputs) and any(
+        path.endswith(".parquet") for path in outputs
+    )
     table = pq.read_table("secrets/out/stats", filesystem=fs)  # Parquet pages are compressed: decode them too
     outputs["stats, decoded"] = repr((table.to_pylist(), table.schema.metadata)).encode()
     logs = Path(ray._private.worker.global_worker.node.get_session_dir_path()) / "logs"
-    places = {"stdout": stdout.encode(), "stderr": stderr.encode(), **outputs,
-              **{f"ps -ww -eo args #{i}": listing.encode() for i, listing in enumerate(process_lists)},
-              **{str(p): p.read_bytes() for p in logs.rglob("*") if p.is_file()}}  # fmt: skip
+    places = {
+        "stdout": stdout.encode(),
+        "stderr": stderr.encode(),
+        **outputs,
+        **{f"ps -ww -eo args #{i}": listing.encode() for i, listing in enumerate(process_lists)},
+        **{str(p): p.read_bytes() for p in logs.rglob("*") if p.is_file()},
+    }
     for secret in SECRETS:
         leaks = [name for name, content in places.items() if secret.encode() in content]
         assert not leaks, f"{secret} found in {leaks}"
@@ -465,8 +543,16 @@ def test_a_store_that_fails_the_first_writes_of_every_object_still_gets_every_ma
     def run_through(proxy: FaultyProxy, output: str, **kwargs):
         options = {"endpoint_url": proxy.url, "config_kwargs": {"retries": {"total_max_attempts": 1}}}
         try:
-            return run_segmentation(_config(f"{s3_bucket}/in", f"{s3_bucket}/{output}", model, rows_per_file=3,
-                                            storage_options=options, **kwargs))  # fmt: skip
+            return run_segmentation(
+                _config(
+                    f"{s3_bucket}/in",
+                    f"{s3_bucket}/{output}",
+                    model,
+                    rows_per_file=3,
+                    storage_options=options,
+                    **kwargs,
+                )
+            )
         finally:
             fs.invalidate_cache()
 
@@ -531,20 +617,34 @@ def test_a_two_head_model_writes_a_mask_and_columns_per_head(ray_cluster: None, 
     assert (summary.ok, summary.error) == (len(files), 0)
     table = _stats(output)
     heads = json.loads(table.schema.metadata[b"heads"])
-    assert list(heads) == ["semantic", "geometric"] and heads["geometric"]["class_names"] == ["class_0", "class_1", "class_2"]
+    assert list(heads) == ["semantic", "geometric"] and heads["geometric"]["class_names"] == [
+        "class_0",
+        "class_1",
+        "class_2",
+    ]
     predictor = fcn.Predictor.from_checkpoint(model, device="cpu")
     seen_geometric = set()
     for row in table.to_pylist():
         image = displayed(files[row["key"]])
         expected = predictor(image)
-        for column, folder, prediction in (("mask_uri", "masks", expected), ("geometric_mask_uri", "masks_geometric", expected.heads["geometric"])):
+        for column, folder, prediction in (
+            ("mask_uri", "masks", expected),
+            ("geometric_mask_uri", "masks_geometric", expected.heads["geometric"]),
+        ):
             assert row[column] == f"{output}/{folder}/{row['key']}.png"
             with fsspec.open(row[column], "rb") as f:
                 labels = np.asarray(Image.open(io.BytesIO(f.read())))
             assert (labels == prediction.labels).mean() > 0.99
-        counts = np.bincount(np.asarray(Image.open(row["geometric_mask_uri"].removeprefix("file://"))).ravel(), minlength=3)
-        assert row["geometric_pixel_counts"] == counts.tolist() and row["geometric_dominant_class"] == int(counts.argmax())
-        assert row["geometric_dominant_class_name"] == f"class_{counts.argmax()}" and 0 < row["geometric_mean_confidence"] <= 1
+        counts = np.bincount(
+            np.asarray(Image.open(row["geometric_mask_uri"].removeprefix("file://"))).ravel(), minlength=3
+        )
+        assert row["geometric_pixel_counts"] == counts.tolist() and row["geometric_dominant_class"] == int(
+            counts.argmax()
+        )
+        assert (
+            row["geometric_dominant_class_name"] == f"class_{counts.argmax()}"
+            and 0 < row["geometric_mean_confidence"] <= 1
+        )
         assert len(row["pixel_counts"]) == NUM_CLASSES and np.isclose(sum(row["geometric_class_fractions"]), 1.0)
         seen_geometric |= set(np.flatnonzero(counts).tolist())
     assert len(seen_geometric) > 1  # the heads differ: the geometric one is not a copy of class 0
@@ -577,7 +677,10 @@ def test_an_rgb_hha_model_reads_depth_maps_beside_the_images(ray_cluster: None, 
     summary = run_segmentation(_config(str(tmp_path / "in"), output, model, depth=str(tmp_path / "depth")))
     assert (summary.ok, summary.error) == (2, 2)
     rows = {row["key"]: row for row in _stats(output).to_pylist()}
-    assert rows[missing]["error"].startswith("depth read: file not found") and os.path.splitext(missing)[0] + ".png" in rows[missing]["error"]
+    assert (
+        rows[missing]["error"].startswith("depth read: file not found")
+        and os.path.splitext(missing)[0] + ".png" in rows[missing]["error"]
+    )
     assert "depth: " in rows[mis_sized]["error"] and "is 9x7, the image" in rows[mis_sized]["error"]
     predictor = fcn.Predictor.from_checkpoint(model, device="cpu")
     for key in keys[:2]:
@@ -587,7 +690,9 @@ def test_an_rgb_hha_model_reads_depth_maps_beside_the_images(ray_cluster: None, 
         assert rows[key]["status"] == "ok" and (labels == expected).mean() > 0.99
     rgb_model = tiny_checkpoint(str(tmp_path / "rgb.pt"), num_classes=NUM_CLASSES)
     with pytest.raises(segment.ConfigError, match="--depth: .*reads only RGB"):
-        run_segmentation(_config(str(tmp_path / "in"), str(tmp_path / "out2"), rgb_model, depth=str(tmp_path / "depth")))
+        run_segmentation(
+            _config(str(tmp_path / "in"), str(tmp_path / "out2"), rgb_model, depth=str(tmp_path / "depth"))
+        )
 
 
 def test_cuda_on_a_cluster_without_gpus_waits_then_names_the_flags(ray_cluster: None, tmp_path: Path) -> None:

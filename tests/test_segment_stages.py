@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from PIL import Image
+from segment_cases import EXIF_ORIENTATION, awkward_images, displayed, good_images, tiny_checkpoint, upload
 
 import fcn
 from pipelines.decode import device_jpeg_orientation, orient
@@ -20,7 +21,6 @@ from pipelines.segment.cli import build_parser
 from pipelines.segment.driver import plan_blocks
 from pipelines.segment.model import describe_model
 from pipelines.segment.stages import Segmenter, load_images, store_results
-from segment_cases import EXIF_ORIENTATION, awkward_images, displayed, good_images, tiny_checkpoint, upload
 
 NUM_CLASSES = 5
 
@@ -38,8 +38,13 @@ def bucket(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, pa.Tabl
 
 def _segment(model: str, loaded: pa.Table) -> pa.Table:
     segmenter = Segmenter(
-        model_uri=model, storage_options={}, device="cpu", precision="fp32", cpu_threads=1,
-        max_image_pixels=10**8, keep_pixels=True,
+        model_uri=model,
+        storage_options={},
+        device="cpu",
+        precision="fp32",
+        cpu_threads=1,
+        max_image_pixels=10**8,
+        keep_pixels=True,
     )
     return segmenter(loaded)
 
@@ -60,7 +65,9 @@ def test_exif_orientation_on_tensors_matches_pillow() -> None:
         assert device_jpeg_orientation(data, max_pixels=10**8) == orientation
         tensor = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         got = orient(tensor, orientation).permute(1, 2, 0).numpy()
-        np.testing.assert_array_equal(got, np.asarray(displayed(data).convert("RGB")), err_msg=f"orientation {orientation}")
+        np.testing.assert_array_equal(
+            got, np.asarray(displayed(data).convert("RGB")), err_msg=f"orientation {orientation}"
+        )
 
 
 def test_device_decoding_path_gives_the_cpu_path_results(bucket: tuple[Path, str, pa.Table]) -> None:
@@ -71,7 +78,9 @@ def test_device_decoding_path_gives_the_cpu_path_results(bucket: tuple[Path, str
     device_loaded = load_images(sources, storage_options={}, retries=0, max_image_pixels=10**8, device_jpegs=True)
     keys = sources["key"].to_pylist()
     encoded = {key for key, jpeg in zip(keys, device_loaded["jpeg"].to_pylist()) if jpeg is not None}
-    assert encoded == {k for k in keys if k.endswith(".jpg") and k not in {"odd/cmyk.jpg", "odd/zero.jpg", "odd/text.jpg"}}
+    assert encoded == {
+        k for k in keys if k.endswith(".jpg") and k not in {"odd/cmyk.jpg", "odd/zero.jpg", "odd/text.jpg"}
+    }
     assert "odd/exif_rotated.jpg" in encoded and "odd/gray.jpg" in encoded
     assert cpu_loaded["jpeg"].null_count == len(keys)
 
@@ -85,7 +94,9 @@ def test_device_decoding_path_gives_the_cpu_path_results(bucket: tuple[Path, str
     assert all(rows[k]["decode_ms"] >= 0 for k in encoded if rows[k]["error"] is None)
 
 
-def test_store_writes_masks_and_one_parquet_part_with_the_statistics(bucket: tuple[Path, str, pa.Table], tmp_path: Path) -> None:
+def test_store_writes_masks_and_one_parquet_part_with_the_statistics(
+    bucket: tuple[Path, str, pa.Table], tmp_path: Path
+) -> None:
     """The writer stage encodes what the Segmenter computed: the mask is the label map, the counts
     are its histogram, and failed rows stay error rows without a mask."""
     import pyarrow.parquet as pq
@@ -97,7 +108,15 @@ def test_store_writes_masks_and_one_parquet_part_with_the_statistics(bucket: tup
     segmented = _segment(model_uri, loaded)
     model = describe_model(model_uri, {})
     schema = stats_table.stats_schema(model.class_names, model.palette, {})
-    out = store_results(segmented, output=f"file://{tmp_path}/out", storage_options={}, run_id="r1", model=model, schema=schema, retries=0)
+    out = store_results(
+        segmented,
+        output=f"file://{tmp_path}/out",
+        storage_options={},
+        run_id="r1",
+        model=model,
+        schema=schema,
+        retries=0,
+    )
 
     table = pq.read_table(tmp_path / "out" / "stats")
     assert table.schema.names == schema.names and table.num_rows == sources.num_rows == out.num_rows
@@ -110,7 +129,9 @@ def test_store_writes_masks_and_one_parquet_part_with_the_statistics(bucket: tup
         assert mask.shape == (row["height"], row["width"])
         assert mask.tobytes() == labels[row["key"]]
         assert row["pixel_counts"] == np.bincount(mask.ravel(), minlength=NUM_CLASSES).tolist()
-        assert row["dominant_class"] == int(np.argmax(row["pixel_counts"])) and np.isclose(sum(row["class_fractions"]), 1)
+        assert row["dominant_class"] == int(np.argmax(row["pixel_counts"])) and np.isclose(
+            sum(row["class_fractions"]), 1
+        )
         assert row["run_id"] == "r1" and row["model_id"] == model.uri
 
 
@@ -227,7 +248,12 @@ def test_a_poisoned_device_raises_instead_of_making_error_rows(tmp_path: Path) -
     model = tiny_checkpoint(str(tmp_path / "model.pt"), num_classes=NUM_CLASSES)
     loaded = _loaded_batch(tmp_path, good_images(seed=5, count=3))
     segmenter = Segmenter(
-        model_uri=model, storage_options={}, device="cpu", precision="fp32", cpu_threads=1, max_image_pixels=10**8,
+        model_uri=model,
+        storage_options={},
+        device="cpu",
+        precision="fp32",
+        cpu_threads=1,
+        max_image_pixels=10**8,
         keep_pixels=False,
     )
 
@@ -255,7 +281,12 @@ def test_out_of_memory_is_retried_image_by_image_then_tiled(tmp_path: Path) -> N
     Image.fromarray(large).save(buffer, "PNG")
     loaded = _loaded_batch(tmp_path, {**good_images(seed=6, count=3), "large.png": buffer.getvalue()})
     options = dict(
-        model_uri=model, storage_options={}, device="cpu", precision="fp32", cpu_threads=1, max_image_pixels=10**8,
+        model_uri=model,
+        storage_options={},
+        device="cpu",
+        precision="fp32",
+        cpu_threads=1,
+        max_image_pixels=10**8,
         keep_pixels=False,
     )
     expected = Segmenter(**options)(loaded)

@@ -7,7 +7,7 @@ import json
 import re
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from segment_cases import awkward_images, displayed, good_images, tiny_checkpoint, upload
 
 from fcn.image import to_rgb_array
 from pipelines import stats as stats_table
@@ -24,7 +25,6 @@ from pipelines.decode import DecodeError, decode_image
 from pipelines.listing import InputError, list_images
 from pipelines.masks import encode_mask, encode_overlay
 from pipelines.segment import main
-from segment_cases import awkward_images, displayed, good_images, tiny_checkpoint, upload
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -139,12 +139,20 @@ def test_an_inventory_lists_its_image_objects_with_arrow(tmp_path: Path) -> None
     assert listing.kind == "inventory" and listing.prefix == f"file://{tmp_path}" and listing.ignored == 1
     assert listing.images.schema == stats_table.SOURCE_SCHEMA
     assert listing.images.to_pylist() == [
-        {"image_uri": f"file://{tmp_path}/{key}", "key": key, "source_size": size, "source_etag": etag, "source_mtime": T0}
+        {
+            "image_uri": f"file://{tmp_path}/{key}",
+            "key": key,
+            "source_size": size,
+            "source_etag": etag,
+            "source_mtime": T0,
+        }
         for key, size, etag in (("a/x.jpg", 10, "e1"), ("a/y.PNG", 20, "e2"), ("b/../w.jpg", 70, "e7"))
     ]  # ".." is no hidden name: listed, then refused as a key when written (an error row)
     csv = tmp_path / "inventory.csv"
     csv.write_text("key,size\na/x.jpg,10\nb.txt,1\n")
-    assert list_images(str(csv), {}).images.select(["key", "source_size"]).to_pylist() == [{"key": "a/x.jpg", "source_size": 10}]
+    assert list_images(str(csv), {}).images.select(["key", "source_size"]).to_pylist() == [
+        {"key": "a/x.jpg", "source_size": 10}
+    ]
     pq.write_table(pa.table({"Key": ["a.jpg"]}), tmp_path / "bad.parquet")
     with pytest.raises(InputError, match="has no 'key' column"):
         list_images(str(tmp_path / "bad.parquet"), {})
@@ -153,7 +161,10 @@ def test_an_inventory_lists_its_image_objects_with_arrow(tmp_path: Path) -> None
         list_images(str(tmp_path / "two.parquet"), {})
     pq.write_table(pa.table({"bucket": ["photos"] * 2, "key": ["a.jpg", "b.jpg"]}), tmp_path / "s3.parquet")
     listing = list_images(str(tmp_path / "s3.parquet"), {})
-    assert listing.prefix == "s3://photos" and listing.images["image_uri"].to_pylist() == ["s3://photos/a.jpg", "s3://photos/b.jpg"]
+    assert listing.prefix == "s3://photos" and listing.images["image_uri"].to_pylist() == [
+        "s3://photos/a.jpg",
+        "s3://photos/b.jpg",
+    ]
 
 
 def test_missing_or_empty_input_is_an_input_error(tmp_path: Path) -> None:
@@ -167,15 +178,24 @@ def test_missing_or_empty_input_is_an_input_error(tmp_path: Path) -> None:
 # --- stats files and resume bookkeeping ------------------------------------------------------
 
 SCHEMA = stats_table.stats_schema(["bg", "fg"], [0, 0, 0, 255, 255, 255], {"uri": "m.pt", "version": "v0001"})
-T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def _rows(keys: list[str], status: str, at: datetime, run_id: str, size: int = 10) -> pa.Table:
     return pa.Table.from_pylist(
         [
-            {"key": k, "image_uri": f"s3://b/{k}", "source_size": size, "source_etag": f"e-{k}", "status": status,
-             "model_id": "m.pt", "model_version": "v0001", "run_id": run_id, "processed_at": at,
-             "pixel_counts": [1, 2] if status == "ok" else None}
+            {
+                "key": k,
+                "image_uri": f"s3://b/{k}",
+                "source_size": size,
+                "source_etag": f"e-{k}",
+                "status": status,
+                "model_id": "m.pt",
+                "model_version": "v0001",
+                "run_id": run_id,
+                "processed_at": at,
+                "pixel_counts": [1, 2] if status == "ok" else None,
+            }
             for k in keys
         ],
         schema=SCHEMA,
@@ -196,9 +216,16 @@ def test_compaction_keeps_the_newest_row_per_key_and_touches_only_superseded_fil
     stats_table.write_part(stats_uri, _rows(["b", "d"], "ok", T0 + timedelta(hours=2), "run2"), "run2", {})
     written = stats_table.compact(stats_uri, {}, "run2", previous)
     assert sorted(written.to_pylist()) == ["b", "d"]
-    table = duckdb.sql(f"select key, status, run_id, processed_at from read_parquet('{stats_uri}/**/*.parquet') order by key").fetchall()
-    assert [(k, s, r) for k, s, r, _ in table] == [("a", "error", "run0"), ("b", "ok", "run2"), ("c", "error", "run0"),
-                                                    ("d", "ok", "run2"), ("e", "error", "run1")]  # fmt: skip
+    table = duckdb.sql(
+        f"select key, status, run_id, processed_at from read_parquet('{stats_uri}/**/*.parquet') order by key"
+    ).fetchall()
+    assert [(k, s, r) for k, s, r, _ in table] == [
+        ("a", "error", "run0"),
+        ("b", "ok", "run2"),
+        ("c", "error", "run0"),
+        ("d", "ok", "run2"),
+        ("e", "error", "run1"),
+    ]
     assert table[1][3] == T0 + timedelta(hours=2)
     assert untouched.exists() and untouched.read_bytes() == before  # it held no superseded row
     names = sorted(p.name for p in Path(stats_uri).iterdir())
@@ -225,7 +252,9 @@ def test_compaction_on_a_flaky_store_retries_its_writes_and_deletes(s3_endpoint:
                 written = stats_table.compact(stats_uri, flaky, "run2", previous, retries=retries)
                 assert sorted(written.to_pylist()) == ["b", "c"]
             else:
-                with pytest.raises(OSError, match=r"^compaction: (writing|deleting) s3://.*/once/stats/part-.*: OSError: .*injected"):
+                with pytest.raises(
+                    OSError, match=r"^compaction: (writing|deleting) s3://.*/once/stats/part-.*: OSError: .*injected"
+                ):
                     stats_table.compact(stats_uri, flaky, "run2", previous)
     finally:
         proxy.close()
@@ -246,22 +275,39 @@ def test_todo_images_need_ok_same_source_and_same_model(tmp_path: Path) -> None:
     stats_table.write_part(stats_uri, _rows(["a", "b", "c", "d", "f"], "ok", T0, "run1"), "run1", {})
     stats_table.write_part(stats_uri, _rows(["d"], "error", T0 + timedelta(hours=1), "run2"), "run2", {})
     state = stats_table.read_state(stats_uri, {})
-    listing = pa.Table.from_pylist([
-        {"key": "a", "source_size": 10, "source_etag": "e-a"},  # unchanged -> done
-        {"key": "b", "source_size": 11, "source_etag": "e-b"},  # size changed
-        {"key": "c", "source_size": 10, "source_etag": "other"},  # etag changed
-        {"key": "d", "source_size": 10, "source_etag": "e-d"},  # newest row is an error
-        {"key": "e", "source_size": 10, "source_etag": "e-e"},  # new
-        {"key": "f", "source_size": 10, "source_etag": None},  # etag gone: a changed source
-    ], schema=stats_table.SOURCE_SCHEMA)  # fmt: skip
+    listing = pa.Table.from_pylist(
+        [
+            {"key": "a", "source_size": 10, "source_etag": "e-a"},  # unchanged -> done
+            {"key": "b", "source_size": 11, "source_etag": "e-b"},  # size changed
+            {"key": "c", "source_size": 10, "source_etag": "other"},  # etag changed
+            {"key": "d", "source_size": 10, "source_etag": "e-d"},  # newest row is an error
+            {"key": "e", "source_size": 10, "source_etag": "e-e"},  # new
+            {"key": "f", "source_size": 10, "source_etag": None},  # etag gone: a changed source
+        ],
+        schema=stats_table.SOURCE_SCHEMA,
+    )
     todo = stats_table.todo_images(listing, state, "m.pt", "v0001")
     assert todo["key"].to_pylist() == ["b", "c", "d", "e", "f"]  # listing order kept
     assert stats_table.todo_images(listing, state, "m.pt", "v0002")["key"].to_pylist() == ["a", "b", "c", "d", "e", "f"]
-    no_etags = pa.Table.from_pylist([{"key": "m", "source_size": 10, "source_mtime": T0}, {"key": "n", "source_size": 10, "source_mtime": T0}],
-                                    schema=stats_table.SOURCE_SCHEMA)  # fmt: skip
-    rows = pa.Table.from_pylist([{"key": k, "source_size": 10, "source_mtime": T0 + timedelta(seconds=i), "status": "ok",
-                                  "model_id": "m.pt", "model_version": "v0001", "processed_at": T0} for i, k in enumerate("mn")],
-                                schema=SCHEMA)  # fmt: skip
+    no_etags = pa.Table.from_pylist(
+        [{"key": "m", "source_size": 10, "source_mtime": T0}, {"key": "n", "source_size": 10, "source_mtime": T0}],
+        schema=stats_table.SOURCE_SCHEMA,
+    )
+    rows = pa.Table.from_pylist(
+        [
+            {
+                "key": k,
+                "source_size": 10,
+                "source_mtime": T0 + timedelta(seconds=i),
+                "status": "ok",
+                "model_id": "m.pt",
+                "model_version": "v0001",
+                "processed_at": T0,
+            }
+            for i, k in enumerate("mn")
+        ],
+        schema=SCHEMA,
+    )
     stats_table.write_part(str(tmp_path / "s2"), rows, "r", {})
     state = stats_table.read_state(str(tmp_path / "s2"), {})
     assert stats_table.todo_images(no_etags, state, "m.pt", "v0001")["key"].to_pylist() == ["n"]  # mtime differs by 1 s
@@ -287,7 +333,10 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
         (["--device", "tpu"], "argument --device: invalid choice"),
         (["--storage-options", "{nope"], "--storage-options: not valid JSON"),
         (["--storage-options", "[1]"], "--storage-options: must be a JSON object"),
-        (["--storage-options", "@/nonexistent/options.json"], "--storage-options: cannot read /nonexistent/options.json"),
+        (
+            ["--storage-options", "@/nonexistent/options.json"],
+            "--storage-options: cannot read /nonexistent/options.json",
+        ),
         (["--model", "/nonexistent/model.pt"], "--model: no checkpoint at /nonexistent/model.pt"),
         (["--input", "/nonexistent/images"], "--input: /nonexistent/images does not exist"),
     ],
@@ -353,15 +402,37 @@ def test_cli_help_lists_the_flags(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
-    for flag in ("--input", "--output", "--model", "--ray-address", "--actors", "--device", "--storage-options", "--overlays"):
+    for flag in (
+        "--input",
+        "--output",
+        "--model",
+        "--ray-address",
+        "--actors",
+        "--device",
+        "--storage-options",
+        "--overlays",
+    ):
         assert flag in help_text
 
 
 def test_cli_bad_parameter_in_a_real_process_has_no_traceback(tmp_path: Path) -> None:
     bad = subprocess.run(
-        [sys.executable, "-m", "pipelines.segment", "--input", str(tmp_path), "--output", str(tmp_path / "o"),
-         "--model", "m.pt", "--read-retries", "-1"],
-        cwd=REPO, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pipelines.segment",
+            "--input",
+            str(tmp_path),
+            "--output",
+            str(tmp_path / "o"),
+            "--model",
+            "m.pt",
+            "--read-retries",
+            "-1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert bad.returncode == 2 and "--read-retries: must be >= 0" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -390,7 +461,7 @@ def test_read_sources_retries_transient_server_errors() -> None:
     seen: set[str] = set()
 
     class FlakyStore(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        def do_GET(self) -> None:
             first = self.path not in seen
             seen.add(self.path)
             body = b"busy" if first else self.path.encode()
@@ -525,8 +596,10 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_image(
     import fsspec as fsspec_
 
     (tmp_path / "a-file").write_text("not a folder")
-    for output, reason in ((str(tmp_path / "a-file" / "out"), "NotADirectoryError"),
-                           ("s3://no-such-bucket-here/out", "FileNotFoundError")):  # fmt: skip
+    for output, reason in (
+        (str(tmp_path / "a-file" / "out"), "NotADirectoryError"),
+        ("s3://no-such-bucket-here/out", "FileNotFoundError"),
+    ):
         with pytest.raises(SystemExit) as exit_info:
             main(["--input", str(folder), "--output", output, "--model", checkpoint])
         assert exit_info.value.code == 2

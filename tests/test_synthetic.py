@@ -43,7 +43,7 @@ def test_layout_and_determinism(tmp_path: Path) -> None:
     sizes = set()
     for sample in data.train + data.val:
         rgb, labels = load_sample(sample, data.num_classes)
-        assert rgb.shape[:2] == labels.shape and 64 <= min(labels.shape) and max(labels.shape) <= 96
+        assert rgb.shape[:2] == labels.shape and min(labels.shape) >= 64 and max(labels.shape) <= 96
         seen |= set(np.unique(labels).tolist())
         sizes.add(labels.shape)
     assert seen == set(range(len(SYNTHETIC_CLASSES)))  # every class occurs, no ignore band by default
@@ -57,7 +57,9 @@ def test_thin_structures_and_ignore_band() -> None:
         for cls in (4, 5):  # ring, wire: a few pixels wide -> most of their pixels touch the background
             region = labels == cls
             if region.sum() > 20:
-                interior = region[1:-1, 1:-1] & region[:-2, 1:-1] & region[2:, 1:-1] & region[1:-1, :-2] & region[1:-1, 2:]
+                interior = (
+                    region[1:-1, 1:-1] & region[:-2, 1:-1] & region[2:, 1:-1] & region[1:-1, :-2] & region[1:-1, 2:]
+                )
                 widths.append(interior.sum() / region.sum())
     assert widths and np.median(widths) < 0.5
 
@@ -74,19 +76,25 @@ def test_cli(tmp_path: Path) -> None:
     out = tmp_path / "cli"
     done = subprocess.run(
         [sys.executable, "-m", "pipelines.synthetic", str(out), "--num-images", "3", "--seed", "1"],
-        capture_output=True, text=True, cwd=Path(__file__).parents[1],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
     )
     assert done.returncode == 0, done.stderr
     assert len(list((out / "JPEGImages").glob("*.jpg"))) == 3
     nyud = subprocess.run(
         [sys.executable, "-m", "pipelines.synthetic", str(tmp_path / "nyud"), "--num-images", "3", "--layout", "nyud"],
-        capture_output=True, text=True, cwd=Path(__file__).parents[1],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
     )
     assert nyud.returncode == 0 and "wrote 3 nyud scenes" in nyud.stdout, nyud.stderr
     assert open_dataset(str(tmp_path / "nyud")).layout == "nyud"
     bad = subprocess.run(
         [sys.executable, "-m", "pipelines.synthetic", str(out), "--num-images", "0"],
-        capture_output=True, text=True, cwd=Path(__file__).parents[1],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
     )
     assert bad.returncode == 2 and "num_images" in bad.stderr
 

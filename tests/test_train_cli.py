@@ -30,12 +30,27 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> str:
 def test_help() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "pipelines.train", "--help"],
-        capture_output=True, text=True, cwd=Path(__file__).parents[1],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
     )
     assert done.returncode == 0
-    for option in ("--data", "--registry", "--model", "--init", "--workers", "--gpus-per-worker", "--epochs",
-                   "--recipe", "--width", "--run-name", "--promote-margin", "--strict", "--max-failures",
-                   "--class-weights"):
+    for option in (
+        "--data",
+        "--registry",
+        "--model",
+        "--init",
+        "--workers",
+        "--gpus-per-worker",
+        "--epochs",
+        "--recipe",
+        "--width",
+        "--run-name",
+        "--promote-margin",
+        "--strict",
+        "--max-failures",
+        "--class-weights",
+    ):
         assert option in done.stdout
 
 
@@ -105,7 +120,11 @@ def test_bad_data_and_missing_required(tmp_path: Path, capsys: pytest.CaptureFix
 
 def test_paper_recipe() -> None:
     paper = RECIPES["paper"]
-    assert [paper.learning_rate(m, None) for m in ("fcn32s_vgg16", "fcn16s_vgg16", "fcn8s_vgg16")] == [1e-10, 1e-12, 1e-14]
+    assert [paper.learning_rate(m, None) for m in ("fcn32s_vgg16", "fcn16s_vgg16", "fcn8s_vgg16")] == [
+        1e-10,
+        1e-12,
+        1e-14,
+    ]
     assert paper.loss_reduction == "sum" and paper.poly_power is None and not paper.hflip
     optimizer = paper.make_optimizer([torch.nn.Parameter(torch.zeros(1))], 1e-10)
     assert isinstance(optimizer, torch.optim.SGD)
@@ -134,8 +153,17 @@ def test_config_is_the_single_source_of_cli_flags_and_flow_parameters() -> None:
             assert action.default == TrainConfig.default(name), name
     flow_parameters = inspect.signature(nightly_retrain.fn).parameters
     shared = [name for name in flow_parameters if name in names]
-    assert {"model", "width", "epochs", "workers", "gpus_per_worker", "recipe", "class_weights", "promote_margin",
-            "ray_address"} <= set(shared)  # fmt: skip
+    assert {
+        "model",
+        "width",
+        "epochs",
+        "workers",
+        "gpus_per_worker",
+        "recipe",
+        "class_weights",
+        "promote_margin",
+        "ray_address",
+    } <= set(shared)
     for name in shared:
         if flow_parameters[name].default is not inspect.Parameter.empty:  # data and registry are required
             assert flow_parameters[name].default == TrainConfig.default(name), name
@@ -167,8 +195,12 @@ def voc_and_pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ],
 )
 def test_model_the_data_cannot_feed_and_layout_override_exit_2_before_ray(
-    voc_and_pairs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
-    extra: list[str], problem: str,
+    voc_and_pairs: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    extra: list[str],
+    problem: str,
 ) -> None:
     """An HHA network on colour-only data is refused naming --model and --data, in the layout --layout
     forces, before the driver connects to Ray (the session's cluster may already run: Ray being
@@ -185,6 +217,9 @@ def test_model_the_data_cannot_feed_and_layout_override_exit_2_before_ray(
 
 
 def test_two_head_model_on_one_head_data_is_refused(data: str, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"--model: fcn16s_siftflow_vgg16 has the heads \['semantic', 'geometric'\], "
-                                          r"but --data .* \(voc layout\) has no \['geometric'\] labels"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"--model: fcn16s_siftflow_vgg16 has the heads \['semantic', 'geometric'\], "
+        r"but --data .* \(voc layout\) has no \['geometric'\] labels",
+    ):
         run_training(TrainConfig(data=data, registry=str(tmp_path), model="fcn16s_siftflow_vgg16", width=1 / 16))

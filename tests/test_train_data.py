@@ -229,8 +229,12 @@ def test_median_frequency_weights_by_hand(tmp_path: Path) -> None:
     weights = tmp_path / "weights.json"
     weights.write_text("[1, 2, 0.5, 0]")
     assert resolve_class_weights(str(weights), data) == [1.0, 2.0, 0.5, 0.0]
-    for text, problem in [("1\n2\n3\n", "holds 3 weights; the data has 4 classes"), ("1\nx\n3\n4\n", "one number"),
-                          ("[1, 2, -1, 0]", "finite and >= 0"), ("0\n0\n0\n0\n", "at least one > 0")]:  # fmt: skip
+    for text, problem in [
+        ("1\n2\n3\n", "holds 3 weights; the data has 4 classes"),
+        ("1\nx\n3\n4\n", "one number"),
+        ("[1, 2, -1, 0]", "finite and >= 0"),
+        ("0\n0\n0\n0\n", "at least one > 0"),
+    ]:
         weights.write_text(text)
         with pytest.raises(ValueError, match=problem):
             resolve_class_weights(str(weights), data)
@@ -245,8 +249,17 @@ def test_train_epoch_weighs_the_loss_by_class() -> None:
     with torch.no_grad():
         logits = model(images)
     for w in (weight, None):
-        loss_sum, steps, _, _ = train_epoch(model, [(images, {"semantic": targets}, [])], optimizer, schedule, "mean",
-                                            1.0, torch.Generator(), w, torch.device("cpu"))  # fmt: skip
+        loss_sum, steps, _, _ = train_epoch(
+            model,
+            [(images, {"semantic": targets}, [])],
+            optimizer,
+            schedule,
+            "mean",
+            1.0,
+            torch.Generator(),
+            w,
+            torch.device("cpu"),
+        )
         assert (loss_sum, steps) == (pytest.approx(float(cross_entropy(logits, targets, weight=w))), 1)
 
 
@@ -264,17 +277,21 @@ class _TwoHeads(torch.nn.Module):
 def test_train_epoch_sums_the_heads_losses_and_weighs_the_semantic_head_only() -> None:
     model = _TwoHeads()
     images = torch.randn(1, 3, 4, 5)
-    targets = {"semantic": torch.tensor([[[0, 1, 2, 2, 255]] * 4]),
-               "geometric": torch.tensor([[[0, 1, 1, 255, 0]] * 4])}  # fmt: skip
+    targets = {
+        "semantic": torch.tensor([[[0, 1, 2, 2, 255]] * 4]),
+        "geometric": torch.tensor([[[0, 1, 1, 255, 0]] * 4]),
+    }
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     weight = torch.tensor([0.2, 1.0, 5.0])
     with torch.no_grad():
         scores = model(images)
-    loss_sum, steps, _, _ = train_epoch(model, [(images, targets, [])], optimizer, schedule, "mean", 1.0,
-                                        torch.Generator(), weight, torch.device("cpu"))  # fmt: skip
+    loss_sum, steps, _, _ = train_epoch(
+        model, [(images, targets, [])], optimizer, schedule, "mean", 1.0, torch.Generator(), weight, torch.device("cpu")
+    )
     expected = cross_entropy(scores["semantic"], targets["semantic"], weight=weight) + cross_entropy(
-        scores["geometric"], targets["geometric"])
+        scores["geometric"], targets["geometric"]
+    )
     assert (loss_sum, steps) == (pytest.approx(float(expected)), 1)
 
 
@@ -327,8 +344,10 @@ def test_augment_keeps_every_modality_and_head_aligned() -> None:
     rgb = np.repeat((semantic * 100)[..., None], 3, axis=2).astype(np.uint8)
     image = get_convention("torchvision").encode({"rgb": rgb, "depth": depth_of_class[semantic]}, ("rgb", "depth"))
     depth_codes = torch.stack([image[3][torch.from_numpy(semantic == k)][0] for k in range(3)])  # per class
-    labels = {"semantic": torch.from_numpy(semantic.astype(np.int64)),
-              "geometric": torch.from_numpy(geometric_of_class[semantic])}  # fmt: skip
+    labels = {
+        "semantic": torch.from_numpy(semantic.astype(np.int64)),
+        "geometric": torch.from_numpy(geometric_of_class[semantic]),
+    }
     sides, sizes = set(), set()
     for seed in range(12):
         x, y = augment(image, labels, RECIPES["modern"], np.random.default_rng(seed))

@@ -32,9 +32,28 @@ def test_nyud_rgb_hha_net_trains_from_the_cli(
     data, reg = tmp_path / "nyud", tmp_path / "registry"
     write_synthetic_nyud(str(data), **SYNTHETIC)
 
-    code = main(["--data", str(data), "--registry", str(reg), "--model", "fcn32s_rgbhha_vgg16", "--width", "0.0625",
-                 "--geometry", "aligned", "--lr", "3e-3", "--epochs", str(EPOCHS), "--workers", "1",
-                 "--run-name", "nyud"])  # fmt: skip
+    code = main(
+        [
+            "--data",
+            str(data),
+            "--registry",
+            str(reg),
+            "--model",
+            "fcn32s_rgbhha_vgg16",
+            "--width",
+            "0.0625",
+            "--geometry",
+            "aligned",
+            "--lr",
+            "3e-3",
+            "--epochs",
+            str(EPOCHS),
+            "--workers",
+            "1",
+            "--run-name",
+            "nyud",
+        ]
+    )
 
     assert code == 0
     report = json.loads(capsys.readouterr().out)
@@ -56,8 +75,17 @@ def test_siftflow_net_trains_and_scores_both_heads(ray_cluster: None, tmp_path: 
     history, the registry and the checkpoint; the hists merged over workers equal a 1-worker evaluation."""
     data, reg = tmp_path / "siftflow", tmp_path / "registry"
     write_synthetic_siftflow(str(data), **SYNTHETIC)
-    config = TrainConfig(data=str(data), registry=str(reg), model="fcn16s_siftflow_vgg16", width=1 / 16,
-                         geometry="aligned", lr=3e-3, epochs=EPOCHS, workers=2, run_name="siftflow")  # fmt: skip
+    config = TrainConfig(
+        data=str(data),
+        registry=str(reg),
+        model="fcn16s_siftflow_vgg16",
+        width=1 / 16,
+        geometry="aligned",
+        lr=3e-3,
+        epochs=EPOCHS,
+        workers=2,
+        run_name="siftflow",
+    )
 
     summary = run_training(config)
 
@@ -73,7 +101,9 @@ def test_siftflow_net_trains_and_scores_both_heads(ray_cluster: None, tmp_path: 
     assert registry.read_version(str(reg), summary.version)["metrics"]["heads"] == best["heads"]
     champion = fcn.load_checkpoint(str(reg))
     assert {task: head["class_names"] for task, head in champion.heads.items()} == {
-        "semantic": list(SIFTFLOW_CLASSES), "geometric": list(SIFTFLOW_GEOMETRIC_CLASSES)}  # fmt: skip
+        "semantic": list(SIFTFLOW_CLASSES),
+        "geometric": list(SIFTFLOW_GEOMETRIC_CLASSES),
+    }
     assert champion.modalities == ["rgb"] and champion.meta["layout"] == "siftflow"
     assert champion.meta["head_scores"]["geometric"] == {k: best["heads"]["geometric"][k] for k in SCORES}
 

@@ -18,6 +18,9 @@ from pathlib import Path
 import fsspec
 import pytest
 import torch
+from process_tree import descendants
+from test_train_data import BAD, FOUR_CLASSES, PLOT_IDS, corrupt, write_voc_layout
+from test_train_worker import DIVERGING, overflowing_init, write_square_scenes
 
 import fcn
 from fcn import registry
@@ -33,9 +36,6 @@ from pipelines.train import (
     run_evaluation,
     run_training,
 )
-from process_tree import descendants
-from test_train_data import BAD, FOUR_CLASSES, PLOT_IDS, corrupt, write_voc_layout
-from test_train_worker import DIVERGING, overflowing_init, write_square_scenes
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"model": "fcn8s_vgg16", "width": 1 / 16, "geometry": "aligned", "workers": 2}
@@ -93,8 +93,15 @@ def test_fcn8s_learns_registers_and_scores_consistently(ray_cluster: None, scene
 def test_median_frequency_weights_recorded_in_checkpoint_and_metrics(ray_cluster: None, tmp_path: Path) -> None:
     data, reg = tmp_path / "data", tmp_path / "registry"
     write_synthetic_voc(str(data), num_images=8, seed=11, min_size=48, max_size=64)
-    config = TrainConfig(data=str(data), registry=str(reg), epochs=1, lr=3e-3, run_name="balanced",
-                         class_weights="median-frequency", **(SMALL | {"workers": 1}))  # fmt: skip
+    config = TrainConfig(
+        data=str(data),
+        registry=str(reg),
+        epochs=1,
+        lr=3e-3,
+        run_name="balanced",
+        class_weights="median-frequency",
+        **(SMALL | {"workers": 1}),
+    )
 
     summary = run_training(config)
 
@@ -156,7 +163,9 @@ def _alive(pid: int) -> bool:
 def test_resumes_after_killed_worker_and_driver_restart(ray_cluster: None, tmp_path: Path) -> None:
     data, reg = tmp_path / "data", tmp_path / "registry"
     write_synthetic_voc(str(data), num_images=24, seed=5, min_size=48, max_size=64)
-    config = TrainConfig(data=str(data), registry=str(reg), epochs=3, lr=3e-3, run_name="killed", max_failures=1, **SMALL)
+    config = TrainConfig(
+        data=str(data), registry=str(reg), epochs=3, lr=3e-3, run_name="killed", max_failures=1, **SMALL
+    )
     result: dict[str, TrainSummary | BaseException] = {}
 
     def train() -> None:
@@ -210,25 +219,62 @@ def test_diverging_training_stops_at_once_with_exit_1_and_registers_nothing(ray_
     data, reg = tmp_path / "data", tmp_path / "registry"
     write_synthetic_voc(str(data), num_images=16, seed=7, min_size=48, max_size=64)
     run = subprocess.run(
-        [sys.executable, "-m", "pipelines.train", "--data", str(data), "--registry", str(reg), "--model", "fcn8s_vgg16",
-         "--width", "0.0625", "--geometry", "aligned", "--workers", "2", "--epochs", "3", "--lr", "1e8",
-         "--max-failures", "-1", "--run-name", "diverging", "--ray-address", ray.get_runtime_context().gcs_address],
-        cwd=REPO, capture_output=True, text=True, timeout=420,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pipelines.train",
+            "--data",
+            str(data),
+            "--registry",
+            str(reg),
+            "--model",
+            "fcn8s_vgg16",
+            "--width",
+            "0.0625",
+            "--geometry",
+            "aligned",
+            "--workers",
+            "2",
+            "--epochs",
+            "3",
+            "--lr",
+            "1e8",
+            "--max-failures",
+            "-1",
+            "--run-name",
+            "diverging",
+            "--ray-address",
+            ray.get_runtime_context().gcs_address,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
     assert run.returncode == 1, run.stderr[-3000:]
-    assert re.search(r"training failed: TrainingDiverged: run 'diverging' diverged at epoch 1, step \d+: loss is (nan|inf)", run.stderr), run.stderr[-3000:]
+    assert re.search(
+        r"training failed: TrainingDiverged: run 'diverging' diverged at epoch 1, step \d+: loss is (nan|inf)",
+        run.stderr,
+    ), run.stderr[-3000:]
     assert registry.list_versions(str(reg)) == [] and registry.get_champion(str(reg)) is None
 
 
-def test_divergence_after_a_checkpointed_epoch_names_that_epoch_and_registers_nothing(ray_cluster: None,
-                                                                                      tmp_path: Path) -> None:
+def test_divergence_after_a_checkpointed_epoch_names_that_epoch_and_registers_nothing(
+    ray_cluster: None, tmp_path: Path
+) -> None:
     """A run whose epoch 1 was checkpointed (and registered) resumes and diverges in epoch 2, where an
     image now overflows the summed loss: run_training raises naming epoch 2, epoch 1's history stays,
     and no further version is registered."""
     data, reg = tmp_path / "data", tmp_path / "registry"
     write_square_scenes(data, {"a": 24, "b": 24, "val": 24}, val=["val"])
-    options = {"data": str(data), "registry": str(reg), "run_name": "later", "workers": 1,
-               "init": overflowing_init(tmp_path / "init.pt"), **DIVERGING}  # fmt: skip
+    options = {
+        "data": str(data),
+        "registry": str(reg),
+        "run_name": "later",
+        "workers": 1,
+        "init": overflowing_init(tmp_path / "init.pt"),
+        **DIVERGING,
+    }
     run_training(TrainConfig(epochs=1, **options))
     versions = registry.list_versions(str(reg))
     write_square_scenes(data, {"a": 24, "b": 128, "val": 24}, val=["val"])  # "b" is now large
@@ -244,7 +290,9 @@ def test_keep_checkpoints_prunes_folders_but_not_the_history(ray_cluster: None, 
     the one registered."""
     data, reg = tmp_path / "data", tmp_path / "registry"
     write_synthetic_voc(str(data), num_images=16, seed=9, min_size=48, max_size=64)
-    config = TrainConfig(data=str(data), registry=str(reg), epochs=4, lr=3e-3, run_name="pruned", keep_checkpoints=1, **SMALL)
+    config = TrainConfig(
+        data=str(data), registry=str(reg), epochs=4, lr=3e-3, run_name="pruned", keep_checkpoints=1, **SMALL
+    )
 
     summary = run_training(config)
 
@@ -252,7 +300,10 @@ def test_keep_checkpoints_prunes_folders_but_not_the_history(ray_cluster: None, 
     best = max(summary.history, key=lambda h: (h["mean_iu"], h["epoch"]))["epoch"]  # the latest of equals
     folders = sorted(p.name for p in (reg / "runs" / "pruned").glob("epoch-*"))
     assert folders == sorted({f"epoch-{best:04d}", "epoch-0004"}), (folders, best)
-    assert summary.metrics["epoch"] == best and registry.read_version(str(reg), summary.version)["metrics"]["epoch"] == best
+    assert (
+        summary.metrics["epoch"] == best
+        and registry.read_version(str(reg), summary.version)["metrics"]["epoch"] == best
+    )
 
 
 def test_sigint_exits_130_and_the_named_run_resumes(ray_cluster: None, tmp_path: Path) -> None:
@@ -260,9 +311,29 @@ def test_sigint_exits_130_and_the_named_run_resumes(ray_cluster: None, tmp_path:
 
     data, reg = tmp_path / "data", tmp_path / "registry"
     write_synthetic_voc(str(data), num_images=16, seed=3, min_size=48, max_size=64)
-    command = [sys.executable, "-m", "pipelines.train", "--data", str(data), "--registry", str(reg), "--model",
-               "fcn8s_vgg16", "--width", "0.0625", "--geometry", "aligned", "--workers", "2", "--epochs", "6",
-               "--lr", "3e-3", "--ray-address", ray.get_runtime_context().gcs_address]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "pipelines.train",
+        "--data",
+        str(data),
+        "--registry",
+        str(reg),
+        "--model",
+        "fcn8s_vgg16",
+        "--width",
+        "0.0625",
+        "--geometry",
+        "aligned",
+        "--workers",
+        "2",
+        "--epochs",
+        "6",
+        "--lr",
+        "3e-3",
+        "--ray-address",
+        ray.get_runtime_context().gcs_address,
+    ]
     log = tmp_path / "driver.log"  # a file, not a pipe: a full pipe that nobody reads would stall the driver
     with log.open("w") as stderr_file:
         driver = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr_file)
@@ -284,7 +355,9 @@ def test_sigint_exits_130_and_the_named_run_resumes(ray_cluster: None, tmp_path:
     assert named, stderr[-3000:]
     assert registry.list_versions(str(reg)) == []
 
-    resumed = subprocess.run([*command, "--run-name", named.group(1)], cwd=REPO, capture_output=True, text=True, timeout=420)
+    resumed = subprocess.run(
+        [*command, "--run-name", named.group(1)], cwd=REPO, capture_output=True, text=True, timeout=420
+    )
 
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     report = json.loads(resumed.stdout)

@@ -106,9 +106,21 @@ def test_worker_trains_and_resumes_without_ray_prefect_or_s3fs(tmp_path: Path) -
     write_synthetic_voc(str(data), num_images=6, seed=0, min_size=32, max_size=40)
 
     def run(epochs: int) -> dict[str, Any]:
-        done = subprocess.run([sys.executable, "-c", RAY_FREE_RUN, str(data), str(registry), str(epochs),
-                               str(tmp_path / f"store-{epochs}")],
-                              cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                RAY_FREE_RUN,
+                str(data),
+                str(registry),
+                str(epochs),
+                str(tmp_path / f"store-{epochs}"),
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         return json.loads(done.stdout.splitlines()[-1])
 
@@ -127,14 +139,17 @@ def test_worker_trains_and_resumes_without_ray_prefect_or_s3fs(tmp_path: Path) -
     assert (name, metrics["epoch"], metrics["resumed_from_epoch"]) == ("epoch-0002", 2, 1)
     assert metrics["train_images_per_s"] > 0 and 0 <= metrics["loader_wait_fraction"] <= 1
     assert fcn.load_checkpoint(str(registry / "runs/local/epoch-0002/checkpoint.pt")).meta["epoch"] == 2
-    assert sorted(p.name for p in (registry / "runs/local" / HISTORY_DIR).iterdir()) == ["epoch-0001.json",
-                                                                                         "epoch-0002.json"]
+    assert sorted(p.name for p in (registry / "runs/local" / HISTORY_DIR).iterdir()) == [
+        "epoch-0001.json",
+        "epoch-0002.json",
+    ]
 
 
 def _tiny_run(tmp_path: Path, name: str, **options: Any) -> tuple[dict[str, Any], LocalWorkerContext]:
     """Train ``options`` on tmp_path/data in this process (world size 1); return (loop config, context)."""
-    config = TrainConfig(data=str(tmp_path / "data"), registry=str(tmp_path / "registry"), run_name=name,
-                         **{**TINY, **options})  # fmt: skip
+    config = TrainConfig(
+        data=str(tmp_path / "data"), registry=str(tmp_path / "registry"), run_name=name, **{**TINY, **options}
+    )
     config.validate()
     loop_config = make_loop_config(config, open_dataset(config.data))
     context = LocalWorkerContext(run_folder(config.registry, name), "cpu")
@@ -147,8 +162,9 @@ def test_loader_processes_augment_each_epoch_as_the_worker_itself_does(tmp_path:
     each index), the same as without them; so two epochs of training give the same network."""
     write_synthetic_voc(str(tmp_path / "data"), num_images=6, seed=1, min_size=32, max_size=40)
     data = open_dataset(str(tmp_path / "data"))
-    dataset = TrainImages(data.train, ("rgb",), {"semantic": data.num_classes}, get_convention("torchvision"),
-                          RECIPES["modern"], seed=0)  # fmt: skip
+    dataset = TrainImages(
+        data.train, ("rgb",), {"semantic": data.num_classes}, get_convention("torchvision"), RECIPES["modern"], seed=0
+    )
     sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0)
     epochs = {}
     for workers in (0, 2):
@@ -166,8 +182,10 @@ def test_loader_processes_augment_each_epoch_as_the_worker_itself_does(tmp_path:
     _, without = _tiny_run(tmp_path, "no-loader-processes", epochs=2, loader_workers=0)
     _, with_processes = _tiny_run(tmp_path, "loader-processes", epochs=2, loader_workers=2)
     assert [m["train_loss"] for _, m in without.reports] == [m["train_loss"] for _, m in with_processes.reports]
-    weights = [fcn.load_checkpoint(str(tmp_path / f"registry/runs/{name}/epoch-0002/checkpoint.pt")).model.state_dict()
-               for name in ("no-loader-processes", "loader-processes")]  # fmt: skip
+    weights = [
+        fcn.load_checkpoint(str(tmp_path / f"registry/runs/{name}/epoch-0002/checkpoint.pt")).model.state_dict()
+        for name in ("no-loader-processes", "loader-processes")
+    ]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
@@ -186,8 +204,13 @@ def test_the_class_weights_reach_the_semantic_loss(tmp_path: Path, monkeypatch: 
         return real(logits, target, **options)
 
     monkeypatch.setattr(fcn, "cross_entropy", recording)
-    _, context = _tiny_run(tmp_path, "weighted", epochs=1, recipe="paper",  # summed: the weights show at once
-                           class_weights=str(tmp_path / "weights.txt"))
+    _, context = _tiny_run(
+        tmp_path,
+        "weighted",
+        epochs=1,
+        recipe="paper",  # summed: the weights show at once
+        class_weights=str(tmp_path / "weights.txt"),
+    )
     reported = context.reports[0][1]["train_loss"]
     weighted = np.mean([float(real(x, y, reduction=r, weight=torch.tensor(weights))) for x, y, r in steps])
     unweighted = np.mean([float(real(x, y, reduction=r)) for x, y, r in steps])
@@ -227,8 +250,13 @@ moving the weights, so that only a large image makes the loss infinite."""
 def _rank_main(rank: int, world: int, store: str, loop_config: dict[str, Any], out: str) -> None:
     """One of ``world`` gloo ranks training ``loop_config``; writes what it reported and every tensor it
     passed to a collective (device, and whether it was made without naming a device) to ``out``."""
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=RANK_TIMEOUT_S / 2))  # a mismatch fails, never hangs
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=RANK_TIMEOUT_S / 2),
+    )  # a mismatch fails, never hangs
     collectives: list[dict[str, Any]] = []
 
     def spy(collective: Callable[..., Any]) -> Callable[..., Any]:
@@ -245,8 +273,9 @@ def _rank_main(rank: int, world: int, store: str, loop_config: dict[str, Any], o
     with _DefaultDeviceFactories():
         run_training_worker(loop_config, context)
     dist.destroy_process_group()
-    Path(out).write_text(json.dumps({"reports": context.reports, "collectives": collectives,
-                                     "device": str(context.device)}))  # fmt: skip
+    Path(out).write_text(
+        json.dumps({"reports": context.reports, "collectives": collectives, "device": str(context.device)})
+    )
 
 
 class _DefaultDeviceFactories(TorchFunctionMode):
@@ -268,8 +297,10 @@ def _run_ranks(tmp_path: Path, loop_config: dict[str, Any], world: int = 2) -> l
     spawn = multiprocessing.get_context("spawn")
     store = tmp_path / f"store-{os.urandom(4).hex()}"
     outs = [tmp_path / f"rank-{rank}-{store.name}.json" for rank in range(world)]
-    ranks = [spawn.Process(target=_rank_main, args=(rank, world, str(store), loop_config, str(out)))
-             for rank, out in enumerate(outs)]  # fmt: skip
+    ranks = [
+        spawn.Process(target=_rank_main, args=(rank, world, str(store), loop_config, str(out)))
+        for rank, out in enumerate(outs)
+    ]
     for process in ranks:
         process.start()
     deadline = time.monotonic() + RANK_TIMEOUT_S
@@ -290,8 +321,13 @@ def test_two_ranks_reduce_on_the_models_device_and_agree(tmp_path: Path) -> None
     (not on the default device, which NCCL would refuse for a GPU model); the ranks report the same
     merged metrics."""
     write_synthetic_voc(str(tmp_path / "data"), num_images=8, seed=3, min_size=32, max_size=40)
-    config = TrainConfig(data=str(tmp_path / "data"), registry=str(tmp_path / "registry"), run_name="two",
-                         epochs=1, **{**TINY, "workers": 2})  # fmt: skip
+    config = TrainConfig(
+        data=str(tmp_path / "data"),
+        registry=str(tmp_path / "registry"),
+        run_name="two",
+        epochs=1,
+        **{**TINY, "workers": 2},
+    )
     results = _run_ranks(tmp_path, make_loop_config(config, open_dataset(config.data)))
     for result in results:
         assert len(result["collectives"]) >= 2  # the epoch's totals and the confusion matrix
@@ -308,8 +344,15 @@ def test_divergence_on_one_rank_stops_both_through_ddps_join(tmp_path: Path) -> 
     reported, and diverged.json names epoch 1."""
     data, registry = tmp_path / "data", tmp_path / "registry"
     write_square_scenes(data, {"small-1": 24, "small-2": 24, "small-3": 24, "large": 128, "val": 24}, val=["val"])
-    config = TrainConfig(data=str(data), registry=str(registry), run_name="one-rank", epochs=2, workers=2,
-                         init=overflowing_init(tmp_path / "init.pt"), **DIVERGING)  # fmt: skip
+    config = TrainConfig(
+        data=str(data),
+        registry=str(registry),
+        run_name="one-rank",
+        epochs=2,
+        workers=2,
+        init=overflowing_init(tmp_path / "init.pt"),
+        **DIVERGING,
+    )
     results = _run_ranks(tmp_path, make_loop_config(config, open_dataset(config.data)))
     assert [result["reports"] for result in results] == [[], []]
     run_uri = run_folder(str(registry), "one-rank")
@@ -337,8 +380,9 @@ def test_divergence_after_a_checkpointed_epoch_keeps_it_and_names_the_epoch(tmp_
     assert context.reports == []
     with pytest.raises(TrainingDiverged, match=r"run 'later' diverged at epoch 2, step \d: loss is inf"):
         raise_if_diverged(str(run_uri), "later")
-    assert {p.relative_to(run_uri): p.read_bytes() for p in run_uri.rglob("*")
-            if p.is_file() and p.name != DIVERGED_FILE} == epoch_one  # fmt: skip
+    assert {
+        p.relative_to(run_uri): p.read_bytes() for p in run_uri.rglob("*") if p.is_file() and p.name != DIVERGED_FILE
+    } == epoch_one
 
 
 @pytest.mark.parametrize("gpus", [0.5, 0.25, 1.5])

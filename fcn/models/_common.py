@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fcn.geometry import CoordMap, bilinear_kernel, coord_map, crop_offset, fuse_offset, layer_map, receptive_field
+from fcn.geometry import CoordMap, bilinear_kernel, coord_map, fuse_offset, layer_map, receptive_field
 
 GEOMETRIES = ("reference", "aligned")
 OUTPUT_STRIDES = (32, 16, 8)
@@ -107,9 +107,7 @@ def _dilate(m: nn.Module, factor: int) -> nn.Module | None:
     return None
 
 
-def make_upsample(
-    num_classes: int, source: CoordMap, target: CoordMap, *, learnable: bool
-) -> tuple[nn.Module, int]:
+def make_upsample(num_classes: int, source: CoordMap, target: CoordMap, *, learnable: bool) -> tuple[nn.Module, int]:
     """Backwards-strided convolution (paper 3.3) from the grid of ``source`` to the finer ``target``.
 
     Stride f = ratio of the two grids; kernel 2f, or 2f-1 when that is what lands the upsampled grid
@@ -156,9 +154,7 @@ def crop_to(x: torch.Tensor, offset: int, size: torch.Size | tuple[int, int]) ->
     """Crop ``x`` at ``offset`` to the input's ``size``; fails loudly if it does not cover it."""
     h, w = size
     if x.shape[-2] < offset + h or x.shape[-1] < offset + w:
-        raise RuntimeError(
-            f"score map {tuple(x.shape[-2:])} does not cover a {h}x{w} input at crop offset {offset}"
-        )
+        raise RuntimeError(f"score map {tuple(x.shape[-2:])} does not cover a {h}x{w} input at crop offset {offset}")
     return x[..., offset : offset + h, offset : offset + w]
 
 

@@ -73,5 +73,13 @@ def fcn32s_alexnet(
     learnable_upsampling: bool = True,
 ) -> FCN:
     """FCN-AlexNet; ``backbone_weights``: a torchvision AlexNet state_dict (path or fsspec URI)."""
-    return build_fcn('fcn32s_alexnet', AlexNetTrunk, num_classes=num_classes, geometry=geometry, width=width, output_stride=output_stride,
-                     learnable_upsampling=learnable_upsampling, backbone_weights=backbone_weights)  # fmt: skip
+    return build_fcn(
+        "fcn32s_alexnet",
+        AlexNetTrunk,
+        num_classes=num_classes,
+        geometry=geometry,
+        width=width,
+        output_stride=output_stride,
+        learnable_upsampling=learnable_upsampling,
+        backbone_weights=backbone_weights,
+    )

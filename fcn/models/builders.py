@@ -19,88 +19,193 @@ VOC_CLASSES, NYUD_CLASSES, SIFTFLOW_CLASSES, SIFTFLOW_GEOMETRIC_CLASSES = 21, 40
 RGB_HHA = {"rgb": ("rgb",), "hha": ("hha",)}
 
 
-def fcn32s_vgg16(*, num_classes: int = VOC_CLASSES, geometry: str = "reference", width: float = 1.0,
-                 backbone_weights: str | None = None, output_stride: int = 32, learnable_upsampling: bool = True) -> FCN:  # fmt: skip
+def fcn32s_vgg16(
+    *,
+    num_classes: int = VOC_CLASSES,
+    geometry: str = "reference",
+    width: float = 1.0,
+    backbone_weights: str | None = None,
+    output_stride: int = 32,
+    learnable_upsampling: bool = True,
+) -> FCN:
     """FCN-32s on VGG16; ``backbone_weights``: a torchvision VGG16 state_dict (path or fsspec URI)."""
     return build_fcn("fcn32s_vgg16", VGG16Trunk, **_arguments(locals()), skips=SKIPS[32])
 
 
-def fcn16s_vgg16(*, num_classes: int = VOC_CLASSES, geometry: str = "reference", width: float = 1.0,
-                 backbone_weights: str | None = None, output_stride: int = 32, learnable_upsampling: bool = True) -> FCN:  # fmt: skip
+def fcn16s_vgg16(
+    *,
+    num_classes: int = VOC_CLASSES,
+    geometry: str = "reference",
+    width: float = 1.0,
+    backbone_weights: str | None = None,
+    output_stride: int = 32,
+    learnable_upsampling: bool = True,
+) -> FCN:
     """FCN-16s on VGG16: FCN-32s's scores fused with a pool4 prediction."""
     return build_fcn("fcn16s_vgg16", VGG16Trunk, **_arguments(locals()), skips=SKIPS[16])
 
 
-def fcn8s_vgg16(*, num_classes: int = VOC_CLASSES, geometry: str = "reference", width: float = 1.0,
-                backbone_weights: str | None = None, output_stride: int = 32, learnable_upsampling: bool = True) -> FCN:  # fmt: skip
+def fcn8s_vgg16(
+    *,
+    num_classes: int = VOC_CLASSES,
+    geometry: str = "reference",
+    width: float = 1.0,
+    backbone_weights: str | None = None,
+    output_stride: int = 32,
+    learnable_upsampling: bool = True,
+) -> FCN:
     """FCN-8s on VGG16: FCN-16s fused again with a pool3 prediction."""
     return build_fcn("fcn8s_vgg16", VGG16Trunk, **_arguments(locals()), skips=SKIPS[8])
 
 
-def fcn8s_atonce_vgg16(*, num_classes: int = VOC_CLASSES, geometry: str = "reference", width: float = 1.0,
-                       backbone_weights: str | None = None, output_stride: int = 32, learnable_upsampling: bool = True) -> FCN:  # fmt: skip
+def fcn8s_atonce_vgg16(
+    *,
+    num_classes: int = VOC_CLASSES,
+    geometry: str = "reference",
+    width: float = 1.0,
+    backbone_weights: str | None = None,
+    output_stride: int = 32,
+    learnable_upsampling: bool = True,
+) -> FCN:
     """FCN-8s trained at once (pool4 x 0.01, pool3 x 1e-4 before scoring) on VGG16."""
-    return build_fcn("fcn8s_atonce_vgg16", VGG16Trunk, **_arguments(locals()), skips=SKIPS[8], skip_scales=AT_ONCE_SCALES)
+    return build_fcn(
+        "fcn8s_atonce_vgg16", VGG16Trunk, **_arguments(locals()), skips=SKIPS[8], skip_scales=AT_ONCE_SCALES
+    )
 
 
-def fcn4s_vgg16(*, num_classes: int = VOC_CLASSES, geometry: str = "reference", width: float = 1.0,
-                backbone_weights: str | None = None, output_stride: int = 32, learnable_upsampling: bool = True) -> FCN:  # fmt: skip
+def fcn4s_vgg16(
+    *,
+    num_classes: int = VOC_CLASSES,
+    geometry: str = "reference",
+    width: float = 1.0,
+    backbone_weights: str | None = None,
+    output_stride: int = 32,
+    learnable_upsampling: bool = True,
+) -> FCN:
     """FCN-4s: the skip architecture continued to pool2 (beyond the paper, for thin structures)."""
     return build_fcn("fcn4s_vgg16", VGG16Trunk, **_arguments(locals()), skips=SKIPS[4])
 
 
-def fcn2s_vgg16(*, num_classes: int = VOC_CLASSES, geometry: str = "reference", width: float = 1.0,
-                backbone_weights: str | None = None, output_stride: int = 32, learnable_upsampling: bool = True) -> FCN:  # fmt: skip
+def fcn2s_vgg16(
+    *,
+    num_classes: int = VOC_CLASSES,
+    geometry: str = "reference",
+    width: float = 1.0,
+    backbone_weights: str | None = None,
+    output_stride: int = 32,
+    learnable_upsampling: bool = True,
+) -> FCN:
     """FCN-2s: the skip architecture continued to pool1."""
     return build_fcn("fcn2s_vgg16", VGG16Trunk, **_arguments(locals()), skips=SKIPS[2])
 
 
-def fcn32s_rgbd_vgg16(*, num_classes: int = NYUD_CLASSES, geometry: str = "reference", width: float = 1.0,
-                      backbone_weights: str | None = None, output_stride: int = 32, learnable_upsampling: bool = True) -> FCN:  # fmt: skip
+def fcn32s_rgbd_vgg16(
+    *,
+    num_classes: int = NYUD_CLASSES,
+    geometry: str = "reference",
+    width: float = 1.0,
+    backbone_weights: str | None = None,
+    output_stride: int = 32,
+    learnable_upsampling: bool = True,
+) -> FCN:
     """NYUDv2 RGB-D, early fusion: one stream on RGB plus centred log depth (conv1_1 takes 4 channels;
     from RGB weights, the depth channel's filters start as the mean of the RGB filters)."""
     return build_fcn("fcn32s_rgbd_vgg16", VGG16Trunk, **_arguments(locals()), streams={"rgbd": ("rgb", "depth")})
 
 
-def fcn32s_hha_vgg16(*, num_classes: int = NYUD_CLASSES, geometry: str = "reference", width: float = 1.0,
-                     backbone_weights: str | None = None, output_stride: int = 32, learnable_upsampling: bool = True) -> FCN:  # fmt: skip
+def fcn32s_hha_vgg16(
+    *,
+    num_classes: int = NYUD_CLASSES,
+    geometry: str = "reference",
+    width: float = 1.0,
+    backbone_weights: str | None = None,
+    output_stride: int = 32,
+    learnable_upsampling: bool = True,
+) -> FCN:
     """NYUDv2 HHA: a single stream on the HHA encoding of depth."""
     return build_fcn("fcn32s_hha_vgg16", VGG16Trunk, **_arguments(locals()), streams={"hha": ("hha",)})
 
 
-def fcn32s_rgbhha_vgg16(*, num_classes: int = NYUD_CLASSES, geometry: str = "reference", width: float = 1.0,
-                        backbone_weights: str | None = None, output_stride: int = 32, learnable_upsampling: bool = True) -> FCN:  # fmt: skip
+def fcn32s_rgbhha_vgg16(
+    *,
+    num_classes: int = NYUD_CLASSES,
+    geometry: str = "reference",
+    width: float = 1.0,
+    backbone_weights: str | None = None,
+    output_stride: int = 32,
+    learnable_upsampling: bool = True,
+) -> FCN:
     """NYUDv2 RGB-HHA, late fusion: a colour and an HHA stream, scores averaged 0.5/0.5."""
     return build_fcn("fcn32s_rgbhha_vgg16", VGG16Trunk, **_arguments(locals()), streams=RGB_HHA)
 
 
-def fcn16s_rgbhha_vgg16(*, num_classes: int = NYUD_CLASSES, geometry: str = "reference", width: float = 1.0,
-                        backbone_weights: str | None = None, output_stride: int = 32, learnable_upsampling: bool = True) -> FCN:  # fmt: skip
+def fcn16s_rgbhha_vgg16(
+    *,
+    num_classes: int = NYUD_CLASSES,
+    geometry: str = "reference",
+    width: float = 1.0,
+    backbone_weights: str | None = None,
+    output_stride: int = 32,
+    learnable_upsampling: bool = True,
+) -> FCN:
     """NYUDv2 RGB-HHA FCN-16s (the paper's best NYUDv2 net): each stream with its own pool4 skip."""
     return build_fcn("fcn16s_rgbhha_vgg16", VGG16Trunk, **_arguments(locals()), skips=SKIPS[16], streams=RGB_HHA)
 
 
-def fcn32s_siftflow_vgg16(*, num_classes: int = SIFTFLOW_CLASSES, geometric_classes: int = SIFTFLOW_GEOMETRIC_CLASSES,
-                          geometry: str = "reference", width: float = 1.0, backbone_weights: str | None = None,
-                          output_stride: int = 32, learnable_upsampling: bool = True) -> FCN:  # fmt: skip
+def fcn32s_siftflow_vgg16(
+    *,
+    num_classes: int = SIFTFLOW_CLASSES,
+    geometric_classes: int = SIFTFLOW_GEOMETRIC_CLASSES,
+    geometry: str = "reference",
+    width: float = 1.0,
+    backbone_weights: str | None = None,
+    output_stride: int = 32,
+    learnable_upsampling: bool = True,
+) -> FCN:
     """SIFT Flow FCN-32s: semantic and geometric heads on one trunk; returns {task: scores}."""
-    return build_fcn("fcn32s_siftflow_vgg16", VGG16Trunk, **_arguments(locals()), extra_heads={"geometric": geometric_classes})
+    return build_fcn(
+        "fcn32s_siftflow_vgg16", VGG16Trunk, **_arguments(locals()), extra_heads={"geometric": geometric_classes}
+    )
 
 
-def fcn16s_siftflow_vgg16(*, num_classes: int = SIFTFLOW_CLASSES, geometric_classes: int = SIFTFLOW_GEOMETRIC_CLASSES,
-                          geometry: str = "reference", width: float = 1.0, backbone_weights: str | None = None,
-                          output_stride: int = 32, learnable_upsampling: bool = True) -> FCN:  # fmt: skip
+def fcn16s_siftflow_vgg16(
+    *,
+    num_classes: int = SIFTFLOW_CLASSES,
+    geometric_classes: int = SIFTFLOW_GEOMETRIC_CLASSES,
+    geometry: str = "reference",
+    width: float = 1.0,
+    backbone_weights: str | None = None,
+    output_stride: int = 32,
+    learnable_upsampling: bool = True,
+) -> FCN:
     """SIFT Flow FCN-16s (the paper's Table 5 net): each head with its own pool4 skip."""
-    return build_fcn("fcn16s_siftflow_vgg16", VGG16Trunk, **_arguments(locals()), skips=SKIPS[16],
-                     extra_heads={"geometric": geometric_classes})  # fmt: skip
+    return build_fcn(
+        "fcn16s_siftflow_vgg16",
+        VGG16Trunk,
+        **_arguments(locals()),
+        skips=SKIPS[16],
+        extra_heads={"geometric": geometric_classes},
+    )
 
 
-def fcn8s_siftflow_vgg16(*, num_classes: int = SIFTFLOW_CLASSES, geometric_classes: int = SIFTFLOW_GEOMETRIC_CLASSES,
-                         geometry: str = "reference", width: float = 1.0, backbone_weights: str | None = None,
-                         output_stride: int = 32, learnable_upsampling: bool = True) -> FCN:  # fmt: skip
+def fcn8s_siftflow_vgg16(
+    *,
+    num_classes: int = SIFTFLOW_CLASSES,
+    geometric_classes: int = SIFTFLOW_GEOMETRIC_CLASSES,
+    geometry: str = "reference",
+    width: float = 1.0,
+    backbone_weights: str | None = None,
+    output_stride: int = 32,
+    learnable_upsampling: bool = True,
+) -> FCN:
     """SIFT Flow FCN-8s: each head with its own pool4 and pool3 skips."""
-    return build_fcn("fcn8s_siftflow_vgg16", VGG16Trunk, **_arguments(locals()), skips=SKIPS[8],
-                     extra_heads={"geometric": geometric_classes})  # fmt: skip
+    return build_fcn(
+        "fcn8s_siftflow_vgg16",
+        VGG16Trunk,
+        **_arguments(locals()),
+        skips=SKIPS[8],
+        extra_heads={"geometric": geometric_classes},
+    )
 
 
 def _arguments(builder_locals: dict) -> dict:

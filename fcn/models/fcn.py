@@ -113,27 +113,49 @@ def build_fcn(
     builder arguments, ``<task>_classes`` for each extra head."""
     from fcn.weights import load_backbone
 
-    check_args(name, num_classes=num_classes, geometry=geometry, width=width, output_stride=output_stride,
-               learnable_upsampling=learnable_upsampling)  # fmt: skip
+    check_args(
+        name,
+        num_classes=num_classes,
+        geometry=geometry,
+        width=width,
+        output_stride=output_stride,
+        learnable_upsampling=learnable_upsampling,
+    )
     head_classes = {PRIMARY_TASK: num_classes, **(extra_heads or {})}
     for task, classes in head_classes.items():
         if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
             raise ValueError(f"{name}: {task}_classes must be a positive int, got {classes!r}")
-    arch_kwargs = {"num_classes": num_classes, "geometry": geometry, "width": float(width), "output_stride": output_stride,
-                   "learnable_upsampling": learnable_upsampling, **{f"{t}_classes": n for t, n in (extra_heads or {}).items()}}  # fmt: skip
+    arch_kwargs = {
+        "num_classes": num_classes,
+        "geometry": geometry,
+        "width": float(width),
+        "output_stride": output_stride,
+        "learnable_upsampling": learnable_upsampling,
+        **{f"{t}_classes": n for t, n in (extra_heads or {}).items()},
+    }
     streams = streams or {"rgb": ("rgb",)}
     trunks = {
-        stream: trunk(geometry=geometry, width=width, output_stride=output_stride,
-                      in_channels=sum(MODALITY_CHANNELS[m] for m in modalities))
+        stream: trunk(
+            geometry=geometry,
+            width=width,
+            output_stride=output_stride,
+            in_channels=sum(MODALITY_CHANNELS[m] for m in modalities),
+        )
         for stream, modalities in streams.items()
-    }  # fmt: skip
+    }
     heads = {
         task: {
-            stream: SkipHead(stream_trunk, classes, score_tap=score_tap, skips=skips,
-                             learnable_upsampling=learnable_upsampling, skip_scales=skip_scales)
+            stream: SkipHead(
+                stream_trunk,
+                classes,
+                score_tap=score_tap,
+                skips=skips,
+                learnable_upsampling=learnable_upsampling,
+                skip_scales=skip_scales,
+            )
             for stream, stream_trunk in trunks.items()
         }
         for task, classes in head_classes.items()
-    }  # fmt: skip
+    }
     model = FCN({"name": name, "kwargs": arch_kwargs}, trunks, streams, heads, head_classes)
     return model if backbone_weights is None else load_backbone(model, backbone_weights)

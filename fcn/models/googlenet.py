@@ -30,7 +30,11 @@ class GoogLeNetTrunk(Trunk):
 
     def __init__(self, *, geometry: str, width: float, output_stride: int, in_channels: int = 3) -> None:
         super().__init__(in_channels, output_stride)
-        from torchvision.models.googlenet import BasicConv2d, Inception, googlenet  # imported here: torchvision takes seconds
+        from torchvision.models.googlenet import (
+            BasicConv2d,
+            Inception,
+            googlenet,
+        )  # imported here: torchvision takes seconds
 
         with torch.device("meta"):
             template = googlenet(weights=None, aux_logits=False, init_weights=False)
@@ -95,5 +99,14 @@ def fcn32s_googlenet(
     learnable_upsampling: bool = True,
 ) -> FCN:
     """FCN-GoogLeNet; ``backbone_weights``: a torchvision GoogLeNet state_dict (path or fsspec URI)."""
-    return build_fcn('fcn32s_googlenet', GoogLeNetTrunk, num_classes=num_classes, geometry=geometry, width=width, output_stride=output_stride,
-                     learnable_upsampling=learnable_upsampling, score_tap="inception5b", backbone_weights=backbone_weights)  # fmt: skip
+    return build_fcn(
+        "fcn32s_googlenet",
+        GoogLeNetTrunk,
+        num_classes=num_classes,
+        geometry=geometry,
+        width=width,
+        output_stride=output_stride,
+        learnable_upsampling=learnable_upsampling,
+        score_tap="inception5b",
+        backbone_weights=backbone_weights,
+    )

@@ -18,7 +18,12 @@ PRECISIONS = ("auto", "fp32", "bf16")
 class SegmentConfig(Options):
     """Parameters of one segmentation run; each field is a CLI flag (``--batch-size`` for ``batch_size``)."""
 
-    input: str = option("", "prefix/folder, glob, manifest file (one image URI per line) or inventory (.parquet/.csv of object keys); any fsspec URI", required=True)
+    input: str = option(
+        "",
+        "prefix/folder, glob, manifest file (one image URI per line) or inventory (.parquet/.csv of object keys); "
+        "any fsspec URI",
+        required=True,
+    )
     output: str = option("", "output URI (masks/, stats/, manifest.json, _SUCCESS)", required=True)
     model: str = option("", "checkpoint URI, or a model registry root (its champion is used)", required=True)
     ray_address: str | None = option(None, "Ray cluster address (default: RAY_ADDRESS, else a new local cluster)")
@@ -43,13 +48,23 @@ class SegmentConfig(Options):
         "CUDA GPUs of compute capability >= 8.0 (Ampere and later), fp32 on older GPUs (bf16 emulated, slow) and CPUs",
         choices=PRECISIONS,
     )
-    batch_size: int = option(16, "images per FCN actor call; equal sizes share forward passes (on CPUs of at most 128 Kpx)")
+    batch_size: int = option(
+        16, "images per FCN actor call; equal sizes share forward passes (on CPUs of at most 128 Kpx)"
+    )
     block_rows: int = option(256, "most images per Ray Data block, i.e. per read/decode task")
     block_megabytes: float = option(32.0, "most encoded source megabytes per block")
-    gpu_decode: bool = option(True, "CUDA actors decode baseline JPEGs on the GPU (nvJPEG); others decode on CPU workers")
+    gpu_decode: bool = option(
+        True, "CUDA actors decode baseline JPEGs on the GPU (nvJPEG); others decode on CPU workers"
+    )
     overlays: bool = option(False, "also write colour overlays to <output>/overlays/<key>.jpg")
-    depth: str | None = option(None, "RGB-D and HHA models: prefix of the depth maps; image <key>'s is <prefix>/<key without extension>.png (16-bit, millimetres)")
-    camera: str = option(NYUD_CAMERA, "intrinsics fx,fy,cx,cy (pixels) of the depth camera, for HHA (default: NYUDv2's Kinect)")
+    depth: str | None = option(
+        None,
+        "RGB-D and HHA models: prefix of the depth maps; image <key>'s is <prefix>/<key without extension>.png "
+        "(16-bit, millimetres)",
+    )
+    camera: str = option(
+        NYUD_CAMERA, "intrinsics fx,fy,cx,cy (pixels) of the depth camera, for HHA (default: NYUDv2's Kinect)"
+    )
     storage_options: dict[str, Any] = option(
         dict,
         'fsspec options for --input, --output and --model, as JSON, e.g. \'{"endpoint_url": "http://minio:9000"}\', '
@@ -76,7 +91,14 @@ class SegmentConfig(Options):
         self.actor_range()
         if not isinstance(self.gpu_wait_s, (int, float)) or self.gpu_wait_s < 0:
             raise ConfigError(flag("gpu_wait_s"), f"must be >= 0, got {self.gpu_wait_s}")
-        for name in ("cpus_per_actor", "batch_size", "block_rows", "block_megabytes", "max_image_pixels", "rows_per_file"):
+        for name in (
+            "cpus_per_actor",
+            "batch_size",
+            "block_rows",
+            "block_megabytes",
+            "max_image_pixels",
+            "rows_per_file",
+        ):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0):
                 raise ConfigError(flag(name), f"must be > 0, got {value}")

@@ -17,7 +17,7 @@ import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import fsspec
@@ -87,7 +87,7 @@ def run_segmentation(config: SegmentConfig) -> SegmentSummary:
     """Run one segmentation job (see the module docstring). Raises ConfigError for bad parameters."""
     config.validate()
     clock = time.monotonic()
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     run_id = f"{started:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
     so = config.storage_options
     out_fs, out_root = fsspec.core.url_to_fs(config.output, **so)
@@ -117,7 +117,12 @@ def run_segmentation(config: SegmentConfig) -> SegmentSummary:
         if finished:
             out_fs.rm_file(success_path)  # a stale marker must not vouch for this run's partial output
         state = stats_table.read_state(stats_uri, so)
-        return model, state, stats_table.todo_images(listing.images, state, model.uri, model.version, unique_keys=finished), finished
+        return (
+            model,
+            state,
+            stats_table.todo_images(listing.images, state, model.uri, model.version, unique_keys=finished),
+            finished,
+        )
 
     with ThreadPoolExecutor(1, thread_name_prefix="plan") as pool:
         planned = pool.submit(plan)
@@ -126,7 +131,13 @@ def run_segmentation(config: SegmentConfig) -> SegmentSummary:
     listed, done = listing.images.num_rows, listing.images.num_rows - todo.num_rows
     logger.info(
         "run %s: %d images at %s (%s), %d already done, %d to segment with %s",
-        run_id, listed, listing.prefix or config.input, listing.kind, done, todo.num_rows, model.label,
+        run_id,
+        listed,
+        listing.prefix or config.input,
+        listing.kind,
+        done,
+        todo.num_rows,
+        model.label,
     )
     ray_run = _segment_on_ray(config, todo, output, run_id, model) if todo.num_rows else _RayRun()
 
@@ -160,8 +171,13 @@ def run_segmentation(config: SegmentConfig) -> SegmentSummary:
     manifest = {
         **asdict(summary),
         "started_at": started.isoformat(timespec="seconds"),
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "inputs": {"uri": config.input, "prefix": listing.prefix, "kind": listing.kind, "ignored_files": listing.ignored},
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "inputs": {
+            "uri": config.input,
+            "prefix": listing.prefix,
+            "kind": listing.kind,
+            "ignored_files": listing.ignored,
+        },
         "model_arch": model.arch,
         "class_names": model.class_names,
         "heads": {task: head["class_names"] for task, head in model.heads.items()},
@@ -170,11 +186,22 @@ def run_segmentation(config: SegmentConfig) -> SegmentSummary:
         "config": {k: v for k, v in asdict(config).items() if k != "storage_options"},
     }
     manifest_bytes = json.dumps(manifest, indent=2, default=str).encode()
-    with_retries(lambda: stats_table.write_atomic(out_fs, f"{out_root}/{MANIFEST_FILE}", manifest_bytes), config.write_retries)
-    with_retries(lambda: stats_table.write_atomic(out_fs, success_path, json.dumps({"run_id": run_id}).encode()), config.write_retries)
+    with_retries(
+        lambda: stats_table.write_atomic(out_fs, f"{out_root}/{MANIFEST_FILE}", manifest_bytes), config.write_retries
+    )
+    with_retries(
+        lambda: stats_table.write_atomic(out_fs, success_path, json.dumps({"run_id": run_id}).encode()),
+        config.write_retries,
+    )
     logger.info(
-        "run %s finished: %d ok, %d error, %d skipped; start-up %.1f s, steady state %.2f images/s, end to end %.2f images/s",
-        run_id, summary.ok, summary.error, summary.skipped, summary.startup_s, summary.images_per_second,
+        "run %s finished: %d ok, %d error, %d skipped; start-up %.1f s, steady state %.2f images/s, "
+        "end to end %.2f images/s",
+        run_id,
+        summary.ok,
+        summary.error,
+        summary.skipped,
+        summary.startup_s,
+        summary.images_per_second,
         summary.end_to_end_images_per_second,
     )
     return summary
@@ -184,7 +211,9 @@ def _check_depth(config: SegmentConfig, model: ModelInfo) -> None:
     """An RGB-D or HHA model needs ``--depth``; an RGB model has no use for it."""
     reads_depth = bool(set(model.modalities) & stages.DEPTH_MODALITIES)
     if reads_depth and config.depth is None:
-        raise ConfigError(flag("depth"), f"{model.label} reads {list(model.modalities)}: give the prefix of the depth maps")
+        raise ConfigError(
+            flag("depth"), f"{model.label} reads {list(model.modalities)}: give the prefix of the depth maps"
+        )
     if config.depth is not None and not reads_depth:
         raise ConfigError(flag("depth"), f"{model.label} reads only RGB; drop --depth or use an RGB-D/HHA model")
 
@@ -199,8 +228,10 @@ def _check_writable(fs: fsspec.AbstractFileSystem, root: str, run_id: str, retri
             fs.makedirs(root, exist_ok=True)
         with_retries(lambda: fs.pipe_file(probe, b""), retries)
         fs.rm_file(probe)
-    except Exception as error:  # noqa: BLE001 - any failure means the output is unusable
-        raise ConfigError(flag("output"), f"cannot write to {fs.unstrip_protocol(root)}: {type(error).__name__}: {error}") from None
+    except Exception as error:
+        raise ConfigError(
+            flag("output"), f"cannot write to {fs.unstrip_protocol(root)}: {type(error).__name__}: {error}"
+        ) from None
 
 
 def _steady_rate(run: _RayRun) -> float:
@@ -263,8 +294,11 @@ def _segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: 
     )
     logger.info(
         "Ray: %s %s actor(s), batch size %d, %d input blocks, cluster %s",
-        fewest if most == fewest else f"{fewest} to {most or 'any number of'}", "GPU" if use_gpus else "CPU",
-        config.batch_size, len(blocks), resources,
+        fewest if most == fewest else f"{fewest} to {most or 'any number of'}",
+        "GPU" if use_gpus else "CPU",
+        config.batch_size,
+        len(blocks),
+        resources,
     )
 
     context = ray.data.DataContext.get_current()
@@ -317,9 +351,13 @@ def _segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: 
         batch_format="pyarrow",
         batch_size=config.rows_per_file,
         fn_constructor_kwargs={
-            "output": output, "storage_options": config.storage_options, "run_id": run_id, "model": model,
-            "schema": schema, "retries": config.write_retries,
-        },  # fmt: skip
+            "output": output,
+            "storage_options": config.storage_options,
+            "run_id": run_id,
+            "model": model,
+            "schema": schema,
+            "retries": config.write_retries,
+        },
         udf_modifying_row_count=False,
         **cpu_stage,
     )
@@ -386,7 +424,7 @@ def _autoscaler_limit(resource: str) -> int | None:
         from ray._private.state import state  # what Ray Train and Ray Data read for the same purpose
 
         limits = state.get_max_resources_from_cluster_config()
-    except Exception:  # noqa: BLE001 - an internal API: without it the cluster counts as fixed
+    except Exception:
         return None
     return None if limits is None else int(limits.get(resource, 0))
 

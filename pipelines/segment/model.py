@@ -42,7 +42,9 @@ def checkpoint_exists(uri: str, storage_options: dict[str, Any]) -> bool:
     from fcn.registry import resolve_checkpoint_uri
 
     try:
-        fs, path = fsspec.core.url_to_fs(resolve_checkpoint_uri(uri, storage_options=storage_options), **storage_options)
+        fs, path = fsspec.core.url_to_fs(
+            resolve_checkpoint_uri(uri, storage_options=storage_options), **storage_options
+        )
         return fs.exists(path)
     except (OSError, ValueError):
         return False

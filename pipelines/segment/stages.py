@@ -17,8 +17,8 @@ import os
 import posixpath
 import time
 import traceback
-from datetime import datetime, timezone
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import fsspec
@@ -108,12 +108,16 @@ def load_images(
 
     Image.MAX_IMAGE_PIXELS = None  # the decoders apply --max-image-pixels themselves, naming the flag
     n = batch.num_rows
-    errors: list[str | None] = [None if reason is None else f"key: {reason}" for reason in map(unsafe_key_reason, batch["key"].to_pylist())]
+    errors: list[str | None] = [
+        None if reason is None else f"key: {reason}" for reason in map(unsafe_key_reason, batch["key"].to_pylist())
+    ]
     safe = [i for i in range(n) if errors[i] is None]  # keys that cannot name an output are not even read
     fetched = read_sources(batch.take(pa.array(safe, pa.int64())), storage_options=storage_options, retries=retries)
     data: list[bytes | None] = [None] * n
     read_ms: list[float | None] = [None] * n
-    for i, content, error, ms in zip(safe, fetched["data"].to_pylist(), fetched["read_error"].to_pylist(), fetched["read_ms"].to_pylist()):
+    for i, content, error, ms in zip(
+        safe, fetched["data"].to_pylist(), fetched["read_error"].to_pylist(), fetched["read_ms"].to_pylist()
+    ):
         data[i], errors[i], read_ms[i] = content, error, ms
     pixels: list[memoryview | None] = [None] * n
     jpegs: list[bytes | None] = [None] * n
@@ -131,22 +135,40 @@ def load_images(
                 jpegs[i], orientations[i] = content, orientation
                 continue
             rgb = decode_image(content, max_pixels=max_image_pixels)
-        except Exception as error:  # noqa: BLE001 - DecodeError, or anything Pillow raises
+        except Exception as error:
             errors[i] = f"decode: {error}"
             continue
         pixels[i] = memoryview(rgb).cast("B")
         heights[i], widths[i] = rgb.shape[:2]
         decode_ms[i] = (time.perf_counter() - start) * 1000
     columns = {
-        "read_ms": read_ms, "error": errors, "pixels": pixels, "jpeg": jpegs, "orientation": orientations,
-        "height": heights, "width": widths, "decode_ms": decode_ms,
-    }  # fmt: skip
+        "read_ms": read_ms,
+        "error": errors,
+        "pixels": pixels,
+        "jpeg": jpegs,
+        "orientation": orientations,
+        "height": heights,
+        "width": widths,
+        "decode_ms": decode_ms,
+    }
     if set(modalities) & DEPTH_MODALITIES:
         if depth_prefix is None:
             raise ValueError(f"the model reads {list(modalities)}: a depth prefix is required")
-        columns.update(_load_depth(batch, errors, heights, widths, decode_ms, depth_prefix=depth_prefix, camera=camera,
-                                   modalities=modalities, storage_options=storage_options, retries=retries,
-                                   max_image_pixels=max_image_pixels))  # fmt: skip
+        columns.update(
+            _load_depth(
+                batch,
+                errors,
+                heights,
+                widths,
+                decode_ms,
+                depth_prefix=depth_prefix,
+                camera=camera,
+                modalities=modalities,
+                storage_options=storage_options,
+                retries=retries,
+                max_image_pixels=max_image_pixels,
+            )
+        )
     return _with_columns(batch, columns)
 
 
@@ -180,14 +202,16 @@ def _load_depth(
     uris = pa.table({"image_uri": pa.array([depth_uri(depth_prefix, keys[i]) for i in loaded], pa.string())})
     fetched = read_sources(uris, storage_options=storage_options, retries=retries)
     columns: dict[str, list[Any]] = {m: [None] * n for m in modalities if m in DEPTH_MODALITIES}
-    for i, uri, content, error in zip(loaded, uris["image_uri"].to_pylist(), fetched["data"].to_pylist(), fetched["read_error"].to_pylist()):
+    for i, uri, content, error in zip(
+        loaded, uris["image_uri"].to_pylist(), fetched["data"].to_pylist(), fetched["read_error"].to_pylist()
+    ):
         if error is not None:
             errors[i] = f"depth {error} ({uri})"
             continue
         start = time.perf_counter()
         try:
             depth = decode_depth(content, max_pixels=max_image_pixels)
-        except Exception as failure:  # noqa: BLE001 - DecodeError, or anything Pillow raises
+        except Exception as failure:
             errors[i] = f"depth: {failure} ({uri})"
             continue
         if depth.shape != (heights[i], widths[i]):
@@ -369,9 +393,13 @@ class Segmenter:
         kept = [name for name in batch.column_names if name not in _LOADED_COLUMNS]
         out = batch.select(kept)
         columns = {
-            "error": errors, "height": heights, "width": widths, "decode_ms": decode_ms, "inference_ms": inference_ms,
+            "error": errors,
+            "height": heights,
+            "width": widths,
+            "decode_ms": decode_ms,
+            "inference_ms": inference_ms,
             **outputs,
-        }  # fmt: skip
+        }
         if self.keep_pixels:
             columns["pixels"] = [_rgb_bytes(images.get(i)) for i in range(n)]
         return _with_columns(out, columns)
@@ -399,7 +427,7 @@ class Segmenter:
                     self._recover(error)
                     try:
                         decoded.append(decode_image(encoded, max_pixels=self.max_image_pixels))
-                    except Exception as error:  # noqa: BLE001 - DecodeError, or anything Pillow raises
+                    except Exception as error:
                         decoded.append(error)
         return [
             orient(pixels, orientation) if isinstance(pixels, torch.Tensor) else pixels
@@ -411,21 +439,21 @@ class Segmenter:
         of memory alone in smaller tiles (its exception in its place if that fails too)."""
         try:
             return self.predictor.predict_batch(images, statistics=True)
-        except Exception as error:  # noqa: BLE001 - isolate the image(s) that fail
+        except Exception as error:
             self._recover(error)
         results: list[Any] = []
         for image in images:
             try:
                 results.append(self.predictor(image, statistics=True))
                 continue
-            except Exception as error:  # noqa: BLE001
+            except Exception as error:
                 self._recover(error)
                 if not out_of_memory(error):
                     results.append(error)
                     continue
             try:
                 results.append(self.predictor.tiled(OUT_OF_MEMORY_TILE_SIZE)(image, statistics=True))
-            except Exception as error:  # noqa: BLE001
+            except Exception as error:
                 self._recover(error)
                 results.append(error)
         return results
@@ -486,7 +514,7 @@ def store_results(
                 label_map = _label_map(labels[tasks[0]][i], heights[i], widths[i])
                 files[overlay_path], owners[overlay_path] = encode_overlay(rgb, label_map, model.palette), i
                 overlay_uris[i] = fs.unstrip_protocol(overlay_path)
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             errors[i] = f"encode: {type(error).__name__}: {error}"
             for uris in mask_uris.values():
                 uris[i] = None
@@ -505,7 +533,7 @@ def store_results(
     for i in range(n):
         if ok[i]:
             write_ms[i] += share_ms  # encoding (this task) + this batch's share of writing
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     columns = {
         "overlay_uri": pa.array(overlay_uris, pa.string()),
         "write_ms": pa.array([ms if good else None for ms, good in zip(write_ms, ok)], pa.float64()),
@@ -519,7 +547,9 @@ def store_results(
     for task in tasks:
         columns[_column(task, tasks, "mask_uri")] = pa.array(mask_uris[task], pa.string())
         counts = batch[_column(task, tasks, "pixel_counts")].to_pylist()
-        columns.update(_class_statistics(counts, ok, heads[task]["class_names"], lambda c, task=task: _column(task, tasks, c)))
+        columns.update(
+            _class_statistics(counts, ok, heads[task]["class_names"], lambda c, task=task: _column(task, tasks, c))
+        )
     table = pa.Table.from_arrays(
         [columns[name] if name in columns else batch[name] for name in schema.names], schema=schema
     )
@@ -641,11 +671,11 @@ def _put_files(fs: fsspec.AbstractFileSystem, files: dict[str, bytes], retries: 
     try:
         fs.pipe(files)
         return {}
-    except Exception:  # noqa: BLE001 - find out which ones failed, one by one
+    except Exception:
         failures = {}
         for path, data in files.items():
             try:
                 with_retries(lambda path=path, data=data: fs.pipe_file(path, data), retries)
-            except Exception as error:  # noqa: BLE001
+            except Exception as error:
                 failures[path] = f"{type(error).__name__}: {error}"
         return failures

@@ -36,12 +36,15 @@ _SOURCES = {
     "ConfigError": "pipelines.options",
     "main": "pipelines.train.cli",
     "TrainConfig": "pipelines.train.config",
-    **dict.fromkeys(["TrainSummary", "best_epoch", "read_run_history", "run_evaluation", "run_training"],
-                    "pipelines.train.driver"),
-    **dict.fromkeys(["SCORES", "TrainingDiverged", "copy_matching_weights", "default_run_name", "run_folder"],
-                    "pipelines.train.worker"),
+    **dict.fromkeys(
+        ["TrainSummary", "best_epoch", "read_run_history", "run_evaluation", "run_training"], "pipelines.train.driver"
+    ),
+    **dict.fromkeys(
+        ["SCORES", "TrainingDiverged", "copy_matching_weights", "default_run_name", "run_folder"],
+        "pipelines.train.worker",
+    ),
     **dict.fromkeys(["PAPER_LR", "RECIPES", "Recipe"], "pipelines.train.recipes"),
-}  # fmt: skip
+}
 
 __all__ = sorted(_SOURCES)
 

@@ -34,8 +34,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     (``exit_interrupted``: the process ends there)."""
     parser = build_parser()
     args = vars(parser.parse_args(argv))
-    logging.basicConfig(level=logging.DEBUG if args.pop("verbose") else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    logging.basicConfig(
+        level=logging.DEBUG if args.pop("verbose") else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     config = TrainConfig(**args)
     config.run_name = config.run_name or default_run_name(config.model)  # named here, so a resume can be told
     try:
@@ -47,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"interrupted: run the same command with --run-name {config.run_name} to resume after the last "
             "finished epoch"
         )
-    except Exception as error:  # noqa: BLE001  (report, do not dump a traceback on the user)
+    except Exception as error:
         logging.getLogger("pipelines.train").debug("training failed", exc_info=True)
         print(f"training failed: {type(error).__name__}: {error}", file=sys.stderr)
         return 1

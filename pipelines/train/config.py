@@ -25,48 +25,76 @@ class TrainConfig(Options):
     """A training run; each field is a CLI flag (``--batch-size`` for ``batch_size``). ``registry``
     receives the run's checkpoints and the registered model."""
 
-    data: str = option("", "dataset root (any fsspec URI) in the voc, images-masks, nyud (NYUDv2) or siftflow "
-                       "(SIFT Flow) layout; the network's heads get one output per class of the data (see "
-                       "--classes)", required=True)
+    data: str = option(
+        "",
+        "dataset root (any fsspec URI) in the voc, images-masks, nyud (NYUDv2) or siftflow "
+        "(SIFT Flow) layout; the network's heads get one output per class of the data (see "
+        "--classes)",
+        required=True,
+    )
     registry: str = option("", "model registry root (any fsspec URI)", required=True)
-    model: str = option("fcn8s_vgg16", f"network: one of {', '.join(BUILDERS)}. The data must provide its inputs "
-                        "(nyud: rgb, depth, hha; other layouts: rgb) and its heads (siftflow: semantic, geometric; "
-                        "others: semantic); a one-head network on SIFT Flow data trains the semantic head only",
-                        choices=tuple(BUILDERS), metavar="NAME")
-    layout: str | None = option(None, "dataset layout (default: detected from the folders under --data); the voc "
-                                "layout is any data in PASCAL VOC's folders, named as PASCAL VOC only when it is "
-                                "VOC itself (see --classes)", choices=LAYOUTS)
-    init: str | None = option(None, "checkpoint or registry to start from; tensors with matching names and shapes "
-                              "are copied")
+    model: str = option(
+        "fcn8s_vgg16",
+        f"network: one of {', '.join(BUILDERS)}. The data must provide its inputs "
+        "(nyud: rgb, depth, hha; other layouts: rgb) and its heads (siftflow: semantic, geometric; "
+        "others: semantic); a one-head network on SIFT Flow data trains the semantic head only",
+        choices=tuple(BUILDERS),
+        metavar="NAME",
+    )
+    layout: str | None = option(
+        None,
+        "dataset layout (default: detected from the folders under --data); the voc "
+        "layout is any data in PASCAL VOC's folders, named as PASCAL VOC only when it is "
+        "VOC itself (see --classes)",
+        choices=LAYOUTS,
+    )
+    init: str | None = option(
+        None, "checkpoint or registry to start from; tensors with matching names and shapes are copied"
+    )
     backbone_weights: str | None = option(None, "backbone weights for the builder (see fcn.get_model)")
     workers: int = option(2, "data-parallel Ray Train workers")
     gpus_per_worker: float = option(0.0, "GPUs per worker; > 0 trains with NCCL on GPUs")
     cpus_per_worker: float = option(1.0, "CPUs per worker")
-    loader_workers: int | None = option(None, "data loader processes per worker, decoding and augmenting ahead of the "
-                                        "network (default: min(4, --cpus-per-worker) on a GPU, 0 on the CPU)")
+    loader_workers: int | None = option(
+        None,
+        "data loader processes per worker, decoding and augmenting ahead of the "
+        "network (default: min(4, --cpus-per-worker) on a GPU, 0 on the CPU)",
+    )
     epochs: int = option(10, "training epochs")
-    recipe: str = option("modern", "'modern' (mean loss, AdamW, poly lr, flips, scale) or 'paper' (summed loss, "
-                         "SGD momentum 0.99, the reference solvers' fixed lr, e.g. 1e-10/1e-12/1e-14 for "
-                         "32s/16s/8s)", choices=tuple(RECIPES))
+    recipe: str = option(
+        "modern",
+        "'modern' (mean loss, AdamW, poly lr, flips, scale) or 'paper' (summed loss, "
+        "SGD momentum 0.99, the reference solvers' fixed lr, e.g. 1e-10/1e-12/1e-14 for "
+        "32s/16s/8s)",
+        choices=tuple(RECIPES),
+    )
     lr: float | None = option(None, "learning rate (default: the recipe's)")
     width: float = option(1.0, "channel width multiplier of the network")
     geometry: str = option("reference", "'reference' (pad 100, as the paper) or 'aligned'")
     batch_size: int = option(1, "images per worker step, padded with ignored pixels")
     loss_sample_rate: float = option(1.0, "fraction of loss terms kept (paper 3.4)")
-    input_convention: str | None = option(None, "input normalisation (default: the --init checkpoint's, else "
-                                          "torchvision)", choices=tuple(CONVENTIONS))
-    classes: str | None = option(None, "file with one semantic class name per line (default: <data>/class_names.txt, "
-                                 "else the layout's (nyud: 40, siftflow: 33), else VOC's 21 for PASCAL VOC itself "
-                                 "(every image id like 2007_000032, or 000032 under a VOC2007 folder) with label ids "
-                                 "up to 20, else class_0... up to the largest label id of the train split, with a "
-                                 "warning)")
-    class_weights: str = option(NO_WEIGHTS, f"{CLASS_WEIGHTS_HELP}; they weigh the semantic head's loss (further "
-                                "heads' losses are unweighted)")
+    input_convention: str | None = option(
+        None, "input normalisation (default: the --init checkpoint's, else torchvision)", choices=tuple(CONVENTIONS)
+    )
+    classes: str | None = option(
+        None,
+        "file with one semantic class name per line (default: <data>/class_names.txt, "
+        "else the layout's (nyud: 40, siftflow: 33), else VOC's 21 for PASCAL VOC itself "
+        "(every image id like 2007_000032, or 000032 under a VOC2007 folder) with label ids "
+        "up to 20, else class_0... up to the largest label id of the train split, with a "
+        "warning)",
+    )
+    class_weights: str = option(
+        NO_WEIGHTS, f"{CLASS_WEIGHTS_HELP}; they weigh the semantic head's loss (further heads' losses are unweighted)"
+    )
     run_name: str | None = option(None, "run folder under <registry>/runs/; an existing run is resumed")
     promote_margin: float = option(0.0, "validation mean IU (of the first head) the run must beat the champion by")
-    promote: bool = option(True, "promote the registered version to champion if its validation mean IU (of the "
-                           "first, semantic head) beats the champion's by more than --promote-margin; "
-                           "--no-promote registers it only")
+    promote: bool = option(
+        True,
+        "promote the registered version to champion if its validation mean IU (of the "
+        "first, semantic head) beats the champion's by more than --promote-margin; "
+        "--no-promote registers it only",
+    )
     max_failures: int = option(1, "worker failures to recover from (-1: unlimited)")
     keep_checkpoints: int | None = option(None, "keep only the N best epochs' folders (default: all)")
     strict: bool = option(False, "check every sample first; fail on any bad sample")
@@ -96,11 +124,14 @@ class TrainConfig(Options):
             ("max_failures", self.max_failures >= -1, "must be >= -1 (-1 = unlimited)"),
             ("keep_checkpoints", self.keep_checkpoints is None or self.keep_checkpoints >= 1, "must be >= 1"),
             ("run_name", self.run_name is None or _safe_name(self.run_name), "may only contain letters, digits, . _ -"),
-            ("class_weights", self.class_weights in (NO_WEIGHTS, MEDIAN_FREQUENCY) or _exists(self.class_weights),
-             f"must be {NO_WEIGHTS!r}, {MEDIAN_FREQUENCY!r} or an existing file"),
+            (
+                "class_weights",
+                self.class_weights in (NO_WEIGHTS, MEDIAN_FREQUENCY) or _exists(self.class_weights),
+                f"must be {NO_WEIGHTS!r}, {MEDIAN_FREQUENCY!r} or an existing file",
+            ),
             ("classes", self.classes is None or _exists(self.classes), "no classes file there"),
             ("backbone_weights", self.backbone_weights is None or _exists(self.backbone_weights), "no file there"),
-        ]  # fmt: skip
+        ]
         for name, ok, message in checks:
             if not ok:
                 raise ConfigError(flag(name), f"{message}, got {getattr(self, name)!r}")

@@ -28,8 +28,15 @@ class TrainImages(Dataset):
     ``head_classes`` (task -> classes) names the heads whose labels are read.
     """
 
-    def __init__(self, samples: Sequence[Sample], modalities: Sequence[str], head_classes: Mapping[str, int],
-                 convention: InputConvention, recipe: Recipe, seed: int) -> None:  # fmt: skip
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        modalities: Sequence[str],
+        head_classes: Mapping[str, int],
+        convention: InputConvention,
+        recipe: Recipe,
+        seed: int,
+    ) -> None:
         self.samples, self.modalities, self.head_classes = list(samples), tuple(modalities), dict(head_classes)
         self.convention, self.recipe, self.seed = convention, recipe, seed
 

@@ -85,9 +85,11 @@ def run_training(config: TrainConfig) -> TrainSummary:
             storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=config.max_failures),
             logging_config=RAY_TRAIN_CONSOLE,
-            checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints,
-                                               checkpoint_score_attribute=registry.SCORE_METRIC,
-                                               checkpoint_score_order="max"),  # fmt: skip
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=config.keep_checkpoints,
+                checkpoint_score_attribute=registry.SCORE_METRIC,
+                checkpoint_score_order="max",
+            ),
         ),
     )
     marker_fs, marker = fsspec.core.url_to_fs(f"{run_uri}/{DIVERGED_FILE}")
@@ -103,9 +105,7 @@ def run_training(config: TrainConfig) -> TrainSummary:
     version, promoted = None, False
     if math.isfinite(best[registry.SCORE_METRIC]):
         version = registry.register_model(config.registry, checkpoint_uri, best)
-        promoted = config.promote and registry.promote_if_better(
-            config.registry, version, margin=config.promote_margin
-        )
+        promoted = config.promote and registry.promote_if_better(config.registry, version, margin=config.promote_margin)
     else:
         logger.warning("run %s: validation mean IU is undefined; not registering a model", run_name)
     logger.info("run %s done (ray result at %s)", run_name, result.path)
@@ -146,8 +146,9 @@ def run_evaluation(
         raise ConfigError("gpus_per_worker", f"{GPUS_PER_WORKER_RULE}, got {gpus_per_worker!r}")
     dataset = _open(data, classes, layout, "data")
     checkpoint_uri = registry.resolve_checkpoint_uri(checkpoint)
-    heads = fit_to_data(fcn.load_checkpoint(checkpoint_uri).model, dataset, network_param="checkpoint",
-                        data_param="data")  # fmt: skip
+    heads = fit_to_data(
+        fcn.load_checkpoint(checkpoint_uri).model, dataset, network_param="checkpoint", data_param="data"
+    )
     connect(ray_address)
     with contextlib.ExitStack() as stack:
         if storage is None:
@@ -162,7 +163,9 @@ def run_evaluation(
             },
             scaling_config=_scaling(workers, gpus_per_worker, 1),
             run_config=RunConfig(
-                name=f"eval-{uuid.uuid4().hex[:8]}", storage_path=storage_path, storage_filesystem=storage_filesystem,
+                name=f"eval-{uuid.uuid4().hex[:8]}",
+                storage_path=storage_path,
+                storage_filesystem=storage_filesystem,
                 logging_config=RAY_TRAIN_CONSOLE,
             ),
         )
@@ -187,6 +190,7 @@ def ray_storage(uri: str) -> tuple[str, pyarrow.fs.FileSystem | None]:
 def best_epoch(history: list[dict[str, Any]]) -> dict[str, Any]:
     """The epoch with the highest validation mean IU of the first head (NaN lowest), the latest among
     equals: the one Ray Train's ``CheckpointConfig(num_to_keep, checkpoint_score_attribute)`` keeps."""
+
     def rank(m: dict[str, Any]) -> tuple[float, int]:
         score = m[registry.SCORE_METRIC]
         return (-1.0 if math.isnan(score) else score, m["epoch"])
@@ -227,7 +231,7 @@ def _fit_interruptibly(trainer: TorchTrainer) -> Any:
     def fit() -> None:
         try:
             outcome["result"] = trainer.fit()
-        except BaseException as error:  # noqa: BLE001 - handed to the calling thread
+        except BaseException as error:
             outcome["error"] = error
 
     thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)

@@ -49,16 +49,38 @@ class Recipe:
 
 
 PAPER_LR = {
-    "fcn32s_vgg16": 1e-10, "fcn16s_vgg16": 1e-12, "fcn8s_vgg16": 1e-14, "fcn8s_atonce_vgg16": 1e-10,
-    "fcn32s_hha_vgg16": 1e-10, "fcn32s_rgbhha_vgg16": 1e-12,
-    "fcn32s_siftflow_vgg16": 1e-10, "fcn16s_siftflow_vgg16": 1e-12,
-}  # fmt: skip
+    "fcn32s_vgg16": 1e-10,
+    "fcn16s_vgg16": 1e-12,
+    "fcn8s_vgg16": 1e-14,
+    "fcn8s_atonce_vgg16": 1e-10,
+    "fcn32s_hha_vgg16": 1e-10,
+    "fcn32s_rgbhha_vgg16": 1e-12,
+    "fcn32s_siftflow_vgg16": 1e-10,
+    "fcn16s_siftflow_vgg16": 1e-12,
+}
 """The reference solvers' fixed rates for the unnormalised (summed) loss, batch 1, momentum 0.99
 (voc-fcn*, nyud-fcn32s-hha, nyud-fcn32s-color-hha, siftflow-fcn32s/16s ``solver.prototxt``)."""
 
 RECIPES = {
-    "paper": Recipe("paper", "sgd", momentum=0.99, weight_decay=5e-4, loss_reduction="sum", poly_power=None,
-                    hflip=False, scale_range=None),
-    "modern": Recipe("modern", "adamw", momentum=0.0, weight_decay=1e-4, loss_reduction="mean", poly_power=0.9,
-                     hflip=True, scale_range=(0.75, 1.25), lr=1e-3),
-}  # fmt: skip
+    "paper": Recipe(
+        "paper",
+        "sgd",
+        momentum=0.99,
+        weight_decay=5e-4,
+        loss_reduction="sum",
+        poly_power=None,
+        hflip=False,
+        scale_range=None,
+    ),
+    "modern": Recipe(
+        "modern",
+        "adamw",
+        momentum=0.0,
+        weight_decay=1e-4,
+        loss_reduction="mean",
+        poly_power=0.9,
+        hflip=True,
+        scale_range=(0.75, 1.25),
+        lr=1e-3,
+    ),
+}

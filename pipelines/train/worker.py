@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import fsspec
@@ -138,8 +138,11 @@ class LocalWorkerContext:
     def resume_folder(self) -> Iterator[str | None]:
         fs, root = fsspec.core.url_to_fs(self.run_uri)
         fs.invalidate_cache(root)
-        complete = [p.rsplit("/", 2)[-2] for p in fs.glob(f"{root}/epoch-*/{registry.METRICS_FILE}")
-                    if fs.exists(f"{p.rsplit('/', 1)[0]}/{TRAIN_STATE_FILE}")]  # fmt: skip
+        complete = [
+            p.rsplit("/", 2)[-2]
+            for p in fs.glob(f"{root}/epoch-*/{registry.METRICS_FILE}")
+            if fs.exists(f"{p.rsplit('/', 1)[0]}/{TRAIN_STATE_FILE}")
+        ]
         if not complete:
             yield None
             return
@@ -169,7 +172,7 @@ def run_folder(registry_uri: str, run_name: str) -> str:
 
 def default_run_name(model: str) -> str:
     """``<model>-<UTC time>``, the run name when none is given."""
-    return f"{model}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    return f"{model}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
 
 
 def make_loop_config(config: TrainConfig, data: SegmentationData) -> dict[str, Any]:
@@ -183,15 +186,20 @@ def make_loop_config(config: TrainConfig, data: SegmentationData) -> dict[str, A
         network = fcn.get_model(config.model, width=config.width, geometry=config.geometry)
     heads = fit_to_data(network, data, network_param=flag("model"), data_param=flag("data"))
     if len(heads) < len(data.heads):
-        logger.info("%s has the head(s) %s: the data's further head(s) %s are not trained", config.model,
-                    list(heads), [task for task in data.heads if task not in heads])  # fmt: skip
+        logger.info(
+            "%s has the head(s) %s: the data's further head(s) %s are not trained",
+            config.model,
+            list(heads),
+            [task for task in data.heads if task not in heads],
+        )
     try:
         class_weights = resolve_class_weights(config.class_weights, data)
     except ValueError as error:
         raise ConfigError(flag("class_weights"), str(error)) from None
     if class_weights is not None:
-        logger.info("class weights (%s) of the semantic head: %s", config.class_weights,
-                    [round(w, 4) for w in class_weights])  # fmt: skip
+        logger.info(
+            "class weights (%s) of the semantic head: %s", config.class_weights, [round(w, 4) for w in class_weights]
+        )
     if config.strict:
         check_all_samples(data.train + data.val, network.modalities, {task: len(n) for task, n in heads.items()})
     init = load_init(config.init) if config.init else None
@@ -208,8 +216,9 @@ def make_loop_config(config: TrainConfig, data: SegmentationData) -> dict[str, A
     }
 
 
-def fit_to_data(network: nn.Module, data: SegmentationData, *, network_param: str,
-                data_param: str) -> dict[str, tuple[str, ...]]:  # fmt: skip
+def fit_to_data(
+    network: nn.Module, data: SegmentationData, *, network_param: str, data_param: str
+) -> dict[str, tuple[str, ...]]:
     """The class names of each of ``network``'s heads, from ``data``.
 
     Raises ConfigError (naming ``network_param`` and ``data_param``) when the data lacks an input
@@ -220,12 +229,18 @@ def fit_to_data(network: nn.Module, data: SegmentationData, *, network_param: st
     where = f"{data_param} {data.root} ({data.layout} layout)"
     missing = [m for m in network.modalities if m not in data.modalities]
     if missing:
-        raise ConfigError(network_param, f"{name} reads {list(network.modalities)}, but {where} has no {missing}: "
-                          f"choose a model that reads only {list(data.modalities)}")  # fmt: skip
+        raise ConfigError(
+            network_param,
+            f"{name} reads {list(network.modalities)}, but {where} has no {missing}: "
+            f"choose a model that reads only {list(data.modalities)}",
+        )
     lacking = [task for task in network.head_classes if task not in data.heads]
     if lacking:
-        raise ConfigError(network_param, f"{name} has the heads {list(network.head_classes)}, but {where} has no "
-                          f"{lacking} labels: choose a model with only {list(data.heads)}")  # fmt: skip
+        raise ConfigError(
+            network_param,
+            f"{name} has the heads {list(network.head_classes)}, but {where} has no "
+            f"{lacking} labels: choose a model with only {list(data.heads)}",
+        )
     return {task: data.heads[task] for task in network.head_classes}
 
 
@@ -276,8 +291,12 @@ def scores_by_head(hists: Mapping[str, np.ndarray], heads: Mapping[str, Sequence
 
 def _head_scores(hist: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
     scores = fcn.ConfusionMatrix(len(class_names), hist).scores()
-    return {**{k: scores[k] for k in SCORES}, "per_class_iu": scores["per_class_iu"],
-            "class_names": list(class_names), "hist": hist.tolist()}  # fmt: skip
+    return {
+        **{k: scores[k] for k in SCORES},
+        "per_class_iu": scores["per_class_iu"],
+        "class_names": list(class_names),
+        "hist": hist.tolist(),
+    }
 
 
 def loader_workers(config: TrainConfig, device: torch.device) -> int:
@@ -288,18 +307,24 @@ def loader_workers(config: TrainConfig, device: torch.device) -> int:
     return max(1, min(MAX_LOADER_WORKERS, int(config.cpus_per_worker))) if device.type == "cuda" else 0
 
 
-def make_loader(dataset: TrainImages, sampler: DistributedSampler, batch_size: int, workers: int,
-                device: torch.device) -> DataLoader:  # fmt: skip
+def make_loader(
+    dataset: TrainImages, sampler: DistributedSampler, batch_size: int, workers: int, device: torch.device
+) -> DataLoader:
     """Batches of ``dataset`` in ``sampler``'s order, decoded and augmented by ``workers`` persistent
     processes (0: in this one) ahead of the network, in pinned memory for a GPU. Each index carries the
     sampler's epoch (``EpochIndices``), so the augmentation changes every epoch in every process; the
     loader draws its own seeds from a generator of its own, so that the global one (dropout) runs the
     same with any number of processes."""
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=EpochIndices(sampler), collate_fn=pad_collate, num_workers=workers,
-        persistent_workers=workers > 0, pin_memory=device.type == "cuda",
+        dataset,
+        batch_size=batch_size,
+        sampler=EpochIndices(sampler),
+        collate_fn=pad_collate,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(dataset.seed),
-    )  # fmt: skip
+    )
 
 
 def run_training_worker(loop_config: dict[str, Any], context: WorkerContext) -> None:
@@ -331,8 +356,9 @@ def run_training_worker(loop_config: dict[str, Any], context: WorkerContext) -> 
         state_dict = loop_config["init"]["state_dict"]
         copied, left = copy_matching_weights(model, state_dict() if callable(state_dict) else state_dict)
         if rank == 0:
-            logger.info("init from %s: copied %d tensors, %d new: %s", loop_config["init"]["uri"],
-                        len(copied), len(left), left)  # fmt: skip
+            logger.info(
+                "init from %s: copied %d tensors, %d new: %s", loop_config["init"]["uri"], len(copied), len(left), left
+            )
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -357,9 +383,17 @@ def run_training_worker(loop_config: dict[str, Any], context: WorkerContext) -> 
     for epoch in range(start_epoch, config.epochs):
         sampler.set_epoch(epoch)
         timed = TimedBatches(loader)
-        loss_sum, steps, skipped, diverged = train_epoch(model, timed, optimizer, schedule, recipe.loss_reduction,
-                                                         config.loss_sample_rate, loss_generator, loss_weight,
-                                                         device)  # fmt: skip
+        loss_sum, steps, skipped, diverged = train_epoch(
+            model,
+            timed,
+            optimizer,
+            schedule,
+            recipe.loss_reduction,
+            config.loss_sample_rate,
+            loss_generator,
+            loss_weight,
+            device,
+        )
         seconds = time.perf_counter() - timed.started
         divergences = merge_across_workers({f"{rank:06d}": diverged} if diverged else {}, world)
         if divergences:  # every rank stops here together: final, not a worker failure to retry
@@ -370,8 +404,9 @@ def run_training_worker(loop_config: dict[str, Any], context: WorkerContext) -> 
             return
         hists, val_skipped = validate(module, loop_config["val"], head_classes, convention, device, rank, world)
         # summed over the ranks: loss, steps, images, seconds waiting for the loader, seconds of the pass
-        totals = torch.tensor([loss_sum, steps, timed.images, timed.wait_s, seconds], dtype=torch.float64,
-                              device=device)  # fmt: skip
+        totals = torch.tensor(
+            [loss_sum, steps, timed.images, timed.wait_s, seconds], dtype=torch.float64, device=device
+        )
         if world > 1:
             dist.all_reduce(totals)
         loss_total, steps_total, images, wait_s, pass_s = totals.tolist()
@@ -393,24 +428,38 @@ def run_training_worker(loop_config: dict[str, Any], context: WorkerContext) -> 
             "loader_wait_fraction": wait_s / max(pass_s, 1e-9),
         }
         if all_skipped and rank == 0:
-            logger.warning("epoch %d: skipped %d bad samples: %s", epoch + 1, len(all_skipped),
-                           "; ".join(f"{k}: {v}" for k, v in list(all_skipped.items())[:5]))  # fmt: skip
+            logger.warning(
+                "epoch %d: skipped %d bad samples: %s",
+                epoch + 1,
+                len(all_skipped),
+                "; ".join(f"{k}: {v}" for k, v in list(all_skipped.items())[:5]),
+            )
         if rank == 0:
-            logger.info("epoch %d/%d loss %.4f | %s", epoch + 1, config.epochs, metrics["train_loss"],
-                        _described(metrics))  # fmt: skip
+            logger.info(
+                "epoch %d/%d loss %.4f | %s", epoch + 1, config.epochs, metrics["train_loss"], _described(metrics)
+            )
 
         def write(folder: str) -> None:
             first, *further = heads
             fcn.save_checkpoint(
-                module, os.path.join(folder, registry.CHECKPOINT_FILE), class_names=heads[first],
-                head_class_names={task: heads[task] for task in further}, palette=voc_palette(),
-                input_convention=convention.name, epoch=epoch + 1, run_name=loop_config["run_name"],
-                recipe=config.recipe, layout=loop_config["layout"], mean_iu=metrics["mean_iu"],
+                module,
+                os.path.join(folder, registry.CHECKPOINT_FILE),
+                class_names=heads[first],
+                head_class_names={task: heads[task] for task in further},
+                palette=voc_palette(),
+                input_convention=convention.name,
+                epoch=epoch + 1,
+                run_name=loop_config["run_name"],
+                recipe=config.recipe,
+                layout=loop_config["layout"],
+                mean_iu=metrics["mean_iu"],
                 head_scores={task: {k: m[k] for k in SCORES} for task, m in metrics["heads"].items()},
                 class_weights=class_weights,
-            )  # fmt: skip
-            torch.save({"epoch": epoch + 1, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()},
-                       os.path.join(folder, TRAIN_STATE_FILE))  # fmt: skip
+            )
+            torch.save(
+                {"epoch": epoch + 1, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()},
+                os.path.join(folder, TRAIN_STATE_FILE),
+            )
 
         if rank == 0:  # the history outlives the checkpoint folders that --keep-checkpoints prunes
             fs, history = fsspec.core.url_to_fs(f"{run_uri}/{HISTORY_DIR}")
@@ -437,9 +486,17 @@ class TimedBatches:
             yield batch
 
 
-def train_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.optim.Optimizer, schedule: Any,
-                reduction: str, sample_rate: float, generator: torch.Generator, class_weight: torch.Tensor | None,
-                device: torch.device) -> tuple[float, int, dict[str, str], Divergence | None]:  # fmt: skip
+def train_epoch(
+    model: nn.Module,
+    loader: Iterable[Batch],
+    optimizer: torch.optim.Optimizer,
+    schedule: Any,
+    reduction: str,
+    sample_rate: float,
+    generator: torch.Generator,
+    class_weight: torch.Tensor | None,
+    device: torch.device,
+) -> tuple[float, int, dict[str, str], Divergence | None]:
     """One pass over this worker's share; returns (summed loss, steps, bad samples seen, divergence):
     the pass stops at the first non-finite loss, and divergence is (that loss, its step, the learning
     rate), else None.
@@ -465,10 +522,16 @@ def train_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.opti
                 outputs = model(images)
             scores = outputs if isinstance(outputs, dict) else {first: outputs}
             loss = sum(
-                fcn.cross_entropy(scores[head].float(), target, reduction=reduction, sample_rate=sample_rate,
-                                  generator=generator, weight=class_weight if head == first else None)
+                fcn.cross_entropy(
+                    scores[head].float(),
+                    target,
+                    reduction=reduction,
+                    sample_rate=sample_rate,
+                    generator=generator,
+                    weight=class_weight if head == first else None,
+                )
                 for head, target in targets.items()
-            )  # fmt: skip
+            )
             if not torch.isfinite(loss):  # the other ranks finish their pass under DDP's join
                 if isinstance(model, nn.parallel.DistributedDataParallel):
                     # this step's gradient all-reduce, which the other ranks are in: zeros from here
@@ -483,9 +546,15 @@ def train_epoch(model: nn.Module, loader: Iterable[Batch], optimizer: torch.opti
     return loss_sum, steps, skipped, None
 
 
-def validate(module: nn.Module, samples: Sequence[Sample], head_classes: Mapping[str, int],
-             convention: InputConvention, device: torch.device, rank: int,
-             world: int) -> tuple[dict[str, np.ndarray], dict[str, str]]:  # fmt: skip
+def validate(
+    module: nn.Module,
+    samples: Sequence[Sample],
+    head_classes: Mapping[str, int],
+    convention: InputConvention,
+    device: torch.device,
+    rank: int,
+    world: int,
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Each head's confusion matrix over this worker's share of ``samples`` (every world-th one, no
     duplicates), summed over all workers with an all-reduce; returns (hists by head, bad samples seen here)."""
     cuda = device.type == "cuda"
@@ -517,8 +586,15 @@ def run_evaluation_worker(loop_config: dict[str, Any], context: WorkerContext) -
     rank, world, device = context.rank, context.world_size, _use_device(context.device)
     ckpt = fcn.load_checkpoint(loop_config["checkpoint"])
     heads = loop_config["heads"]
-    hists, skipped = validate(ckpt.model.to(device), loop_config["samples"], {t: len(n) for t, n in heads.items()},
-                              get_convention(ckpt.input_convention), device, rank, world)  # fmt: skip
+    hists, skipped = validate(
+        ckpt.model.to(device),
+        loop_config["samples"],
+        {t: len(n) for t, n in heads.items()},
+        get_convention(ckpt.input_convention),
+        device,
+        rank,
+        world,
+    )
     skipped = merge_across_workers(skipped, world)
     context.report({**scores_by_head(hists, heads), "skipped_samples": skipped}, "evaluation")
 
