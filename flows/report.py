@@ -22,7 +22,7 @@ from PIL import Image
 from fcn.classes import voc_palette
 from pipelines.decode import decode_image
 from pipelines.masks import encode_overlay
-from pipelines.stats import head_column
+from pipelines.segment.schema import head_column
 
 THUMBNAIL_SIZE = 160
 

@@ -23,77 +23,26 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fcn.registry import write_atomic
+from pipelines.segment import schema
 from pipelines.storage import with_retries
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
 
-FIELDS: list[tuple[str, pa.DataType, str]] = [
-    ("image_uri", pa.string(), "full URI of the source image"),
-    ("key", pa.string(), "path of the image relative to the input prefix (unique per output)"),
-    ("source_size", pa.int64(), "size of the source file in bytes at listing time"),
-    ("source_etag", pa.string(), "object-store ETag at listing time (null on filesystems without one)"),
-    ("source_mtime", pa.timestamp("us", tz="UTC"), "modification time at listing time"),
-    ("width", pa.int32(), "width of the displayed (EXIF-rotated) image = width of the mask"),
-    ("height", pa.int32(), "height of the displayed image = height of the mask"),
-    ("model_id", pa.string(), "URI of the checkpoint file used (registry champions are resolved)"),
-    ("model_version", pa.string(), "registry version, else the checkpoint's etag/mtime fingerprint"),
-    ("pixel_counts", pa.list_(pa.int64()), "pixels per class; index = class id; sums to width*height"),
-    ("class_fractions", pa.list_(pa.float64()), "pixel_counts / (width*height)"),
-    ("dominant_class", pa.int32(), "class id with the most pixels"),
-    ("dominant_class_name", pa.string(), "name of dominant_class"),
-    ("mean_confidence", pa.float64(), "mean over pixels of the winning class's softmax probability"),
-    ("mask_uri", pa.string(), "indexed PNG mask with the checkpoint's palette"),
-    ("overlay_uri", pa.string(), "colour overlay JPEG (only with --overlays)"),
-    ("read_ms", pa.float64(), "time to fetch the source bytes"),
-    ("decode_ms", pa.float64(), "time to decode and orient the image"),
-    ("inference_ms", pa.float64(), "time in the network (whole image, tiled above the pixel budget)"),
-    ("write_ms", pa.float64(), "time to encode and write the mask (and overlay)"),
-    ("status", pa.string(), "'ok' or 'error'"),
-    ("error", pa.string(), "reason, prefixed by the stage (read/decode/inference/encode/write), for error rows"),
-    ("run_id", pa.string(), "the run that produced this row"),
-    ("processed_at", pa.timestamp("us", tz="UTC"), "when the row was produced"),
-]
-COLUMNS = [name for name, _, _ in FIELDS]
-SOURCE_SCHEMA = pa.schema([(name, type_) for name, type_, _ in FIELDS[:5]])
-"""What a listing knows of each image (``image_uri``, ``key``, ``source_size``, ``source_etag``,
-``source_mtime``): the input of a run, and of its resume decision."""
-HEAD_COLUMNS = (
-    "mask_uri",
-    "pixel_counts",
-    "class_fractions",
-    "dominant_class",
-    "dominant_class_name",
-    "mean_confidence",
-)
-"""The columns that each further head of a multi-task model repeats as ``<head>_<column>``."""
-
-
-def head_column(head: str | None, column: str) -> str:
-    """The name of a head's ``column``: the first head's (``head`` None) is ``column`` itself, a further
-    head's is prefixed: ``geometric_mask_uri``."""
-    return column if head is None else f"{head}_{column}"
+COLUMNS = [column.name for column in schema.STORED]
+"""The stats table's columns for the first head, in Parquet order (``pipelines.segment.schema``)."""
+SOURCE_SCHEMA = schema.SOURCE_SCHEMA
 
 
 def stats_schema(
     class_names: list[str], palette: list[int], model: dict[str, Any], heads: dict[str, dict[str, list]] | None = None
 ) -> pa.Schema:
-    """The stats schema, with ``HEAD_COLUMNS`` again for every head of ``heads`` after the first; class
-    names, palette, every head ({task: {"class_names", "palette"}}) and the model description (JSON)
-    are in its metadata."""
+    """The stats schema (``pipelines.segment.schema.parquet_fields``), with the per-head columns again for
+    every head of ``heads`` after the first; class names, palette, every head ({head: {"class_names",
+    "palette"}}) and the model description (JSON) are in its metadata."""
     heads = heads or {"semantic": {"class_names": class_names, "palette": palette}}
-    documented = {name: (type_, doc) for name, type_, doc in FIELDS}
-    further = [
-        pa.field(
-            head_column(head, column),
-            documented[column][0],
-            metadata={"description": f"{head} head: {documented[column][1]}"},
-        )
-        for head in list(heads)[1:]
-        for column in HEAD_COLUMNS
-    ]
     return pa.schema(
-        [pa.field(name, type_, metadata={"description": doc}) for name, type_, doc in FIELDS] + further,
+        schema.parquet_fields(list(heads)[1:]),
         metadata={
             "class_names": json.dumps(class_names),
             "palette": json.dumps(palette),

@@ -259,7 +259,7 @@ def test_failure_artifacts_show_storage_options_by_name_only() -> None:
 
 def test_a_two_head_run_reports_each_heads_distribution() -> None:
     from flows.report import schema_heads
-    from pipelines.stats import head_column
+    from pipelines.segment.schema import head_column
 
     geometric = ["sky", "horizontal", "vertical"]
     heads = {

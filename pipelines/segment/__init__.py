@@ -2,6 +2,7 @@
 
 - ``config``: ``SegmentConfig``, the single source of the job's defaults, validation, CLI flags and
   the ``segment-bucket`` flow's parameters;
+- ``schema``: every column (of the Parquet statistics and between stages), declared once;
 - ``stages``: what runs on Ray workers (``load_images`` tasks, ``Segmenter`` actors, ``store_results`` tasks);
 - ``driver``: ``run_segmentation``, which lists, resumes, runs the Ray Data pipeline and finishes the output;
 - ``cli``: ``python -m pipelines.segment`` / ``fcn-segment``.

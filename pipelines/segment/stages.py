@@ -29,6 +29,7 @@ from pipelines import stats as stats_table
 from pipelines.decode import decode_depth, decode_image, device_jpeg_orientation, orient
 from pipelines.listing import output_name, unsafe_key_reason
 from pipelines.masks import encode_mask, encode_overlay
+from pipelines.segment import schema as columns_schema
 from pipelines.segment.model import ModelInfo
 from pipelines.storage import PERMANENT_IO_ERRORS, backoff_s, with_retries
 
@@ -44,7 +45,6 @@ MASKS_DIR = "masks"
 OVERLAYS_DIR = "overlays"
 STATS_DIR = "stats"
 
-_TYPES = {name: type_ for name, type_, _ in stats_table.FIELDS}
 SOURCE_SCHEMA = stats_table.SOURCE_SCHEMA  # the input of the pipeline: what the listing knows of each image
 
 
@@ -169,7 +169,7 @@ def load_images(
                 max_image_pixels=max_image_pixels,
             )
         )
-    return _with_columns(batch, columns)
+    return _with_columns(batch, columns, columns_schema.LOAD)
 
 
 def depth_uri(prefix: str, key: str) -> str:
@@ -390,7 +390,7 @@ class Segmenter:
                 inference_ms[i] = per_image_ms
         if self.tally is not None:
             self.tally.add.remote(n)
-        kept = [name for name in batch.column_names if name not in _LOADED_COLUMNS]
+        kept = [name for name in batch.column_names if name not in _REPLACED_BY_SEGMENTER]
         out = batch.select(kept)
         columns = {
             "error": errors,
@@ -402,7 +402,7 @@ class Segmenter:
         }
         if self.keep_pixels:
             columns["pixels"] = [_rgb_bytes(images.get(i)) for i in range(n)]
-        return _with_columns(out, columns)
+        return _with_columns(out, columns, columns_schema.SEGMENT)
 
     def _decode_jpegs(self, batch: pa.Table, rows: list[int]) -> list[Any]:
         """Decode the JPEGs of ``rows`` on the predictor's device in one nvJPEG call (``3xHxW`` uint8
@@ -534,24 +534,25 @@ def store_results(
         if ok[i]:
             write_ms[i] += share_ms  # encoding (this task) + this batch's share of writing
     now = datetime.now(UTC)
-    columns = {
-        "overlay_uri": pa.array(overlay_uris, pa.string()),
-        "write_ms": pa.array([ms if good else None for ms, good in zip(write_ms, ok)], pa.float64()),
-        "status": pa.array([stats_table.STATUS_OK if good else stats_table.STATUS_ERROR for good in ok], pa.string()),
-        "error": pa.array(errors, pa.string()),
-        "run_id": pa.array([run_id] * n, pa.string()),
-        "processed_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
-        "model_id": pa.array([model.uri] * n, pa.string()),
-        "model_version": pa.array([model.version] * n, pa.string()),
+    columns: dict[str, list[Any]] = {
+        "overlay_uri": overlay_uris,
+        "write_ms": [ms if good else None for ms, good in zip(write_ms, ok)],
+        "status": [stats_table.STATUS_OK if good else stats_table.STATUS_ERROR for good in ok],
+        "error": errors,
+        "run_id": [run_id] * n,
+        "processed_at": [now] * n,
+        "model_id": [model.uri] * n,
+        "model_version": [model.version] * n,
     }
     for task in tasks:
-        columns[_column(task, tasks, "mask_uri")] = pa.array(mask_uris[task], pa.string())
+        columns[_column(task, tasks, "mask_uri")] = mask_uris[task]
         counts = batch[_column(task, tasks, "pixel_counts")].to_pylist()
         columns.update(
             _class_statistics(counts, ok, heads[task]["class_names"], lambda c, task=task: _column(task, tasks, c))
         )
+    arrays = _arrays(columns, columns_schema.STORE)
     table = pa.Table.from_arrays(
-        [columns[name] if name in columns else batch[name] for name in schema.names], schema=schema
+        [arrays[name] if name in arrays else batch[name] for name in schema.names], schema=schema
     )
     stats_table.write_part(f"{output.rstrip('/')}/{STATS_DIR}", table, run_id, storage_options, retries)
     return table.select(["image_uri", "status", "error"])
@@ -568,7 +569,7 @@ def _label_map(buffer: memoryview, height: int, width: int) -> np.ndarray:
 
 def _class_statistics(
     counts: list[list[int] | None], ok: list[bool], class_names: list[str], name: Callable[[str], str]
-) -> dict[str, pa.Array]:
+) -> dict[str, list[Any]]:
     """``class_fractions``, ``dominant_class`` and ``dominant_class_name`` (as ``name`` names them for
     the head) of one head's pixel counts, for the ok rows."""
     n = len(counts)
@@ -582,14 +583,14 @@ def _class_statistics(
             dominant[i] = int(array.argmax())
             dominant_names[i] = class_names[dominant[i]] if dominant[i] < len(class_names) else None
     return {
-        name("class_fractions"): pa.array(fractions, pa.list_(pa.float64())),
-        name("dominant_class"): pa.array(dominant, pa.int32()),
-        name("dominant_class_name"): pa.array(dominant_names, pa.string()),
+        name("class_fractions"): fractions,
+        name("dominant_class"): dominant,
+        name("dominant_class_name"): dominant_names,
     }
 
 
-_LOADED_COLUMNS = {"pixels", "jpeg", "orientation", "error", "height", "width", "decode_ms", *DEPTH_MODALITIES}
-"""Columns of ``load_images`` that the Segmenter consumes and replaces."""
+_REPLACED_BY_SEGMENTER = columns_schema.replaced_by(columns_schema.SEGMENT)
+"""Columns of ``load_images`` that the Segmenter consumes or writes anew; it passes the others through."""
 
 
 def output_path(root: str, folder: str, key: str, suffix: str) -> str:
@@ -602,24 +603,16 @@ def output_path(root: str, folder: str, key: str, suffix: str) -> str:
     return f"{root}/{folder}/{output_name(key)}{suffix}"
 
 
-_STAGE_TYPES = {
-    **_TYPES,
-    "pixels": pa.large_binary(),  # raw HxWx3 RGB
-    "jpeg": pa.large_binary(),  # encoded, left for the FCN actor's GPU
-    "orientation": pa.int8(),  # EXIF orientation of ``jpeg``
-    "labels": pa.large_binary(),  # raw HxW label map (uint8, or int32 above 256 classes)
-    "depth": pa.large_binary(),  # raw HxW float32 metres
-    "hha": pa.large_binary(),  # raw HxWx3 HHA
-}
-"""Arrow types of the columns the stages add: the stats table's, plus what travels between stages;
-a further head's ``<head>_<column>`` has its column's type."""
+def _arrays(columns: dict[str, list[Any]], stage: str) -> dict[str, pa.Array]:
+    """``columns`` (name: values) as Arrow arrays of their declared types (``pipelines.segment.schema``);
+    ValueError naming a column that is not declared, or not declared as written by ``stage``."""
+    return {name: pa.array(values, columns_schema.column_type(name, stage)) for name, values in columns.items()}
 
 
-def _with_columns(table: pa.Table, columns: dict[str, list[Any]]) -> pa.Table:
-    """``table`` with ``columns`` (name: values) appended in order, typed by ``_STAGE_TYPES``."""
-    for name, values in columns.items():
-        base = name if name in _STAGE_TYPES else max((c for c in _STAGE_TYPES if name.endswith(f"_{c}")), key=len)
-        table = table.append_column(name, pa.array(values, _STAGE_TYPES[base]))
+def _with_columns(table: pa.Table, columns: dict[str, list[Any]], stage: str) -> pa.Table:
+    """``table`` with ``columns`` (name: values) that ``stage`` writes appended in order (see ``_arrays``)."""
+    for name, array in _arrays(columns, stage).items():
+        table = table.append_column(name, array)
     return table
 
 
@@ -648,7 +641,7 @@ def _height_width(pixels: Any) -> tuple[int, int]:
 
 def _column(task: str, tasks: list[str], column: str) -> str:
     """A head's ``column``: the first head's unprefixed, a further head's ``<head>_<column>``."""
-    return stats_table.head_column(None if task == tasks[0] else task, column)
+    return columns_schema.head_column(None if task == tasks[0] else task, column)
 
 
 def _rgb_bytes(pixels: Any) -> memoryview | None:
