@@ -1,35 +1,18 @@
 """FCNs (Long, Shelhamer, Darrell 2015) in pure PyTorch: models, checkpoints, prediction, metrics.
 
 The public names below are imported on first use, so ``fcn.image`` or ``fcn.classes`` load without
-torch (e.g. in the segmentation job's decoding workers).
+torch (e.g. in the segmentation job's decoding workers). ``fcn.<name>`` is the builder of the registered
+network ``name`` (``fcn.models.NETWORKS``).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any
 
 _EXPORTS = {
-    "fcn.models": (
-        "FCN",
-        "SkipHead",
-        "get_model",
-        "fcn2s_vgg16",
-        "fcn4s_vgg16",
-        "fcn8s_atonce_vgg16",
-        "fcn8s_siftflow_vgg16",
-        "fcn8s_vgg16",
-        "fcn16s_rgbhha_vgg16",
-        "fcn16s_siftflow_vgg16",
-        "fcn16s_vgg16",
-        "fcn32s_alexnet",
-        "fcn32s_googlenet",
-        "fcn32s_hha_vgg16",
-        "fcn32s_rgbd_vgg16",
-        "fcn32s_rgbhha_vgg16",
-        "fcn32s_siftflow_vgg16",
-        "fcn32s_vgg16",
-    ),
+    "fcn.models": ("FCN", "NETWORKS", "SkipHead", "get_model", "register_model"),
     "fcn.checkpoint": ("Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"),
     "fcn.classes": ("VOC_CLASSES", "voc_palette"),
     "fcn.conventions": ("InputConvention", "get_convention"),
@@ -43,11 +26,15 @@ __all__ = sorted(_MODULE_OF)
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module 'fcn' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_MODULE_OF[name]), name)
-    globals()[name] = value
-    return value
+    if name in _MODULE_OF:
+        value = getattr(importlib.import_module(_MODULE_OF[name]), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is None:
+        networks = importlib.import_module("fcn.models").NETWORKS
+        if name in networks:  # a registered network's builder
+            return networks[name].builder
+    raise AttributeError(f"module 'fcn' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:

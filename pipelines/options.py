@@ -14,6 +14,7 @@ import json
 import sys
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import MISSING, field, fields
 from typing import Any
 
@@ -29,9 +30,10 @@ class ConfigError(ValueError):
         self.param = param
 
 
-def option(default: Any, help: str, **extra: Any) -> Any:
+def option(default: Any, help: str | Callable[[], str], **extra: Any) -> Any:
     """A config field whose metadata carries its help text and CLI extras (``required``, ``choices``,
-    ``metavar``); a callable ``default`` is a factory (a fresh ``dict`` per config)."""
+    ``metavar``); a callable ``default`` is a factory (a fresh ``dict`` per config), a callable ``help`` or
+    ``choices`` is read when asked for (:meth:`Options.metadata`)."""
     factory = {"default_factory": default} if callable(default) else {"default": default}
     return field(**factory, metadata={"help": help, **extra})
 
@@ -46,8 +48,9 @@ class Options:
 
     @classmethod
     def metadata(cls, name: str) -> dict[str, Any]:
-        """The CLI metadata (help, choices, required) of field ``name``."""
-        return dict(_field(cls, name).metadata)
+        """The CLI metadata (help, choices, required) of field ``name``; a callable value (choices read from a
+        registry) is called, so that what is registered after import counts."""
+        return {key: value() if callable(value) else value for key, value in _field(cls, name).metadata.items()}
 
     @classmethod
     def default(cls, name: str) -> Any:

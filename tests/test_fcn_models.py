@@ -11,7 +11,7 @@ from torch import nn
 
 import fcn
 from fcn.geometry import bilinear_kernel
-from fcn.models import BUILDERS, get_model
+from fcn.models import NETWORKS, get_model, register_model
 from fcn.weights import load_backbone
 
 WIDTH = 1 / 16
@@ -170,10 +170,46 @@ def test_bad_input_tensor_names_the_problem() -> None:
 
 
 def test_package_exports_builders() -> None:
-    assert sorted(BUILDERS) == sorted([*ALL_NAMES, *NYUD_NAMES, *SIFTFLOW_NAMES])
-    for name in ALL_NAMES:
-        assert getattr(fcn, name) is BUILDERS[name]
+    assert sorted(NETWORKS) == sorted([*ALL_NAMES, *NYUD_NAMES, *SIFTFLOW_NAMES])
+    for name, network in NETWORKS.items():
+        assert network.name == name and getattr(fcn, name) is network.builder is getattr(fcn.models, name)
     assert fcn.get_model is get_model
+    with pytest.raises(AttributeError, match="no attribute 'fcn64s_vgg16'"):
+        fcn.fcn64s_vgg16  # noqa: B018
+
+
+PAPER_LR = {
+    "fcn32s_vgg16": 1e-10,
+    "fcn16s_vgg16": 1e-12,
+    "fcn8s_vgg16": 1e-14,
+    "fcn8s_atonce_vgg16": 1e-10,
+    "fcn32s_hha_vgg16": 1e-10,
+    "fcn32s_rgbhha_vgg16": 1e-12,
+    "fcn32s_siftflow_vgg16": 1e-10,
+    "fcn16s_siftflow_vgg16": 1e-12,
+}
+"""The reference solvers' fixed rates (summed loss, batch 1): voc-fcn32s/16s/8s 1e-10/1e-12/1e-14 (the
+paper), voc-fcn8s-atonce, nyud-fcn32s-hha, nyud-fcn32s-color-hha, siftflow-fcn32s/16s ``solver.prototxt``."""
+
+
+def test_registry_declares_the_paper_learning_rates_and_the_inputs_each_network_reads() -> None:
+    assert {name: n.paper_lr for name, n in NETWORKS.items() if n.paper_lr is not None} == PAPER_LR
+    for name, network in NETWORKS.items():
+        with torch.device("meta"):
+            model = get_model(name, width=WIDTH)
+        assert model.modalities == network.modalities, name
+
+
+def test_registering_a_network_twice_or_with_an_unknown_modality_is_an_error() -> None:
+    def fcn32s_vgg16() -> nn.Module:
+        return nn.Identity()
+
+    before = dict(NETWORKS)
+    with pytest.raises(ValueError, match="'fcn32s_vgg16' is already registered"):
+        register_model(paper_lr=1.0)(fcn32s_vgg16)
+    with pytest.raises(ValueError, match="modalities must be some of"):
+        register_model(modalities=("thermal",), name="fcn32s_thermal_vgg16")(fcn32s_vgg16)
+    assert before == NETWORKS and NETWORKS["fcn32s_vgg16"].paper_lr == 1e-10
 
 
 PAPER_PARAMETERS = {"fcn32s_alexnet": 57e6, "fcn32s_vgg16": 134e6, "fcn32s_googlenet": 6e6}

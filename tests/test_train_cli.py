@@ -8,12 +8,17 @@ import inspect
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import torch
 
+import fcn
+from fcn.models import NETWORKS, register_model
+from fcn.models.fcn import FCN, build_fcn
+from fcn.models.vgg import VGG16Trunk
 from pipelines.options import flag
 from pipelines.synthetic import write_synthetic_voc
 from pipelines.train import RECIPES, ConfigError, TrainConfig, main, run_training
@@ -135,6 +140,56 @@ def test_paper_recipe() -> None:
     with pytest.raises(ValueError, match="lr: .*pass --lr"):
         paper.learning_rate("fcn32s_alexnet", None)
     TrainConfig(data="d", registry="r", recipe="paper", model="fcn16s_vgg16", width=0.0625).validate()
+
+
+@pytest.fixture
+def registered_network() -> Iterator[str]:
+    """A network registered here with one decorator, unregistered afterwards."""
+
+    @register_model(paper_lr=1e-11, modalities=("rgb",))
+    def fcn32s_registered_vgg16(
+        *,
+        num_classes: int = 21,
+        geometry: str = "reference",
+        width: float = 1.0,
+        backbone_weights: str | None = None,
+        output_stride: int = 32,
+        learnable_upsampling: bool = True,
+    ) -> FCN:
+        return build_fcn(
+            "fcn32s_registered_vgg16",
+            VGG16Trunk,
+            num_classes=num_classes,
+            geometry=geometry,
+            width=width,
+            backbone_weights=backbone_weights,
+            output_stride=output_stride,
+            learnable_upsampling=learnable_upsampling,
+        )
+
+    yield "fcn32s_registered_vgg16"
+    del NETWORKS["fcn32s_registered_vgg16"]
+
+
+def test_one_decorator_registers_a_network_for_get_model_the_cli_and_the_paper_recipe(
+    registered_network: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = fcn.get_model(registered_network, width=0.0625, num_classes=3)
+    assert model.arch["name"] == registered_network and model.num_classes == 3
+    assert getattr(fcn, registered_network) is NETWORKS[registered_network].builder
+    parser = build_parser()
+    args = parser.parse_args(["--data", "d", "--registry", "r", "--model", registered_network])
+    assert args.model == registered_network and registered_network in parser.format_help()
+    config = TrainConfig(data="d", registry="r", model=registered_network, recipe="paper", width=0.0625)
+    config.validate()
+    assert RECIPES["paper"].learning_rate(registered_network, None) == 1e-11
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--data", "d", "--registry", "r", "--model", "fcn32s_unregistered_vgg16"])
+    assert exit_info.value.code == 2 and "--model" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="--model: must be one of"):
+        TrainConfig(data="d", registry="r", model="fcn32s_unregistered_vgg16").validate()
+    with pytest.raises(ValueError, match="already registered"):
+        register_model(paper_lr=1e-10)(NETWORKS[registered_network].builder)
 
 
 def test_config_is_the_single_source_of_cli_flags_and_flow_parameters() -> None:

@@ -1,58 +1,31 @@
-"""The paper's FCNs: trunks, one skip head, their composition, a builder per name, and ``get_model``."""
+"""The paper's FCNs: trunks, one skip head, their composition, the registered builders, and ``get_model``."""
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 
 from torch import nn
 
-from fcn.models.alexnet import fcn32s_alexnet
-from fcn.models.builders import (
-    fcn2s_vgg16,
-    fcn4s_vgg16,
-    fcn8s_atonce_vgg16,
-    fcn8s_siftflow_vgg16,
-    fcn8s_vgg16,
-    fcn16s_rgbhha_vgg16,
-    fcn16s_siftflow_vgg16,
-    fcn16s_vgg16,
-    fcn32s_hha_vgg16,
-    fcn32s_rgbd_vgg16,
-    fcn32s_rgbhha_vgg16,
-    fcn32s_siftflow_vgg16,
-    fcn32s_vgg16,
-)
+from fcn.models import alexnet, builders, googlenet  # noqa: F401  (their builders register themselves)
 from fcn.models.fcn import FCN
-from fcn.models.googlenet import fcn32s_googlenet
 from fcn.models.head import SkipHead
+from fcn.models.networks import NETWORKS, Network, register_model
 
-BUILDERS: dict[str, Callable[..., nn.Module]] = {
-    "fcn32s_vgg16": fcn32s_vgg16,
-    "fcn16s_vgg16": fcn16s_vgg16,
-    "fcn8s_vgg16": fcn8s_vgg16,
-    "fcn8s_atonce_vgg16": fcn8s_atonce_vgg16,
-    "fcn4s_vgg16": fcn4s_vgg16,
-    "fcn2s_vgg16": fcn2s_vgg16,
-    "fcn32s_alexnet": fcn32s_alexnet,
-    "fcn32s_googlenet": fcn32s_googlenet,
-    "fcn32s_rgbd_vgg16": fcn32s_rgbd_vgg16,
-    "fcn32s_hha_vgg16": fcn32s_hha_vgg16,
-    "fcn32s_rgbhha_vgg16": fcn32s_rgbhha_vgg16,
-    "fcn16s_rgbhha_vgg16": fcn16s_rgbhha_vgg16,
-    "fcn32s_siftflow_vgg16": fcn32s_siftflow_vgg16,
-    "fcn16s_siftflow_vgg16": fcn16s_siftflow_vgg16,
-    "fcn8s_siftflow_vgg16": fcn8s_siftflow_vgg16,
-}
+__all__ = ["FCN", "NETWORKS", "Network", "SkipHead", "get_model", "register_model"]
 
-__all__ = ["BUILDERS", "FCN", "SkipHead", "get_model", *BUILDERS]
+
+def __getattr__(name: str) -> object:
+    """A registered network's builder by name (``fcn.models.fcn8s_vgg16``)."""
+    if name not in NETWORKS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return NETWORKS[name].builder
 
 
 def get_model(name: str, **kwargs: object) -> nn.Module:
     """Build the network ``name`` with builder arguments ``kwargs``; ValueError names a bad name or argument."""
-    if name not in BUILDERS:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(BUILDERS)}")
-    builder = BUILDERS[name]
+    if name not in NETWORKS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(NETWORKS)}")
+    builder = NETWORKS[name].builder
     accepted = inspect.signature(builder).parameters
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:

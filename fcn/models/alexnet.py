@@ -16,6 +16,7 @@ from torch import nn
 
 from fcn.models._common import Trunk, conv1_padding, fc6_padding, scaled
 from fcn.models.fcn import FCN, build_fcn
+from fcn.models.networks import register_model
 
 ALIGNED_SHIFT = 2
 """Cells "aligned" moves from conv1 to fc6: conv1 keeps 36 pixels, enough for its 11x11 kernel and
@@ -63,6 +64,7 @@ class AlexNetTrunk(Trunk):
         self._finish()
 
 
+@register_model()
 def fcn32s_alexnet(
     *,
     num_classes: int = 21,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from fcn.models.fcn import FCN, build_fcn
 from fcn.models.head import SKIP_ORDER
+from fcn.models.networks import register_model
 from fcn.models.vgg import VGG16Trunk
 
 AT_ONCE_SCALES = {"pool4": 0.01, "pool3": 0.0001}
@@ -19,6 +20,7 @@ VOC_CLASSES, NYUD_CLASSES, SIFTFLOW_CLASSES, SIFTFLOW_GEOMETRIC_CLASSES = 21, 40
 RGB_HHA = {"rgb": ("rgb",), "hha": ("hha",)}
 
 
+@register_model(paper_lr=1e-10)
 def fcn32s_vgg16(
     *,
     num_classes: int = VOC_CLASSES,
@@ -32,6 +34,7 @@ def fcn32s_vgg16(
     return build_fcn("fcn32s_vgg16", VGG16Trunk, **_arguments(locals()), skips=SKIPS[32])
 
 
+@register_model(paper_lr=1e-12)
 def fcn16s_vgg16(
     *,
     num_classes: int = VOC_CLASSES,
@@ -45,6 +48,7 @@ def fcn16s_vgg16(
     return build_fcn("fcn16s_vgg16", VGG16Trunk, **_arguments(locals()), skips=SKIPS[16])
 
 
+@register_model(paper_lr=1e-14)
 def fcn8s_vgg16(
     *,
     num_classes: int = VOC_CLASSES,
@@ -58,6 +62,7 @@ def fcn8s_vgg16(
     return build_fcn("fcn8s_vgg16", VGG16Trunk, **_arguments(locals()), skips=SKIPS[8])
 
 
+@register_model(paper_lr=1e-10)
 def fcn8s_atonce_vgg16(
     *,
     num_classes: int = VOC_CLASSES,
@@ -73,6 +78,7 @@ def fcn8s_atonce_vgg16(
     )
 
 
+@register_model()
 def fcn4s_vgg16(
     *,
     num_classes: int = VOC_CLASSES,
@@ -86,6 +92,7 @@ def fcn4s_vgg16(
     return build_fcn("fcn4s_vgg16", VGG16Trunk, **_arguments(locals()), skips=SKIPS[4])
 
 
+@register_model()
 def fcn2s_vgg16(
     *,
     num_classes: int = VOC_CLASSES,
@@ -99,6 +106,7 @@ def fcn2s_vgg16(
     return build_fcn("fcn2s_vgg16", VGG16Trunk, **_arguments(locals()), skips=SKIPS[2])
 
 
+@register_model(modalities=("rgb", "depth"))
 def fcn32s_rgbd_vgg16(
     *,
     num_classes: int = NYUD_CLASSES,
@@ -113,6 +121,7 @@ def fcn32s_rgbd_vgg16(
     return build_fcn("fcn32s_rgbd_vgg16", VGG16Trunk, **_arguments(locals()), streams={"rgbd": ("rgb", "depth")})
 
 
+@register_model(paper_lr=1e-10, modalities=("hha",))
 def fcn32s_hha_vgg16(
     *,
     num_classes: int = NYUD_CLASSES,
@@ -126,6 +135,7 @@ def fcn32s_hha_vgg16(
     return build_fcn("fcn32s_hha_vgg16", VGG16Trunk, **_arguments(locals()), streams={"hha": ("hha",)})
 
 
+@register_model(paper_lr=1e-12, modalities=("rgb", "hha"))
 def fcn32s_rgbhha_vgg16(
     *,
     num_classes: int = NYUD_CLASSES,
@@ -139,6 +149,7 @@ def fcn32s_rgbhha_vgg16(
     return build_fcn("fcn32s_rgbhha_vgg16", VGG16Trunk, **_arguments(locals()), streams=RGB_HHA)
 
 
+@register_model(modalities=("rgb", "hha"))
 def fcn16s_rgbhha_vgg16(
     *,
     num_classes: int = NYUD_CLASSES,
@@ -152,6 +163,7 @@ def fcn16s_rgbhha_vgg16(
     return build_fcn("fcn16s_rgbhha_vgg16", VGG16Trunk, **_arguments(locals()), skips=SKIPS[16], streams=RGB_HHA)
 
 
+@register_model(paper_lr=1e-10)
 def fcn32s_siftflow_vgg16(
     *,
     num_classes: int = SIFTFLOW_CLASSES,
@@ -168,6 +180,7 @@ def fcn32s_siftflow_vgg16(
     )
 
 
+@register_model(paper_lr=1e-12)
 def fcn16s_siftflow_vgg16(
     *,
     num_classes: int = SIFTFLOW_CLASSES,
@@ -188,6 +201,7 @@ def fcn16s_siftflow_vgg16(
     )
 
 
+@register_model()
 def fcn8s_siftflow_vgg16(
     *,
     num_classes: int = SIFTFLOW_CLASSES,

@@ -15,6 +15,7 @@ from torch import nn
 
 from fcn.models._common import Trunk, conv1_padding, scaled
 from fcn.models.fcn import FCN, build_fcn
+from fcn.models.networks import register_model
 
 ALIGNED_SHIFT = 2
 """Cells of the pad-100 that "aligned" drops (there is no fc6 to move them to): conv1 keeps 36
@@ -89,6 +90,7 @@ class GoogLeNetTrunk(Trunk):
         return layers
 
 
+@register_model()
 def fcn32s_googlenet(
     *,
     num_classes: int = 21,

@@ -43,7 +43,7 @@ _SOURCES = {
         ["SCORES", "TrainingDiverged", "copy_matching_weights", "default_run_name", "run_folder"],
         "pipelines.train.worker",
     ),
-    **dict.fromkeys(["PAPER_LR", "RECIPES", "Recipe"], "pipelines.train.recipes"),
+    **dict.fromkeys(["RECIPES", "Recipe"], "pipelines.train.recipes"),
 }
 
 __all__ = sorted(_SOURCES)

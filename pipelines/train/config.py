@@ -13,7 +13,7 @@ import torch
 
 import fcn
 from fcn.conventions import CONVENTIONS
-from fcn.models import BUILDERS
+from fcn.models import NETWORKS
 from pipelines.class_weights import CLASS_WEIGHTS_HELP, MEDIAN_FREQUENCY, NO_WEIGHTS
 from pipelines.datasets import LAYOUTS
 from pipelines.options import ConfigError, Options, flag, option
@@ -35,10 +35,12 @@ class TrainConfig(Options):
     registry: str = option("", "model registry root (any fsspec URI)", required=True)
     model: str = option(
         "fcn8s_vgg16",
-        f"network: one of {', '.join(BUILDERS)}. The data must provide its inputs "
-        "(nyud: rgb, depth, hha; other layouts: rgb) and its heads (siftflow: semantic, geometric; "
-        "others: semantic); a one-head network on SIFT Flow data trains the semantic head only",
-        choices=tuple(BUILDERS),
+        lambda: (
+            f"network (its inputs, if not rgb): {_network_list()}. The data must provide its inputs "
+            "(nyud: rgb, depth, hha; other layouts: rgb) and its heads (siftflow: semantic, geometric; "
+            "others: semantic); a one-head network on SIFT Flow data trains the semantic head only"
+        ),
+        choices=lambda: tuple(NETWORKS),
         metavar="NAME",
     )
     layout: str | None = option(
@@ -170,3 +172,11 @@ def _safe_name(name: str) -> bool:
 def _exists(uri: str) -> bool:
     fs, path = fsspec.core.url_to_fs(uri)
     return fs.exists(path)
+
+
+def _network_list() -> str:
+    """The registered networks for ``--help``, each with its inputs where they are not RGB alone."""
+    return ", ".join(
+        name if network.modalities == ("rgb",) else f"{name} ({'+'.join(network.modalities)})"
+        for name, network in NETWORKS.items()
+    )

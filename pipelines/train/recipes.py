@@ -1,5 +1,6 @@
 """The training recipes: the paper's (summed loss, SGD with momentum 0.99, the reference solvers' fixed
-learning rates) and a modern one (mean loss, AdamW, poly decay, flips and rescaling)."""
+learning rates, registered with each network as ``paper_lr``) and a modern one (mean loss, AdamW, poly
+decay, flips and rescaling)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fcn.models import NETWORKS
 from pipelines.options import ConfigError, flag
 
 
@@ -23,7 +25,7 @@ class Recipe:
     poly_power: float | None  # None: fixed learning rate
     hflip: bool
     scale_range: tuple[float, float] | None
-    lr: float | None = None  # None: per-model rate from PAPER_LR
+    lr: float | None = None  # None: the network's paper_lr (fcn.models.NETWORKS)
 
     def learning_rate(self, model: str, override: float | None) -> float:
         """``override`` if given, else the recipe's rate, else the paper's rate for ``model``;
@@ -32,9 +34,10 @@ class Recipe:
             return override
         if self.lr is not None:
             return self.lr
-        if model not in PAPER_LR:
+        network = NETWORKS.get(model)
+        if network is None or network.paper_lr is None:
             raise ConfigError(flag("lr"), f"the {self.name} recipe has no learning rate for {model!r}; pass --lr")
-        return PAPER_LR[model]
+        return network.paper_lr
 
     def lr_factor(self, total_steps: int) -> Callable[[int], float]:
         """The learning-rate multiplier as a function of the step: poly decay, or constant."""
@@ -47,19 +50,6 @@ class Recipe:
             return torch.optim.AdamW(params, lr=lr, weight_decay=self.weight_decay)
         return torch.optim.SGD(params, lr=lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
-
-PAPER_LR = {
-    "fcn32s_vgg16": 1e-10,
-    "fcn16s_vgg16": 1e-12,
-    "fcn8s_vgg16": 1e-14,
-    "fcn8s_atonce_vgg16": 1e-10,
-    "fcn32s_hha_vgg16": 1e-10,
-    "fcn32s_rgbhha_vgg16": 1e-12,
-    "fcn32s_siftflow_vgg16": 1e-10,
-    "fcn16s_siftflow_vgg16": 1e-12,
-}
-"""The reference solvers' fixed rates for the unnormalised (summed) loss, batch 1, momentum 0.99
-(voc-fcn*, nyud-fcn32s-hha, nyud-fcn32s-color-hha, siftflow-fcn32s/16s ``solver.prototxt``)."""
 
 RECIPES = {
     "paper": Recipe(
