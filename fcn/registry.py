@@ -19,6 +19,7 @@ import json
 import math
 import os
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -109,19 +110,52 @@ def promote(registry: str, version: str) -> dict[str, Any]:
     return {**stored, "checkpoint": entry["checkpoint"]}
 
 
-def promote_if_better(registry: str, version: str, *, margin: float = 0.0) -> bool:
-    """Promote ``version`` if its validation mean IU beats the champion's by more than ``margin``
-    (or there is no champion yet); return whether it was promoted. An undefined (NaN) score never wins."""
-    if margin < 0:
-        raise ValueError(f"margin must be >= 0, got {margin}")
+@dataclass(frozen=True)
+class PromotionDecision:
+    """Whether a candidate becomes champion, and why."""
+
+    promote: bool
+    reason: str
+
+
+def decide_promotion(
+    candidate: float, champion: float | None, margin: float = 0.0, *, champion_name: str = "champion"
+) -> PromotionDecision:
+    """The promotion rule: a candidate wins if there is no champion (``champion`` None), or if its validation
+    mean IU beats the champion's by more than ``margin`` (a tie does not win); an undefined (NaN) score, the
+    candidate's or the champion's, never wins. ``champion_name`` names the champion in the reason."""
+    _check_margin(margin)
+    if not math.isfinite(candidate):
+        return PromotionDecision(False, "the candidate's validation mean IU is undefined")
+    if champion is None:
+        return PromotionDecision(True, "no champion yet")
+    better = candidate > champion + margin
+    return PromotionDecision(
+        better,
+        f"candidate mean IU {candidate:.4f} {'>' if better else '<='} {champion_name} {champion:.4f} + margin {margin}",
+    )
+
+
+def promote_if_better(registry: str, version: str, *, margin: float = 0.0) -> PromotionDecision:
+    """Promote ``version`` if :func:`decide_promotion` says so against the champion's stored score; return
+    the decision."""
+    _check_margin(margin)
     candidate = read_version(registry, version)["metrics"][SCORE_METRIC]
     champion = get_champion(registry)
-    if not math.isfinite(candidate):
-        return False
-    if champion is not None and not candidate > champion["metrics"][SCORE_METRIC] + margin:
-        return False
-    promote(registry, version)
-    return True
+    decision = decide_promotion(
+        candidate,
+        None if champion is None else champion["metrics"][SCORE_METRIC],
+        margin,
+        champion_name=f"champion {champion and champion['version']}",
+    )
+    if decision.promote:
+        promote(registry, version)
+    return decision
+
+
+def _check_margin(margin: float) -> None:
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
 
 
 def _listdir(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:

@@ -9,7 +9,7 @@ artifact plus ``<output>/report.html``. I/O tasks retry on transient errors.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import fsspec
 import pyarrow as pa
@@ -17,8 +17,9 @@ import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict, Field
 
+from flows.common import failure_artifact, io_task, is_transient
+from flows.params import SegmentBucketParams, takes
 from flows.report import (
     ClassDistribution,
     RunReport,
@@ -30,107 +31,17 @@ from flows.report import (
     write_text,
 )
 from pipelines.listing import list_images
-from pipelines.segment import DEVICES, PRECISIONS, SegmentConfig, SegmentSummary, run_segmentation
-from pipelines.storage import PERMANENT_IO_ERRORS
-
-# The job's parameters: defaults and descriptions come from SegmentConfig, the single source of both.
-DEFAULT = SegmentConfig.default
-Uri = Annotated[str, Field(min_length=1, description="fsspec URI or local path")]
-Device = Annotated[Literal[DEVICES], Field(description=SegmentConfig.metadata("device")["help"])]
-Precision = Annotated[Literal[PRECISIONS], Field(description=SegmentConfig.metadata("precision")["help"])]
-Actors = Annotated[
-    Annotated[int, Field(ge=1)] | Annotated[str, Field(pattern=r"^\s*\d+\s*(-\s*\d+\s*)?$")] | None,
-    Field(description=SegmentConfig.metadata("actors")["help"]),
-]
-BatchSize = Annotated[int, Field(ge=1, description=SegmentConfig.metadata("batch_size")["help"])]
-Overlays = Annotated[bool, Field(description=SegmentConfig.metadata("overlays")["help"])]
-Depth = Annotated[str | None, Field(description=SegmentConfig.metadata("depth")["help"])]
-CameraIntrinsics = Annotated[str, Field(description=SegmentConfig.metadata("camera")["help"])]
-GallerySize = Annotated[int, Field(ge=0, le=200, description="image/mask overlays in report.html")]
-StorageOptions = Annotated[
-    dict[str, Any] | None,
-    Field(
-        description="fsspec options for input, output and model, e.g. {'endpoint_url': ...}; "
-        "keep credentials in the environment, not in parameters"
-    ),
-]
+from pipelines.segment import SegmentSummary, run_segmentation
 
 REPORT_FILE = "report.html"
 ARTIFACT_KEY = "segment-bucket"
-TRANSIENT_RETRIES = 3
-RETRY_DELAYS = [2, 10, 30]
-
-
-class SegmentBucketParams(BaseModel):
-    """The validated parameters of ``segment-bucket`` (defaults live in the flow's signature)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    input: Uri
-    output: Uri
-    model: Uri
-    ray_address: str | None
-    actors: Actors
-    device: Device
-    precision: Precision
-    batch_size: BatchSize
-    overlays: Overlays
-    depth: Depth
-    camera: CameraIntrinsics
-    gallery_size: GallerySize
-    storage_options: StorageOptions
-
-    @property
-    def fs_options(self) -> dict[str, Any]:
-        """``storage_options`` as fsspec takes them (``{}`` when unset)."""
-        return dict(self.storage_options or {})
-
-    def segment_config(self) -> SegmentConfig:
-        """The segmentation job's configuration; ``validate()`` names a bad value."""
-        return SegmentConfig(
-            input=self.input,
-            output=self.output,
-            model=self.model,
-            ray_address=self.ray_address,
-            actors=self.actors,
-            device=self.device,
-            precision=self.precision,
-            batch_size=self.batch_size,
-            overlays=self.overlays,
-            depth=self.depth,
-            camera=self.camera,
-            storage_options=self.fs_options,
-        )
 
 
 class OutputCheckError(RuntimeError):
     """The segmentation outputs are incomplete or inconsistent with the inputs."""
 
 
-def is_transient(task_: Any, task_run: Any, state: Any) -> bool:
-    """Retry condition: I/O and network errors, but not missing files or permissions."""
-    try:
-        state.result()
-    except PERMANENT_IO_ERRORS:
-        return False
-    except OSError:  # includes ConnectionError and TimeoutError
-        return True
-    except Exception:
-        return False
-    return False
-
-
-def _io_task(name: str):
-    return task(
-        name=name,
-        retries=TRANSIENT_RETRIES,
-        retry_delay_seconds=RETRY_DELAYS,
-        retry_condition_fn=is_transient,
-        cache_policy=NO_CACHE,
-    )
-
-
-@_io_task("list-inputs")
+@io_task("list-inputs")
 def list_inputs(params: SegmentBucketParams) -> list[str]:
     """The image URIs the segmentation job will read (prefix, glob or manifest)."""
     listing = list_images(params.input, params.fs_options, exclude=params.output)
@@ -154,7 +65,7 @@ def segment(params: SegmentBucketParams) -> SegmentSummary:
     return summary
 
 
-@_io_task("verify-outputs")
+@io_task("verify-outputs")
 def verify_outputs(summary: SegmentSummary, inputs: list[str], storage_options: dict[str, Any]) -> pa.Table:
     """Check that ``_SUCCESS`` exists and the Parquet statistics have exactly one row per input;
     return the statistics."""
@@ -176,7 +87,7 @@ def verify_outputs(summary: SegmentSummary, inputs: list[str], storage_options: 
     return stats
 
 
-@_io_task("publish")
+@io_task("publish")
 def publish(params: SegmentBucketParams, summary: SegmentSummary, stats: pa.Table) -> str:
     """Write ``<output>/report.html`` and create the run's markdown and link artifacts; return the report URI."""
     heads = schema_heads(stats.schema)
@@ -212,51 +123,20 @@ def publish(params: SegmentBucketParams, summary: SegmentSummary, stats: pa.Tabl
     return report_uri
 
 
-def shown_parameters(params: dict[str, Any]) -> dict[str, Any]:
-    """Parameters as artifacts show them: storage options by their names only, since their values may
-    hold credentials."""
-    return {k: sorted(v) if k == "storage_options" and isinstance(v, dict) else v for k, v in params.items()}
-
-
-def failure_artifact(flow_name: str, params: dict[str, Any], error: BaseException) -> None:
-    """Record a failed run as a markdown artifact, so every run leaves one."""
-    rows = "".join(f"| {k} | `{v}` |\n" for k, v in shown_parameters(params).items())
-    create_markdown_artifact(
-        f"# {flow_name}: failed\n\n**Error:** {type(error).__name__}: {error}\n\n"
-        f"| parameter | value |\n|---|---|\n{rows}",
-        key=flow_name,
-        description=f"{flow_name} failed",
-    )
-
-
 @flow(name="segment-bucket")
-def segment_bucket(
-    input: Uri,
-    output: Uri,
-    model: Uri,
-    ray_address: str | None = DEFAULT("ray_address"),
-    actors: Actors = DEFAULT("actors"),
-    device: Device = DEFAULT("device"),
-    precision: Precision = DEFAULT("precision"),
-    batch_size: BatchSize = DEFAULT("batch_size"),
-    overlays: Overlays = DEFAULT("overlays"),
-    depth: Depth = DEFAULT("depth"),
-    camera: CameraIntrinsics = DEFAULT("camera"),
-    gallery_size: GallerySize = 12,
-    storage_options: StorageOptions = None,
-) -> dict[str, Any]:
+@takes(SegmentBucketParams)
+def segment_bucket(**parameters: Any) -> dict[str, Any]:
     """Segment every image under ``input`` with ``model`` (checkpoint or registry: its champion);
     masks, Parquet statistics, manifest.json, _SUCCESS and report.html land under ``output``."""
-    arguments = dict(locals())
     try:
-        params = SegmentBucketParams(**arguments)
+        params = SegmentBucketParams(**parameters)
         params.segment_config().validate()
         inputs = list_inputs(params)
         summary = segment(params)
         stats = verify_outputs(summary, inputs, params.fs_options)
         report_uri = publish(params, summary, stats)
     except Exception as error:
-        failure_artifact(ARTIFACT_KEY, arguments, error)
+        failure_artifact(ARTIFACT_KEY, parameters, error)
         raise
     return {
         "run_id": summary.run_id,

@@ -139,7 +139,8 @@ def test_gallery_is_capped_by_available_rows(tmp_path: Path) -> None:
 
 
 def test_segment_bucket_rejects_bad_parameters_naming_them() -> None:
-    from flows.segment_bucket import SegmentBucketParams, segment_bucket
+    from flows.params import SegmentBucketParams
+    from flows.segment_bucket import segment_bucket
 
     good = {"input": "s3://b/in/", "output": "s3://b/out/", "model": "s3://b/registry"}
     assert segment_bucket.validate_parameters(good)["device"] == "auto"
@@ -188,6 +189,7 @@ def test_nightly_retrain_rejects_bad_parameters_naming_them() -> None:
 
 def test_nightly_retrain_class_weights_reach_the_training_config(monkeypatch: pytest.MonkeyPatch) -> None:
     import flows.nightly_retrain as nightly
+    from flows.params import NightlyRetrainParams
     from pipelines.train import TrainConfig
 
     good = {"data": "s3://b/voc", "registry": "s3://b/registry"}
@@ -203,12 +205,13 @@ def test_nightly_retrain_class_weights_reach_the_training_config(monkeypatch: py
     monkeypatch.setattr(nightly, "run_training", fake_training)
     params = nightly.nightly_retrain.validate_parameters(good | {"class_weights": "median-frequency"})
     with pytest.raises(RuntimeError, match="stop after the config"):
-        nightly.train.fn(nightly.NightlyRetrainParams(**params), None)
+        nightly.train.fn(NightlyRetrainParams(**params), None)
     assert configs[0].class_weights == "median-frequency"
 
 
 def test_nightly_retrain_cross_field_check_and_summary() -> None:
-    from flows.nightly_retrain import Decision, NightlyRetrainParams, summary_markdown
+    from flows.nightly_retrain import Decision, summary_markdown
+    from flows.params import NightlyRetrainParams
     from pipelines.train import TrainSummary
 
     fields = {
@@ -248,7 +251,7 @@ def test_nightly_retrain_cross_field_check_and_summary() -> None:
 
 
 def test_failure_artifacts_show_storage_options_by_name_only() -> None:
-    from flows.segment_bucket import shown_parameters
+    from flows.common import shown_parameters
 
     shown = shown_parameters(
         {"input": "s3://b/in", "storage_options": {"key": "AKIA", "secret": "s3cr3t", "endpoint_url": "http://x"}}

@@ -32,7 +32,7 @@ def test_register_and_promote_with_margin(registry_uri: str) -> None:
 
     v1 = registry.register_model(registry_uri, run, {"mean_iu": 0.50, "run_name": "r1"})
     assert v1 == "v0001" and registry.list_versions(registry_uri) == ["v0001"]
-    assert registry.promote_if_better(registry_uri, v1, margin=0.01)  # no champion yet
+    assert registry.promote_if_better(registry_uri, v1, margin=0.01).promote  # no champion yet
     champion = registry.get_champion(registry_uri)
     assert champion["version"] == "v0001" and champion["metrics"]["mean_iu"] == 0.50
     assert champion["checkpoint"].endswith("models/v0001/checkpoint.pt")
@@ -42,16 +42,34 @@ def test_register_and_promote_with_margin(registry_uri: str) -> None:
 
     v2 = registry.register_model(registry_uri, _checkpoint(f"{registry_uri}/x.pt", b"weights-2"), {"mean_iu": 0.505})
     assert v2 == "v0002"
-    assert not registry.promote_if_better(registry_uri, v2, margin=0.01)  # better, but not by the margin
+    assert not registry.promote_if_better(registry_uri, v2, margin=0.01).promote  # better, but not by the margin
     assert registry.get_champion(registry_uri)["version"] == "v0001"
     v3 = registry.register_model(registry_uri, _checkpoint(f"{registry_uri}/y.pt", b"weights-3"), {"mean_iu": 0.52})
-    assert registry.promote_if_better(registry_uri, v3, margin=0.01)
+    assert registry.promote_if_better(registry_uri, v3, margin=0.01).promote
     assert registry.get_champion(registry_uri)["version"] == "v0003"
-    assert not registry.promote_if_better(registry_uri, v1)  # worse never replaces the champion
+    assert not registry.promote_if_better(registry_uri, v1).promote  # worse never replaces the champion
     assert registry.list_versions(registry_uri) == ["v0001", "v0002", "v0003"]
     assert registry.read_version(registry_uri, "v0002")["metrics"]["mean_iu"] == 0.505
     v4 = registry.register_model(registry_uri, run, {"mean_iu": float("nan")})
-    assert not registry.promote_if_better(registry_uri, v4)  # an undefined score never wins
+    assert not registry.promote_if_better(registry_uri, v4).promote  # an undefined score never wins
+
+
+def test_promotion_rule_margin_ties_nan_and_no_champion() -> None:
+    """One rule for the CLI (stored champion score) and the nightly flow (champion re-scored)."""
+    nan = float("nan")
+    assert registry.decide_promotion(0.3, None, 0.1) == registry.PromotionDecision(True, "no champion yet")
+    assert registry.decide_promotion(0.52, 0.5, 0.01).promote
+    assert not registry.decide_promotion(0.51, 0.5, 0.01).promote  # a tie with champion + margin does not win
+    assert not registry.decide_promotion(0.5, 0.5).promote  # nor an equal score
+    assert not registry.decide_promotion(0.505, 0.5, 0.01).promote  # better, but not by the margin
+    for candidate, champion in [(nan, None), (nan, 0.1), (0.9, nan)]:  # an undefined score never wins
+        assert not registry.decide_promotion(candidate, champion).promote
+    assert "undefined" in registry.decide_promotion(nan, 0.1).reason
+    reason = registry.decide_promotion(0.4, 0.3, 0.05, champion_name="champion v0001").reason
+    assert reason == "candidate mean IU 0.4000 > champion v0001 0.3000 + margin 0.05"
+    assert "<= champion" in registry.decide_promotion(0.3, 0.4).reason
+    with pytest.raises(ValueError, match="margin"):
+        registry.decide_promotion(0.5, 0.4, -0.1)
 
 
 def test_concurrent_registrations_get_distinct_versions(registry_uri: str) -> None:

@@ -105,7 +105,10 @@ def run_training(config: TrainConfig) -> TrainSummary:
     version, promoted = None, False
     if math.isfinite(best[registry.SCORE_METRIC]):
         version = registry.register_model(config.registry, checkpoint_uri, best)
-        promoted = config.promote and registry.promote_if_better(config.registry, version, margin=config.promote_margin)
+        if config.promote:
+            decision = registry.promote_if_better(config.registry, version, margin=config.promote_margin)
+            logger.info("run %s (%s): %s", run_name, version, decision.reason)
+            promoted = decision.promote
     else:
         logger.warning("run %s: validation mean IU is undefined; not registering a model", run_name)
     logger.info("run %s done (ray result at %s)", run_name, result.path)

@@ -1,0 +1,177 @@
+"""The flows' parameters, made from the jobs' configurations.
+
+A parameter that is also a job option (``SegmentConfig`` or ``TrainConfig``, see ``pipelines.options``) takes
+its type, default, description and choices from the config field; only the bounds that let the Prefect
+server refuse a bad value before a run starts are added here. Flow-only parameters are declared here once.
+Each flow's parameter model gives the flow function its flat signature (:func:`takes`), from which Prefect
+builds the deployment's parameter schema, so ``prefect deployment run ... --param device=cuda`` works.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+
+from pipelines.options import Options
+from pipelines.segment import SegmentConfig
+from pipelines.train import TrainConfig
+
+Actors = Annotated[int, Field(ge=1)] | Annotated[str, Field(pattern=r"^\s*\d+\s*(-\s*\d+\s*)?$")] | None
+"""``--actors``: N, or MIN-MAX as text."""
+StorageOptions = Annotated[
+    dict[str, Any] | None,
+    Field(
+        description="fsspec options for input, output and model, e.g. {'endpoint_url': ...}; "
+        "keep credentials in the environment, not in parameters"
+    ),
+]
+
+
+def from_config(config: type[Options], name: str, annotation: Any = None, **bounds: Any) -> tuple[Any, Any]:
+    """The parameter of config field ``name``: its type (its choices as a ``Literal``; ``annotation`` replaces
+    it), default and description, plus ``bounds`` (pydantic ``Field`` constraints)."""
+    meta = config.metadata(name)
+    if annotation is None:
+        annotation = typing.get_type_hints(config)[name]
+        if "choices" in meta:
+            choices = Literal[tuple(meta["choices"])]
+            annotation = choices | None if type(None) in typing.get_args(annotation) else choices
+    default = ... if meta.get("required") else config.default(name)
+    return Annotated[annotation, Field(**bounds)], Field(default, description=meta["help"])
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _SegmentBucketBase(_Params):
+    @property
+    def fs_options(self) -> dict[str, Any]:
+        """``storage_options`` as fsspec takes them (``{}`` when unset)."""
+        return dict(self.storage_options or {})
+
+    def segment_config(self) -> SegmentConfig:
+        """The segmentation job's configuration; ``validate()`` names a bad value."""
+        shared = {name: getattr(self, name) for name in SEGMENT_OPTIONS if name != "storage_options"}
+        return SegmentConfig(**shared, storage_options=self.fs_options)
+
+
+SEGMENT_OPTIONS = (
+    "input",
+    "output",
+    "model",
+    "ray_address",
+    "actors",
+    "device",
+    "precision",
+    "batch_size",
+    "overlays",
+    "depth",
+    "camera",
+    "storage_options",
+)
+"""The segmentation options that ``segment-bucket`` exposes (the others keep the config's defaults)."""
+
+SegmentBucketParams: type[_SegmentBucketBase] = create_model(
+    "SegmentBucketParams",
+    __base__=_SegmentBucketBase,
+    __doc__="The validated parameters of ``segment-bucket``.",
+    input=from_config(SegmentConfig, "input", min_length=1),
+    output=from_config(SegmentConfig, "output", min_length=1),
+    model=from_config(SegmentConfig, "model", min_length=1),
+    ray_address=from_config(SegmentConfig, "ray_address"),
+    actors=from_config(SegmentConfig, "actors", Actors),
+    device=from_config(SegmentConfig, "device"),
+    precision=from_config(SegmentConfig, "precision"),
+    batch_size=from_config(SegmentConfig, "batch_size", ge=1),
+    overlays=from_config(SegmentConfig, "overlays"),
+    depth=from_config(SegmentConfig, "depth"),
+    camera=from_config(SegmentConfig, "camera"),
+    gallery_size=(int, Field(12, ge=0, le=200, description="image/mask overlays in report.html")),
+    storage_options=(StorageOptions, None),
+)
+
+
+class _NightlyRetrainBase(_Params):
+    @model_validator(mode="after")
+    def _resegment_pair(self) -> _NightlyRetrainBase:
+        if bool(self.resegment_input) != bool(self.resegment_output):
+            raise ValueError("resegment_input and resegment_output must be given together")
+        return self
+
+    def train_config(self, init: str | None) -> TrainConfig:
+        """The training job's configuration, starting from ``init`` (a checkpoint or registry); the run is
+        registered but not promoted (the flow decides)."""
+        return TrainConfig(**{name: getattr(self, name) for name in TRAIN_OPTIONS}, init=init, promote=False)
+
+
+TRAIN_OPTIONS = (
+    "data",
+    "registry",
+    "model",
+    "width",
+    "epochs",
+    "workers",
+    "gpus_per_worker",
+    "recipe",
+    "class_weights",
+    "promote_margin",
+    "ray_address",
+)
+"""The training options that ``nightly-retrain`` exposes (the others keep the config's defaults)."""
+
+NightlyRetrainParams: type[_NightlyRetrainBase] = create_model(
+    "NightlyRetrainParams",
+    __base__=_NightlyRetrainBase,
+    __doc__="The validated parameters of ``nightly-retrain``.",
+    data=from_config(TrainConfig, "data", min_length=1),
+    registry=from_config(TrainConfig, "registry", min_length=1),
+    model=from_config(TrainConfig, "model"),
+    width=from_config(TrainConfig, "width", gt=0),
+    epochs=from_config(TrainConfig, "epochs", ge=1),
+    workers=from_config(TrainConfig, "workers", ge=1),
+    gpus_per_worker=from_config(TrainConfig, "gpus_per_worker", ge=0),
+    recipe=from_config(TrainConfig, "recipe"),
+    class_weights=from_config(TrainConfig, "class_weights", min_length=1),
+    warm_start=(bool, Field(True, description="start from the champion's weights, if there is one")),
+    promote_margin=from_config(TrainConfig, "promote_margin", ge=0),
+    resegment_input=(
+        str | None,
+        Field(None, description="after a promotion, re-segment this URI with the new champion"),
+    ),
+    resegment_output=(str | None, Field(None, description="output URI of the re-segmentation (with resegment_input)")),
+    ray_address=from_config(TrainConfig, "ray_address"),
+    actors=from_config(SegmentConfig, "actors", Actors),
+    device=from_config(SegmentConfig, "device"),
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def takes(params: type[BaseModel]) -> Callable[[F], F]:
+    """Give a flow function taking ``**parameters`` the flat signature of ``params`` (one keyword parameter
+    per field, with its type, constraints and default) and an ``Args:`` section in its docstring with each
+    field's description, the two places Prefect reads a parameter schema from, before ``@flow`` reads them."""
+
+    def with_signature(fn: F) -> F:
+        fn.__signature__ = inspect.Signature(
+            [
+                inspect.Parameter(
+                    name,
+                    inspect.Parameter.KEYWORD_ONLY,
+                    default=inspect.Parameter.empty if spec.is_required() else spec.default,
+                    annotation=Annotated[(spec.annotation, *spec.metadata)] if spec.metadata else spec.annotation,
+                )
+                for name, spec in params.model_fields.items()
+            ],
+            return_annotation=inspect.signature(fn).return_annotation,
+        )
+        described = "".join(f"    {name}: {spec.description}\n" for name, spec in params.model_fields.items())
+        fn.__doc__ = f"{inspect.cleandoc(fn.__doc__ or '')}\n\nArgs:\n{described}"
+        return fn
+
+    return with_signature
