@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 import uuid
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -39,9 +38,6 @@ logger = logging.getLogger("pipelines.segment")
 MANIFEST_FILE = "manifest.json"
 SUCCESS_FILE = "_SUCCESS"
 ERROR_SAMPLES = 20
-FATAL_ERROR_RETRIES = 3
-"""Times a batch is redone on a restarted FCN actor after its actor died (a fatal device error ends it);
-Ray Data's default (-1) would redo forever a batch that kills its actor each time."""
 BLOCKS_PER_ACTOR = 4  # at least this many input blocks per FCN actor (while blocks hold >= batch_size rows)
 
 
@@ -325,8 +321,9 @@ def _segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: 
         udf_modifying_row_count=False,
         **cpu_stage,
     )
-    ds = _map_batches_redone_on_actor_death(
-        ds,
+    # Ray Data's actor pools restart a dead actor and redo its batches without limit (max_restarts and
+    # max_task_retries -1): a lost node and a fatal device error (the actor ends itself) are both survived.
+    ds = ds.map_batches(
         stages.Segmenter,
         batch_format="pyarrow",
         batch_size=config.batch_size,
@@ -382,15 +379,6 @@ def _segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: 
     progress.close()
     run.ok, run.error = progress.ok, progress.error
     return run
-
-
-def _map_batches_redone_on_actor_death(ds: Any, fn: Any, **kwargs: Any) -> Any:
-    """``ds.map_batches(fn, **kwargs)`` whose batches are redone at most ``FATAL_ERROR_RETRIES`` times on
-    a restarted actor (e.g. after a poisoned CUDA context ended it). Ray 2.60 names no map_batches
-    parameter for this and warns that the generic remote arguments are deprecated: not here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        return ds.map_batches(fn, max_task_retries=FATAL_ERROR_RETRIES, **kwargs)
 
 
 def actor_pool(fewest: int, most: int | None) -> Any:
