@@ -164,7 +164,6 @@ def test_local_folder_manifest_overlays_and_an_actor_killed_mid_run(
 
 
 def test_interrupted_run_resumes_with_each_image_once(ray_cluster: None, tmp_path: Path) -> None:
-    import ray
 
     model = tiny_checkpoint(str(tmp_path / "model.pt"), num_classes=NUM_CLASSES)
     files = good_images(seed=11, count=24)
@@ -173,27 +172,7 @@ def test_interrupted_run_resumes_with_each_image_once(ray_cluster: None, tmp_pat
     output.mkdir()
     (output / "_SUCCESS").write_text("stale marker of an earlier run")
     driver = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pipelines.segment",
-            "--input",
-            str(tmp_path / "in"),
-            "--output",
-            str(output),
-            "--model",
-            model,
-            "--ray-address",
-            ray.get_runtime_context().gcs_address,
-            "--actors",
-            "1",
-            "--cpus-per-actor",
-            "1",
-            "--batch-size",
-            "1",
-            "--rows-per-file",
-            "1",
-        ],
+        _one_image_per_part_command(tmp_path / "in", output, model),
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -397,33 +376,12 @@ def test_images_whose_names_hold_a_query_get_masks_of_their_own_on_s3(
 
 
 def test_sigint_exits_130_and_the_same_command_resumes(ray_cluster: None, tmp_path: Path) -> None:
-    import ray
 
     model = tiny_checkpoint(str(tmp_path / "model.pt"), num_classes=NUM_CLASSES)
     files = good_images(seed=13, count=24)
     upload(str(tmp_path / "in"), files)
     output = tmp_path / "out"
-    command = [
-        sys.executable,
-        "-m",
-        "pipelines.segment",
-        "--input",
-        str(tmp_path / "in"),
-        "--output",
-        str(output),
-        "--model",
-        model,
-        "--ray-address",
-        ray.get_runtime_context().gcs_address,
-        "--actors",
-        "1",
-        "--cpus-per-actor",
-        "1",
-        "--batch-size",
-        "1",
-        "--rows-per-file",
-        "1",
-    ]
+    command = _one_image_per_part_command(tmp_path / "in", output, model)
     log = tmp_path / "driver.log"  # a file, not a pipe: a full pipe that nobody reads would stall the driver
     with log.open("w") as stderr_file:
         driver = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr_file)
@@ -730,3 +688,31 @@ def test_the_cli_prints_no_ray_internal_error_or_progress_bar_notice(ray_cluster
     assert not RAY_CORE_ERROR.search(run.stderr), run.stderr[-3000:]
     assert "constructor arguments in the object store" not in run.stderr
     assert "Progress bars disabled" not in run.stderr, run.stderr[-3000:]
+
+
+def _one_image_per_part_command(inputs: Path, output: Path, model: str) -> list[str]:
+    """The segmentation CLI on the session's cluster, one image per batch and per Parquet part, so that an
+    interrupt lands between parts."""
+    import ray
+
+    return [
+        sys.executable,
+        "-m",
+        "pipelines.segment",
+        "--input",
+        str(inputs),
+        "--output",
+        str(output),
+        "--model",
+        model,
+        "--ray-address",
+        ray.get_runtime_context().gcs_address,
+        "--actors",
+        "1",
+        "--cpus-per-actor",
+        "1",
+        "--batch-size",
+        "1",
+        "--rows-per-file",
+        "1",
+    ]
