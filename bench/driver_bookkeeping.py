@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines import stats as stats_table
+from pipelines.segment import stats as stats_table
 
 MODEL, VERSION = "file:///models/fcn.pt", "v0001"
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -117,7 +117,7 @@ def measure(phase, *args) -> dict[str, float]:
 
 def run_phase(root: Path, phase: str) -> dict[str, float]:
     """One phase, in this process (called in a fresh subprocess by ``main``)."""
-    from pipelines.listing import list_images
+    from pipelines.segment.listing import list_images
 
     output = f"file://{root}/out"
     if phase == "listing":

@@ -228,7 +228,7 @@ def save_model(model: Any, folder: str) -> str:
 
 def write_jpegs(folder: str, images: list[bytes]) -> Any:
     """Write ``images`` under ``folder`` and list them as the segmentation job does (its source table)."""
-    from pipelines.listing import list_images
+    from pipelines.segment.listing import list_images
 
     os.makedirs(folder, exist_ok=True)
     for i, data in enumerate(images):
@@ -527,7 +527,7 @@ def breakdown(
 
 def store_cpu(section: Section, segmented: Any, model_uri: str, output: str) -> None:
     """CPU ms per image of ``store_results`` (PNG masks, Parquet) on the actor's output."""
-    from pipelines import stats as stats_table
+    from pipelines.segment import stats as stats_table
     from pipelines.segment.model import describe_model
     from pipelines.segment.stages import store_results
 
@@ -629,9 +629,9 @@ def check_training(section: Section) -> None:
     import torch
     import torch.distributed as dist
 
-    from pipelines.datasets import open_dataset
     from pipelines.synthetic import write_synthetic_voc
     from pipelines.train.config import TrainConfig
+    from pipelines.train.datasets import open_dataset
     from pipelines.train.worker import (
         LocalWorkerContext,
         loader_workers,

@@ -180,8 +180,8 @@ def plain_loop(predictor, uris: list[str], output: str, palette: list[int]) -> f
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines.decode import decode_image
-    from pipelines.masks import encode_mask
+    from pipelines.common.decode import decode_image
+    from pipelines.segment.masks import encode_mask
 
     fs, root = fsspec.core.url_to_fs(output)
     rows = []
@@ -226,7 +226,7 @@ def main() -> None:
     import torch
 
     import fcn
-    from pipelines.decode import decode_image
+    from pipelines.common.decode import decode_image
     from pipelines.segment import SegmentConfig, run_segmentation
     from pipelines.segment.stages import CPU_FORWARD_PIXELS
 

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 
 import fcn
-from pipelines.datasets import BadSample, load_sample, open_dataset
-from pipelines.ray_utils import connect
+from pipelines.common.ray_utils import connect
 from pipelines.synthetic import write_synthetic_voc
 from pipelines.train import SCORES, TrainConfig, TrainSummary, copy_matching_weights, run_training
+from pipelines.train.datasets import BadSample, load_sample, open_dataset
 
 MODELS = ("fcn32s_vgg16", "fcn16s_vgg16", "fcn8s_vgg16")
 

@@ -8,7 +8,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from pipelines.storage import PERMANENT_IO_ERRORS
+from pipelines.common.storage import PERMANENT_IO_ERRORS
 
 TRANSIENT_RETRIES = 3
 RETRY_DELAYS = [2, 10, 30]

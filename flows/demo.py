@@ -31,7 +31,7 @@ from prefect.settings import (
 
 from fcn import registry
 from flows.segment_bucket import segment_bucket
-from pipelines.ray_utils import exit_interrupted
+from pipelines.common.ray_utils import exit_interrupted
 from pipelines.synthetic import render_scene, write_synthetic_voc
 from pipelines.train import TrainConfig, run_training
 

@@ -1,6 +1,6 @@
 """The flows' parameters, made from the jobs' configurations.
 
-A parameter that is also a job option (``SegmentConfig`` or ``TrainConfig``, see ``pipelines.options``) takes
+A parameter that is also a job option (``SegmentConfig`` or ``TrainConfig``, see ``pipelines.common.options``) takes
 its type, default, description and choices from the config field; only the bounds that let the Prefect
 server refuse a bad value before a run starts are added here. Flow-only parameters are declared here once.
 Each flow's parameter model gives the flow function its flat signature (:func:`takes`), from which Prefect
@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from pipelines.options import Options
+from pipelines.common.options import Options
 from pipelines.segment import SegmentConfig
 from pipelines.train import TrainConfig
 

@@ -20,8 +20,8 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from fcn.classes import voc_palette
-from pipelines.decode import decode_image
-from pipelines.masks import encode_overlay
+from pipelines.common.decode import decode_image
+from pipelines.segment.masks import encode_overlay
 from pipelines.segment.schema import head_column
 
 THUMBNAIL_SIZE = 160

@@ -30,8 +30,8 @@ from flows.report import (
     schema_heads,
     write_text,
 )
-from pipelines.listing import list_images
 from pipelines.segment import SegmentSummary, run_segmentation
+from pipelines.segment.listing import list_images
 
 REPORT_FILE = "report.html"
 ARTIFACT_KEY = "segment-bucket"

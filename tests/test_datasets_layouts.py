@@ -15,14 +15,6 @@ from PIL import Image
 
 from fcn.classes import NYUD40_CLASSES, SIFTFLOW_CLASSES, SIFTFLOW_GEOMETRIC_CLASSES
 from fcn.depth import hha
-from pipelines.datasets import (
-    LAYOUTS,
-    SIFTFLOW_SET,
-    BadSample,
-    load_example,
-    load_sample,
-    open_dataset,
-)
 from pipelines.synthetic import (
     NYUD_SCENE_CLASSES,
     SIFTFLOW_SCENE_CLASSES,
@@ -30,6 +22,14 @@ from pipelines.synthetic import (
     write_synthetic_nyud,
     write_synthetic_siftflow,
     write_synthetic_voc,
+)
+from pipelines.train.datasets import (
+    LAYOUTS,
+    SIFTFLOW_SET,
+    BadSample,
+    load_example,
+    load_sample,
+    open_dataset,
 )
 
 

@@ -16,7 +16,6 @@ BIN = Path(sys.executable).parent
     [
         ("fcn-segment", ("--input", "--output", "--model", "--storage-options")),
         ("fcn-train", ("--data", "--registry", "--workers", "--recipe")),
-        ("fcn-synthetic", ("--num-images", "--seed")),
     ],
 )
 def test_console_script_help(script: str, flags: tuple[str, ...], tmp_path: Path) -> None:

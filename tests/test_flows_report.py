@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from fcn.classes import voc_palette
 from flows.report import ClassDistribution, RunReport, error_rows, html_report, markdown_summary, sample_gallery
-from pipelines.stats import COLUMNS, stats_schema
+from pipelines.segment.stats import COLUMNS, stats_schema
 
 CLASSES = ["background", "disc", "box", "ring"]
 

@@ -1,4 +1,4 @@
-"""Ending an interrupted driver (``pipelines.ray_utils.exit_interrupted``), shown without Ray."""
+"""Ending an interrupted driver (``pipelines.common.ray_utils.exit_interrupted``), shown without Ray."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 INTERRUPTED_DRIVER = """
 import atexit, sys, threading, time
-from pipelines.ray_utils import exit_interrupted
+from pipelines.common.ray_utils import exit_interrupted
 
 atexit.register(print, "finalised", file=sys.stderr)  # as ray.init registers ray.shutdown
 threading.Thread(target=time.sleep, args=(600,)).start()  # still busy, as trainer.fit() is on its thread

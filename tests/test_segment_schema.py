@@ -6,8 +6,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from pipelines import stats as stats_table
 from pipelines.segment import schema, stages
+from pipelines.segment import stats as stats_table
 
 # The stats schema of a two-head model (semantic, geometric) as outputs written before the columns were
 # declared in one module have it: names, types (list items named "item") and order.

@@ -14,11 +14,11 @@ from PIL import Image
 from segment_cases import EXIF_ORIENTATION, awkward_images, displayed, good_images, tiny_checkpoint, upload
 
 import fcn
-from pipelines.decode import device_jpeg_orientation, orient
-from pipelines.listing import list_images
+from pipelines.common.decode import device_jpeg_orientation, orient
 from pipelines.segment import SegmentConfig
 from pipelines.segment.cli import build_parser
 from pipelines.segment.driver import plan_blocks
+from pipelines.segment.listing import list_images
 from pipelines.segment.model import describe_model
 from pipelines.segment.stages import Segmenter, load_images, store_results
 
@@ -101,7 +101,7 @@ def test_store_writes_masks_and_one_parquet_part_with_the_statistics(
     are its histogram, and failed rows stay error rows without a mask."""
     import pyarrow.parquet as pq
 
-    from pipelines import stats as stats_table
+    from pipelines.segment import stats as stats_table
 
     _, model_uri, sources = bucket
     loaded = load_images(sources, storage_options={}, retries=0, max_image_pixels=10**8, device_jpegs=False)

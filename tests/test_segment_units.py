@@ -20,11 +20,11 @@ from PIL import Image
 from segment_cases import awkward_images, displayed, good_images, tiny_checkpoint, upload
 
 from fcn.image import to_rgb_array
-from pipelines import stats as stats_table
-from pipelines.decode import DecodeError, decode_image
-from pipelines.listing import InputError, list_images
-from pipelines.masks import encode_mask, encode_overlay
+from pipelines.common.decode import DecodeError, decode_image
 from pipelines.segment import main
+from pipelines.segment import stats as stats_table
+from pipelines.segment.listing import InputError, list_images
+from pipelines.segment.masks import encode_mask, encode_overlay
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -487,7 +487,7 @@ def test_read_sources_retries_transient_server_errors() -> None:
 
 
 def test_progress_bar_shows_rate_and_eta() -> None:
-    from pipelines.progress import Progress
+    from pipelines.segment.progress import Progress
 
     stream = io.StringIO()
     progress = Progress(10, live=True, stream=stream)
@@ -499,7 +499,7 @@ def test_progress_bar_shows_rate_and_eta() -> None:
 
 
 def test_progress_counts_segmented_images_ahead_of_written_ones() -> None:
-    from pipelines.progress import Progress
+    from pipelines.segment.progress import Progress
 
     stream = io.StringIO()
     progress = Progress(10, live=True, stream=stream)
@@ -542,7 +542,7 @@ HOSTILE_KEYS = {
 
 @pytest.mark.parametrize("key", sorted(HOSTILE_KEYS))
 def test_keys_that_would_leave_the_output_folder_are_named_and_never_become_paths(key: str) -> None:
-    from pipelines.listing import unsafe_key_reason
+    from pipelines.segment.listing import unsafe_key_reason
     from pipelines.segment.stages import output_path
 
     assert HOSTILE_KEYS[key] in unsafe_key_reason(key)

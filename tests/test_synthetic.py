@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from fcn.classes import voc_palette
-from pipelines.datasets import load_sample, open_dataset
 from pipelines.synthetic import SYNTHETIC_CLASSES, render_scene, write_synthetic_voc
+from pipelines.train.datasets import load_sample, open_dataset
 
 
 def _files(root: Path) -> dict[str, bytes]:

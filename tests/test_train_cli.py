@@ -19,7 +19,7 @@ import fcn
 from fcn.models import NETWORKS, register_model
 from fcn.models.fcn import FCN, build_fcn
 from fcn.models.vgg import VGG16Trunk
-from pipelines.options import flag
+from pipelines.common.options import flag
 from pipelines.synthetic import write_synthetic_voc
 from pipelines.train import RECIPES, ConfigError, TrainConfig, main, run_training
 from pipelines.train.cli import build_parser

@@ -19,11 +19,11 @@ from PIL import Image
 from fcn.classes import VOC_CLASSES, voc_palette
 from fcn.conventions import get_convention
 from fcn.losses import cross_entropy
-from pipelines.class_weights import median_frequency_weights, resolve_class_weights
-from pipelines.datasets import BadSample, load_example, load_sample, open_dataset, read_class_names
 from pipelines.synthetic import SYNTHETIC_CLASSES, write_synthetic_nyud, write_synthetic_siftflow, write_synthetic_voc
 from pipelines.train import RECIPES, copy_matching_weights
+from pipelines.train.class_weights import median_frequency_weights, resolve_class_weights
 from pipelines.train.data import TrainImages, augment, pad_collate
+from pipelines.train.datasets import BadSample, load_example, load_sample, open_dataset, read_class_names
 from pipelines.train.worker import check_all_samples, train_epoch
 
 BAD = {
@@ -120,7 +120,7 @@ def write_pairs(root: Path, masks: dict[str, list[list[int]]], val: tuple[str, .
 def test_unnamed_pairs_classes_come_from_the_train_label_ids(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     masks = {"a": [[0, 1], [1, 255]], "b": [[0, 3], [3, 3]], "c": [[0, 2], [2, 2]]}
     write_pairs(tmp_path, masks, val=("c",))
-    with caplog.at_level(logging.WARNING, logger="pipelines.datasets"):
+    with caplog.at_level(logging.WARNING, logger="pipelines.train.datasets"):
         data = open_dataset(str(tmp_path))
     assert data.class_names == ("class_0", "class_1", "class_2", "class_3")
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -162,7 +162,7 @@ def test_custom_data_in_the_voc_layout_gets_numbered_classes_and_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     write_voc_layout(tmp_path / "plots", PLOT_IDS)
-    with caplog.at_level(logging.WARNING, logger="pipelines.datasets"):
+    with caplog.at_level(logging.WARNING, logger="pipelines.train.datasets"):
         data = open_dataset(str(tmp_path / "plots"))
     assert (data.layout, data.class_names) == ("voc", FOUR_CLASSES)
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -183,7 +183,7 @@ def test_pascal_voc_itself_gets_the_voc_names(tmp_path: Path, caplog: pytest.Log
     write_voc_layout(voc2012, ["2007_000032", "2007_000039", "2008_000002", "2011_003276", "2012_000003"])
     write_voc_layout(voc2007, ["000032", "000033", "000042", "000061"])
     shutil.copytree(voc2012, tmp_path / "voc")  # VOC2012's ids are enough, wherever it is
-    with caplog.at_level(logging.WARNING, logger="pipelines.datasets"):
+    with caplog.at_level(logging.WARNING, logger="pipelines.train.datasets"):
         for root in (voc2012, voc2007, tmp_path / "voc"):
             assert open_dataset(str(root)).class_names == VOC_CLASSES, root
     assert not caplog.records
@@ -192,7 +192,7 @@ def test_pascal_voc_itself_gets_the_voc_names(tmp_path: Path, caplog: pytest.Log
     labels = np.array(Image.open(mask))
     labels[5, 5] = 25
     Image.fromarray(labels).save(mask)
-    with caplog.at_level(logging.WARNING, logger="pipelines.datasets"):
+    with caplog.at_level(logging.WARNING, logger="pipelines.train.datasets"):
         data = open_dataset(str(voc2012))
     assert data.class_names == tuple(f"class_{i}" for i in range(26))
     assert "class_0 ... class_25" in caplog.records[-1].getMessage()

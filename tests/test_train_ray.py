@@ -24,8 +24,6 @@ from test_train_worker import DIVERGING, overflowing_init, write_square_scenes
 
 import fcn
 from fcn import registry
-from pipelines.class_weights import median_frequency_weights
-from pipelines.datasets import open_dataset
 from pipelines.synthetic import write_synthetic_voc
 from pipelines.train import (
     SCORES,
@@ -36,6 +34,8 @@ from pipelines.train import (
     run_evaluation,
     run_training,
 )
+from pipelines.train.class_weights import median_frequency_weights
+from pipelines.train.datasets import open_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"model": "fcn8s_vgg16", "width": 1 / 16, "geometry": "aligned", "workers": 2}

@@ -28,11 +28,11 @@ from torch.utils.data.distributed import DistributedSampler
 import fcn
 from fcn.classes import voc_palette
 from fcn.conventions import get_convention
-from pipelines.datasets import open_dataset
-from pipelines.options import ConfigError
+from pipelines.common.options import ConfigError
 from pipelines.synthetic import write_synthetic_voc
 from pipelines.train.config import TrainConfig
 from pipelines.train.data import TrainImages
+from pipelines.train.datasets import open_dataset
 from pipelines.train.recipes import RECIPES
 from pipelines.train.worker import (
     DIVERGED_FILE,
@@ -67,7 +67,7 @@ import torch
 import torch.distributed as dist
 
 import fcn
-from pipelines.datasets import open_dataset
+from pipelines.train.datasets import open_dataset
 from pipelines.train.config import TrainConfig
 from pipelines.train.worker import LocalWorkerContext, make_loop_config, run_folder, run_training_worker
 

@@ -8,8 +8,8 @@ import logging
 from collections.abc import Sequence
 from dataclasses import asdict
 
-from pipelines.options import ConfigError, add_arguments
-from pipelines.ray_utils import exit_interrupted
+from pipelines.common.options import ConfigError, add_arguments
+from pipelines.common.ray_utils import exit_interrupted
 from pipelines.segment.config import SegmentConfig
 from pipelines.segment.driver import run_segmentation
 

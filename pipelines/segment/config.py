@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fcn.depth import NYUD_KINECT, Camera
-from pipelines.options import SAFE_SECRETS_HELP, ConfigError, Options, flag, option
+from pipelines.common.options import SAFE_SECRETS_HELP, ConfigError, Options, flag, option
 
 DEVICES = ("auto", "cpu", "cuda")
 NYUD_CAMERA = ",".join(str(getattr(NYUD_KINECT, name)) for name in ("fx", "fy", "cx", "cy"))

@@ -24,14 +24,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from fsspec.implementations.local import LocalFileSystem
 
-from pipelines import stats as stats_table
-from pipelines.listing import InputError, list_images
-from pipelines.progress import LIVE_REFRESH_S, Progress, Tally
-from pipelines.ray_utils import connect
+from pipelines.common.ray_utils import connect
+from pipelines.common.storage import with_retries
 from pipelines.segment import stages
+from pipelines.segment import stats as stats_table
 from pipelines.segment.config import ConfigError, SegmentConfig, flag
+from pipelines.segment.listing import InputError, list_images
 from pipelines.segment.model import ModelInfo, checkpoint_exists, describe_model
-from pipelines.storage import with_retries
+from pipelines.segment.progress import LIVE_REFRESH_S, Progress, Tally
 
 logger = logging.getLogger("pipelines.segment")
 

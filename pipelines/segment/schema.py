@@ -1,7 +1,7 @@
 """Every column of the segmentation job, declared once: name, Arrow type, description, whether each head
 of a multi-task model has its own, and which stages write it.
 
-The stats table's Parquet schema (``pipelines.stats.stats_schema``), the columns a listing yields
+The stats table's Parquet schema (``pipelines.segment.stats.stats_schema``), the columns a listing yields
 (``SOURCE_SCHEMA``), the types of the columns the stages add, and the columns the Segmenter consumes
 all follow from ``COLUMNS``. A name that is not declared here is an error naming it.
 """

@@ -25,13 +25,13 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 
-from pipelines import stats as stats_table
-from pipelines.decode import decode_depth, decode_image, device_jpeg_orientation, orient
-from pipelines.listing import output_name, unsafe_key_reason
-from pipelines.masks import encode_mask, encode_overlay
+from pipelines.common.decode import decode_depth, decode_image, device_jpeg_orientation, orient
+from pipelines.common.storage import PERMANENT_IO_ERRORS, backoff_s, with_retries
 from pipelines.segment import schema as columns_schema
+from pipelines.segment import stats as stats_table
+from pipelines.segment.listing import output_name, unsafe_key_reason
+from pipelines.segment.masks import encode_mask, encode_overlay
 from pipelines.segment.model import ModelInfo
-from pipelines.storage import PERMANENT_IO_ERRORS, backoff_s, with_retries
 
 logger = logging.getLogger(__name__)
 
@@ -595,8 +595,8 @@ _REPLACED_BY_SEGMENTER = columns_schema.replaced_by(columns_schema.SEGMENT)
 
 def output_path(root: str, folder: str, key: str, suffix: str) -> str:
     """``<root>/<folder>/<name><suffix>``, ``name`` being the key with ``%``, ``?`` and ``#`` escaped
-    (``pipelines.listing.output_name``); ValueError for a key that would not stay inside that folder or
-    name a file of its own (see ``pipelines.listing.unsafe_key_reason``)."""
+    (``pipelines.segment.listing.output_name``); ValueError for a key that would not stay inside that folder or
+    name a file of its own (see ``pipelines.segment.listing.unsafe_key_reason``)."""
     reason = unsafe_key_reason(key)
     if reason:
         raise ValueError(reason)

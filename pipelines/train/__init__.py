@@ -33,7 +33,7 @@ import importlib
 from typing import Any
 
 _SOURCES = {
-    "ConfigError": "pipelines.options",
+    "ConfigError": "pipelines.common.options",
     "main": "pipelines.train.cli",
     "TrainConfig": "pipelines.train.config",
     **dict.fromkeys(

@@ -9,8 +9,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from pipelines.options import ConfigError, add_arguments
-from pipelines.ray_utils import exit_interrupted
+from pipelines.common.options import ConfigError, add_arguments
+from pipelines.common.ray_utils import exit_interrupted
 from pipelines.train.config import TrainConfig
 from pipelines.train.driver import TrainSummary, run_training
 from pipelines.train.worker import SCORES, default_run_name

@@ -14,9 +14,9 @@ import torch
 import fcn
 from fcn.conventions import CONVENTIONS
 from fcn.models import NETWORKS
-from pipelines.class_weights import CLASS_WEIGHTS_HELP, MEDIAN_FREQUENCY, NO_WEIGHTS
-from pipelines.datasets import LAYOUTS
-from pipelines.options import ConfigError, Options, flag, option
+from pipelines.common.options import ConfigError, Options, flag, option
+from pipelines.train.class_weights import CLASS_WEIGHTS_HELP, MEDIAN_FREQUENCY, NO_WEIGHTS
+from pipelines.train.datasets import LAYOUTS
 from pipelines.train.recipes import RECIPES
 
 

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from fcn.conventions import InputConvention
-from pipelines.datasets import IGNORE_LABEL, BadSample, Sample, read_example
+from pipelines.train.datasets import IGNORE_LABEL, BadSample, Sample, read_example
 from pipelines.train.recipes import Recipe
 
 Labels = dict[str, Tensor]

@@ -26,10 +26,10 @@ from ray.train.torch import TorchTrainer
 
 import fcn
 from fcn import registry
-from pipelines.datasets import SegmentationData, open_dataset
-from pipelines.options import ConfigError, flag
-from pipelines.ray_utils import connect
+from pipelines.common.options import ConfigError, flag
+from pipelines.common.ray_utils import connect
 from pipelines.train.config import GPUS_PER_WORKER_RULE, TrainConfig, whole_gpus
+from pipelines.train.datasets import SegmentationData, open_dataset
 from pipelines.train.loop import eval_loop, train_loop
 from pipelines.train.worker import (
     DIVERGED_FILE,
@@ -228,7 +228,7 @@ def _fit_interruptibly(trainer: TorchTrainer) -> Any:
     """``trainer.fit()`` on a helper thread, so that Ctrl-C reaches this thread at once as
     KeyboardInterrupt (Ray Train's own handler would only abort the run and return); the driver then
     exits, Ray ends the run's actors, the finished epochs stay, and the same run name resumes. The
-    thread is still inside Ray then: end the process with ``pipelines.ray_utils.exit_interrupted``."""
+    thread is still inside Ray then: end the process with ``pipelines.common.ray_utils.exit_interrupted``."""
     outcome: dict[str, Any] = {}
 
     def fit() -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from fcn.models import NETWORKS
-from pipelines.options import ConfigError, flag
+from pipelines.common.options import ConfigError, flag
 
 
 @dataclass(frozen=True)

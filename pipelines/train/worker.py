@@ -7,7 +7,7 @@ NCCL on CUDA). Training end to end, then a resume of the same run::
 
     import torch
     import torch.distributed as dist
-    from pipelines.datasets import open_dataset
+    from pipelines.train.datasets import open_dataset
     from pipelines.train.config import TrainConfig
     from pipelines.train.worker import LocalWorkerContext, make_loop_config, run_folder, run_training_worker
 
@@ -56,11 +56,11 @@ import fcn
 from fcn import registry
 from fcn.classes import voc_palette
 from fcn.conventions import InputConvention, get_convention
-from pipelines.class_weights import resolve_class_weights
-from pipelines.datasets import BadSample, Sample, SegmentationData, read_example
-from pipelines.options import ConfigError, flag
+from pipelines.common.options import ConfigError, flag
+from pipelines.train.class_weights import resolve_class_weights
 from pipelines.train.config import TrainConfig
 from pipelines.train.data import EpochIndices, Labels, TrainImages, pad_collate
+from pipelines.train.datasets import BadSample, Sample, SegmentationData, read_example
 from pipelines.train.recipes import RECIPES
 
 logger = logging.getLogger("pipelines.train")

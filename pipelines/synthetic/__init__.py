@@ -10,7 +10,7 @@ vary. The same ``seed`` always gives the same files. The VOC layout::
     <uri>/ImageSets/Segmentation/{train,val,trainval}.txt
     <uri>/class_names.txt                      one class name per line
 
-The NYUDv2 and SIFT Flow layouts (as :mod:`pipelines.datasets` reads them) split the background at a
+The NYUDv2 and SIFT Flow layouts (as :mod:`pipelines.train.datasets` reads them) split the background at a
 random horizon row: a wall above a floor (NYUDv2), sky above a field (SIFT Flow), and give the objects
 classes of those datasets (``NYUD_SCENE_CLASSES``, ``SIFTFLOW_SCENE_CLASSES``). NYUDv2 scenes get a
 depth map (a level view of a room: the wall at one distance, the floor receding to it, each object a
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import sys
 from collections.abc import Callable, Sequence
 
 import fsspec
@@ -34,9 +33,9 @@ import scipy.io
 from PIL import Image
 
 from fcn.classes import NYUD40_CLASSES, SIFTFLOW_CLASSES, SIFTFLOW_GEOMETRIC_CLASSES, voc_palette
-from pipelines.datasets import CLASS_NAMES_FILE, IGNORE_LABEL, SIFTFLOW_SET
-from pipelines.decode import DEPTH_PNG_UNITS_PER_M
-from pipelines.masks import encode_mask
+from pipelines.common.decode import DEPTH_PNG_UNITS_PER_M
+from pipelines.segment.masks import encode_mask
+from pipelines.train.datasets import CLASS_NAMES_FILE, IGNORE_LABEL, SIFTFLOW_SET
 
 SYNTHETIC_CLASSES: tuple[str, ...] = ("background", "disc", "box", "triangle", "ring", "wire")
 # The dataset classes of a horizon scene's labels: above the horizon, the five objects, below it.
@@ -407,7 +406,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     print(f"wrote {len(ids)} {args.layout} scenes to {args.uri}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

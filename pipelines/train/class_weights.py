@@ -9,7 +9,7 @@ import math
 import fsspec
 import numpy as np
 
-from pipelines.datasets import LabelStats, SegmentationData
+from pipelines.train.datasets import LabelStats, SegmentationData
 
 NO_WEIGHTS = "none"
 MEDIAN_FREQUENCY = "median-frequency"

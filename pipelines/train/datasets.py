@@ -57,9 +57,9 @@ from fcn.classes import (
     voc_palette,
 )
 from fcn.image import to_rgb_array
-from pipelines.decode import DecodeError, depth_from_image
+from pipelines.common.decode import DecodeError, depth_from_image
 
-logger = logging.getLogger("pipelines.datasets")
+logger = logging.getLogger("pipelines.train.datasets")
 
 IGNORE_LABEL = 255
 CLASS_NAMES_FILE = "class_names.txt"

@@ -23,8 +23,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fcn.registry import write_atomic
+from pipelines.common.storage import with_retries
 from pipelines.segment import schema
-from pipelines.storage import with_retries
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"

@@ -1,0 +1,2 @@
+"""What both jobs use: option declarations (``options``), storage retries (``storage``), image and depth
+decoding (``decode``), and connecting to Ray (``ray_utils``)."""
