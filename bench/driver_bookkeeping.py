@@ -32,7 +32,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.segment import stats as stats_table
+from pipelines.segment import resume
+from pipelines.segment.schema import stats_schema
+from pipelines.segment.write import write_part
 
 MODEL, VERSION = "file:///models/fcn.pt", "v0001"
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -55,7 +57,7 @@ def synthesize(root: Path, n: int, rows_per_part: int, changed: float) -> None:
         ),
         root / "inventory.parquet",
     )
-    schema = stats_table.stats_schema(["background", "object"], [0, 0, 0, 255, 255, 255], {})
+    schema = stats_schema(["background", "object"], [0, 0, 0, 255, 255, 255], {})
     flipped = index < int(n * changed)  # these images' etag changed since: redone by the next run
     history = pa.table(
         {
@@ -125,13 +127,11 @@ def run_phase(root: Path, phase: str) -> dict[str, float]:
     else:
         listing = list_images(str(root / "inventory.parquet"), {}, exclude=output).images
         if phase == "resume":
-            state = lambda: stats_table.read_state(f"{output}/stats", {})  # noqa: E731
-            outcome = measure(
-                lambda: stats_table.todo_images(listing, state(), MODEL, VERSION, unique_keys=True).num_rows
-            )
+            state = lambda: resume.read_state(f"{output}/stats", {})  # noqa: E731
+            outcome = measure(lambda: resume.todo_images(listing, state(), MODEL, VERSION, unique_keys=True).num_rows)
         else:  # compaction, after a run that redid the changed images
-            previous = stats_table.read_state(f"{output}/stats", {})
-            todo = stats_table.todo_images(listing, previous, MODEL, VERSION)
+            previous = resume.read_state(f"{output}/stats", {})
+            todo = resume.todo_images(listing, previous, MODEL, VERSION)
             del listing
             redone = previous.filter(pc.is_in(previous["key"], value_set=todo["key"])).select(["key"])
             schema = pq.read_schema(next((root / "out" / "stats").glob("*.parquet")))
@@ -146,10 +146,8 @@ def run_phase(root: Path, phase: str) -> dict[str, float]:
                 ],
                 schema=schema,
             )
-            stats_table.write_part(f"{output}/stats", rows, "run1", {})
-            outcome = measure(
-                lambda: len(stats_table.compact(f"{output}/stats", {}, "run1", previous, unique_keys=True))
-            )
+            write_part(f"{output}/stats", rows, "run1", {})
+            outcome = measure(lambda: len(resume.compact(f"{output}/stats", {}, "run1", previous, unique_keys=True)))
     return {
         "seconds": outcome["seconds"],
         "peak_bytes": outcome["peak_bytes"],

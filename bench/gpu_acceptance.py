@@ -238,7 +238,7 @@ def write_jpegs(folder: str, images: list[bytes]) -> Any:
 
 
 def load(sources: Any, *, device_jpegs: bool) -> Any:
-    from pipelines.segment.stages import load_images
+    from pipelines.segment.load import load_images
 
     return load_images(
         sources,
@@ -251,7 +251,7 @@ def load(sources: Any, *, device_jpegs: bool) -> Any:
 
 def segmenter(model_uri: str, device: str, precision: str) -> Any:
     """The FCN actor as the segmentation job builds it."""
-    from pipelines.segment.stages import Segmenter
+    from pipelines.segment.infer import Segmenter
 
     return Segmenter(
         model_uri=model_uri,
@@ -361,7 +361,7 @@ def segment_with_fault(actor: Any, sources: Any, error: Exception) -> str:
 
 def poisoned_actor_process(model_uri: str, sources: Any, device: str, outcomes: Any) -> None:
     """A spawned process: the actor with ``exit_on_fatal_error`` meets an illegal address; puts what it returned."""
-    from pipelines.segment.stages import Segmenter
+    from pipelines.segment.infer import Segmenter
 
     actor = Segmenter(
         model_uri=model_uri,
@@ -527,12 +527,12 @@ def breakdown(
 
 def store_cpu(section: Section, segmented: Any, model_uri: str, output: str) -> None:
     """CPU ms per image of ``store_results`` (PNG masks, Parquet) on the actor's output."""
-    from pipelines.segment import stats as stats_table
     from pipelines.segment.model import describe_model
-    from pipelines.segment.stages import store_results
+    from pipelines.segment.schema import stats_schema
+    from pipelines.segment.write import store_results
 
     info = describe_model(model_uri, {})
-    schema = stats_table.stats_schema(info.class_names, info.palette, {})
+    schema = stats_schema(info.class_names, info.palette, {})
     started = time.process_time()
     store_results(
         segmented,
@@ -631,14 +631,10 @@ def check_training(section: Section) -> None:
 
     from pipelines.synthetic import write_synthetic_voc
     from pipelines.train.config import TrainConfig
+    from pipelines.train.context import LocalWorkerContext, run_folder
     from pipelines.train.datasets import open_dataset
-    from pipelines.train.worker import (
-        LocalWorkerContext,
-        loader_workers,
-        make_loop_config,
-        run_folder,
-        run_training_worker,
-    )
+    from pipelines.train.prepare import make_loop_config
+    from pipelines.train.worker import loader_workers, run_training_worker
 
     sizes = section.sizes
     device = torch.device("cuda", torch.cuda.current_device()) if section.cuda else section.device  # NCCL: an index

@@ -228,7 +228,7 @@ def main() -> None:
     import fcn
     from pipelines.common.decode import decode_image
     from pipelines.segment import SegmentConfig, run_segmentation
-    from pipelines.segment.stages import CPU_FORWARD_PIXELS
+    from pipelines.segment.infer import CPU_FORWARD_PIXELS
 
     cpus = os.cpu_count() or 1
     root = f"s3://bench-{os.getpid()}" if args.store == "s3" else f"file://{tempfile.mkdtemp(prefix='segbench-')}"

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from fcn.classes import voc_palette
 from flows.report import ClassDistribution, RunReport, error_rows, html_report, markdown_summary, sample_gallery
-from pipelines.segment.stats import COLUMNS, stats_schema
+from pipelines.segment.schema import STATS_COLUMNS, stats_schema
 
 CLASSES = ["background", "disc", "box", "ring"]
 
@@ -64,7 +64,7 @@ def _stats(tmp_path: Path, ok: int, errors: int) -> pa.Table:
             }
         )
     schema = stats_schema(CLASSES, voc_palette(), {"id": "file:///m.pt"})
-    return pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in rows], schema=schema)
+    return pa.Table.from_pylist([{c: r.get(c) for c in STATS_COLUMNS} for r in rows], schema=schema)
 
 
 def _report(stats: pa.Table, ok: int, errors: int) -> RunReport:

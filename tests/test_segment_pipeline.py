@@ -23,7 +23,7 @@ from segment_cases import awkward_images, displayed, good_images, tiny_checkpoin
 
 import fcn
 from pipelines import segment
-from pipelines.segment import SegmentConfig, run_segmentation, stages
+from pipelines.segment import SegmentConfig, infer, run_segmentation
 from pipelines.segment.listing import output_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,7 +126,7 @@ def test_local_folder_manifest_overlays_and_an_actor_killed_mid_run(
     marker = tmp_path / "crash-once"
     marker.touch()
 
-    class CrashOnce(stages.Segmenter):
+    class CrashOnce(infer.Segmenter):
         def __call__(self, batch):
             try:
                 os.remove(marker)
@@ -135,7 +135,7 @@ def test_local_folder_manifest_overlays_and_an_actor_killed_mid_run(
             os._exit(1)
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import test modules
-    monkeypatch.setattr(stages, "Segmenter", CrashOnce)
+    monkeypatch.setattr(infer, "Segmenter", CrashOnce)
     model = tiny_checkpoint(str(tmp_path / "model.pt"), num_classes=NUM_CLASSES)
     files = good_images(seed=3, count=9)
     upload(str(tmp_path / "in"), files)
@@ -260,7 +260,7 @@ def test_progress_counts_images_as_actors_segment_them(
 
     release, first = tmp_path / "release", tmp_path / "first-batch-rows"
 
-    class HoldSecondBatch(stages.Segmenter):
+    class HoldSecondBatch(infer.Segmenter):
         calls = 0
 
         def __call__(self, batch):
@@ -273,7 +273,7 @@ def test_progress_counts_images_as_actors_segment_them(
             return super().__call__(batch)
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    monkeypatch.setattr(stages, "Segmenter", HoldSecondBatch)
+    monkeypatch.setattr(infer, "Segmenter", HoldSecondBatch)
     model = tiny_checkpoint(str(tmp_path / "model.pt"), num_classes=NUM_CLASSES)
     upload(str(tmp_path / "in"), good_images(seed=5, count=9))
     config = _config(str(tmp_path / "in"), str(tmp_path / "out"), model, progress=True)

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from pipelines.segment import schema, stages
-from pipelines.segment import stats as stats_table
+from pipelines.segment import schema
 
 # The stats schema of a two-head model (semantic, geometric) as outputs written before the columns were
 # declared in one module have it: names, types (list items named "item") and order.
@@ -50,13 +49,13 @@ HEADS = {
 
 
 def test_the_parquet_schema_is_the_one_existing_outputs_have() -> None:
-    two_heads = stats_table.stats_schema(["bg", "fg"], [0, 0, 0, 255, 255, 255], {}, HEADS)
-    one_head = stats_table.stats_schema(["bg", "fg"], [0, 0, 0, 255, 255, 255], {})
+    two_heads = schema.stats_schema(["bg", "fg"], [0, 0, 0, 255, 255, 255], {}, HEADS)
+    one_head = schema.stats_schema(["bg", "fg"], [0, 0, 0, 255, 255, 255], {})
     assert [(f.name, str(f.type)) for f in two_heads] == EXISTING_TWO_HEAD_SCHEMA
     assert [(f.name, str(f.type)) for f in one_head] == EXISTING_TWO_HEAD_SCHEMA[:24]
     assert all(f.nullable for f in two_heads)
-    assert one_head.names == stats_table.COLUMNS
-    assert stats_table.SOURCE_SCHEMA.names == one_head.names[:5]
+    assert one_head.names == schema.STATS_COLUMNS
+    assert schema.SOURCE_SCHEMA.names == one_head.names[:5]
     # each field carries its description; a further head's says whose it is
     assert one_head.field("key").metadata[b"description"].startswith(b"path of the image relative")
     geometric = two_heads.field("geometric_mean_confidence").metadata[b"description"]
@@ -66,16 +65,16 @@ def test_the_parquet_schema_is_the_one_existing_outputs_have() -> None:
 def test_an_undeclared_column_is_an_error_naming_it() -> None:
     table = pa.table({"key": ["a.jpg"]})
     with pytest.raises(ValueError, match=r"column 'sharpness' is not declared in pipelines/segment/schema.py"):
-        stages._with_columns(table, {"sharpness": [0.5]}, schema.SEGMENT)
+        schema.with_columns(table, {"sharpness": [0.5]}, schema.SEGMENT)
     with pytest.raises(ValueError, match=r"column 'geometric_sharpness' is not declared"):
-        stages._with_columns(table, {"geometric_sharpness": [0.5]}, schema.SEGMENT)
+        schema.with_columns(table, {"geometric_sharpness": [0.5]}, schema.SEGMENT)
     with pytest.raises(ValueError, match=r"column 'status' is written by store, not by the load stage"):
-        stages._with_columns(table, {"status": ["ok"]}, schema.LOAD)
+        schema.with_columns(table, {"status": ["ok"]}, schema.LOAD)
 
 
 def test_stage_columns_take_their_declared_types() -> None:
-    loaded = stages._with_columns(pa.table({"key": ["a.jpg"]}), {"orientation": [6], "depth": [b"\x00"]}, schema.LOAD)
-    segmented = stages._with_columns(
+    loaded = schema.with_columns(pa.table({"key": ["a.jpg"]}), {"orientation": [6], "depth": [b"\x00"]}, schema.LOAD)
+    segmented = schema.with_columns(
         pa.table({"key": ["a.jpg"]}),
         {"geometric_pixel_counts": [[1, 2]], "geometric_labels": [b"\x00"], "inference_ms": [1.5]},
         schema.SEGMENT,

@@ -18,9 +18,11 @@ from pipelines.common.decode import device_jpeg_orientation, orient
 from pipelines.segment import SegmentConfig
 from pipelines.segment.cli import build_parser
 from pipelines.segment.driver import plan_blocks
+from pipelines.segment.infer import Segmenter
 from pipelines.segment.listing import list_images
+from pipelines.segment.load import load_images
 from pipelines.segment.model import describe_model
-from pipelines.segment.stages import Segmenter, load_images, store_results
+from pipelines.segment.write import store_results
 
 NUM_CLASSES = 5
 
@@ -101,13 +103,13 @@ def test_store_writes_masks_and_one_parquet_part_with_the_statistics(
     are its histogram, and failed rows stay error rows without a mask."""
     import pyarrow.parquet as pq
 
-    from pipelines.segment import stats as stats_table
+    from pipelines.segment.schema import stats_schema
 
     _, model_uri, sources = bucket
     loaded = load_images(sources, storage_options={}, retries=0, max_image_pixels=10**8, device_jpegs=False)
     segmented = _segment(model_uri, loaded)
     model = describe_model(model_uri, {})
-    schema = stats_table.stats_schema(model.class_names, model.palette, {})
+    schema = stats_schema(model.class_names, model.palette, {})
     out = store_results(
         segmented,
         output=f"file://{tmp_path}/out",
@@ -229,7 +231,7 @@ def test_device_errors_are_told_apart() -> None:
     """Out of memory: retried smaller; a CUDA error that poisons the context: fatal; anything else: a row's error."""
     import torch
 
-    from pipelines.segment.stages import fatal_device_error
+    from pipelines.segment.infer import fatal_device_error
 
     assert fatal_device_error(RuntimeError("CUDA error: an illegal memory access was encountered"))
     assert fatal_device_error(RuntimeError("CUDA error: device-side assert triggered"))
@@ -270,7 +272,7 @@ def test_out_of_memory_is_retried_image_by_image_then_tiled(tmp_path: Path) -> N
     in smaller tiles: every row ends ok, with the labels of a run that had the memory."""
     import torch
 
-    from pipelines.segment.stages import OUT_OF_MEMORY_TILE_SIZE
+    from pipelines.segment.infer import OUT_OF_MEMORY_TILE_SIZE
 
     model = tiny_checkpoint(str(tmp_path / "model.pt"), num_classes=NUM_CLASSES)
     big = OUT_OF_MEMORY_TILE_SIZE + 100

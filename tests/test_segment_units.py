@@ -21,10 +21,11 @@ from segment_cases import awkward_images, displayed, good_images, tiny_checkpoin
 
 from fcn.image import to_rgb_array
 from pipelines.common.decode import DecodeError, decode_image
-from pipelines.segment import main
-from pipelines.segment import stats as stats_table
+from pipelines.segment import main, resume
 from pipelines.segment.listing import InputError, list_images
 from pipelines.segment.masks import encode_mask, encode_overlay
+from pipelines.segment.schema import SOURCE_SCHEMA, stats_schema
+from pipelines.segment.write import write_part
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -137,7 +138,7 @@ def test_an_inventory_lists_its_image_objects_with_arrow(tmp_path: Path) -> None
     pq.write_table(pa.table(rows), tmp_path / "inventory.parquet")
     listing = list_images(str(tmp_path / "inventory.parquet"), {}, exclude=f"file://{tmp_path}/out")
     assert listing.kind == "inventory" and listing.prefix == f"file://{tmp_path}" and listing.ignored == 1
-    assert listing.images.schema == stats_table.SOURCE_SCHEMA
+    assert listing.images.schema == SOURCE_SCHEMA
     assert listing.images.to_pylist() == [
         {
             "image_uri": f"file://{tmp_path}/{key}",
@@ -177,7 +178,7 @@ def test_missing_or_empty_input_is_an_input_error(tmp_path: Path) -> None:
 
 # --- stats files and resume bookkeeping ------------------------------------------------------
 
-SCHEMA = stats_table.stats_schema(["bg", "fg"], [0, 0, 0, 255, 255, 255], {"uri": "m.pt", "version": "v0001"})
+SCHEMA = stats_schema(["bg", "fg"], [0, 0, 0, 255, 255, 255], {"uri": "m.pt", "version": "v0001"})
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
@@ -207,14 +208,14 @@ def test_compaction_keeps_the_newest_row_per_key_and_touches_only_superseded_fil
     older row of b are rewritten (or deleted when nothing is left), the file of a and c only if it held
     one, and an untouched file keeps its name and bytes."""
     stats_uri = str(tmp_path / "stats")
-    stats_table.write_part(stats_uri, _rows(["a", "c"], "error", T0, "run0"), "run0", {})
+    write_part(stats_uri, _rows(["a", "c"], "error", T0, "run0"), "run0", {})
     untouched = next(Path(stats_uri).iterdir())
     before = untouched.read_bytes()
-    stats_table.write_part(stats_uri, _rows(["b", "e"], "error", T0, "run1"), "run1", {})
-    stats_table.write_part(stats_uri, _rows(["b"], "ok", T0 + timedelta(hours=1), "run1"), "run1", {})  # left twice
-    previous = stats_table.read_state(stats_uri, {})
-    stats_table.write_part(stats_uri, _rows(["b", "d"], "ok", T0 + timedelta(hours=2), "run2"), "run2", {})
-    written = stats_table.compact(stats_uri, {}, "run2", previous)
+    write_part(stats_uri, _rows(["b", "e"], "error", T0, "run1"), "run1", {})
+    write_part(stats_uri, _rows(["b"], "ok", T0 + timedelta(hours=1), "run1"), "run1", {})  # left twice
+    previous = resume.read_state(stats_uri, {})
+    write_part(stats_uri, _rows(["b", "d"], "ok", T0 + timedelta(hours=2), "run2"), "run2", {})
+    written = resume.compact(stats_uri, {}, "run2", previous)
     assert sorted(written.to_pylist()) == ["b", "d"]
     table = duckdb.sql(
         f"select key, status, run_id, processed_at from read_parquet('{stats_uri}/**/*.parquet') order by key"
@@ -244,18 +245,18 @@ def test_compaction_on_a_flaky_store_retries_its_writes_and_deletes(s3_endpoint:
     flaky = {"endpoint_url": proxy.url, "config_kwargs": {"retries": {"total_max_attempts": 1}}}
     try:
         for stats_uri, retries in ((f"{s3_bucket}/retried/stats", 2), (f"{s3_bucket}/once/stats", 0)):
-            stats_table.write_part(stats_uri, _rows(["a", "c"], "ok", T0, "run1"), "run1", {})
-            stats_table.write_part(stats_uri, _rows(["b"], "error", T0, "run1"), "run1", {})
-            previous = stats_table.read_state(stats_uri, {})
-            stats_table.write_part(stats_uri, _rows(["b", "c"], "ok", T0 + timedelta(hours=1), "run2"), "run2", {})
+            write_part(stats_uri, _rows(["a", "c"], "ok", T0, "run1"), "run1", {})
+            write_part(stats_uri, _rows(["b"], "error", T0, "run1"), "run1", {})
+            previous = resume.read_state(stats_uri, {})
+            write_part(stats_uri, _rows(["b", "c"], "ok", T0 + timedelta(hours=1), "run2"), "run2", {})
             if retries:
-                written = stats_table.compact(stats_uri, flaky, "run2", previous, retries=retries)
+                written = resume.compact(stats_uri, flaky, "run2", previous, retries=retries)
                 assert sorted(written.to_pylist()) == ["b", "c"]
             else:
                 with pytest.raises(
                     OSError, match=r"^compaction: (writing|deleting) s3://.*/once/stats/part-.*: OSError: .*injected"
                 ):
-                    stats_table.compact(stats_uri, flaky, "run2", previous)
+                    resume.compact(stats_uri, flaky, "run2", previous)
     finally:
         proxy.close()
     fs, bucket = fsspec.core.url_to_fs(s3_bucket)
@@ -272,9 +273,9 @@ def test_compaction_on_a_flaky_store_retries_its_writes_and_deletes(s3_endpoint:
 
 def test_todo_images_need_ok_same_source_and_same_model(tmp_path: Path) -> None:
     stats_uri = str(tmp_path / "stats")
-    stats_table.write_part(stats_uri, _rows(["a", "b", "c", "d", "f"], "ok", T0, "run1"), "run1", {})
-    stats_table.write_part(stats_uri, _rows(["d"], "error", T0 + timedelta(hours=1), "run2"), "run2", {})
-    state = stats_table.read_state(stats_uri, {})
+    write_part(stats_uri, _rows(["a", "b", "c", "d", "f"], "ok", T0, "run1"), "run1", {})
+    write_part(stats_uri, _rows(["d"], "error", T0 + timedelta(hours=1), "run2"), "run2", {})
+    state = resume.read_state(stats_uri, {})
     listing = pa.Table.from_pylist(
         [
             {"key": "a", "source_size": 10, "source_etag": "e-a"},  # unchanged -> done
@@ -284,14 +285,14 @@ def test_todo_images_need_ok_same_source_and_same_model(tmp_path: Path) -> None:
             {"key": "e", "source_size": 10, "source_etag": "e-e"},  # new
             {"key": "f", "source_size": 10, "source_etag": None},  # etag gone: a changed source
         ],
-        schema=stats_table.SOURCE_SCHEMA,
+        schema=SOURCE_SCHEMA,
     )
-    todo = stats_table.todo_images(listing, state, "m.pt", "v0001")
+    todo = resume.todo_images(listing, state, "m.pt", "v0001")
     assert todo["key"].to_pylist() == ["b", "c", "d", "e", "f"]  # listing order kept
-    assert stats_table.todo_images(listing, state, "m.pt", "v0002")["key"].to_pylist() == ["a", "b", "c", "d", "e", "f"]
+    assert resume.todo_images(listing, state, "m.pt", "v0002")["key"].to_pylist() == ["a", "b", "c", "d", "e", "f"]
     no_etags = pa.Table.from_pylist(
         [{"key": "m", "source_size": 10, "source_mtime": T0}, {"key": "n", "source_size": 10, "source_mtime": T0}],
-        schema=stats_table.SOURCE_SCHEMA,
+        schema=SOURCE_SCHEMA,
     )
     rows = pa.Table.from_pylist(
         [
@@ -308,9 +309,9 @@ def test_todo_images_need_ok_same_source_and_same_model(tmp_path: Path) -> None:
         ],
         schema=SCHEMA,
     )
-    stats_table.write_part(str(tmp_path / "s2"), rows, "r", {})
-    state = stats_table.read_state(str(tmp_path / "s2"), {})
-    assert stats_table.todo_images(no_etags, state, "m.pt", "v0001")["key"].to_pylist() == ["n"]  # mtime differs by 1 s
+    write_part(str(tmp_path / "s2"), rows, "r", {})
+    state = resume.read_state(str(tmp_path / "s2"), {})
+    assert resume.todo_images(no_etags, state, "m.pt", "v0001")["key"].to_pylist() == ["n"]  # mtime differs by 1 s
 
 
 # --- CLI -------------------------------------------------------------------------------------
@@ -441,7 +442,7 @@ def test_cli_bad_parameter_in_a_real_process_has_no_traceback(tmp_path: Path) ->
 
 
 def test_read_sources_fetches_bytes_and_turns_missing_files_into_error_rows(folder: Path) -> None:
-    from pipelines.segment.stages import read_sources
+    from pipelines.segment.load import read_sources
 
     present = f"file://{folder}/photos/day/img0_1.png"
     batch = pa.table({"image_uri": [present, f"file://{folder}/gone.jpg"], "key": ["a", "b"]})
@@ -456,7 +457,7 @@ def test_read_sources_retries_transient_server_errors() -> None:
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from pipelines.segment.stages import read_sources
+    from pipelines.segment.load import read_sources
 
     seen: set[str] = set()
 
@@ -543,7 +544,7 @@ HOSTILE_KEYS = {
 @pytest.mark.parametrize("key", sorted(HOSTILE_KEYS))
 def test_keys_that_would_leave_the_output_folder_are_named_and_never_become_paths(key: str) -> None:
     from pipelines.segment.listing import unsafe_key_reason
-    from pipelines.segment.stages import output_path
+    from pipelines.segment.write import output_path
 
     assert HOSTILE_KEYS[key] in unsafe_key_reason(key)
     with pytest.raises(ValueError, match="key"):
@@ -558,7 +559,7 @@ def test_output_names_escape_what_fsspec_would_read_as_a_query_and_give_the_key_
     so that the escaping stays one-to-one, are percent-encoded in output names; unquote reverses it."""
     from urllib.parse import unquote
 
-    from pipelines.segment.stages import output_path
+    from pipelines.segment.write import output_path
 
     keys = ["a.png", "a?versionId=1.png", "a?versionId=2.png", "a%3FversionId=1.png", "a#b.png", "a%23b.png", "%.png"]
     paths = [output_path("s3://b/out", "masks", key, ".png") for key in keys]
@@ -571,7 +572,7 @@ def test_output_names_escape_what_fsspec_would_read_as_a_query_and_give_the_key_
 def test_local_and_manifest_inputs_list_every_file_and_refuse_unsafe_keys_unread(tmp_path: Path) -> None:
     """Local files may carry backslashes, control characters and long names: each is listed with
     its own key and becomes a 'key:' error row without being read."""
-    from pipelines.segment.stages import load_images
+    from pipelines.segment.load import load_images
 
     good = next(iter(good_images(count=1).values()))
     names = ["ok.png", "back\\slash.png", "tab\there.png", "x" * 251 + ".png"]

@@ -3,11 +3,14 @@
 - ``config``: ``SegmentConfig``, the single source of the job's defaults, validation, CLI flags and
   the ``segment-bucket`` flow's parameters;
 - ``schema``: every column (of the Parquet statistics and between stages), declared once;
-- ``stages``: what runs on Ray workers (``load_images`` tasks, ``Segmenter`` actors, ``store_results`` tasks);
+- the stages, each an actor pool on Ray workers: ``load`` (``ImageLoader``, on CPUs: fetch and decode),
+  ``infer`` (``Segmenter``, on GPUs or CPUs: the network), ``write`` (``ResultWriter``, on CPUs: masks and
+  one Parquet part per batch);
+- ``resume``: what earlier runs already did, what is left, and compaction of the statistics;
 - ``driver``: ``run_segmentation``, which lists, resumes, runs the Ray Data pipeline and finishes the output;
 - ``cli``: ``python -m pipelines.segment`` / ``fcn-segment``.
 
-The names below are imported on first use, so that ``pipelines.segment.stages`` (and ``config``, ``model``)
+The names below are imported on first use, so that the stage modules (and ``config``, ``model``)
 import without the driver and what it may import (Ray).
 """
 

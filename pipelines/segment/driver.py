@@ -24,14 +24,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from fsspec.implementations.local import LocalFileSystem
 
+from fcn.registry import write_atomic
 from pipelines.common.ray_utils import connect
 from pipelines.common.storage import with_retries
-from pipelines.segment import stages
-from pipelines.segment import stats as stats_table
+from pipelines.segment import infer, load, resume, write
 from pipelines.segment.config import ConfigError, SegmentConfig, flag
 from pipelines.segment.listing import InputError, list_images
 from pipelines.segment.model import ModelInfo, checkpoint_exists, describe_model
 from pipelines.segment.progress import LIVE_REFRESH_S, Progress, Tally
+from pipelines.segment.schema import STATUS_OK, stats_schema
 
 logger = logging.getLogger("pipelines.segment")
 
@@ -89,7 +90,7 @@ def run_segmentation(config: SegmentConfig) -> SegmentSummary:
     out_fs, out_root = fsspec.core.url_to_fs(config.output, **so)
     out_root = out_root.rstrip("/")
     output = out_fs.unstrip_protocol(out_root)
-    stats_uri, masks_uri = f"{output}/{stages.STATS_DIR}", f"{output}/{stages.MASKS_DIR}"
+    stats_uri, masks_uri = f"{output}/{write.STATS_DIR}", f"{output}/{write.MASKS_DIR}"
     success_path = f"{out_root}/{SUCCESS_FILE}"
     if not checkpoint_exists(config.model, so):
         describe_model(config.model, so)  # raises the ConfigError that names --model
@@ -112,11 +113,11 @@ def run_segmentation(config: SegmentConfig) -> SegmentSummary:
         finished = out_fs.exists(success_path)
         if finished:
             out_fs.rm_file(success_path)  # a stale marker must not vouch for this run's partial output
-        state = stats_table.read_state(stats_uri, so)
+        state = resume.read_state(stats_uri, so)
         return (
             model,
             state,
-            stats_table.todo_images(listing.images, state, model.uri, model.version, unique_keys=finished),
+            resume.todo_images(listing.images, state, model.uri, model.version, unique_keys=finished),
             finished,
         )
 
@@ -137,7 +138,7 @@ def run_segmentation(config: SegmentConfig) -> SegmentSummary:
     )
     ray_run = _segment_on_ray(config, todo, output, run_id, model) if todo.num_rows else _RayRun()
 
-    written = stats_table.compact(stats_uri, so, run_id, previous, unique_keys=finished, retries=config.write_retries)
+    written = resume.compact(stats_uri, so, run_id, previous, unique_keys=finished, retries=config.write_retries)
     missing = pc.invert(pc.is_in(todo["key"], value_set=written))
     if pc.any(missing).as_py():
         examples = todo["key"].filter(missing).slice(0, 3).to_pylist()
@@ -177,16 +178,14 @@ def run_segmentation(config: SegmentConfig) -> SegmentSummary:
         "model_arch": model.arch,
         "class_names": model.class_names,
         "heads": {task: head["class_names"] for task, head in model.heads.items()},
-        "masks": {task: f"{output}/{stages.mask_folder(task, list(model.heads))}" for task in model.heads},
+        "masks": {task: f"{output}/{write.mask_folder(task, list(model.heads))}" for task in model.heads},
         "stats_rows": pc.count_distinct(pa.chunked_array([*previous["key"].chunks, written], type=pa.string())).as_py(),
         "config": {k: v for k, v in asdict(config).items() if k != "storage_options"},
     }
     manifest_bytes = json.dumps(manifest, indent=2, default=str).encode()
+    with_retries(lambda: write_atomic(out_fs, f"{out_root}/{MANIFEST_FILE}", manifest_bytes), config.write_retries)
     with_retries(
-        lambda: stats_table.write_atomic(out_fs, f"{out_root}/{MANIFEST_FILE}", manifest_bytes), config.write_retries
-    )
-    with_retries(
-        lambda: stats_table.write_atomic(out_fs, success_path, json.dumps({"run_id": run_id}).encode()),
+        lambda: write_atomic(out_fs, success_path, json.dumps({"run_id": run_id}).encode()),
         config.write_retries,
     )
     logger.info(
@@ -205,7 +204,7 @@ def run_segmentation(config: SegmentConfig) -> SegmentSummary:
 
 def _check_depth(config: SegmentConfig, model: ModelInfo) -> None:
     """An RGB-D or HHA model needs ``--depth``; an RGB model has no use for it."""
-    reads_depth = bool(set(model.modalities) & stages.DEPTH_MODALITIES)
+    reads_depth = bool(set(model.modalities) & load.DEPTH_MODALITIES)
     if reads_depth and config.depth is None:
         raise ConfigError(
             flag("depth"), f"{model.label} reads {list(model.modalities)}: give the prefix of the depth maps"
@@ -257,7 +256,7 @@ def plan_blocks(sources: pa.Table, *, rows: int, megabytes: float, min_blocks: i
 
 
 def _segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: str, model: ModelInfo) -> _RayRun:
-    """Stream ``todo`` through the Ray Data pipeline of ``stages``."""
+    """Stream ``todo`` through the Ray Data pipeline: ``load``, ``infer`` and ``write`` actor pools."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -281,10 +280,10 @@ def _segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: 
         if use_gpus
         else {"num_cpus": 0, "compute": actor_pool(fewest, most)}
     )
-    schema = stats_table.stats_schema(
+    schema = stats_schema(
         model.class_names, model.palette, {"uri": model.uri, "version": model.version, "arch": model.arch}, model.heads
     )
-    reads_depth = bool(set(model.modalities) & stages.DEPTH_MODALITIES)
+    reads_depth = bool(set(model.modalities) & load.DEPTH_MODALITIES)
     blocks = plan_blocks(
         todo, rows=config.block_rows, megabytes=config.block_megabytes, min_blocks=BLOCKS_PER_ACTOR * (most or fewest)
     )
@@ -306,7 +305,7 @@ def _segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: 
     tally = ray.remote(Tally).options(num_cpus=0, scheduling_strategy=here).remote()
     ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(
-        stages.ImageLoader,
+        load.ImageLoader,
         batch_format="pyarrow",
         batch_size=None,  # a whole input block per call
         fn_constructor_kwargs={
@@ -324,7 +323,7 @@ def _segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: 
     # Ray Data's actor pools restart a dead actor and redo its batches without limit (max_restarts and
     # max_task_retries -1): a lost node and a fatal device error (the actor ends itself) are both survived.
     ds = ds.map_batches(
-        stages.Segmenter,
+        infer.Segmenter,
         batch_format="pyarrow",
         batch_size=config.batch_size,
         compute=actor_pool(fewest, most),
@@ -344,7 +343,7 @@ def _segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: 
         udf_modifying_row_count=False,
     )
     ds = ds.map_batches(
-        stages.ResultWriter,
+        write.ResultWriter,
         batch_format="pyarrow",
         batch_size=config.rows_per_file,
         fn_constructor_kwargs={
@@ -366,10 +365,10 @@ def _segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: 
     try:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             status = batch["status"].to_pylist()
-            n_ok = status.count(stats_table.STATUS_OK)
+            n_ok = status.count(STATUS_OK)
             if len(run.errors) < ERROR_SAMPLES:
                 for uri, stat, reason in zip(batch["image_uri"].to_pylist(), status, batch["error"].to_pylist()):
-                    if stat != stats_table.STATUS_OK and len(run.errors) < ERROR_SAMPLES:
+                    if stat != STATUS_OK and len(run.errors) < ERROR_SAMPLES:
                         run.errors.append({"image_uri": uri, "error": reason})
             progress.update(n_ok, len(status) - n_ok)
     finally:

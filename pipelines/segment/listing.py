@@ -1,5 +1,5 @@
 """Resolve a segmentation input (prefix, glob, manifest or inventory file on any fsspec filesystem)
-to an Arrow table of images (``pipelines.segment.stats.SOURCE_SCHEMA``), built in record batches.
+to an Arrow table of images (``pipelines.segment.schema.SOURCE_SCHEMA``), built in record batches.
 
 Each image gets a *key*: its path relative to the input prefix. Keys name the outputs
 (``masks/<key>.png``, with ``%?#`` escaped: ``output_name``) and identify an image across runs,
@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-from pipelines.segment.stats import SOURCE_SCHEMA
+from pipelines.segment.schema import SOURCE_SCHEMA
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}

@@ -1,15 +1,18 @@
 """Every column of the segmentation job, declared once: name, Arrow type, description, whether each head
 of a multi-task model has its own, and which stages write it.
 
-The stats table's Parquet schema (``pipelines.segment.stats.stats_schema``), the columns a listing yields
+The stats table's Parquet schema (``stats_schema``), the columns a listing yields
 (``SOURCE_SCHEMA``), the types of the columns the stages add, and the columns the Segmenter consumes
 all follow from ``COLUMNS``. A name that is not declared here is an error naming it.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 LISTING = "listing"
@@ -138,3 +141,57 @@ def replaced_by(stage: str) -> frozenset[str]:
     to it (not ``stored``) from the stage before."""
     before = STAGES[STAGES.index(stage) - 1]
     return frozenset(c.name for c in COLUMNS if stage in c.stages or (not c.stored and c.stages[-1] == before))
+
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+STATS_COLUMNS = [column.name for column in STORED]
+"""The stats table's columns for the first head, in Parquet order."""
+
+
+def stats_schema(
+    class_names: list[str], palette: list[int], model: dict[str, Any], heads: dict[str, dict[str, list]] | None = None
+) -> pa.Schema:
+    """The stats schema (``parquet_fields``), with the per-head columns again for
+    every head of ``heads`` after the first; class names, palette, every head ({head: {"class_names",
+    "palette"}}) and the model description (JSON) are in its metadata."""
+    heads = heads or {"semantic": {"class_names": class_names, "palette": palette}}
+    return pa.schema(
+        parquet_fields(list(heads)[1:]),
+        metadata={
+            "class_names": json.dumps(class_names),
+            "palette": json.dumps(palette),
+            "heads": json.dumps(heads),
+            "model": json.dumps(model),
+        },
+    )
+
+
+def typed_arrays(columns: dict[str, list[Any]], stage: str) -> dict[str, pa.Array]:
+    """``columns`` (name: values) as Arrow arrays of their declared types (``COLUMNS``);
+    ValueError naming a column that is not declared, or not declared as written by ``stage``."""
+    return {name: pa.array(values, column_type(name, stage)) for name, values in columns.items()}
+
+
+def with_columns(table: pa.Table, columns: dict[str, list[Any]], stage: str) -> pa.Table:
+    """``table`` with ``columns`` (name: values) that ``stage`` writes appended in order (see ``typed_arrays``)."""
+    for name, array in typed_arrays(columns, stage).items():
+        table = table.append_column(name, array)
+    return table
+
+
+def binary_views(column: pa.ChunkedArray) -> list[memoryview | None]:
+    """The values of a binary column as zero-copy memoryviews (None for nulls)."""
+    views: list[memoryview | None] = []
+    for chunk in column.chunks:
+        _, offsets, data = chunk.buffers()
+        bounds = np.frombuffer(offsets, np.int64)[chunk.offset : chunk.offset + len(chunk) + 1]
+        data_view = memoryview(data) if data is not None else memoryview(b"")
+        for j, valid in enumerate(chunk.is_valid().to_pylist()):
+            views.append(data_view[bounds[j] : bounds[j + 1]] if valid else None)
+    return views
+
+
+def column_of_head(task: str, tasks: list[str], column: str) -> str:
+    """A head's ``column``: the first head's unprefixed, a further head's ``<head>_<column>``."""
+    return head_column(None if task == tasks[0] else task, column)

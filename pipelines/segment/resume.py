@@ -1,19 +1,15 @@
-"""The per-image statistics table: its Arrow schema, atomic Parquet part files, and resume bookkeeping.
+"""Resume bookkeeping of the per-image statistics table (``<output>/stats/``, see
+``pipelines.segment.write``): what is already done, what is left to segment, and compaction.
 
-``<output>/stats/`` holds Parquet files named ``part-<run id>-<uuid>.parquet``. Each is written whole
-(local disks: temporary hidden name + rename; object stores: one PUT), so a reader or a resumed run
-never sees a partial file. A run ends by compacting: when an image has more than one row (it was
-redone after an error, changed at the source, or a retried write task stored it twice), only the
-newest row is kept, so a finished output has exactly one row per image key.
+A run ends by compacting: when an image has more than one row (it was redone after an error, changed at
+the source, or a retried write stored it twice), only the newest row is kept, so a finished output has
+exactly one row per image key.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
-import json
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import fsspec
@@ -23,61 +19,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fcn.registry import write_atomic
-from pipelines.common.storage import with_retries
-from pipelines.segment import schema
-
-STATUS_OK = "ok"
-STATUS_ERROR = "error"
-
-COLUMNS = [column.name for column in schema.STORED]
-"""The stats table's columns for the first head, in Parquet order (``pipelines.segment.schema``)."""
-SOURCE_SCHEMA = schema.SOURCE_SCHEMA
-
-
-def stats_schema(
-    class_names: list[str], palette: list[int], model: dict[str, Any], heads: dict[str, dict[str, list]] | None = None
-) -> pa.Schema:
-    """The stats schema (``pipelines.segment.schema.parquet_fields``), with the per-head columns again for
-    every head of ``heads`` after the first; class names, palette, every head ({head: {"class_names",
-    "palette"}}) and the model description (JSON) are in its metadata."""
-    heads = heads or {"semantic": {"class_names": class_names, "palette": palette}}
-    return pa.schema(
-        schema.parquet_fields(list(heads)[1:]),
-        metadata={
-            "class_names": json.dumps(class_names),
-            "palette": json.dumps(palette),
-            "heads": json.dumps(heads),
-            "model": json.dumps(model),
-        },
-    )
-
-
-def write_part(stats_uri: str, rows: pa.Table, run_id: str, storage_options: dict[str, Any], retries: int = 0) -> str:
-    """Write ``rows`` as one new Parquet file under ``stats_uri``, atomically; return its URI. A failed
-    write is retried ``retries`` times under the same name, so a PUT that failed after the store kept it
-    cannot leave the rows twice; the last failure is raised as an OSError naming the file."""
-    fs, root = fsspec.core.url_to_fs(stats_uri, **storage_options)
-    path = f"{root.rstrip('/')}/part-{run_id}-{uuid.uuid4().hex[:12]}.parquet"
-    fs.makedirs(root, exist_ok=True)
-    data = _parquet_bytes(rows)
-    _retried(lambda: write_atomic(fs, path, data), retries, f"write: stats part {fs.unstrip_protocol(path)}")
-    return fs.unstrip_protocol(path)
-
-
-def _retried(action: Callable[[], None], retries: int, what: str) -> None:
-    """``action()``, retried as ``with_retries`` does; its last failure is raised as an OSError whose
-    message starts with ``what``."""
-    try:
-        with_retries(action, retries)
-    except Exception as error:
-        raise OSError(f"{what}: {type(error).__name__}: {error}") from error
-
-
-def _parquet_bytes(table: pa.Table) -> bytes:
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
-    return buffer.getvalue()
-
+from pipelines.segment.schema import STATUS_OK, stats_schema
+from pipelines.segment.write import parquet_bytes, retried
 
 _STATE_COLUMNS = [
     "key",
@@ -89,6 +32,7 @@ _STATE_COLUMNS = [
     "status",
     "processed_at",
 ]
+
 _REPEATED = ["model_id", "model_version", "status"]  # few distinct values: read dictionary-encoded
 
 
@@ -207,10 +151,10 @@ def compact(
         kept = table.filter(pc.invert(pc.is_in(table["key"], value_set=stale)))
         if kept.num_rows:
             rewritten = f"{path.rsplit('/', 1)[0]}/part-compacted-{uuid.uuid4().hex[:12]}.parquet"  # kept on retries
-            data = _parquet_bytes(kept)
+            data = parquet_bytes(kept)
             what = f"compaction: writing {fs.unstrip_protocol(rewritten)}"
-            _retried(lambda: write_atomic(fs, rewritten, data), retries, what)
-        _retried(lambda: _remove(fs, path), retries, f"compaction: deleting {fs.unstrip_protocol(path)}")
+            retried(lambda: write_atomic(fs, rewritten, data), retries, what)
+        retried(lambda: _remove(fs, path), retries, f"compaction: deleting {fs.unstrip_protocol(path)}")
     return run_keys
 
 

@@ -1,0 +1,227 @@
+"""The writing stage of the segmentation job: ``ResultWriter``, an actor pool on CPUs that encodes the
+masks (and overlays), writes them, and writes each batch's statistics as one Parquet part file, atomically.
+
+``<output>/stats/`` holds Parquet files named ``part-<run id>-<uuid>.parquet``. Each is written whole
+(local disks: temporary hidden name + rename; object stores: one PUT), so a reader or a resumed run
+never sees a partial file (``pipelines.segment.resume`` reads and compacts them).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fcn.registry import write_atomic
+from pipelines.common.storage import with_retries
+from pipelines.segment import schema as columns_schema
+from pipelines.segment.listing import output_name, unsafe_key_reason
+from pipelines.segment.masks import encode_mask, encode_overlay
+from pipelines.segment.model import ModelInfo
+from pipelines.segment.schema import binary_views, column_of_head, typed_arrays
+
+MASKS_DIR = "masks"
+OVERLAYS_DIR = "overlays"
+STATS_DIR = "stats"
+
+
+class ResultWriter:
+    """Ray actor for the output stage (an actor pool on CPUs): ``store_results`` with fixed options, its libraries
+    imported once (see ``pipelines.segment.load.ImageLoader``)."""
+
+    def __init__(self, **options: Any):
+        self.options = options
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return store_results(batch, **self.options)
+
+
+def store_results(
+    batch: pa.Table,
+    *,
+    output: str,
+    storage_options: dict[str, Any],
+    run_id: str,
+    model: ModelInfo,
+    schema: pa.Schema,
+    retries: int,
+) -> pa.Table:
+    """Encode the masks (and overlays, when ``pixels`` came along) of the segmented rows, write them,
+    then write the batch's stats as one Parquet file (written whole). Writes are retried ``retries``
+    times; a mask that still cannot be written makes its row an error row, a Parquet part that cannot
+    be written fails the run (no ``_SUCCESS``; a rerun resumes). Returns ``image_uri``, ``status`` and
+    ``error`` for the driver's progress."""
+    fs, root = fsspec.core.url_to_fs(output, **storage_options)
+    root = root.rstrip("/")
+    n = batch.num_rows
+    keys = batch["key"].to_pylist()
+    errors = batch["error"].to_pylist()
+    heights, widths = batch["height"].to_pylist(), batch["width"].to_pylist()
+    heads = model.heads or {"semantic": {"class_names": model.class_names, "palette": model.palette}}
+    tasks = list(heads)
+    labels = {task: binary_views(batch[column_of_head(task, tasks, "labels")]) for task in tasks}
+    pixels = binary_views(batch["pixels"]) if "pixels" in batch.column_names else [None] * n
+    mask_uris: dict[str, list[str | None]] = {task: [None] * n for task in tasks}
+    overlay_uris: list[str | None] = [None] * n
+    write_ms: list[float | None] = [None] * n
+    files: dict[str, bytes] = {}
+    owners: dict[str, int] = {}
+    for i in range(n):
+        if errors[i] is not None:
+            continue
+        start = time.perf_counter()
+        try:
+            for task in tasks:
+                label_map = _label_map(labels[task][i], heights[i], widths[i])
+                mask_path = output_path(root, mask_folder(task, tasks), keys[i], ".png")
+                files[mask_path], owners[mask_path] = encode_mask(label_map, heads[task]["palette"]), i
+                mask_uris[task][i] = fs.unstrip_protocol(mask_path)
+            if pixels[i] is not None:
+                rgb = np.frombuffer(pixels[i], np.uint8).reshape(heights[i], widths[i], 3)
+                overlay_path = output_path(root, OVERLAYS_DIR, keys[i], ".jpg")
+                label_map = _label_map(labels[tasks[0]][i], heights[i], widths[i])
+                files[overlay_path], owners[overlay_path] = encode_overlay(rgb, label_map, model.palette), i
+                overlay_uris[i] = fs.unstrip_protocol(overlay_path)
+        except Exception as error:
+            errors[i] = f"encode: {type(error).__name__}: {error}"
+            for uris in mask_uris.values():
+                uris[i] = None
+            overlay_uris[i] = None
+            continue
+        write_ms[i] = (time.perf_counter() - start) * 1000
+    start = time.perf_counter()
+    failures = _put_files(fs, files, retries)
+    share_ms = (time.perf_counter() - start) * 1000 / max(len(set(owners.values())), 1)
+    for path, reason in failures.items():
+        i = owners[path]
+        errors[i], overlay_uris[i] = f"write: {reason}", None
+        for uris in mask_uris.values():
+            uris[i] = None
+    ok = [error is None for error in errors]
+    for i in range(n):
+        if ok[i]:
+            write_ms[i] += share_ms  # encoding (this task) + this batch's share of writing
+    now = datetime.now(UTC)
+    columns: dict[str, list[Any]] = {
+        "overlay_uri": overlay_uris,
+        "write_ms": [ms if good else None for ms, good in zip(write_ms, ok)],
+        "status": [columns_schema.STATUS_OK if good else columns_schema.STATUS_ERROR for good in ok],
+        "error": errors,
+        "run_id": [run_id] * n,
+        "processed_at": [now] * n,
+        "model_id": [model.uri] * n,
+        "model_version": [model.version] * n,
+    }
+    for task in tasks:
+        columns[column_of_head(task, tasks, "mask_uri")] = mask_uris[task]
+        counts = batch[column_of_head(task, tasks, "pixel_counts")].to_pylist()
+        columns.update(
+            _class_statistics(
+                counts, ok, heads[task]["class_names"], lambda c, task=task: column_of_head(task, tasks, c)
+            )
+        )
+    arrays = typed_arrays(columns, columns_schema.STORE)
+    table = pa.Table.from_arrays(
+        [arrays[name] if name in arrays else batch[name] for name in schema.names], schema=schema
+    )
+    write_part(f"{output.rstrip('/')}/{STATS_DIR}", table, run_id, storage_options, retries)
+    return table.select(["image_uri", "status", "error"])
+
+
+def mask_folder(task: str, tasks: list[str]) -> str:
+    """``masks`` for the first head, ``masks_<head>`` for each further one."""
+    return MASKS_DIR if task == tasks[0] else f"{MASKS_DIR}_{task}"
+
+
+def output_path(root: str, folder: str, key: str, suffix: str) -> str:
+    """``<root>/<folder>/<name><suffix>``, ``name`` being the key with ``%``, ``?`` and ``#`` escaped
+    (``pipelines.segment.listing.output_name``); ValueError for a key that would not stay inside that folder or
+    name a file of its own (see ``pipelines.segment.listing.unsafe_key_reason``)."""
+    reason = unsafe_key_reason(key)
+    if reason:
+        raise ValueError(reason)
+    return f"{root}/{folder}/{output_name(key)}{suffix}"
+
+
+def _label_map(buffer: memoryview, height: int, width: int) -> np.ndarray:
+    return np.frombuffer(buffer, _label_dtype(buffer, height, width)).reshape(height, width)
+
+
+def _label_dtype(buffer: memoryview, height: int, width: int) -> type[np.generic]:
+    """uint8 labels (up to 256 classes) or int32 ones, told apart by their byte length."""
+    return np.uint8 if len(buffer) == height * width else np.int32
+
+
+def _class_statistics(
+    counts: list[list[int] | None], ok: list[bool], class_names: list[str], name: Callable[[str], str]
+) -> dict[str, list[Any]]:
+    """``class_fractions``, ``dominant_class`` and ``dominant_class_name`` (as ``name`` names them for
+    the head) of one head's pixel counts, for the ok rows."""
+    n = len(counts)
+    fractions: list[list[float] | None] = [None] * n
+    dominant: list[int | None] = [None] * n
+    dominant_names: list[str | None] = [None] * n
+    for i in range(n):
+        if ok[i]:
+            array = np.asarray(counts[i])
+            fractions[i] = (array / max(int(array.sum()), 1)).tolist()
+            dominant[i] = int(array.argmax())
+            dominant_names[i] = class_names[dominant[i]] if dominant[i] < len(class_names) else None
+    return {
+        name("class_fractions"): fractions,
+        name("dominant_class"): dominant,
+        name("dominant_class_name"): dominant_names,
+    }
+
+
+def _put_files(fs: fsspec.AbstractFileSystem, files: dict[str, bytes], retries: int) -> dict[str, str]:
+    """Write all ``files`` (concurrently where the filesystem can), then retry those that failed one by
+    one; return {path: reason} of the files that could not be written."""
+    for parent in {path.rsplit("/", 1)[0] for path in files}:
+        fs.makedirs(parent, exist_ok=True)
+    try:
+        fs.pipe(files)
+        return {}
+    except Exception:
+        failures = {}
+        for path, data in files.items():
+            try:
+                with_retries(lambda path=path, data=data: fs.pipe_file(path, data), retries)
+            except Exception as error:
+                failures[path] = f"{type(error).__name__}: {error}"
+        return failures
+
+
+def write_part(stats_uri: str, rows: pa.Table, run_id: str, storage_options: dict[str, Any], retries: int = 0) -> str:
+    """Write ``rows`` as one new Parquet file under ``stats_uri``, atomically; return its URI. A failed
+    write is retried ``retries`` times under the same name, so a PUT that failed after the store kept it
+    cannot leave the rows twice; the last failure is raised as an OSError naming the file."""
+    fs, root = fsspec.core.url_to_fs(stats_uri, **storage_options)
+    path = f"{root.rstrip('/')}/part-{run_id}-{uuid.uuid4().hex[:12]}.parquet"
+    fs.makedirs(root, exist_ok=True)
+    data = parquet_bytes(rows)
+    retried(lambda: write_atomic(fs, path, data), retries, f"write: stats part {fs.unstrip_protocol(path)}")
+    return fs.unstrip_protocol(path)
+
+
+def retried(action: Callable[[], None], retries: int, what: str) -> None:
+    """``action()``, retried as ``with_retries`` does; its last failure is raised as an OSError whose
+    message starts with ``what``."""
+    try:
+        with_retries(action, retries)
+    except Exception as error:
+        raise OSError(f"{what}: {type(error).__name__}: {error}") from error
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    return buffer.getvalue()
