@@ -1,8 +1,8 @@
 """The flows' parameters, made from the jobs' configurations.
 
 A parameter that is also a job option (``SegmentConfig`` or ``TrainConfig``, see ``pipelines.common.options``) takes
-its type, default, description and choices from the config field; only the bounds that let the Prefect
-server refuse a bad value before a run starts are added here. Flow-only parameters are declared here once.
+its type, default, description, choices and bounds from the config field (and text must not be empty), so
+the Prefect server refuses a bad value before a run starts. Flow-only parameters are declared here once.
 Each flow's parameter model gives the flow function its flat signature (:func:`takes`), from which Prefect
 builds the deployment's parameter schema, so ``prefect deployment run ... --param device=cuda`` works.
 """
@@ -31,9 +31,9 @@ StorageOptions = Annotated[
 ]
 
 
-def from_config(config: type[Options], name: str, annotation: Any = None, **bounds: Any) -> tuple[Any, Any]:
+def from_config(config: type[Options], name: str, annotation: Any = None) -> tuple[Any, Any]:
     """The parameter of config field ``name``: its type (its choices as a ``Literal``; ``annotation`` replaces
-    it), default and description, plus ``bounds`` (pydantic ``Field`` constraints)."""
+    it), default, description and bounds (pydantic ``Field`` constraints; text must not be empty)."""
     meta = config.metadata(name)
     if annotation is None:
         annotation = typing.get_type_hints(config)[name]
@@ -41,6 +41,7 @@ def from_config(config: type[Options], name: str, annotation: Any = None, **boun
             choices = Literal[tuple(meta["choices"])]
             annotation = choices | None if type(None) in typing.get_args(annotation) else choices
     default = ... if meta.get("required") else config.default(name)
+    bounds = config.bounds(name) | ({"min_length": 1} if annotation is str else {})
     return Annotated[annotation, Field(**bounds)], Field(default, description=meta["help"])
 
 
@@ -80,14 +81,14 @@ SegmentBucketParams: type[_SegmentBucketBase] = create_model(
     "SegmentBucketParams",
     __base__=_SegmentBucketBase,
     __doc__="The validated parameters of ``segment-bucket``.",
-    input=from_config(SegmentConfig, "input", min_length=1),
-    output=from_config(SegmentConfig, "output", min_length=1),
-    model=from_config(SegmentConfig, "model", min_length=1),
+    input=from_config(SegmentConfig, "input"),
+    output=from_config(SegmentConfig, "output"),
+    model=from_config(SegmentConfig, "model"),
     ray_address=from_config(SegmentConfig, "ray_address"),
     actors=from_config(SegmentConfig, "actors", Actors),
     device=from_config(SegmentConfig, "device"),
     precision=from_config(SegmentConfig, "precision"),
-    batch_size=from_config(SegmentConfig, "batch_size", ge=1),
+    batch_size=from_config(SegmentConfig, "batch_size"),
     overlays=from_config(SegmentConfig, "overlays"),
     depth=from_config(SegmentConfig, "depth"),
     camera=from_config(SegmentConfig, "camera"),
@@ -128,17 +129,17 @@ NightlyRetrainParams: type[_NightlyRetrainBase] = create_model(
     "NightlyRetrainParams",
     __base__=_NightlyRetrainBase,
     __doc__="The validated parameters of ``nightly-retrain``.",
-    data=from_config(TrainConfig, "data", min_length=1),
-    registry=from_config(TrainConfig, "registry", min_length=1),
+    data=from_config(TrainConfig, "data"),
+    registry=from_config(TrainConfig, "registry"),
     model=from_config(TrainConfig, "model"),
-    width=from_config(TrainConfig, "width", gt=0),
-    epochs=from_config(TrainConfig, "epochs", ge=1),
-    workers=from_config(TrainConfig, "workers", ge=1),
-    gpus_per_worker=from_config(TrainConfig, "gpus_per_worker", ge=0),
+    width=from_config(TrainConfig, "width"),
+    epochs=from_config(TrainConfig, "epochs"),
+    workers=from_config(TrainConfig, "workers"),
+    gpus_per_worker=from_config(TrainConfig, "gpus_per_worker"),
     recipe=from_config(TrainConfig, "recipe"),
-    class_weights=from_config(TrainConfig, "class_weights", min_length=1),
+    class_weights=from_config(TrainConfig, "class_weights"),
     warm_start=(bool, Field(True, description="start from the champion's weights, if there is one")),
-    promote_margin=from_config(TrainConfig, "promote_margin", ge=0),
+    promote_margin=from_config(TrainConfig, "promote_margin"),
     resegment_input=(
         str | None,
         Field(None, description="after a promotion, re-segment this URI with the new champion"),

@@ -42,4 +42,4 @@ def test_console_script_bad_parameter_exits_2_naming_it(tmp_path: Path) -> None:
         text=True,
         timeout=120,
     )
-    assert done.returncode == 2 and "--batch-size: must be > 0" in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 2 and "--batch-size: must be >= 1" in done.stderr and "Traceback" not in done.stderr

@@ -47,10 +47,19 @@ def test_flow_parameter_schema_is_the_configs_fields(name: str) -> None:
             assert prop["default"] == config.default(option), option
         if "choices" in meta:
             assert prop["enum"] == list(meta["choices"]), option
+        schema_bounds = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum"}
+        constraints = {key: _number(prop)[word] for key, word in schema_bounds.items() if word in _number(prop)}
+        if option != "actors":  # N or MIN-MAX text, parsed by SegmentConfig.actor_range
+            assert constraints == config.bounds(option), option  # the server refuses what the job would
     assert set(schema["required"]) == {option for option in shared if config.metadata(option).get("required")}
     for option in FLOW_ONLY[name]:
         description = model.model_fields[option].description
         assert description and properties[option].get("description") == description, option
+
+
+def _number(prop: dict[str, Any]) -> dict[str, Any]:
+    """The numeric branch of a parameter's schema (an optional number's is in ``anyOf``)."""
+    return next((branch for branch in prop.get("anyOf", []) if branch.get("type") in ("integer", "number")), prop)
 
 
 def test_nightly_retrain_segments_with_the_segmentation_jobs_actors_and_device() -> None:

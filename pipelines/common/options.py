@@ -1,5 +1,5 @@
 """A job's options defined once, as the fields of its configuration dataclass: each field carries its
-default and help text (and choices), and the CLI flags are generated from them.
+default, help text, choices and bounds, and the CLI flags and validation of bounds are made from them.
 
 ``pipelines.segment.SegmentConfig`` and ``pipelines.train.TrainConfig`` are built this way: their fields
 are ``python -m pipelines.segment``'s and ``python -m pipelines.train``'s flags, and the
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import operator
 import sys
 import types
 import typing
@@ -30,10 +32,16 @@ class ConfigError(ValueError):
         self.param = param
 
 
+BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<=")}
+"""The bounds a numeric option may declare (pydantic's names): its value, when not None, must be a finite
+number that compares so with each bound."""
+
+
 def option(default: Any, help: str | Callable[[], str], **extra: Any) -> Any:
-    """A config field whose metadata carries its help text and CLI extras (``required``, ``choices``,
-    ``metavar``); a callable ``default`` is a factory (a fresh ``dict`` per config), a callable ``help`` or
-    ``choices`` is read when asked for (:meth:`Options.metadata`)."""
+    """A config field whose metadata carries its help text, CLI extras (``required``, ``choices``,
+    ``metavar``) and bounds (``ge``, ``gt``, ``le``: checked by :meth:`Options.check_bounds`, and the flows'
+    parameter schemas); a callable ``default`` is a factory (a fresh ``dict`` per config), a callable
+    ``help`` or ``choices`` is read when asked for (:meth:`Options.metadata`)."""
     factory = {"default_factory": default} if callable(default) else {"default": default}
     return field(**factory, metadata={"help": help, **extra})
 
@@ -61,6 +69,21 @@ class Options:
         if spec.default is MISSING:
             raise KeyError(f"{cls.__name__}.{name} has no default")
         return spec.default
+
+    @classmethod
+    def bounds(cls, name: str) -> dict[str, float]:
+        """The bounds (``ge``, ``gt``, ``le``) that field ``name`` declares."""
+        return {key: value for key, value in _field(cls, name).metadata.items() if key in BOUNDS}
+
+    def check_bounds(self) -> None:
+        """Raise ConfigError naming the first field whose value is not a number within its bounds."""
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            for key, bound in self.bounds(spec.name).items():
+                compare, symbol = BOUNDS[key]
+                number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                if value is not None and not (number and compare(value, bound)):
+                    raise ConfigError(flag(spec.name), f"must be {symbol} {bound}, got {value!r}")
 
 
 def add_arguments(parser: argparse.ArgumentParser, config: type[Options]) -> None:

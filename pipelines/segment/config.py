@@ -34,14 +34,16 @@ class SegmentConfig(Options):
         "to the most the autoscaler's node types hold; on CPUs one per --cpus-per-actor CPUs)",
         metavar="N|MIN-MAX",
     )
-    cpus_per_actor: float = option(2.0, "CPUs (= torch threads) per CPU actor")
+    cpus_per_actor: float = option(2.0, "CPUs (= torch threads) per CPU actor", gt=0)
     device: str = option(
         "auto",
         "auto: CUDA if the cluster has GPUs or its autoscaler's node types have some, else CPU; cuda (or auto) with "
         "no GPU in the cluster yet waits up to --gpu-wait-s for the autoscaler to add one",
         choices=DEVICES,
     )
-    gpu_wait_s: float = option(600.0, "on GPUs: the longest wait for a first GPU to join the cluster before failing")
+    gpu_wait_s: float = option(
+        600.0, "on GPUs: the longest wait for a first GPU to join the cluster before failing", ge=0
+    )
     precision: str = option(
         "auto",
         "auto: bf16 autocast (the network's trunk; its heads, arg-max and confidence stay fp32) + channels_last on "
@@ -49,10 +51,10 @@ class SegmentConfig(Options):
         choices=PRECISIONS,
     )
     batch_size: int = option(
-        16, "images per FCN actor call; equal sizes share forward passes (on CPUs of at most 128 Kpx)"
+        16, "images per FCN actor call; equal sizes share forward passes (on CPUs of at most 128 Kpx)", ge=1
     )
-    block_rows: int = option(256, "most images per Ray Data block, i.e. per read/decode task")
-    block_megabytes: float = option(32.0, "most encoded source megabytes per block")
+    block_rows: int = option(256, "most images per Ray Data block, i.e. per loader call", ge=1)
+    block_megabytes: float = option(32.0, "most encoded source megabytes per block", gt=0)
     gpu_decode: bool = option(
         True, "CUDA actors decode baseline JPEGs on the GPU (nvJPEG); others decode on CPU workers"
     )
@@ -72,10 +74,12 @@ class SegmentConfig(Options):
         f"{SAFE_SECRETS_HELP}",
         metavar="JSON|@FILE",
     )
-    max_image_pixels: int = option(100_000_000, "refuse images whose header declares more pixels")
-    rows_per_file: int = option(256, "stats rows per Parquet part file")
-    read_retries: int = option(3, "retries of a failed read")
-    write_retries: int = option(3, "retries of a failed write (masks, Parquet parts, compaction, manifest, _SUCCESS)")
+    max_image_pixels: int = option(100_000_000, "refuse images whose header declares more pixels", ge=1)
+    rows_per_file: int = option(256, "stats rows per Parquet part file", ge=1)
+    read_retries: int = option(3, "retries of a failed read", ge=0)
+    write_retries: int = option(
+        3, "retries of a failed write (masks, Parquet parts, compaction, manifest, _SUCCESS)", ge=0
+    )
     progress: bool | None = option(None, "live progress bar (default: when stderr is a terminal)")
 
     def validate(self) -> None:
@@ -89,23 +93,7 @@ class SegmentConfig(Options):
             if getattr(self, name) not in choices:
                 raise ConfigError(flag(name), f"must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         self.actor_range()
-        if not isinstance(self.gpu_wait_s, (int, float)) or self.gpu_wait_s < 0:
-            raise ConfigError(flag("gpu_wait_s"), f"must be >= 0, got {self.gpu_wait_s}")
-        for name in (
-            "cpus_per_actor",
-            "batch_size",
-            "block_rows",
-            "block_megabytes",
-            "max_image_pixels",
-            "rows_per_file",
-        ):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and value > 0):
-                raise ConfigError(flag(name), f"must be > 0, got {value}")
-        for name in ("read_retries", "write_retries"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ConfigError(flag(name), f"must be >= 0, got {value}")
+        self.check_bounds()
         if not isinstance(self.storage_options, dict):
             raise ConfigError(flag("storage_options"), "must be a JSON object")
         if self.depth is not None and (not isinstance(self.depth, str) or not self.depth.strip()):

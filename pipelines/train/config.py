@@ -3,7 +3,6 @@ text that the CLI flags (``cli.py``) and the ``nightly-retrain`` flow's paramete
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -54,15 +53,16 @@ class TrainConfig(Options):
         None, "checkpoint or registry to start from; tensors with matching names and shapes are copied"
     )
     backbone_weights: str | None = option(None, "backbone weights for the builder (see fcn.get_model)")
-    workers: int = option(2, "data-parallel Ray Train workers")
-    gpus_per_worker: float = option(0.0, "GPUs per worker; > 0 trains with NCCL on GPUs")
-    cpus_per_worker: float = option(1.0, "CPUs per worker")
+    workers: int = option(2, "data-parallel Ray Train workers", ge=1)
+    gpus_per_worker: float = option(0.0, "GPUs per worker; > 0 trains with NCCL on GPUs", ge=0)
+    cpus_per_worker: float = option(1.0, "CPUs per worker", gt=0)
     loader_workers: int | None = option(
         None,
         "data loader processes per worker, decoding and augmenting ahead of the "
         "network (default: min(4, --cpus-per-worker) on a GPU, 0 on the CPU)",
+        ge=0,
     )
-    epochs: int = option(10, "training epochs")
+    epochs: int = option(10, "training epochs", ge=1)
     recipe: str = option(
         "modern",
         "'modern' (mean loss, AdamW, poly lr, flips, scale) or 'paper' (summed loss, "
@@ -70,11 +70,11 @@ class TrainConfig(Options):
         "32s/16s/8s)",
         choices=tuple(RECIPES),
     )
-    lr: float | None = option(None, "learning rate (default: the recipe's)")
-    width: float = option(1.0, "channel width multiplier of the network")
+    lr: float | None = option(None, "learning rate (default: the recipe's)", gt=0)
+    width: float = option(1.0, "channel width multiplier of the network", gt=0)
     geometry: str = option("reference", "'reference' (pad 100, as the paper) or 'aligned'")
-    batch_size: int = option(1, "images per worker step, padded with ignored pixels")
-    loss_sample_rate: float = option(1.0, "fraction of loss terms kept (paper 3.4)")
+    batch_size: int = option(1, "images per worker step, padded with ignored pixels", ge=1)
+    loss_sample_rate: float = option(1.0, "fraction of loss terms kept (paper 3.4)", gt=0, le=1)
     input_convention: str | None = option(
         None, "input normalisation (default: the --init checkpoint's, else torchvision)", choices=tuple(CONVENTIONS)
     )
@@ -90,15 +90,17 @@ class TrainConfig(Options):
         NO_WEIGHTS, f"{CLASS_WEIGHTS_HELP}; they weigh the semantic head's loss (further heads' losses are unweighted)"
     )
     run_name: str | None = option(None, "run folder under <registry>/runs/; an existing run is resumed")
-    promote_margin: float = option(0.0, "validation mean IU (of the first head) the run must beat the champion by")
+    promote_margin: float = option(
+        0.0, "validation mean IU (of the first head) the run must beat the champion by", ge=0
+    )
     promote: bool = option(
         True,
         "promote the registered version to champion if its validation mean IU (of the "
         "first, semantic head) beats the champion's by more than --promote-margin; "
         "--no-promote registers it only",
     )
-    max_failures: int = option(1, "worker failures to recover from (-1: unlimited)")
-    keep_checkpoints: int | None = option(None, "keep only the N best epochs' folders (default: all)")
+    max_failures: int = option(1, "worker failures to recover from (-1: unlimited)", ge=-1)
+    keep_checkpoints: int | None = option(None, "keep only the N best epochs' folders (default: all)", ge=1)
     strict: bool = option(False, "check every sample first; fail on any bad sample")
     seed: int = option(0, "seed of the shuffling, augmentation and loss sampling")
     ray_address: str | None = option(None, "Ray cluster address (default: RAY_ADDRESS or a local cluster)")
@@ -112,19 +114,9 @@ class TrainConfig(Options):
             choices, value = self.metadata(name)["choices"], getattr(self, name)
             if value is not None and value not in choices:
                 raise ConfigError(flag(name), f"must be one of {', '.join(choices)}, got {value!r}")
+        self.check_bounds()
         checks = [
-            ("workers", self.workers >= 1, "must be >= 1"),
             ("gpus_per_worker", whole_gpus(self.gpus_per_worker), GPUS_PER_WORKER_RULE),
-            ("loader_workers", self.loader_workers is None or self.loader_workers >= 0, "must be >= 0"),
-            ("cpus_per_worker", self.cpus_per_worker > 0, "must be > 0"),
-            ("epochs", self.epochs >= 1, "must be >= 1"),
-            ("width", self.width > 0 and math.isfinite(self.width), "must be a positive number"),
-            ("promote_margin", self.promote_margin >= 0, "must be >= 0"),
-            ("lr", self.lr is None or (self.lr > 0 and math.isfinite(self.lr)), "must be a positive number"),
-            ("batch_size", self.batch_size >= 1, "must be >= 1"),
-            ("loss_sample_rate", 0 < self.loss_sample_rate <= 1, "must be in (0, 1]"),
-            ("max_failures", self.max_failures >= -1, "must be >= -1 (-1 = unlimited)"),
-            ("keep_checkpoints", self.keep_checkpoints is None or self.keep_checkpoints >= 1, "must be >= 1"),
             ("run_name", self.run_name is None or _safe_name(self.run_name), "may only contain letters, digits, . _ -"),
             (
                 "class_weights",
