@@ -17,11 +17,11 @@ import fcn
 from pipelines.common.decode import device_jpeg_orientation, orient
 from pipelines.segment import SegmentConfig
 from pipelines.segment.cli import build_parser
-from pipelines.segment.driver import plan_blocks
 from pipelines.segment.infer import Segmenter
 from pipelines.segment.listing import list_images
 from pipelines.segment.load import load_images
 from pipelines.segment.model import describe_model
+from pipelines.segment.pipeline import plan_blocks
 from pipelines.segment.write import store_results
 
 NUM_CLASSES = 5
@@ -201,12 +201,13 @@ def test_config_is_the_single_source_of_cli_flags_and_flow_parameters() -> None:
 def test_steady_state_rate_leaves_start_up_out() -> None:
     """The steady rate counts the images segmented after the first batch over the time between the
     first and the last batch; start-up (before the first batch) is reported apart."""
-    from pipelines.segment.driver import _RayRun, _steady_rate
+    from pipelines.segment.driver import _steady_rate
+    from pipelines.segment.pipeline import RayRun
 
-    run = _RayRun(first_segmented=100.0, last_segmented=110.0, first_count=16, segmented=1016)
+    run = RayRun(first_segmented=100.0, last_segmented=110.0, first_count=16, segmented=1016)
     assert _steady_rate(run) == pytest.approx(100.0)
-    assert _steady_rate(_RayRun(first_segmented=5.0, last_segmented=5.0, first_count=9, segmented=9)) == 0.0
-    assert _steady_rate(_RayRun()) == 0.0
+    assert _steady_rate(RayRun(first_segmented=5.0, last_segmented=5.0, first_count=9, segmented=9)) == 0.0
+    assert _steady_rate(RayRun()) == 0.0
 
 
 def test_batch_pixels_bounds_the_images_stacked_per_forward_pass() -> None:

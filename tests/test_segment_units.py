@@ -176,6 +176,64 @@ def test_missing_or_empty_input_is_an_input_error(tmp_path: Path) -> None:
         list_images(str(tmp_path / "empty"), {})
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_prefix_is_listed_page_by_page_as_the_listing_goes(where: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Pages come while the prefix is being listed (a LIST page of S3, a directory elsewhere), not
+    cut from one listing of the whole prefix: a key added after the first page shows up in a later one."""
+    from pipelines.segment.listing import list_pages
+
+    if where == "s3":
+        root = request.getfixturevalue("s3_bucket") + "/in"
+        first_keys, later_key = [f"k{i}.png" for i in range(5)], "z.png"
+    else:
+        root = str(tmp_path / "in")
+        first_keys, later_key = ["a.png", "b.png", "sub/c.png"], "sub/z.png"
+    upload(root, dict.fromkeys(first_keys, b"x"))
+    fs, path = fsspec.core.url_to_fs(root)
+    pages = list_pages(fs, path, page_rows=2)
+    first = next(pages)
+    upload(root, {later_key: b"x"})
+    later = [info["name"] for page in pages for info in page]
+    assert len(first) == 2 and len(later) >= 2
+    assert [info["name"] for info in first] + later == [f"{path}/{key}" for key in [*first_keys, later_key]]
+
+
+def test_s3_listing_keeps_every_awkward_key_and_matches_glob(s3_bucket: str) -> None:
+    """Object names with '.', '..', empty segments, control characters, '?', '#' and '%' are listed as
+    they are stored, page after page; hidden names, non-images and the excluded output are left out;
+    sizes and etags are the store's; a glob lists what fsspec's glob matches."""
+    keys = [
+        "ok.png",
+        "/x.png",
+        "./dot.png",
+        "../../escape.png",
+        "a/../../b.png",
+        "back\\slash.png",
+        "tab\there.png",
+        "nel\x85.png",
+        "q?x=1.png",
+        "h#f.png",
+        "q%3Fx=1.png",
+        "ünï/ç.JPG",
+    ]
+    left_out = ["notes.txt", ".hidden/x.png", "a/.cache.png", "out/masks/ok.png.png"]
+    upload(f"{s3_bucket}/in", {key: key.encode() for key in [*keys, *left_out]})
+    listing = list_images(f"{s3_bucket}/in", {}, exclude=f"{s3_bucket}/in/out", page_rows=2)
+    assert listing.kind == "prefix" and listing.ignored == 1 and listing.prefix == f"{s3_bucket}/in"
+    assert listing.images["key"].to_pylist() == sorted(keys)
+    assert listing.images["image_uri"].to_pylist() == [f"{s3_bucket}/in/{key}" for key in sorted(keys)]
+    fs, root = fsspec.core.url_to_fs(s3_bucket)
+    stored = fs.find(f"{root}/in", detail=True)
+    assert [(row["source_size"], row["source_etag"]) for row in listing.images.to_pylist()] == [
+        (stored[f"{root}/in/{key}"]["size"], stored[f"{root}/in/{key}"]["ETag"].strip('"')) for key in sorted(keys)
+    ]
+    pattern = f"{s3_bucket}/in/*/*.png"
+    globbed = list_images(pattern, {}, page_rows=2).images["image_uri"].to_pylist()
+    hidden = f"{root}/in/.hidden/x.png"
+    assert globbed == [fs.unstrip_protocol(p) for p in sorted(fs.glob(pattern)) if p != hidden]
+    assert f"{s3_bucket}/in/./dot.png" in globbed
+
+
 # --- stats files and resume bookkeeping ------------------------------------------------------
 
 SCHEMA = stats_schema(["bg", "fg"], [0, 0, 0, 255, 255, 255], {"uri": "m.pt", "version": "v0001"})
@@ -358,7 +416,7 @@ def test_actors_take_a_size_or_a_range_that_becomes_an_autoscaling_pool() -> Non
     actor asks the autoscaler for a node); by default a GPU pool may grow to what the node types hold."""
     from pipelines.segment import SegmentConfig
     from pipelines.segment.cli import build_parser
-    from pipelines.segment.driver import _default_actors, actor_pool
+    from pipelines.segment.pipeline import _default_actors, actor_pool
 
     args = build_parser().parse_args(["--input", "i", "--output", "o", "--model", "m", "--actors", "1-8"])
     assert SegmentConfig(**vars(args)).actor_range() == (1, 8)

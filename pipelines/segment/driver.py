@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import sys
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 import fsspec
 import pyarrow as pa
@@ -27,19 +23,16 @@ from fsspec.implementations.local import LocalFileSystem
 from fcn.registry import write_atomic
 from pipelines.common.ray_utils import connect
 from pipelines.common.storage import with_retries
-from pipelines.segment import infer, load, resume, write
+from pipelines.segment import load, resume, write
 from pipelines.segment.config import ConfigError, SegmentConfig, flag
 from pipelines.segment.listing import InputError, list_images
 from pipelines.segment.model import ModelInfo, checkpoint_exists, describe_model
-from pipelines.segment.progress import LIVE_REFRESH_S, Progress, Tally
-from pipelines.segment.schema import STATUS_OK, stats_schema
+from pipelines.segment.pipeline import RayRun, segment_on_ray
 
 logger = logging.getLogger("pipelines.segment")
 
 MANIFEST_FILE = "manifest.json"
 SUCCESS_FILE = "_SUCCESS"
-ERROR_SAMPLES = 20
-BLOCKS_PER_ACTOR = 4  # at least this many input blocks per FCN actor (while blocks hold >= batch_size rows)
 
 
 @dataclass
@@ -65,19 +58,6 @@ class SegmentSummary:
     manifest_uri: str
     success_uri: str
     errors: list[dict[str, str]] = field(default_factory=list)  # the first few {image_uri, error}
-
-
-@dataclass
-class _RayRun:
-    """What the Ray part of a run reports back to ``run_segmentation``."""
-
-    ok: int = 0
-    error: int = 0
-    errors: list[dict[str, str]] = field(default_factory=list)
-    first_segmented: float | None = None  # time.monotonic() of the first and last segmented batch
-    last_segmented: float | None = None
-    first_count: int = 0  # images in the first segmented batch(es) seen
-    segmented: int = 0
 
 
 def run_segmentation(config: SegmentConfig) -> SegmentSummary:
@@ -136,7 +116,7 @@ def run_segmentation(config: SegmentConfig) -> SegmentSummary:
         todo.num_rows,
         model.label,
     )
-    ray_run = _segment_on_ray(config, todo, output, run_id, model) if todo.num_rows else _RayRun()
+    ray_run = segment_on_ray(config, todo, output, run_id, model) if todo.num_rows else RayRun()
 
     written = resume.compact(stats_uri, so, run_id, previous, unique_keys=finished, retries=config.write_retries)
     missing = pc.invert(pc.is_in(todo["key"], value_set=written))
@@ -229,230 +209,9 @@ def _check_writable(fs: fsspec.AbstractFileSystem, root: str, run_id: str, retri
         ) from None
 
 
-def _steady_rate(run: _RayRun) -> float:
+def _steady_rate(run: RayRun) -> float:
     """Images per second between the first and the last segmented batch (the images of the first
     batch are not counted: their time is start-up); 0 when too few batches were seen."""
     if run.first_segmented is None or run.last_segmented is None or run.last_segmented <= run.first_segmented:
         return 0.0
     return (run.segmented - run.first_count) / (run.last_segmented - run.first_segmented)
-
-
-def plan_blocks(sources: pa.Table, *, rows: int, megabytes: float, min_blocks: int) -> list[pa.Table]:
-    """Cut the listing into input blocks (one load task each) of at most ``rows`` images and
-    ``megabytes`` of source bytes, and into at least ``min_blocks`` blocks when there are enough rows."""
-    total = sources.num_rows
-    rows = max(1, min(rows, math.ceil(total / max(min_blocks, 1))))
-    limit = megabytes * 1e6
-    sizes = [size or 0 for size in sources["source_size"].to_pylist()]
-    blocks, start, used = [], 0, 0.0
-    for i, size in enumerate(sizes):
-        if i > start and (i - start >= rows or used + size > limit):
-            blocks.append(sources.slice(start, i - start))
-            start, used = i, 0.0
-        used += size
-    if start < total:
-        blocks.append(sources.slice(start, total - start))
-    return blocks
-
-
-def _segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: str, model: ModelInfo) -> _RayRun:
-    """Stream ``todo`` through the Ray Data pipeline: ``load``, ``infer`` and ``write`` actor pools."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    gpus_possible = _autoscaler_limit("GPU")
-    use_gpus = config.device == "cuda" or (config.device == "auto" and (gpus > 0 or bool(gpus_possible)))
-    if use_gpus and not gpus:
-        if gpus_possible == 0:
-            raise ConfigError(flag("device"), "cuda requested but the Ray cluster has no GPUs, nor node types with any")
-        _wait_for_gpu(config.gpu_wait_s)
-        resources = ray.cluster_resources()
-    fewest, most = config.actor_range() or _default_actors(use_gpus, resources, gpus_possible, config.cpus_per_actor)
-    # CPU stages (actor pools: workers that stay, with their imports done once): on GPU clusters one
-    # CPU per worker, scaled up to the CPUs the GPU actors leave (to any number while the GPU pool may
-    # grow: new GPU nodes bring CPUs); on CPU clusters the FCN actors hold the CPUs (their torch
-    # threads) and one light worker per stage and FCN actor runs beside them.
-    spare_cpus = max(1, int(resources.get("CPU", 1)) - fewest)
-    cpu_stage = (
-        {"num_cpus": 1, "compute": actor_pool(1, spare_cpus if most == fewest else None)}
-        if use_gpus
-        else {"num_cpus": 0, "compute": actor_pool(fewest, most)}
-    )
-    schema = stats_schema(
-        model.class_names, model.palette, {"uri": model.uri, "version": model.version, "arch": model.arch}, model.heads
-    )
-    reads_depth = bool(set(model.modalities) & load.DEPTH_MODALITIES)
-    blocks = plan_blocks(
-        todo, rows=config.block_rows, megabytes=config.block_megabytes, min_blocks=BLOCKS_PER_ACTOR * (most or fewest)
-    )
-    logger.info(
-        "Ray: %s %s actor(s), batch size %d, %d input blocks, cluster %s",
-        fewest if most == fewest else f"{fewest} to {most or 'any number of'}",
-        "GPU" if use_gpus else "CPU",
-        config.batch_size,
-        len(blocks),
-        resources,
-    )
-
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # our own bar counts images, skips included
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # Ray Data warns that it is off
-    # The count lives on the driver's node: a lost worker node must not take it (an actor without
-    # restarts) and with it the progress bar and the run's start-up and steady-state figures.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    tally = ray.remote(Tally).options(num_cpus=0, scheduling_strategy=here).remote()
-    ds = ray.data.from_arrow(blocks)
-    ds = ds.map_batches(
-        load.ImageLoader,
-        batch_format="pyarrow",
-        batch_size=None,  # a whole input block per call
-        fn_constructor_kwargs={
-            "storage_options": config.storage_options,
-            "retries": config.read_retries,
-            "max_image_pixels": config.max_image_pixels,
-            "device_jpegs": use_gpus and config.gpu_decode and not reads_depth,  # depth is matched to decoded images
-            "depth_prefix": config.depth,
-            "camera": config.camera,
-            "modalities": model.modalities,
-        },
-        udf_modifying_row_count=False,
-        **cpu_stage,
-    )
-    # Ray Data's actor pools restart a dead actor and redo its batches without limit (max_restarts and
-    # max_task_retries -1): a lost node and a fatal device error (the actor ends itself) are both survived.
-    ds = ds.map_batches(
-        infer.Segmenter,
-        batch_format="pyarrow",
-        batch_size=config.batch_size,
-        compute=actor_pool(fewest, most),
-        num_cpus=1 if use_gpus else config.cpus_per_actor,
-        num_gpus=1 if use_gpus else None,
-        fn_constructor_kwargs={
-            "model_uri": model.uri,
-            "storage_options": config.storage_options,
-            "tally": tally,
-            "device": "cuda" if use_gpus else "cpu",
-            "precision": config.precision,
-            "cpu_threads": max(1, int(config.cpus_per_actor)),
-            "max_image_pixels": config.max_image_pixels,
-            "keep_pixels": config.overlays,
-            "exit_on_fatal_error": True,
-        },
-        udf_modifying_row_count=False,
-    )
-    ds = ds.map_batches(
-        write.ResultWriter,
-        batch_format="pyarrow",
-        batch_size=config.rows_per_file,
-        fn_constructor_kwargs={
-            "output": output,
-            "storage_options": config.storage_options,
-            "run_id": run_id,
-            "model": model,
-            "schema": schema,
-            "retries": config.write_retries,
-        },
-        udf_modifying_row_count=False,
-        **cpu_stage,
-    )
-    run = _RayRun()
-    progress = Progress(todo.num_rows, live=config.progress)
-    stop = threading.Event()
-    follower = threading.Thread(target=_follow_tally, args=(tally, progress, run, stop), name="progress", daemon=True)
-    follower.start()
-    try:
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            status = batch["status"].to_pylist()
-            n_ok = status.count(STATUS_OK)
-            if len(run.errors) < ERROR_SAMPLES:
-                for uri, stat, reason in zip(batch["image_uri"].to_pylist(), status, batch["error"].to_pylist()):
-                    if stat != STATUS_OK and len(run.errors) < ERROR_SAMPLES:
-                        run.errors.append({"image_uri": uri, "error": reason})
-            progress.update(n_ok, len(status) - n_ok)
-    finally:
-        stop.set()
-        follower.join()
-        ray.kill(tally)
-    progress.close()
-    run.ok, run.error = progress.ok, progress.error
-    return run
-
-
-def actor_pool(fewest: int, most: int | None) -> Any:
-    """Ray Data's pool of ``fewest`` actors, or of ``fewest`` to ``most`` (None: no limit) that grows while
-    work queues; each pending actor is a resource demand that Ray's autoscaler meets by adding nodes."""
-    import ray.data
-
-    if most == fewest:
-        return ray.data.ActorPoolStrategy(size=fewest)
-    return ray.data.ActorPoolStrategy(min_size=fewest, max_size=most)
-
-
-def _default_actors(
-    use_gpus: bool, resources: dict[str, float], gpus_possible: int | None, cpus_per_actor: float
-) -> tuple[int, int | None]:
-    """The default pool: on GPUs from the GPUs present to the most the autoscaler's node types hold
-    (None: no limit); on CPUs one per ``cpus_per_actor`` CPUs."""
-    if not use_gpus:
-        fixed = max(1, int(resources.get("CPU", 1) // cpus_per_actor))
-        return fixed, fixed
-    present = max(1, int(resources.get("GPU", 0)))
-    if gpus_possible is None:
-        return present, present
-    return present, None if gpus_possible >= sys.maxsize else max(present, gpus_possible)
-
-
-def _autoscaler_limit(resource: str) -> int | None:
-    """The most of ``resource`` the cluster's autoscaler can provide (its node types' maximum counts; sys.maxsize
-    without a limit), or None when the cluster reports no autoscaler configuration."""
-    try:
-        from ray._private.state import state  # what Ray Train and Ray Data read for the same purpose
-
-        limits = state.get_max_resources_from_cluster_config()
-    except Exception:
-        return None
-    return None if limits is None else int(limits.get(resource, 0))
-
-
-def _wait_for_gpu(timeout_s: float) -> None:
-    """Wait up to ``timeout_s`` for a GPU in the cluster: a pending one-GPU task is a resource demand
-    that Ray's autoscaler meets by adding a GPU node. ConfigError naming --device if none comes."""
-    import ray
-
-    logger.info("no GPU in the Ray cluster yet: waiting up to %g s (%s) for one to join", timeout_s, flag("gpu_wait_s"))
-    probe = ray.remote(_on_a_gpu).options(num_gpus=1, num_cpus=0).remote()
-    ready, _ = ray.wait([probe], timeout=timeout_s)
-    if not ready:
-        ray.cancel(probe)
-        raise ConfigError(
-            flag("device"),
-            f"no GPU joined the Ray cluster within {timeout_s:g} s ({flag('gpu_wait_s')}): give the cluster GPU nodes "
-            "(or an autoscaler with GPU node types), wait longer, or use --device cpu",
-        )
-
-
-def _on_a_gpu() -> None:
-    """The task ``_wait_for_gpu`` waits for."""
-
-
-def _follow_tally(tally: Any, progress: Progress, run: _RayRun, stop: threading.Event) -> None:
-    """Until ``stop`` is set (and once more then), copy the FCN actors' count of segmented images into
-    ``progress`` and note when it first and last grew (the steady-state window)."""
-    import ray
-
-    while True:
-        stopping = stop.wait(LIVE_REFRESH_S)
-        try:
-            count = ray.get(tally.get.remote(), timeout=10)
-        except ray.exceptions.RayError:  # progress is informational: the next poll tries again
-            count = run.segmented
-        if count > run.segmented:
-            now = time.monotonic()
-            if run.first_segmented is None:
-                run.first_segmented, run.first_count = now, count
-            run.last_segmented, run.segmented = now, count
-            progress.set_segmented(count)
-        if stopping:
-            return

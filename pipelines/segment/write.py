@@ -108,7 +108,7 @@ def store_results(
     ok = [error is None for error in errors]
     for i in range(n):
         if ok[i]:
-            write_ms[i] += share_ms  # encoding (this task) + this batch's share of writing
+            write_ms[i] += share_ms  # encoding (this actor) + this batch's share of writing
     now = datetime.now(UTC)
     columns: dict[str, list[Any]] = {
         "overlay_uri": overlay_uris,
