@@ -1,5 +1,5 @@
 """The segmentation job's driver: list, decide what is done, stream the rest through Ray Data, compact
-the statistics, then write ``manifest.json`` and, last, ``_SUCCESS``.
+the statistics, then write ``manifest.json`` and, last, ``_SUCCESS`` (each whole: ``fcn.registry.write_atomic``).
 
 A rerun into the same output skips images whose newest row is ``ok`` for the same source and model.
 Every listed image ends with exactly one stats row.

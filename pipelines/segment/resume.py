@@ -3,7 +3,8 @@
 
 A run ends by compacting: when an image has more than one row (it was redone after an error, changed at
 the source, or a retried write stored it twice), only the newest row is kept, so a finished output has
-exactly one row per image key.
+exactly one row per image key. Rewritten parts are written as the writing stage writes them
+(``fcn.registry.write_atomic``).
 """
 
 from __future__ import annotations

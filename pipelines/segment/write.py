@@ -3,7 +3,9 @@ masks (and overlays), writes them, and writes each batch's statistics as one Par
 
 ``<output>/stats/`` holds Parquet files named ``part-<run id>-<uuid>.parquet``. Each is written whole
 (local disks: temporary hidden name + rename; object stores: one PUT), so a reader or a resumed run
-never sees a partial file (``pipelines.segment.resume`` reads and compacts them).
+never sees a partial file (``pipelines.segment.resume`` reads and compacts them). That write is
+``fcn.registry.write_atomic``, the one the model library writes checkpoints and the registry with (``fcn``
+is the lower layer, so the jobs import it from there).
 """
 
 from __future__ import annotations
