@@ -1,0 +1,261 @@
+"""Tiled TIFFs of any size, window by window: read with ranged reads, masks written tile by tile.
+
+``WindowReader`` reads any window of the full-resolution level of a tiled TIFF, BigTIFF, Cloud-Optimized
+GeoTIFF or pyramidal (whole-slide) TIFF: tifffile parses the header through an fsspec file (a few ranged
+reads) and only the compressed tiles that the window touches are fetched (``fs.cat_ranges``, concurrent on
+object stores) and decoded (``TiffPage.decode``, imagecodecs). ``write_mask`` writes a label map given as
+horizontal strips as a tiled, compressed TIFF (BigTIFF when needed) with a reduced-resolution overview page
+and the source's GeoTIFF tags, holding one band of mask tiles at a time. ``put_file_atomic`` moves it to
+its final place so that no reader ever sees a partial mask there.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import posixpath
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+import tifffile
+from fsspec.implementations.local import LocalFileSystem
+
+from fcn.image import to_rgb_array
+from pipelines.common.decode import DecodeError
+
+TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".svs")
+"""File names probed for tiles: TIFF, BigTIFF and the Aperio whole-slide TIFF."""
+TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+"""The first four bytes of a TIFF and of a BigTIFF, in either byte order."""
+GEO_TAGS = (33550, 33922, 34264, 34735, 34736, 34737)
+"""ModelPixelScale, ModelTiepoint, ModelTransformation, GeoKeyDirectory, GeoDoubleParams, GeoAsciiParams:
+the georeferencing (transform and CRS) that a mask copies from its GeoTIFF so that it overlays the source."""
+HEADER_BLOCK_BYTES = 1 << 20
+"""Bytes fetched per ranged read while tifffile parses the header and the tile offsets."""
+MASK_TILE = 256
+"""Side of the tiles of a mask TIFF."""
+OVERVIEW_SIDE = 1024
+"""A mask's overview page is the mask decimated by the smallest integer factor that brings its longer side
+to at most this many pixels."""
+BIGTIFF_BYTES = 2**32 - 2**25
+"""Masks of more uncompressed bytes are written as BigTIFF (tifffile's own threshold for arrays)."""
+_SUPPORTED_PHOTOMETRIC = {
+    tifffile.PHOTOMETRIC.MINISBLACK,
+    tifffile.PHOTOMETRIC.MINISWHITE,
+    tifffile.PHOTOMETRIC.RGB,
+    tifffile.PHOTOMETRIC.YCBCR,
+}
+
+
+@dataclass(frozen=True)
+class TiffLayout:
+    """The full-resolution level of a tiled TIFF: its size and the size of its tiles, in pixels."""
+
+    height: int
+    width: int
+    tile_height: int
+    tile_width: int
+
+    @property
+    def pixels(self) -> int:
+        return self.height * self.width
+
+
+def may_be_tiff(uri: str) -> bool:
+    """Whether ``uri``'s name is one that ``probe_tiled`` looks into (a TIFF suffix, any case)."""
+    return uri.lower().endswith(TIFF_SUFFIXES)
+
+
+def probe_tiled(uri: str, storage_options: dict[str, Any]) -> TiffLayout | None:
+    """The layout of ``uri`` if it is a TIFF whose full-resolution level is tiled (read by window), else None
+    (not a TIFF name, not a TIFF, a strip TIFF, a volume). Reads the header only."""
+    if not may_be_tiff(uri):
+        return None
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+    if fs.cat_file(path, start=0, end=4) not in TIFF_MAGICS:
+        return None
+    try:
+        with WindowReader(uri, storage_options) as reader:
+            return reader.layout
+    except DecodeError:
+        return None
+
+
+class WindowReader:
+    """Windows of the full-resolution level of the tiled TIFF at ``uri`` (fsspec URI), as ``HxWx3`` uint8 RGB
+    (``fcn.image.to_rgb_array``'s rules: grey replicated, 16-bit scaled, alpha composited over white).
+    DecodeError for a TIFF that is not tiled or whose pixels cannot become RGB."""
+
+    def __init__(self, uri: str, storage_options: dict[str, Any]) -> None:
+        self.fs, self.path = fsspec.core.url_to_fs(uri, **storage_options)
+        self._file = self.fs.open(self.path, "rb", block_size=HEADER_BLOCK_BYTES, cache_type="readahead")
+        try:
+            self._tiff = tifffile.TiffFile(self._file)
+            self._page = self._tiff.series[0].levels[0].keyframe
+            page = self._page
+            if not page.is_tiled or page.imagedepth != 1:
+                raise DecodeError(f"{uri} is not a tiled 2-D TIFF (no windows to read)")
+            if page.photometric not in _SUPPORTED_PHOTOMETRIC:
+                raise DecodeError(f"TIFF photometric {page.photometric.name} is not read by window")
+            self.layout = TiffLayout(page.imagelength, page.imagewidth, page.tilelength, page.tilewidth)
+            self.geotags = [
+                (code, int(tag.dtype), tag.count, tag.value, True)
+                for code in GEO_TAGS
+                if (tag := page.tags.get(code)) is not None
+            ]
+            """The source's GeoTIFF tags as tifffile ``extratags`` (empty for a TIFF without georeferencing)."""
+        except DecodeError:
+            self.close()
+            raise
+        except Exception as error:
+            self.close()
+            raise DecodeError(f"cannot read TIFF header: {type(error).__name__}: {error}") from None
+
+    def __enter__(self) -> WindowReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if getattr(self, "_tiff", None) is not None:
+            self._tiff.close()
+        self._file.close()
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Rows ``y0:y1`` and columns ``x0:x1`` (within the image) as an ``HxWx3`` uint8 array: fetches and
+        decodes only the tiles that overlap them."""
+        layout, page = self.layout, self._page
+        if not (0 <= y0 < y1 <= layout.height and 0 <= x0 < x1 <= layout.width):
+            raise ValueError(f"window y {y0}:{y1} x {x0}:{x1} is not inside the {layout.width}x{layout.height} image")
+        across = math.ceil(layout.width / layout.tile_width)
+        down = math.ceil(layout.height / layout.tile_height)
+        planes = page.samplesperpixel if page.planarconfig == tifffile.PLANARCONFIG.SEPARATE else 1
+        indices = [
+            plane * down * across + row * across + column
+            for plane in range(planes)
+            for row in range(y0 // layout.tile_height, (y1 - 1) // layout.tile_height + 1)
+            for column in range(x0 // layout.tile_width, (x1 - 1) // layout.tile_width + 1)
+            if page.databytecounts[plane * down * across + row * across + column] > 0  # sparse tiles stay 0
+        ]
+        starts = [int(page.dataoffsets[i]) for i in indices]
+        ends = [start + int(page.databytecounts[i]) for start, i in zip(starts, indices)]
+        chunks = self.fs.cat_ranges([self.path] * len(indices), starts, ends) if indices else []
+        window = np.zeros((y1 - y0, x1 - x0, page.samplesperpixel), page.dtype)
+        for index, chunk in zip(indices, chunks):
+            if isinstance(chunk, Exception):
+                raise chunk
+            try:
+                segment, (plane, _, top, left, _), _ = page.decode(chunk, index, jpegtables=page.jpegtables)
+            except Exception as error:
+                raise DecodeError(f"cannot decode tile {index}: {type(error).__name__}: {error}") from None
+            rows = slice(max(top, y0), min(top + layout.tile_height, y1))
+            columns = slice(max(left, x0), min(left + layout.tile_width, x1))
+            target = (slice(rows.start - y0, rows.stop - y0), slice(columns.start - x0, columns.stop - x0))
+            window[(*target, slice(plane, plane + segment.shape[-1]))] = segment[
+                0, rows.start - top : rows.stop - top, columns.start - left : columns.stop - left
+            ]
+        if page.photometric == tifffile.PHOTOMETRIC.MINISWHITE:
+            window = np.iinfo(window.dtype).max - window if window.dtype.kind == "u" else 1 - window
+        try:
+            return to_rgb_array(window)
+        except ValueError as error:
+            raise DecodeError(f"TIFF pixels cannot become RGB: {error}") from None
+
+
+def overview_factor(height: int, width: int) -> int:
+    """The decimation of a mask's overview: the smallest integer bringing its longer side to <= ``OVERVIEW_SIDE``."""
+    return max(1, math.ceil(max(height, width) / OVERVIEW_SIDE))
+
+
+def write_mask(
+    path: str,
+    height: int,
+    width: int,
+    strips: Iterable[np.ndarray],
+    *,
+    palette: list[int] | None = None,
+    extratags: list[tuple] = (),
+) -> None:
+    """Write the label map given as ``strips`` (consecutive full-width rows, top to bottom) to the local file
+    ``path``: a deflate-compressed TIFF of ``MASK_TILE`` tiles (BigTIFF above ``BIGTIFF_BYTES``), uint8 labels
+    with ``palette`` as colour map (uint16 greyscale for int32 labels), then an overview page (subfile type
+    reduced-resolution, decimated by ``overview_factor``). ``extratags`` (e.g. ``WindowReader.geotags``) go
+    to the full-resolution page. Memory: one band of ``MASK_TILE`` rows and the overview."""
+    strips = iter(strips)
+    first = next(strips)
+    dtype = np.dtype(np.uint8) if first.dtype == np.uint8 else np.dtype(np.uint16)
+    factor = overview_factor(height, width)
+    overview = np.zeros((math.ceil(height / factor), math.ceil(width / factor)), dtype)
+    colour = {}
+    if dtype == np.uint8 and palette is not None:
+        table = np.zeros(768, np.uint16)
+        table[: min(len(palette), 768)] = palette[:768]
+        colour = {"photometric": "palette", "colormap": table.reshape(256, 3).T * 257}
+    else:
+        colour = {"photometric": "minisblack"}
+
+    def tiles() -> Iterator[np.ndarray]:
+        for top, band in _bands(_chain(first, strips), width, MASK_TILE):
+            band = band.astype(dtype, copy=False)
+            rows = band[(-top) % factor :: factor, ::factor]
+            overview[-(-top // factor) : -(-top // factor) + len(rows)] = rows
+            for left in range(0, width, MASK_TILE):
+                yield band[:, left : left + MASK_TILE]
+
+    options = {"compression": "zlib", "compressionargs": {"level": 6}, **colour}
+    with tifffile.TiffWriter(path, bigtiff=height * width * dtype.itemsize > BIGTIFF_BYTES) as writer:
+        writer.write(
+            tiles(),
+            shape=(height, width),
+            dtype=dtype,
+            tile=(MASK_TILE, MASK_TILE),
+            extratags=list(extratags),
+            **options,
+        )
+        writer.write(overview, subfiletype=1, **options)
+
+
+def _chain(first: np.ndarray, rest: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+    yield first
+    yield from rest
+
+
+def _bands(strips: Iterable[np.ndarray], width: int, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(top row, band) of ``rows`` rows (the last may be shorter) regrouped from strips of any heights."""
+    pending: list[np.ndarray] = []
+    held, top = 0, 0
+    for strip in strips:
+        if strip.ndim != 2 or strip.shape[1] != width:
+            raise ValueError(f"mask strip of shape {strip.shape} is not {width} pixels wide")
+        pending.append(strip)
+        held += len(strip)
+        while held >= rows:
+            joined = np.concatenate(pending) if len(pending) > 1 else pending[0]
+            yield top, joined[:rows]
+            top += rows
+            pending, held = [joined[rows:]], held - rows
+    if held:
+        yield top, np.concatenate(pending)
+
+
+def put_file_atomic(fs: fsspec.AbstractFileSystem, local_path: str, path: str) -> None:
+    """Upload the local file ``local_path`` to ``path`` on ``fs`` so that ``path`` never holds a partial file:
+    on a local disk a hidden temporary name in the same folder, then a rename; on an object store one PUT,
+    or a multipart upload for big files, whose object appears only when complete."""
+    folder, name = posixpath.split(path)
+    fs.makedirs(folder, exist_ok=True)
+    if isinstance(fs, LocalFileSystem):
+        temporary = posixpath.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+        try:
+            fs.put_file(local_path, temporary)
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+    else:
+        fs.put_file(local_path, path)
