@@ -4,6 +4,8 @@ to an Arrow table of images (``pipelines.segment.schema.SOURCE_SCHEMA``), built 
 Each image gets a *key*: its path relative to the input prefix. Keys name the outputs
 (``masks/<key>.png``, with ``%?#`` escaped: ``output_name``) and identify an image across runs,
 together with its size and etag/mtime.
+A prefix is listed page by page (``list_pages``: S3 LIST pages, else a directory at a time) into
+record batches, never as one listing of every key.
 Big buckets are listed from an inventory (a Parquet or CSV file of object keys, such as an S3
 Inventory report) rather than by LIST calls: it is read in batches and filtered with Arrow.
 """
@@ -11,7 +13,9 @@ Inventory report) rather than by LIST calls: it is read in batches and filtered 
 from __future__ import annotations
 
 import posixpath
+import re
 import unicodedata
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,6 +25,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+from fsspec.utils import glob_translate
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from pipelines.segment.schema import SOURCE_SCHEMA
@@ -57,7 +62,9 @@ class Listing:
     ignored: int  # files under a prefix (or in an inventory) that are not images by extension
 
 
-def list_images(uri: str, storage_options: dict[str, Any], *, exclude: str | None = None) -> Listing:
+def list_images(
+    uri: str, storage_options: dict[str, Any], *, exclude: str | None = None, page_rows: int = BATCH_ROWS
+) -> Listing:
     """List the images named by ``uri``; ``exclude`` is a URI prefix to leave out (e.g. the output).
 
     - a glob (``*``, ``?``, ``[``): every match, keys relative to the directory before the first wildcard;
@@ -66,53 +73,98 @@ def list_images(uri: str, storage_options: dict[str, Any], *, exclude: str | Non
     - a ``.parquet``, ``.csv`` or ``.csv.gz`` file: an inventory (see ``INVENTORY_COLUMNS``); keys are
       the objects' keys, in the ``bucket`` column's S3 bucket or else below the inventory's folder;
     - any other file: a manifest, one URI (or path relative to the manifest) per line, ``#`` comments.
-    Raises InputError naming the problem if nothing is found.
+    Prefixes and globs are listed page by page (``list_pages``) into record batches of at most
+    ``page_rows`` rows, sorted by URI at the end. Raises InputError naming the problem if nothing is found.
     """
     fs, path = fsspec.core.url_to_fs(uri, **storage_options)
     path = path.rstrip("/")
     fs.invalidate_cache()  # listings may be cached from an earlier run in this process
     if any(c in path for c in GLOB_CHARS):
-        found = {p: info for p, info in fs.glob(path, detail=True).items() if info.get("type") != "directory"}
-        prefix, kind = _glob_root(path), "glob"
+        prefix, kind, matches = _glob_root(path), "glob", re.compile(glob_translate(path)).match
+        pages = ([info for info in page if matches(info["name"])] for page in list_pages(fs, prefix, page_rows))
     elif fs.isdir(path):
-        found, prefix, kind = fs.find(path, detail=True), path, "prefix"
+        prefix, kind, pages = path, "prefix", list_pages(fs, path, page_rows)
     elif fs.isfile(path):
         if _inventory_format(path):
             return _list_inventory(fs, path, exclude)
         if not _is_image(path):
             return _list_manifest(fs, path, storage_options)
-        found, prefix, kind = {path: fs.info(path)}, posixpath.dirname(path), "file"
+        prefix, kind, pages = posixpath.dirname(path), "file", iter([[{**fs.info(path), "name": path}]])
     else:
         raise InputError(f"{uri} does not exist (not a file, folder/prefix or glob with matches)")
     excluded = fs._strip_protocol(exclude).rstrip("/") if exclude else None
-    images, ignored = _Batches(), 0
-    for p in sorted(found):
-        if excluded and (p == excluded or p.startswith(excluded + "/")):
-            continue
-        record = _record(fs, p, found.pop(p), prefix)  # (each entry's info dict is released as it is used)
-        if _hidden(record["key"]):
-            continue
-        if kind == "prefix" and not _is_image(p):
-            ignored += 1
-            continue
-        images.add(record)
-    table = images.table()
+    images, ignored = _Batches(page_rows), 0
+    for page in pages:
+        for info in page:
+            p = info["name"]
+            if excluded and (p == excluded or p.startswith(excluded + "/")):
+                continue
+            record = _record(fs, p, info, prefix)
+            if _hidden(record["key"]):
+                continue
+            if kind == "prefix" and not _is_image(p):
+                ignored += 1
+                continue
+            images.add(record)
+    table = _sorted(images.table(), "image_uri")
     if not table.num_rows:
         raise InputError(f"no images found at {uri} (image extensions: {' '.join(sorted(IMAGE_EXTENSIONS))})")
     return Listing(prefix=fs.unstrip_protocol(prefix), kind=kind, images=table, ignored=ignored)
 
 
-class _Batches:
-    """Image records gathered into Arrow record batches of ``BATCH_ROWS`` (no list of dicts that
-    grows with the bucket)."""
+def list_pages(fs: fsspec.AbstractFileSystem, path: str, page_rows: int = BATCH_ROWS) -> Iterator[list[dict[str, Any]]]:
+    """The files below ``path``, page by page as fsspec info dicts (``name``, ``size``, etag/mtime as the
+    filesystem spells them), never one listing of the whole prefix: on S3 one ``ListObjectsV2`` page of at
+    most ``page_rows`` keys at a time (every key as stored, ``..`` and empty segments included), on other
+    filesystems one directory at a time (fsspec ``walk``; each directory's cached listing dropped once used)."""
+    if _is_s3(fs):
+        yield from _s3_pages(fs, path, page_rows)
+        return
+    for folder, _, files in fs.walk(path, detail=True):
+        yield [info for info in files.values() if info.get("type") != "directory"]
+        fs.invalidate_cache(folder)
 
-    def __init__(self) -> None:
+
+def _is_s3(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return "s3" in protocols
+
+
+def _s3_pages(fs: Any, path: str, page_rows: int) -> Iterator[list[dict[str, Any]]]:
+    """``list_pages`` for s3fs: ``ListObjectsV2`` through ``call_s3`` (its credentials, endpoint and
+    retries), following the continuation token."""
+    bucket, key, _ = fs.split_path(path)
+    request = {"Bucket": bucket, "Prefix": f"{key.lstrip('/')}/" if key else "", "MaxKeys": page_rows, **fs.req_kw}
+    while True:
+        page = fs.call_s3("list_objects_v2", **request)
+        yield [
+            {**entry, "name": f"{bucket}/{entry['Key']}", "size": entry["Size"]} for entry in page.get("Contents", [])
+        ]
+        if not page.get("IsTruncated"):
+            return
+        request["ContinuationToken"] = page["NextContinuationToken"]
+
+
+def _sorted(table: pa.Table, column: str) -> pa.Table:
+    """``table`` sorted by ``column`` (a copy only when it is not sorted yet: S3 lists in key order)."""
+    values = table[column]
+    if len(values) < 2 or pc.all(pc.less_equal(values.slice(0, len(values) - 1), values.slice(1))).as_py():
+        return table
+    return table.sort_by(column)
+
+
+class _Batches:
+    """Image records gathered into Arrow record batches of ``rows`` rows (no list of dicts that grows
+    with the bucket)."""
+
+    def __init__(self, rows: int = BATCH_ROWS) -> None:
+        self.rows = rows
         self.batches: list[pa.RecordBatch] = []
         self.pending: list[dict[str, Any]] = []
 
     def add(self, record: dict[str, Any]) -> None:
         self.pending.append(record)
-        if len(self.pending) == BATCH_ROWS:
+        if len(self.pending) == self.rows:
             self._flush()
 
     def _flush(self) -> None:
