@@ -24,7 +24,8 @@ from pipelines.train import RECIPES, copy_matching_weights
 from pipelines.train.class_weights import median_frequency_weights, resolve_class_weights
 from pipelines.train.data import TrainImages, augment, pad_collate
 from pipelines.train.datasets import BadSample, load_example, load_sample, open_dataset, read_class_names
-from pipelines.train.worker import check_all_samples, train_epoch
+from pipelines.train.epoch import train_epoch
+from pipelines.train.prepare import check_all_samples
 
 BAD = {
     "scene_00001": "differs from mask size",

@@ -31,22 +31,20 @@ from fcn.conventions import get_convention
 from pipelines.common.options import ConfigError
 from pipelines.synthetic import write_synthetic_voc
 from pipelines.train.config import TrainConfig
-from pipelines.train.data import TrainImages
-from pipelines.train.datasets import open_dataset
-from pipelines.train.recipes import RECIPES
-from pipelines.train.worker import (
+from pipelines.train.context import (
     DIVERGED_FILE,
     HISTORY_DIR,
     TRAIN_STATE_FILE,
     LocalWorkerContext,
     TrainingDiverged,
-    loader_workers,
-    make_loader,
-    make_loop_config,
     raise_if_diverged,
     run_folder,
-    run_training_worker,
 )
+from pipelines.train.data import TrainImages
+from pipelines.train.datasets import open_dataset
+from pipelines.train.prepare import make_loop_config
+from pipelines.train.recipes import RECIPES
+from pipelines.train.worker import loader_workers, make_loader, run_training_worker
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"model": "fcn8s_vgg16", "width": 0.0625, "geometry": "aligned", "workers": 1}
@@ -69,7 +67,9 @@ import torch.distributed as dist
 import fcn
 from pipelines.train.datasets import open_dataset
 from pipelines.train.config import TrainConfig
-from pipelines.train.worker import LocalWorkerContext, make_loop_config, run_folder, run_training_worker
+from pipelines.train.context import LocalWorkerContext, run_folder
+from pipelines.train.prepare import make_loop_config
+from pipelines.train.worker import run_training_worker
 
 data, registry, epochs, store = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 config = TrainConfig(data=data, registry=registry, model="fcn8s_vgg16", width=0.0625, geometry="aligned", workers=1,

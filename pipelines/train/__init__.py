@@ -17,14 +17,17 @@ the current champion by more than ``--promote-margin``.
   ``nightly-retrain`` flow's parameters;
 - ``recipes``: the paper's and a modern optimisation recipe;
 - ``data``: samples as network inputs and label maps per head, augmentation and batching (on workers);
-- ``worker``: the training and evaluation worker with torch alone (step, epoch, validation, reduction,
-  checkpoints), runnable without Ray through ``LocalWorkerContext``;
+- ``datasets``: the dataset layouts (one module each), their registry and the sample readers;
+- ``prepare``: what the driver prepares for the workers (heads sized from the data, ``--init``, ``--strict``);
+- ``worker``: the training and evaluation worker with torch alone (model, optimizer, epochs, checkpoints);
+- ``epoch``: one training and one validation pass, the reductions across workers, the scores;
+- ``context``: the run folder's layout and the worker's context, ``LocalWorkerContext`` to run without Ray;
 - ``loop``: the Ray Train adapter of the worker;
 - ``driver``: ``run_training`` (checks, Ray Train, registration, promotion) and ``run_evaluation``;
 - ``cli``: ``python -m pipelines.train`` / ``fcn-train``.
 
 The names below are imported on first use, so that ``pipelines.train.worker`` (and ``config``, ``data``,
-``recipes``) import without Ray.
+``recipes`` and the rest but ``loop``, ``driver`` and ``cli``) import without Ray.
 """
 
 from __future__ import annotations
@@ -39,10 +42,9 @@ _SOURCES = {
     **dict.fromkeys(
         ["TrainSummary", "best_epoch", "read_run_history", "run_evaluation", "run_training"], "pipelines.train.driver"
     ),
-    **dict.fromkeys(
-        ["SCORES", "TrainingDiverged", "copy_matching_weights", "default_run_name", "run_folder"],
-        "pipelines.train.worker",
-    ),
+    "SCORES": "pipelines.train.epoch",
+    "copy_matching_weights": "pipelines.train.prepare",
+    **dict.fromkeys(["TrainingDiverged", "default_run_name", "run_folder"], "pipelines.train.context"),
     **dict.fromkeys(["RECIPES", "Recipe"], "pipelines.train.recipes"),
 }
 

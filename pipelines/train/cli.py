@@ -12,8 +12,9 @@ from typing import Any
 from pipelines.common.options import ConfigError, add_arguments
 from pipelines.common.ray_utils import exit_interrupted
 from pipelines.train.config import TrainConfig
+from pipelines.train.context import default_run_name
 from pipelines.train.driver import TrainSummary, run_training
-from pipelines.train.worker import SCORES, default_run_name
+from pipelines.train.epoch import SCORES
 
 
 def build_parser() -> argparse.ArgumentParser:

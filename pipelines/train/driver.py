@@ -29,17 +29,10 @@ from fcn import registry
 from pipelines.common.options import ConfigError, flag
 from pipelines.common.ray_utils import connect
 from pipelines.train.config import GPUS_PER_WORKER_RULE, TrainConfig, whole_gpus
+from pipelines.train.context import DIVERGED_FILE, EPOCH_DIR, HISTORY_DIR, raise_if_diverged, run_folder
 from pipelines.train.datasets import SegmentationData, open_dataset
 from pipelines.train.loop import eval_loop, train_loop
-from pipelines.train.worker import (
-    DIVERGED_FILE,
-    EPOCH_DIR,
-    HISTORY_DIR,
-    fit_to_data,
-    make_loop_config,
-    raise_if_diverged,
-    run_folder,
-)
+from pipelines.train.prepare import fit_to_data, make_loop_config
 
 logger = logging.getLogger("pipelines.train")
 RAY_TRAIN_CONSOLE = LoggingConfig(log_level="WARNING")

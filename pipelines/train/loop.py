@@ -14,7 +14,8 @@ import ray
 import ray.train
 import ray.train.torch
 
-from pipelines.train.worker import run_evaluation_worker, run_training_worker, write_report_folder
+from pipelines.train.context import write_report_folder
+from pipelines.train.worker import run_evaluation_worker, run_training_worker
 
 
 class RayWorkerContext:

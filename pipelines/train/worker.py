@@ -9,7 +9,9 @@ NCCL on CUDA). Training end to end, then a resume of the same run::
     import torch.distributed as dist
     from pipelines.train.datasets import open_dataset
     from pipelines.train.config import TrainConfig
-    from pipelines.train.worker import LocalWorkerContext, make_loop_config, run_folder, run_training_worker
+    from pipelines.train.context import LocalWorkerContext, run_folder
+    from pipelines.train.prepare import make_loop_config
+    from pipelines.train.worker import run_training_worker
 
     config = TrainConfig(data="/data/voc", registry="/tmp/registry", model="fcn8s_vgg16", workers=1,
                          gpus_per_worker=1, epochs=2, run_name="check")
@@ -25,27 +27,19 @@ NCCL on CUDA). Training end to end, then a resume of the same run::
     run_training_worker(more, LocalWorkerContext(run_folder(config.registry, "check"), device))
     dist.destroy_process_group()
 
-A run writes under ``<registry>/runs/<run>/``: ``epoch-NNNN/{checkpoint.pt,metrics.json,train_state.pt}``
-(the checkpoint folders, which ``--keep-checkpoints`` prunes on Ray Train), ``history/epoch-NNNN.json``
-(every epoch's metrics, never pruned) and ``diverged.json`` where the loss stopped being finite.
+The run's folders are described in ``context.py``; one epoch's training and validation passes live in
+``epoch.py``, what the driver prepares for the workers in ``prepare.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
-from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 import fsspec
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -55,248 +49,26 @@ from torch.utils.data.distributed import DistributedSampler
 import fcn
 from fcn import registry
 from fcn.classes import voc_palette
-from fcn.conventions import InputConvention, get_convention
-from pipelines.common.options import ConfigError, flag
-from pipelines.train.class_weights import resolve_class_weights
+from fcn.conventions import get_convention
 from pipelines.train.config import TrainConfig
-from pipelines.train.data import EpochIndices, Labels, TrainImages, pad_collate
-from pipelines.train.datasets import BadSample, Sample, SegmentationData, read_example
+from pipelines.train.context import DIVERGED_FILE, EPOCH_DIR, HISTORY_DIR, TRAIN_STATE_FILE, WorkerContext, run_folder
+from pipelines.train.data import EpochIndices, TrainImages, pad_collate
+from pipelines.train.epoch import (
+    SCORES,
+    TimedBatches,
+    describe_scores,
+    merge_across_workers,
+    scores_by_head,
+    train_epoch,
+    validate,
+)
+from pipelines.train.prepare import copy_matching_weights
 from pipelines.train.recipes import RECIPES
 
 logger = logging.getLogger("pipelines.train")
 
-SCORES = ("pixel_accuracy", "mean_accuracy", "mean_iu", "fw_iu")
-"""The paper's four metrics. metrics.json holds the first head's at the top level (registry promotion
-ranks by its ``mean_iu``) and each further head's under ``heads[<task>]``."""
-TRAIN_STATE_FILE = "train_state.pt"
-EPOCH_DIR = "epoch-{:04d}"
-HISTORY_DIR = "history"
-DIVERGED_FILE = "diverged.json"
 MAX_LOADER_WORKERS = 4
 """The default data loader processes of a training worker on a GPU (at most its CPUs)."""
-
-Batch = tuple[torch.Tensor | None, Labels | None, list[BadSample]]
-Divergence = tuple[float, int, float]
-"""Where the loss stopped being finite: (that loss, its step, the learning rate)."""
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite: final (never retried like a worker failure)."""
-
-
-def raise_if_diverged(run_uri: str, run_name: str) -> None:
-    """TrainingDiverged naming the epoch, step, loss and learning rate where the run's workers stopped on a
-    non-finite loss (its ``diverged.json``); nothing where they did not."""
-    fs, marker = fsspec.core.url_to_fs(f"{run_uri}/{DIVERGED_FILE}")
-    fs.invalidate_cache()
-    if fs.exists(marker):
-        where = json.loads(fs.cat_file(marker))
-        raise TrainingDiverged(
-            f"run {run_name!r} diverged at epoch {where['epoch']}, step {where['step']}: loss is {where['loss']} "
-            f"(lr={where['lr']:g}); lower the learning rate. Nothing was registered."
-        )
-
-
-class WorkerContext(Protocol):
-    """What a worker needs from the engine that runs it (Ray Train, or ``LocalWorkerContext``)."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-
-    def resume_folder(self) -> contextlib.AbstractContextManager[str | None]:
-        """A local folder holding the checkpoint to resume from, or None to start afresh."""
-
-    def report(self, metrics: dict[str, Any], dir_name: str, write: Callable[[str], None] | None = None) -> None:
-        """Called by every rank; rank 0's ``metrics`` (and whatever ``write(folder)`` adds) become the
-        run's folder ``<dir_name>`` (see ``write_report_folder``)."""
-
-
-def write_report_folder(folder: str, metrics: dict[str, Any], write: Callable[[str], None] | None) -> None:
-    """Fill ``folder`` with what ``write(folder)`` writes, then ``metrics.json``."""
-    if write is not None:
-        write(folder)
-    with open(os.path.join(folder, registry.METRICS_FILE), "w") as f:
-        json.dump(metrics, f, indent=1)
-
-
-class LocalWorkerContext:
-    """A worker's context without Ray: rank and world size from ``torch.distributed`` (0 and 1 where it
-    is not initialised), reported folders saved as ``<run_uri>/<dir_name>/`` (any fsspec URI), and a
-    resume from the latest complete ``epoch-NNNN`` folder there. ``reports`` lists every (dir_name,
-    metrics) reported by this process."""
-
-    def __init__(self, run_uri: str, device: torch.device | str) -> None:
-        initialised = dist.is_available() and dist.is_initialized()
-        self.rank = dist.get_rank() if initialised else 0
-        self.world_size = dist.get_world_size() if initialised else 1
-        self.device = torch.device(device)
-        self.run_uri = run_uri.rstrip("/")
-        self.reports: list[tuple[str, dict[str, Any]]] = []
-
-    @contextlib.contextmanager
-    def resume_folder(self) -> Iterator[str | None]:
-        fs, root = fsspec.core.url_to_fs(self.run_uri)
-        fs.invalidate_cache(root)
-        complete = [
-            p.rsplit("/", 2)[-2]
-            for p in fs.glob(f"{root}/epoch-*/{registry.METRICS_FILE}")
-            if fs.exists(f"{p.rsplit('/', 1)[0]}/{TRAIN_STATE_FILE}")
-        ]
-        if not complete:
-            yield None
-            return
-        latest = f"{root}/{max(complete)}"  # EPOCH_DIR's numbers are zero-padded
-        with tempfile.TemporaryDirectory(prefix="fcn-resume-") as folder:
-            for path in fs.ls(latest, detail=False):
-                fs.get_file(path, os.path.join(folder, path.rsplit("/", 1)[-1]))
-            yield folder
-
-    def report(self, metrics: dict[str, Any], dir_name: str, write: Callable[[str], None] | None = None) -> None:
-        self.reports.append((dir_name, metrics))
-        if self.rank != 0:
-            return
-        fs, root = fsspec.core.url_to_fs(f"{self.run_uri}/{dir_name}")
-        fs.makedirs(root, exist_ok=True)
-        with tempfile.TemporaryDirectory() as folder:
-            write_report_folder(folder, metrics, write)
-            names = sorted(os.listdir(folder), key=lambda name: name == registry.METRICS_FILE)  # metrics.json last
-            for name in names:  # a folder with metrics.json is complete
-                fs.put_file(os.path.join(folder, name), f"{root}/{name}")
-
-
-def run_folder(registry_uri: str, run_name: str) -> str:
-    """``<registry>/runs/<run>``: the run's checkpoint folders, history and markers."""
-    return f"{registry_uri.rstrip('/')}/runs/{run_name}"
-
-
-def default_run_name(model: str) -> str:
-    """``<model>-<UTC time>``, the run name when none is given."""
-    return f"{model}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
-
-
-def make_loop_config(config: TrainConfig, data: SegmentationData) -> dict[str, Any]:
-    """The workers' configuration for training ``config`` on the opened ``data``: the heads sized from
-    the data, the class weights, the ``--init`` weights and the input convention resolved.
-
-    Raises ConfigError naming the parameter where the model, data, class weights or ``--init`` do not fit
-    (``--strict``: where any sample is bad). ``config`` must be valid (``config.validate()``).
-    """
-    with torch.device("meta"):
-        network = fcn.get_model(config.model, width=config.width, geometry=config.geometry)
-    heads = fit_to_data(network, data, network_param=flag("model"), data_param=flag("data"))
-    if len(heads) < len(data.heads):
-        logger.info(
-            "%s has the head(s) %s: the data's further head(s) %s are not trained",
-            config.model,
-            list(heads),
-            [task for task in data.heads if task not in heads],
-        )
-    try:
-        class_weights = resolve_class_weights(config.class_weights, data)
-    except ValueError as error:
-        raise ConfigError(flag("class_weights"), str(error)) from None
-    if class_weights is not None:
-        logger.info(
-            "class weights (%s) of the semantic head: %s", config.class_weights, [round(w, 4) for w in class_weights]
-        )
-    if config.strict:
-        check_all_samples(data.train + data.val, network.modalities, {task: len(n) for task, n in heads.items()})
-    init = load_init(config.init) if config.init else None
-    return {
-        "config": asdict(config),
-        "run_name": config.run_name or default_run_name(config.model),
-        "heads": {task: list(names) for task, names in heads.items()},
-        "layout": data.layout,
-        "class_weights": class_weights,
-        "train": list(data.train),
-        "val": list(data.val),
-        "convention": config.input_convention or (init["input_convention"] if init else "torchvision"),
-        "init": init,
-    }
-
-
-def fit_to_data(
-    network: nn.Module, data: SegmentationData, *, network_param: str, data_param: str
-) -> dict[str, tuple[str, ...]]:
-    """The class names of each of ``network``'s heads, from ``data``.
-
-    Raises ConfigError (naming ``network_param`` and ``data_param``) when the data lacks an input
-    modality or a head of the network. A data head the network lacks is left out (a one-head network
-    on SIFT Flow data trains its semantic head only).
-    """
-    name = network.arch["name"]
-    where = f"{data_param} {data.root} ({data.layout} layout)"
-    missing = [m for m in network.modalities if m not in data.modalities]
-    if missing:
-        raise ConfigError(
-            network_param,
-            f"{name} reads {list(network.modalities)}, but {where} has no {missing}: "
-            f"choose a model that reads only {list(data.modalities)}",
-        )
-    lacking = [task for task in network.head_classes if task not in data.heads]
-    if lacking:
-        raise ConfigError(
-            network_param,
-            f"{name} has the heads {list(network.head_classes)}, but {where} has no "
-            f"{lacking} labels: choose a model with only {list(data.heads)}",
-        )
-    return {task: data.heads[task] for task in network.head_classes}
-
-
-def check_all_samples(samples: Sequence[Sample], modalities: Sequence[str], head_classes: dict[str, int]) -> None:
-    """``--strict``: read every sample's ``modalities`` and labels up front; ConfigError listing the bad ones."""
-
-    def check(sample: Sample) -> str | None:
-        try:
-            read_example(sample, modalities, head_classes)
-        except BadSample as bad:
-            return str(bad)
-        return None
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        problems = [p for p in pool.map(check, samples) if p]
-    if problems:
-        shown = "; ".join(problems[:5]) + (f"; ... ({len(problems) - 5} more)" if len(problems) > 5 else "")
-        raise ConfigError(flag("strict"), f"{len(problems)} bad samples: {shown}")
-
-
-def load_init(uri: str) -> dict[str, Any]:
-    """State dict (on the CPU) and input convention of the checkpoint (or registry champion) to start from."""
-    try:
-        ckpt = fcn.load_checkpoint(uri)
-    except fcn.CheckpointError as error:
-        raise ConfigError(flag("init"), str(error)) from None
-    return {
-        "uri": ckpt.uri,
-        "state_dict": {k: v.cpu() for k, v in ckpt.model.state_dict().items()},
-        "input_convention": ckpt.input_convention,
-    }
-
-
-def copy_matching_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
-    """Copy every tensor whose name and shape match (e.g. FCN-32s -> FCN-16s); return (copied, left)."""
-    own = model.state_dict()
-    copied = [k for k, v in state_dict.items() if k in own and own[k].shape == v.shape]
-    model.load_state_dict({k: state_dict[k] for k in copied}, strict=False)
-    return copied, [k for k in own if k not in copied]
-
-
-def scores_by_head(hists: Mapping[str, np.ndarray], heads: Mapping[str, Sequence[str]]) -> dict[str, Any]:
-    """The scores of metrics.json: the first head's four metrics, ``per_class_iu``, ``class_names`` and
-    ``hist`` at the top level, and the same for each further head under ``heads[<task>]``."""
-    first, *further = (_head_scores(hists[task], names) for task, names in heads.items())
-    return {**first, "heads": dict(zip(list(heads)[1:], further))}
-
-
-def _head_scores(hist: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
-    scores = fcn.ConfusionMatrix(len(class_names), hist).scores()
-    return {
-        **{k: scores[k] for k in SCORES},
-        "per_class_iu": scores["per_class_iu"],
-        "class_names": list(class_names),
-        "hist": hist.tolist(),
-    }
 
 
 def loader_workers(config: TrainConfig, device: torch.device) -> int:
@@ -436,7 +208,7 @@ def run_training_worker(loop_config: dict[str, Any], context: WorkerContext) -> 
             )
         if rank == 0:
             logger.info(
-                "epoch %d/%d loss %.4f | %s", epoch + 1, config.epochs, metrics["train_loss"], _described(metrics)
+                "epoch %d/%d loss %.4f | %s", epoch + 1, config.epochs, metrics["train_loss"], describe_scores(metrics)
             )
 
         def write(folder: str) -> None:
@@ -468,118 +240,6 @@ def run_training_worker(loop_config: dict[str, Any], context: WorkerContext) -> 
         context.report(metrics, EPOCH_DIR.format(epoch + 1), write)
 
 
-class TimedBatches:
-    """The batches of ``loader``, counting the images they hold and the seconds spent waiting for them."""
-
-    def __init__(self, loader: Iterable[Batch]) -> None:
-        self.loader, self.images, self.wait_s, self.started = loader, 0, 0.0, time.perf_counter()
-
-    def __iter__(self) -> Iterator[Batch]:
-        batches = iter(self.loader)
-        while True:
-            asked = time.perf_counter()
-            batch = next(batches, None)
-            self.wait_s += time.perf_counter() - asked
-            if batch is None:
-                return
-            self.images += 0 if batch[0] is None else len(batch[0])
-            yield batch
-
-
-def train_epoch(
-    model: nn.Module,
-    loader: Iterable[Batch],
-    optimizer: torch.optim.Optimizer,
-    schedule: Any,
-    reduction: str,
-    sample_rate: float,
-    generator: torch.Generator,
-    class_weight: torch.Tensor | None,
-    device: torch.device,
-) -> tuple[float, int, dict[str, str], Divergence | None]:
-    """One pass over this worker's share; returns (summed loss, steps, bad samples seen, divergence):
-    the pass stops at the first non-finite loss, and divergence is (that loss, its step, the learning
-    rate), else None.
-
-    The loss is the sum of the heads' losses (as the reference SIFT Flow nets train), each ignoring
-    label 255; ``class_weight`` weighs the first (semantic) head's. Workers may take different numbers
-    of steps (bad samples are skipped), so DDP's ``join`` keeps the gradient all-reduces matched.
-    """
-    model.train()
-    loss_sum, steps, skipped = 0.0, 0, {}
-    joined = model.join() if isinstance(model, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
-    with joined:
-        for images, targets, bad in loader:
-            skipped.update({b.sample_id: b.reason for b in bad})
-            if images is None:
-                continue
-            images = images.to(device, non_blocking=True)
-            targets = {head: target.to(device, non_blocking=True) for head, target in targets.items()}
-            if device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
-            first = next(iter(targets))
-            with _autocast(device):
-                outputs = model(images)
-            scores = outputs if isinstance(outputs, dict) else {first: outputs}
-            loss = sum(
-                fcn.cross_entropy(
-                    scores[head].float(),
-                    target,
-                    reduction=reduction,
-                    sample_rate=sample_rate,
-                    generator=generator,
-                    weight=class_weight if head == first else None,
-                )
-                for head, target in targets.items()
-            )
-            if not torch.isfinite(loss):  # the other ranks finish their pass under DDP's join
-                if isinstance(model, nn.parallel.DistributedDataParallel):
-                    # this step's gradient all-reduce, which the other ranks are in: zeros from here
-                    sum(p.view(-1)[:0].sum() for p in model.parameters() if p.requires_grad).backward()
-                return loss_sum, steps, skipped, (float(loss.item()), steps, schedule.get_last_lr()[0])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            loss_sum += loss.item()
-            steps += 1
-    return loss_sum, steps, skipped, None
-
-
-def validate(
-    module: nn.Module,
-    samples: Sequence[Sample],
-    head_classes: Mapping[str, int],
-    convention: InputConvention,
-    device: torch.device,
-    rank: int,
-    world: int,
-) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Each head's confusion matrix over this worker's share of ``samples`` (every world-th one, no
-    duplicates), summed over all workers with an all-reduce; returns (hists by head, bad samples seen here)."""
-    cuda = device.type == "cuda"
-    bf16 = fcn.resolve_precision("auto", device) == "bf16"
-    predictor = fcn.Predictor(module, input_convention=convention, device=device, bf16=bf16, channels_last=cuda)
-    matrices = {head: fcn.ConfusionMatrix(classes) for head, classes in head_classes.items()}
-    skipped = {}
-    for sample in samples[rank::world]:
-        try:
-            example = read_example(sample, predictor.modalities, head_classes)
-        except BadSample as bad:
-            skipped[bad.sample_id] = bad.reason
-            continue
-        prediction = predictor(example.modalities)
-        for head, matrix in matrices.items():  # the first head's prediction is the Prediction itself
-            matrix.update(prediction.heads.get(head, prediction).labels, example.labels[head])
-    hists = {}
-    for head, matrix in matrices.items():
-        hist = torch.from_numpy(matrix.hist).to(device)
-        if world > 1:
-            dist.all_reduce(hist)
-        hists[head] = hist.cpu().numpy()
-    return hists, skipped
-
-
 def run_evaluation_worker(loop_config: dict[str, Any], context: WorkerContext) -> None:
     """One evaluation worker: score ``loop_config["checkpoint"]`` on its share of ``loop_config["samples"]``;
     rank 0 reports every head's scores and the skipped samples as the folder ``evaluation``."""
@@ -599,21 +259,6 @@ def run_evaluation_worker(loop_config: dict[str, Any], context: WorkerContext) -
     context.report({**scores_by_head(hists, heads), "skipped_samples": skipped}, "evaluation")
 
 
-def _described(metrics: dict[str, Any]) -> str:
-    """The four metrics of every head, for the log."""
-    heads = {"": metrics, **{f"{task}: ": scores for task, scores in metrics["heads"].items()}}
-    return " | ".join(prefix + " ".join(f"{k} {m[k]:.4f}" for k in SCORES) for prefix, m in heads.items())
-
-
-def merge_across_workers(local: dict[str, Any], world: int) -> dict[str, Any]:
-    """Union of every worker's dict (bad sample id -> reason, rank -> divergence), sorted by key."""
-    parts = [local]
-    if world > 1:
-        parts = [{} for _ in range(world)]
-        dist.all_gather_object(parts, local)
-    return dict(sorted(kv for part in parts for kv in part.items()))
-
-
 def _use_device(device: torch.device | str) -> torch.device:
     """``device`` with its index (``cuda``: the current GPU), made the current GPU: NCCL and
     ``all_gather_object`` use the current one."""
@@ -622,10 +267,3 @@ def _use_device(device: torch.device | str) -> torch.device:
         device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         torch.cuda.set_device(device)
     return device
-
-
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast where ``fcn.resolve_precision`` picks it (Ampere or newer GPUs), else fp32."""
-    if fcn.resolve_precision("auto", device) == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
