@@ -123,7 +123,7 @@ class Predictor:
         self.bf16 = bool(bf16)
         self.channels_last = bool(channels_last)
         self.stride = int(model.output_stride)
-        self.margin = _round_up(math.ceil(model.receptive_field / 2) + DECODER_REACH, self.stride)
+        self.margin = tile_margin(int(model.receptive_field), self.stride)
         self.tile_size = int(tile_size) // self.stride * self.stride
         if self.tile_size <= 2 * self.margin:
             raise ValueError(
@@ -207,15 +207,12 @@ class Predictor:
     ) -> Prediction:
         height, width = _size(image)
         tiled = {task: _TiledHead(height, width, classes, confidence) for task, classes in self.head_classes.items()}
-        for y0, y1, cy0, cy1 in _spans(height, self.tile_size, self.margin):
-            for x0, x1, cx0, cx1 in _spans(width, self.tile_size, self.margin):
-                tile = self._encode(_crop(image, y0, y1, x0, x1))[None]
-                logits = {
-                    task: t[..., cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] for task, t in self._logits(tile).items()
-                }
-                [part] = self._decode(logits, confidence, statistics)
-                for task, head in tiled.items():
-                    head.add(part.heads.get(task, part), cy0, cy1, cx0, cx1, statistics)
+        for y0, y1, x0, x1, cy0, cy1, cx0, cx1 in tile_windows(height, width, self.tile_size, self.margin):
+            tile = self._encode(_crop(image, y0, y1, x0, x1))[None]
+            logits = {task: t[..., cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] for task, t in self._logits(tile).items()}
+            [part] = self._decode(logits, confidence, statistics)
+            for task, head in tiled.items():
+                head.add(part.heads.get(task, part), cy0, cy1, cx0, cx1, statistics)
         first, *further = (head.prediction(statistics) for head in tiled.values())
         first.heads = dict(zip(list(tiled)[1:], further))
         return first
@@ -327,6 +324,24 @@ def _crop(image: np.ndarray | Tensor | dict[str, np.ndarray | Tensor], y0: int, 
     if isinstance(image, dict):
         return {m: _crop(v, y0, y1, x0, x1) for m, v in image.items()}
     return image[:, y0:y1, x0:x1] if isinstance(image, Tensor) else image[y0:y1, x0:x1]
+
+
+def tile_margin(receptive_field: int, stride: int) -> int:
+    """Input pixels that tiled inference drops on each side of a tile that borders another: half the
+    receptive field plus ``DECODER_REACH``, rounded up to the output ``stride``."""
+    return _round_up(math.ceil(receptive_field / 2) + DECODER_REACH, stride)
+
+
+def tile_windows(height: int, width: int, tile_size: int, margin: int) -> list[tuple[int, ...]]:
+    """The tiles of a ``height`` x ``width`` image, row by row, as ``(y0, y1, x0, x1, core_y0, core_y1, core_x0,
+    core_x1)``: each reads input rows ``y0:y1`` and columns ``x0:x1`` (starts on the stride grid, at most
+    ``tile_size`` long) and keeps its core, which lies ``margin`` inside every side bordering another tile; the
+    cores partition the image (``tile_size`` and ``margin`` are multiples of the stride, see ``tile_margin``)."""
+    return [
+        (y0, y1, x0, x1, cy0, cy1, cx0, cx1)
+        for y0, y1, cy0, cy1 in _spans(height, tile_size, margin)
+        for x0, x1, cx0, cx1 in _spans(width, tile_size, margin)
+    ]
 
 
 def _round_up(value: int, multiple: int) -> int:
