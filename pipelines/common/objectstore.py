@@ -11,6 +11,7 @@ import json
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -30,6 +31,11 @@ CONCURRENT_REQUESTS = 64
 """Most requests one ``get_all``/``put_all`` call keeps in flight."""
 BOTOCORE_DEFAULT_ATTEMPTS = 5
 """Attempts per request when ``config_kwargs`` sets none: botocore's default (legacy mode), as with s3fs."""
+S3FS_ATTEMPTS = 5
+"""Attempts over those, when S3 throttles or a connection fails: s3fs's own retries, kept so that retries
+count as they did with s3fs."""
+_S3FS_RETRIED = ("SlowDown", "reduce your request rate", " - HTTP error: ")
+"""Signs in obstore's messages of the errors s3fs retries: throttling, and a failed connection (no status)."""
 
 _CACHE_ONLY_OPTIONS = frozenset(
     {
@@ -266,20 +272,50 @@ def _as_io_error(error: Exception) -> Exception:
     return OSError(message)
 
 
+def _s3fs_would_retry(error: Exception) -> bool:
+    """Whether s3fs retries ``error`` by itself, over botocore's retries: throttling and failed connections."""
+    message = str(error)
+    return any(sign in message for sign in _S3FS_RETRIED)
+
+
+def _s3fs_wait_s(attempt: int) -> float:
+    """s3fs's wait before its retry number ``attempt + 1``."""
+    return min(1.7**attempt * 0.1, 15.0)
+
+
 def _obstore_call(action: Callable[[], T]) -> T:
-    try:
-        return action()
-    except Exception as error:
-        raise _as_io_error(error) from error
+    """``action()`` with s3fs's own retries (``S3FS_ATTEMPTS``); its error as ``_as_io_error`` makes it."""
+    for attempt in range(S3FS_ATTEMPTS):
+        try:
+            return action()
+        except Exception as error:
+            if attempt == S3FS_ATTEMPTS - 1 or not _s3fs_would_retry(error):
+                raise _as_io_error(error) from error
+        time.sleep(_s3fs_wait_s(attempt))
+    raise AssertionError("unreachable")
 
 
 async def _get_async(store: S3Store, key: str) -> bytes:
-    result = await obstore.get_async(store, key)
-    return bytes(await result.bytes_async())
+    for attempt in range(S3FS_ATTEMPTS):
+        try:
+            result = await obstore.get_async(store, key)
+            return bytes(await result.bytes_async())
+        except Exception as error:
+            if attempt == S3FS_ATTEMPTS - 1 or not _s3fs_would_retry(error):
+                raise
+        await asyncio.sleep(_s3fs_wait_s(attempt))
+    raise AssertionError("unreachable")
 
 
 async def _put_async(store: S3Store, key: str, data: bytes) -> None:
-    await obstore.put_async(store, key, data)
+    for attempt in range(S3FS_ATTEMPTS):
+        try:
+            await obstore.put_async(store, key, data)
+            return
+        except Exception as error:
+            if attempt == S3FS_ATTEMPTS - 1 or not _s3fs_would_retry(error):
+                raise
+        await asyncio.sleep(_s3fs_wait_s(attempt))
 
 
 async def _gather(calls: list[Coroutine[Any, Any, T]]) -> list[T | Exception]:

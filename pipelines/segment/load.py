@@ -12,9 +12,9 @@ import posixpath
 import time
 from typing import Any
 
-import fsspec
 import pyarrow as pa
 
+from pipelines.common import objectstore
 from pipelines.common.decode import decode_depth, decode_image, device_jpeg_orientation
 from pipelines.common.storage import PERMANENT_IO_ERRORS, backoff_s
 from pipelines.segment import schema as columns_schema
@@ -26,36 +26,29 @@ DEPTH_MODALITIES = frozenset({"depth", "hha"})
 
 
 def read_sources(batch: pa.Table, *, storage_options: dict[str, Any], retries: int) -> pa.Table:
-    """Fetch the bytes of every image in ``batch`` (concurrently, per filesystem) and retry transient
-    errors up to ``retries`` times; adds ``data``, ``read_error`` and ``read_ms`` (never raises)."""
+    """Fetch the bytes of every image in ``batch`` (concurrently, ``pipelines.common.objectstore.get_all``)
+    and retry transient errors up to ``retries`` times; adds ``data``, ``read_error`` and ``read_ms`` (never
+    raises)."""
     start = time.perf_counter()
     uris = batch["image_uri"].to_pylist()
     data: list[bytes | None] = [None] * len(uris)
     errors: list[str | None] = [None] * len(uris)
-    groups: dict[int, tuple[fsspec.AbstractFileSystem, list[tuple[int, str]]]] = {}
-    for i, uri in enumerate(uris):
-        fs, path = fsspec.core.url_to_fs(uri, **storage_options)
-        groups.setdefault(id(fs), (fs, []))[1].append((i, path))
-    for fs, pending in groups.values():
-        for attempt in range(retries + 1):
-            try:
-                results = fs.cat([path for _, path in pending], on_error="return")
-            except Exception as error:  # the whole request failed (e.g. connection refused)
-                results = {path: error for _, path in pending}
-            retry = []
-            for i, path in pending:
-                result = results.get(path, FileNotFoundError(path))
-                if isinstance(result, bytes):
-                    data[i], errors[i] = result, None
-                elif isinstance(result, PERMANENT_IO_ERRORS):
-                    errors[i] = "read: file not found" if isinstance(result, FileNotFoundError) else f"read: {result}"
-                else:
-                    errors[i] = f"read: {type(result).__name__}: {result} (after {attempt + 1} attempts)"
-                    retry.append((i, path))
-            if not retry or attempt == retries:
-                break
-            pending = retry
-            time.sleep(backoff_s(attempt))
+    pending = list(range(len(uris)))
+    for attempt in range(retries + 1):
+        results = objectstore.get_all([uris[i] for i in pending], storage_options)
+        retry = []
+        for i, result in zip(pending, results):
+            if isinstance(result, bytes):
+                data[i], errors[i] = result, None
+            elif isinstance(result, PERMANENT_IO_ERRORS):
+                errors[i] = "read: file not found" if isinstance(result, FileNotFoundError) else f"read: {result}"
+            else:
+                errors[i] = f"read: {type(result).__name__}: {result} (after {attempt + 1} attempts)"
+                retry.append(i)
+        if not retry or attempt == retries:
+            break
+        pending = retry
+        time.sleep(backoff_s(attempt))
     read_ms = (time.perf_counter() - start) * 1000 / max(len(uris), 1)
     return (
         batch.append_column("data", pa.array(data, pa.large_binary()))

@@ -3,9 +3,10 @@ masks (and overlays), writes them, and writes each batch's statistics as one Par
 
 ``<output>/stats/`` holds Parquet files named ``part-<run id>-<uuid>.parquet``. Each is written whole
 (local disks: temporary hidden name + rename; object stores: one PUT), so a reader or a resumed run
-never sees a partial file (``pipelines.segment.resume`` reads and compacts them). That write is
-``fcn.registry.write_atomic``, the one the model library writes checkpoints and the registry with (``fcn``
-is the lower layer, so the jobs import it from there).
+never sees a partial file (``pipelines.segment.resume`` reads and compacts them). Masks, overlays and parts
+go through ``pipelines.common.objectstore`` (obstore on S3, fsspec elsewhere); parts with ``atomic=True``,
+i.e. ``fcn.registry.write_atomic`` off S3, the write the model library saves checkpoints and the registry
+with.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fcn.registry import write_atomic
-from pipelines.common.storage import with_retries
+from pipelines.common import objectstore
+from pipelines.common.storage import PERMANENT_IO_ERRORS, backoff_s, with_retries
 from pipelines.segment import schema as columns_schema
 from pipelines.segment.listing import output_name, unsafe_key_reason
 from pipelines.segment.masks import encode_mask, encode_overlay
@@ -83,15 +84,15 @@ def store_results(
         try:
             for task in tasks:
                 label_map = _label_map(labels[task][i], heights[i], widths[i])
-                mask_path = output_path(root, mask_folder(task, tasks), keys[i], ".png")
-                files[mask_path], owners[mask_path] = encode_mask(label_map, heads[task]["palette"]), i
-                mask_uris[task][i] = fs.unstrip_protocol(mask_path)
+                mask_uri = fs.unstrip_protocol(output_path(root, mask_folder(task, tasks), keys[i], ".png"))
+                files[mask_uri], owners[mask_uri] = encode_mask(label_map, heads[task]["palette"]), i
+                mask_uris[task][i] = mask_uri
             if pixels[i] is not None:
                 rgb = np.frombuffer(pixels[i], np.uint8).reshape(heights[i], widths[i], 3)
-                overlay_path = output_path(root, OVERLAYS_DIR, keys[i], ".jpg")
+                overlay_uri = fs.unstrip_protocol(output_path(root, OVERLAYS_DIR, keys[i], ".jpg"))
                 label_map = _label_map(labels[tasks[0]][i], heights[i], widths[i])
-                files[overlay_path], owners[overlay_path] = encode_overlay(rgb, label_map, model.palette), i
-                overlay_uris[i] = fs.unstrip_protocol(overlay_path)
+                files[overlay_uri], owners[overlay_uri] = encode_overlay(rgb, label_map, model.palette), i
+                overlay_uris[i] = overlay_uri
         except Exception as error:
             errors[i] = f"encode: {type(error).__name__}: {error}"
             for uris in mask_uris.values():
@@ -100,10 +101,10 @@ def store_results(
             continue
         write_ms[i] = (time.perf_counter() - start) * 1000
     start = time.perf_counter()
-    failures = _put_files(fs, files, retries)
+    failures = _put_files(files, storage_options, retries)
     share_ms = (time.perf_counter() - start) * 1000 / max(len(set(owners.values())), 1)
-    for path, reason in failures.items():
-        i = owners[path]
+    for uri, reason in failures.items():
+        i = owners[uri]
         errors[i], overlay_uris[i] = f"write: {reason}", None
         for uris in mask_uris.values():
             uris[i] = None
@@ -184,34 +185,30 @@ def _class_statistics(
     }
 
 
-def _put_files(fs: fsspec.AbstractFileSystem, files: dict[str, bytes], retries: int) -> dict[str, str]:
-    """Write all ``files`` (concurrently where the filesystem can), then retry those that failed one by
-    one; return {path: reason} of the files that could not be written."""
-    for parent in {path.rsplit("/", 1)[0] for path in files}:
-        fs.makedirs(parent, exist_ok=True)
-    try:
-        fs.pipe(files)
-        return {}
-    except Exception:
-        failures = {}
-        for path, data in files.items():
-            try:
-                with_retries(lambda path=path, data=data: fs.pipe_file(path, data), retries)
-            except Exception as error:
-                failures[path] = f"{type(error).__name__}: {error}"
-        return failures
+def _put_files(files: dict[str, bytes], storage_options: dict[str, Any], retries: int) -> dict[str, str]:
+    """Write all ``files`` ({URI: content}) concurrently (``pipelines.common.objectstore.put_all``), then
+    those that failed with a transient error again, up to ``retries`` times, with back-off; return
+    {URI: reason} of the files that could not be written."""
+    failures = objectstore.put_all(files, storage_options)
+    for attempt in range(retries):
+        transient = [uri for uri, error in failures.items() if not isinstance(error, PERMANENT_IO_ERRORS)]
+        if not transient:
+            break
+        time.sleep(backoff_s(attempt))
+        for uri in transient:
+            del failures[uri]
+        failures.update(objectstore.put_all({uri: files[uri] for uri in transient}, storage_options))
+    return {uri: f"{type(error).__name__}: {error}" for uri, error in failures.items()}
 
 
 def write_part(stats_uri: str, rows: pa.Table, run_id: str, storage_options: dict[str, Any], retries: int = 0) -> str:
     """Write ``rows`` as one new Parquet file under ``stats_uri``, atomically; return its URI. A failed
     write is retried ``retries`` times under the same name, so a PUT that failed after the store kept it
     cannot leave the rows twice; the last failure is raised as an OSError naming the file."""
-    fs, root = fsspec.core.url_to_fs(stats_uri, **storage_options)
-    path = f"{root.rstrip('/')}/part-{run_id}-{uuid.uuid4().hex[:12]}.parquet"
-    fs.makedirs(root, exist_ok=True)
+    uri = f"{stats_uri.rstrip('/')}/part-{run_id}-{uuid.uuid4().hex[:12]}.parquet"
     data = parquet_bytes(rows)
-    retried(lambda: write_atomic(fs, path, data), retries, f"write: stats part {fs.unstrip_protocol(path)}")
-    return fs.unstrip_protocol(path)
+    retried(lambda: objectstore.put_bytes(uri, data, storage_options, atomic=True), retries, f"write: stats part {uri}")
+    return uri
 
 
 def retried(action: Callable[[], None], retries: int, what: str) -> None:
