@@ -31,8 +31,8 @@ from torch import nn
 
 from fcn.classes import VOC_CLASSES, numbered_class_names, voc_palette
 from fcn.conventions import get_convention
+from fcn.heads import PRIMARY_HEAD, split_heads
 from fcn.models import get_model
-from fcn.models.fcn import PRIMARY_TASK
 from fcn.registry import resolve_checkpoint_uri, write_atomic
 from fcn.weights import pytorch_fcn_names
 
@@ -58,7 +58,7 @@ class Checkpoint:
     meta: dict[str, Any] = field(default_factory=dict)
     uri: str = ""
     heads: dict[str, dict[str, list]] = field(default_factory=dict)
-    """Every head by task name: {"class_names": [...], "palette": [...]}; the first is ``class_names``'s."""
+    """Every head by name: {"class_names": [...], "palette": [...]}; the first is ``class_names``'s."""
     modalities: list[str] = field(default_factory=lambda: ["rgb"])
 
 
@@ -76,7 +76,7 @@ def save_checkpoint(
     """Write ``model`` (built by ``fcn.get_model``) and its description to ``uri``; return ``uri``.
 
     ``class_names`` (the first head's) defaults to the VOC names for 21 classes (``class_0``...
-    otherwise), ``palette`` to the VOC colour map; ``head_class_names`` names a multi-task net's
+    otherwise), ``palette`` to the VOC colour map; ``head_class_names`` names a multi-head net's
     further heads' classes (default ``class_0``...; their palette is VOC's). ``meta`` must be plain data
     (str, int, float, bool, None, lists, dicts, tensors). Local files are written to a temporary name
     and renamed; object stores receive one PUT.
@@ -94,14 +94,14 @@ def save_checkpoint(
     palette = voc_palette() if palette is None else [int(v) for v in palette]
     if len(palette) % 3 or len(palette) > 768 or not all(0 <= v <= 255 for v in palette):
         raise ValueError("palette must be at most 256 RGB triples of ints in [0, 255]")
-    head_classes = getattr(model, "head_classes", {PRIMARY_TASK: num_classes})
-    tasks = list(head_classes)
-    heads = {tasks[0]: {"class_names": class_names, "palette": palette}}
-    for task in tasks[1:]:
-        names = [str(n) for n in (head_class_names or {}).get(task, numbered_class_names(head_classes[task]))]
-        if len(names) != head_classes[task]:
-            raise ValueError(f"{len(names)} class names given for head {task!r} with {head_classes[task]} classes")
-        heads[task] = {"class_names": names, "palette": voc_palette()}
+    head_classes = getattr(model, "head_classes", {PRIMARY_HEAD: num_classes})
+    primary, further = split_heads(head_classes)
+    heads = {primary: {"class_names": class_names, "palette": palette}}
+    for head in further:
+        names = [str(n) for n in (head_class_names or {}).get(head, numbered_class_names(head_classes[head]))]
+        if len(names) != head_classes[head]:
+            raise ValueError(f"{len(names)} class names given for head {head!r} with {head_classes[head]} classes")
+        heads[head] = {"class_names": names, "palette": voc_palette()}
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -169,7 +169,7 @@ def load_checkpoint(
         input_convention=convention,
         meta=payload["meta"],
         uri=uri,
-        heads=payload.get("heads") or {PRIMARY_TASK: {"class_names": class_names, "palette": list(payload["palette"])}},
+        heads=payload.get("heads") or {PRIMARY_HEAD: {"class_names": class_names, "palette": list(payload["palette"])}},
         modalities=list(payload.get("modalities", ["rgb"])),
     )
 

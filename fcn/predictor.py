@@ -26,8 +26,8 @@ from torch import Tensor, nn
 
 from fcn.checkpoint import Checkpoint, load_checkpoint
 from fcn.conventions import InputConvention, get_convention
+from fcn.heads import split_heads
 from fcn.image import to_rgb_array
-from fcn.models.fcn import PRIMARY_TASK
 
 DEFAULT_TILE_SIZE = 2048
 DEFAULT_MAX_PIXELS = DEFAULT_TILE_SIZE**2
@@ -42,16 +42,28 @@ reads more than RGB, a dict of its inputs by modality (see ``InputConvention.enc
 
 
 @dataclass
-class Prediction:
-    """Per-pixel class labels (HxW) and, if requested, the softmax probability of that label
+class HeadPrediction:
+    """One head's per-pixel class labels (HxW) and, if requested, the softmax probability of that label
     (``confidence``) and the per-image statistics computed on the device (``statistics``)."""
 
     labels: np.ndarray
     confidence: np.ndarray | None = None
     pixel_counts: np.ndarray | None = None  # int64 [num_classes]: pixels per label; sums to H*W
     mean_confidence: float | None = None  # mean over pixels of the winning label's probability
-    heads: dict[str, Prediction] = field(default_factory=dict)
-    """The further heads of a multi-task network, by task name (the first head's are the fields above)."""
+
+
+@dataclass
+class Prediction(HeadPrediction):
+    """One image's prediction: every head's in ``heads`` (by head name, in the network's order); the fields
+    are the primary head's (see ``fcn.heads``), the only head of a single-head network."""
+
+    heads: dict[str, HeadPrediction] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, heads: dict[str, HeadPrediction]) -> Prediction:
+        """The prediction of every head in ``heads``, its fields the primary head's."""
+        primary, _ = split_heads(heads)
+        return cls(**vars(heads[primary]), heads=heads)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -115,7 +127,9 @@ class Predictor:
         tile_size: int = DEFAULT_TILE_SIZE,
         batch_pixels: int | None = None,
     ) -> None:
-        missing = [a for a in ("num_classes", "receptive_field", "output_stride") if not hasattr(model, a)]
+        missing = [
+            a for a in ("num_classes", "head_classes", "receptive_field", "output_stride") if not hasattr(model, a)
+        ]
         if missing:
             raise ValueError(f"model lacks {missing}; build it with fcn.get_model")
         self.device = resolve_device(device)
@@ -134,7 +148,7 @@ class Predictor:
         self.max_pixels = int(max_pixels)
         self.batch_pixels = int(batch_pixels or max_pixels)
         self.num_classes = int(model.num_classes)
-        self.head_classes = dict(getattr(model, "head_classes", {PRIMARY_TASK: self.num_classes}))
+        self.head_classes = dict(model.head_classes)
         self.modalities = tuple(getattr(model, "modalities", ("rgb",)))
         memory_format = torch.channels_last if self.channels_last else torch.preserve_format
         self.model = model.eval().to(self.device, memory_format=memory_format)
@@ -206,36 +220,28 @@ class Predictor:
         self, image: np.ndarray | Tensor | dict[str, np.ndarray | Tensor], confidence: bool, statistics: bool
     ) -> Prediction:
         height, width = _size(image)
-        tiled = {task: _TiledHead(height, width, classes, confidence) for task, classes in self.head_classes.items()}
+        tiled = {head: _TiledHead(height, width, classes, confidence) for head, classes in self.head_classes.items()}
         for y0, y1, x0, x1, cy0, cy1, cx0, cx1 in tile_windows(height, width, self.tile_size, self.margin):
             tile = self._encode(_crop(image, y0, y1, x0, x1))[None]
-            logits = {task: t[..., cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] for task, t in self._logits(tile).items()}
+            logits = {head: t[..., cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] for head, t in self._logits(tile).items()}
             [part] = self._decode(logits, confidence, statistics)
-            for task, head in tiled.items():
-                head.add(part.heads.get(task, part), cy0, cy1, cx0, cx1, statistics)
-        first, *further = (head.prediction(statistics) for head in tiled.values())
-        first.heads = dict(zip(list(tiled)[1:], further))
-        return first
+            for head, outputs in tiled.items():
+                outputs.add(part.heads[head], cy0, cy1, cx0, cx1, statistics)
+        return Prediction.of({head: outputs.prediction(statistics) for head, outputs in tiled.items()})
 
     def _logits(self, batch: Tensor) -> dict[str, Tensor]:
-        """The network's float32 logits by task for a normalised batch [N, C, H, W] on the device (the heads
+        """The network's float32 logits by head for a normalised batch [N, C, H, W] on the device (the heads
         compute in float32 under autocast: only the trunk runs in bf16)."""
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            out = self.model(batch)
-            scores = out if isinstance(out, dict) else {next(iter(self.head_classes)): out}
-            return {task: t.float() for task, t in scores.items()}
+            return {head: scores.float() for head, scores in self.model(batch).items()}
 
     def _decode(self, logits: dict[str, Tensor], confidence: bool, statistics: bool) -> list[Prediction]:
-        """One ``Prediction`` per image of ``logits`` (by task, [N, C, H, W] each): the first task's in
-        its fields, the others in ``heads``."""
-        per_task = [_decode_head(t, confidence, statistics) for t in logits.values()]
-        tasks = list(logits)
-        predictions = per_task[0]
-        for j, prediction in enumerate(predictions):
-            prediction.heads = {task: per_task[k][j] for k, task in enumerate(tasks) if k}
-        return predictions
+        """One ``Prediction`` per image of ``logits`` (by head, [N, C, H, W] each)."""
+        per_head = {head: _decode_head(scores, confidence, statistics) for head, scores in logits.items()}
+        images = len(next(iter(logits.values())))
+        return [Prediction.of({head: decoded[j] for head, decoded in per_head.items()}) for j in range(images)]
 
 
 class _TiledHead:
@@ -246,7 +252,7 @@ class _TiledHead:
         self.confidence = np.empty((height, width), dtype=np.float32) if confidence else None
         self.counts, self.confidence_sum = np.zeros(classes, np.int64), 0.0
 
-    def add(self, part: Prediction, cy0: int, cy1: int, cx0: int, cx1: int, statistics: bool) -> None:
+    def add(self, part: HeadPrediction, cy0: int, cy1: int, cx0: int, cx1: int, statistics: bool) -> None:
         self.labels[cy0:cy1, cx0:cx1] = part.labels
         if self.confidence is not None:
             self.confidence[cy0:cy1, cx0:cx1] = part.confidence
@@ -254,14 +260,14 @@ class _TiledHead:
             self.counts += part.pixel_counts
             self.confidence_sum += part.mean_confidence * part.labels.size
 
-    def prediction(self, statistics: bool) -> Prediction:
+    def prediction(self, statistics: bool) -> HeadPrediction:
         if not statistics:
-            return Prediction(self.labels, self.confidence)
-        return Prediction(self.labels, self.confidence, self.counts, self.confidence_sum / self.labels.size)
+            return HeadPrediction(self.labels, self.confidence)
+        return HeadPrediction(self.labels, self.confidence, self.counts, self.confidence_sum / self.labels.size)
 
 
-def _decode_head(logits: Tensor, confidence: bool, statistics: bool) -> list[Prediction]:
-    """One ``Prediction`` per image of one head's ``logits`` [N, C, H, W]: arg-max labels and, as asked,
+def _decode_head(logits: Tensor, confidence: bool, statistics: bool) -> list[HeadPrediction]:
+    """One ``HeadPrediction`` per image of one head's ``logits`` [N, C, H, W]: arg-max labels and, as asked,
     the softmax probability of the arg-max and the statistics (reduced on the device)."""
     top, labels = logits.max(1)  # (much faster than argmax on CPU; same first-maximum ties)
     classes = logits.shape[1]
@@ -277,7 +283,7 @@ def _decode_head(logits: Tensor, confidence: bool, statistics: bool) -> list[Pre
     labels_np = labels.cpu().numpy()
     probability_np = probability.cpu().numpy() if confidence else None
     return [
-        Prediction(
+        HeadPrediction(
             labels_np[j],
             None if probability_np is None else probability_np[j],
             None if counts is None else counts[j],

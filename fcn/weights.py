@@ -134,7 +134,7 @@ def load_backbone(model: ModelT, source: str | Mapping[str, torch.Tensor]) -> Mo
 
 
 def pytorch_fcn_names(model: nn.Module) -> dict[str, str]:
-    """{pytorch-fcn name: this model's state_dict key} for a single-stream, single-task FCN, whose
+    """{pytorch-fcn name: this model's state_dict key} for a single-stream, single-head FCN, whose
     trunk and head layers carry pytorch-fcn's names (``conv1_1.weight`` -> ``streams.rgb.conv1_1.weight``,
     ``score_fr.weight`` -> ``heads.semantic.rgb.score_fr.weight``). ValueError for other nets."""
     if len(model.streams) != 1 or len(model.heads) != 1:
@@ -142,8 +142,8 @@ def pytorch_fcn_names(model: nn.Module) -> dict[str, str]:
             f"{model.arch['name']} has {len(model.streams)} streams and {len(model.heads)} heads; "
             "pytorch-fcn's flat names describe one of each"
         )
-    (stream,), (task,) = model.streams.keys(), model.heads.keys()
-    prefixes = (f"streams.{stream}.", f"heads.{task}.{stream}.")
+    (stream,), (head,) = model.streams.keys(), model.heads.keys()
+    prefixes = (f"streams.{stream}.", f"heads.{head}.{stream}.")
     return {key.removeprefix(next(p for p in prefixes if key.startswith(p))): key for key in model.state_dict()}
 
 

@@ -122,7 +122,7 @@ def test_score_peaks_sit_at_the_centre_of_the_pixels_they_pool(
     x = torch.zeros(width_px, 3, 1, width_px)
     x[torch.arange(width_px), 0, 0, torch.arange(width_px)] = 1.0
     with torch.no_grad():
-        score = model(x)[:, 1, 0, :]  # [impulse position, output column]
+        score = model(x)["semantic"][:, 1, 0, :]  # [impulse position, output column]
     peak = score.max(dim=1, keepdim=True).values
     at_peak = (score >= peak - 1e-5 * peak).float()
     centre = (at_peak * torch.arange(width_px)).sum(1) / at_peak.sum(1)
@@ -249,7 +249,7 @@ def test_aligned_masks_agree_with_reference_for_fitted_weights() -> None:
     aligned = get_model("fcn8s_vgg16", width=WIDTH, num_classes=6, geometry="aligned").eval()
     aligned.load_state_dict(reference.state_dict())
     with torch.no_grad():
-        ref_mask, ali_mask = reference(x).argmax(1), aligned(x).argmax(1)
+        ref_mask, ali_mask = reference(x)["semantic"].argmax(1), aligned(x)["semantic"].argmax(1)
     background = (y == 0).float().mean()
     assert (ref_mask == y).float().mean() > background + 0.05  # the weights do segment
     assert (ref_mask != 0).any() and (ali_mask != 0).any()

@@ -38,8 +38,9 @@ def test_output_is_input_sized_for_any_input(name: str, geometry: str) -> None:
     with torch.no_grad():
         for h, w in [(1, 1), (2, 7), (31, 33), (45, 97)]:
             out = model(torch.randn(2, 3, h, w))
-            assert out.shape == (2, 5, h, w), (h, w)
-            assert torch.isfinite(out).all()
+            assert list(out) == ["semantic"]  # a single-head net's scores are a dict too
+            assert out["semantic"].shape == (2, 5, h, w), (h, w)
+            assert torch.isfinite(out["semantic"]).all()
 
 
 @pytest.mark.parametrize("output_stride", [16, 8])
@@ -50,13 +51,13 @@ def test_rarefied_nets_are_input_sized(name: str, geometry: str, output_stride: 
     assert model.output_stride == output_stride
     with torch.no_grad():
         for h, w in [(1, 1), (17, 40)]:
-            assert model(torch.randn(1, 3, h, w)).shape == (1, 21, h, w)
+            assert model(torch.randn(1, 3, h, w))["semantic"].shape == (1, 21, h, w)
 
 
 def test_large_odd_input_full_width_shape() -> None:
     with torch.device("meta"):
         model = get_model("fcn8s_vgg16").eval()
-        out = model(torch.empty(1, 3, 1001, 777))
+        out = model(torch.empty(1, 3, 1001, 777))["semantic"]
     assert out.shape == (1, 21, 1001, 777)
     assert model.backbone.fc6.weight.shape == (4096, 512, 7, 7)
     assert model.backbone.fc7.weight.shape == (4096, 4096, 1, 1)
@@ -127,7 +128,7 @@ def test_at_once_scales_pool4_and_pool3() -> None:
     x = torch.randn(1, 3, 40, 50)
     with torch.no_grad():
         a, b = at_once(x), plain(x)
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)  # (dicts of scores by head)
     assert at_once.arch["name"] == "fcn8s_atonce_vgg16"
 
 
@@ -136,9 +137,9 @@ def test_skips_contribute() -> None:
     model = randomize_scores(get_model("fcn8s_vgg16", width=WIDTH)).eval()
     x = torch.randn(1, 3, 48, 48)
     with torch.no_grad():
-        before = model(x)
+        before = model(x)["semantic"]
         model.head.score_pool3.weight.mul_(2)
-        after = model(x)
+        after = model(x)["semantic"]
     assert not torch.allclose(before, after)
 
 
@@ -262,7 +263,7 @@ def test_trunks_are_torchvision_definitions(name: str, classifier, dropped: tupl
 
 
 @pytest.mark.parametrize("name", [*NYUD_NAMES, *SIFTFLOW_NAMES])
-def test_nyud_and_siftflow_nets_read_their_modalities_and_return_their_heads(name: str) -> None:
+def test_nyud_and_siftflow_nets_read_their_modalities_and_return_a_dict_of_their_heads(name: str) -> None:
     model = randomize_scores(get_model(name, width=WIDTH)).eval()
     channels = {"rgb": 3, "depth": 1, "hha": 3}
     assert model.in_channels == sum(channels[m] for m in model.modalities)
@@ -270,10 +271,8 @@ def test_nyud_and_siftflow_nets_read_their_modalities_and_return_their_heads(nam
         out = model(torch.randn(2, model.in_channels, 29, 41))
     expected = {"semantic": 40} if "siftflow" not in name else {"semantic": 33, "geometric": 3}
     assert model.head_classes == expected
-    if len(expected) == 1:
-        assert out.shape == (2, 40, 29, 41)
-    else:
-        assert {task: tuple(t.shape) for task, t in out.items()} == {t: (2, n, 29, 41) for t, n in expected.items()}
+    assert {head: tuple(t.shape) for head, t in out.items()} == {h: (2, n, 29, 41) for h, n in expected.items()}
+    assert list(out) == list(expected)  # in head order, the first head first
     with pytest.raises(ValueError, match=rf"\[N, {model.in_channels}, H, W\]"):
         model(torch.randn(1, 3 if model.in_channels != 3 else 4, 32, 32))
     rebuilt = get_model(model.arch["name"], **model.arch["kwargs"])
@@ -302,7 +301,7 @@ def test_late_fusion_averages_the_two_streams_scores() -> None:
     assert list(model.streams) == ["rgb", "hha"] and list(model.heads["semantic"]) == ["rgb", "hha"]
     x = torch.randn(1, 6, 45, 51)
     with torch.no_grad():
-        fused = model(x)
+        fused = model(x)["semantic"]
         rgb = model.heads["semantic"]["rgb"](model.streams["rgb"].features(x[:, :3]), x.shape[-2:])
         hha = model.heads["semantic"]["hha"](model.streams["hha"].features(x[:, 3:]), x.shape[-2:])
         # the same average taken before upsampling: one head's layers applied to the averaged scores
@@ -355,9 +354,9 @@ def test_finer_skips_continue_the_pattern(name: str, skips: int, last: str) -> N
     x = torch.randn(1, 3, 37, 43)
     finest = getattr(model.head, f"score_{head.skips[-1]}")
     with torch.no_grad():
-        before = model(x)
+        before = model(x)["semantic"]
         finest.weight.mul_(2)
-        after = model(x)
+        after = model(x)["semantic"]
     assert before.shape == (1, 3, 37, 43) and not torch.allclose(before, after)
 
 

@@ -69,7 +69,7 @@ def test_labels_and_confidence_match_a_direct_forward(model: torch.nn.Module, co
     out = Predictor(model, input_convention=convention, device="cpu")(rgb, confidence=True)
     x = fcn.get_convention(convention).to_tensor(rgb)[None]
     with torch.no_grad():
-        probs = model(x).softmax(1)[0]
+        probs = model(x)["semantic"].softmax(1)[0]
     np.testing.assert_array_equal(out.labels, probs.argmax(0).numpy())
     np.testing.assert_allclose(out.confidence, probs.max(0).values.numpy(), rtol=1e-5, atol=1e-6)
     assert len(np.unique(out.labels)) >= 3
@@ -127,6 +127,7 @@ def test_ten_thousand_square_image_has_bounded_peak_memory() -> None:
 
         class PooledClassifier(torch.nn.Module):
             num_classes, receptive_field, output_stride = 2, 8, 8
+            head_classes = {"semantic": 2}
 
             def __init__(self):
                 super().__init__()
@@ -134,7 +135,8 @@ def test_ten_thousand_square_image_has_bounded_peak_memory() -> None:
 
             def forward(self, x):
                 coarse = self.score(F.avg_pool2d(x, 8, ceil_mode=True))
-                return F.interpolate(coarse, scale_factor=8.0, mode="nearest")[..., : x.shape[2], : x.shape[3]]
+                scores = F.interpolate(coarse, scale_factor=8.0, mode="nearest")[..., : x.shape[2], : x.shape[3]]
+                return {"semantic": scores}
 
         torch.manual_seed(0)
         torch.set_num_threads(1)  # memory-bound work; spare the shared test machine
@@ -186,7 +188,7 @@ def test_bf16_trunk_leaves_labels_and_confidence_to_a_float32_head(model: torch.
     x = fcn.get_convention("torchvision").to_tensor(rgb)[None]
     net = copy.deepcopy(model)
     with torch.no_grad():
-        spread = net(x).std()
+        spread = net(x)["semantic"].std()
         for name, parameter in net.head.named_parameters():
             if name.startswith("score"):
                 parameter /= spread  # the head is linear: logits of unit spread
@@ -268,13 +270,14 @@ def test_a_two_head_net_is_predicted_per_head_whole_and_tiled_alike() -> None:
     image = np.random.default_rng(0).integers(0, 255, (900, 700, 3), dtype=np.uint8)
     whole = Predictor(net, device="cpu")(image, statistics=True)
     tiled = Predictor(net, device="cpu", max_pixels=64 * 64, tile_size=640)(image, statistics=True)
-    assert list(whole.heads) == list(tiled.heads) == ["geometric"]
-    geometric = whole.heads["geometric"]
+    assert list(whole.heads) == list(tiled.heads) == ["semantic", "geometric"]  # every head, in order
+    semantic, geometric = whole.heads["semantic"], whole.heads["geometric"]
     assert geometric.labels.shape == (900, 700) and geometric.labels.max() < 3 and len(geometric.pixel_counts) == 3
-    assert len(whole.pixel_counts) == 33 and len(np.unique(geometric.labels)) > 1
-    for ours, theirs in ((whole, tiled), (geometric, tiled.heads["geometric"])):
-        np.testing.assert_array_equal(ours.labels, theirs.labels)
-        np.testing.assert_array_equal(ours.pixel_counts, theirs.pixel_counts)
+    assert len(semantic.pixel_counts) == 33 and len(np.unique(geometric.labels)) > 1
+    np.testing.assert_array_equal(whole.labels, semantic.labels)  # the fields are the primary head's
+    for head in ("semantic", "geometric"):
+        np.testing.assert_array_equal(whole.heads[head].labels, tiled.heads[head].labels)
+        np.testing.assert_array_equal(whole.heads[head].pixel_counts, tiled.heads[head].pixel_counts)
 
 
 def test_an_rgbd_net_reads_a_dict_of_inputs_in_its_modality_order() -> None:
@@ -294,7 +297,7 @@ def test_an_rgbd_net_reads_a_dict_of_inputs_in_its_modality_order() -> None:
     torch.testing.assert_close(x[:3], convention.to_tensor(rgb))
     torch.testing.assert_close(x[3], torch.from_numpy(log_depth(depth)))
     with torch.no_grad():
-        expected = net(x[None]).argmax(1)[0].numpy()
+        expected = net(x[None])["semantic"].argmax(1)[0].numpy()
     predictor = Predictor(net, device="cpu")
     np.testing.assert_array_equal(predictor({"rgb": rgb, "depth": depth}).labels, expected)
     with pytest.raises(ValueError, match=r"reads \['rgb', 'depth'\]: pass a dict"):

@@ -174,7 +174,7 @@ def fcn32s_siftflow_vgg16(
     output_stride: int = 32,
     learnable_upsampling: bool = True,
 ) -> FCN:
-    """SIFT Flow FCN-32s: semantic and geometric heads on one trunk; returns {task: scores}."""
+    """SIFT Flow FCN-32s: semantic and geometric heads on one trunk."""
     return build_fcn(
         "fcn32s_siftflow_vgg16", VGG16Trunk, **_arguments(locals()), extra_heads={"geometric": geometric_classes}
     )

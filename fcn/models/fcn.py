@@ -1,17 +1,17 @@
-"""An FCN is one or more trunks (streams) composed with one skip head per stream and task.
+"""An FCN is one or more trunks (streams) composed with one skip head per stream and head.
 
-- single stream, single task: the paper's VOC nets (FCN-32s/16s/8s, and 4s/2s continuing the skips);
+- single stream, single head: the paper's VOC nets (FCN-32s/16s/8s, and 4s/2s continuing the skips);
 - early fusion: one stream whose first convolution takes RGB plus a depth channel (NYUDv2 RGB-D);
 - late fusion: a colour and an HHA stream, each with its own head; their scores are averaged 0.5/0.5
   (NYUDv2 RGB-HHA, the reference ``nyud-fcn32s-color-hha``). The reference averages before its
   upsampling; upsampling and crop are linear and both streams' start as the same bilinear kernel, so
   averaging after them is the same network at initialisation and with ``learnable_upsampling=False``;
   learnable upsampling lets each stream refine its own;
-- two tasks on one trunk: a semantic and a geometric head, each with its own skips (SIFT Flow).
+- two heads on one trunk: a semantic and a geometric one, each with its own skips (SIFT Flow).
 
 The input is one tensor: the modalities' channels concatenated in ``modalities`` order (rgb: 3,
-depth: 1, hha: 3). With one task the network returns that task's scores; with several, a dict of
-scores by task name.
+depth: 1, hha: 3). The network returns a dict of scores by head name, in head order, whatever the
+number of heads (``fcn.heads`` names what each head owns outside the network).
 """
 
 from __future__ import annotations
@@ -21,19 +21,18 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from fcn.heads import PRIMARY_HEAD, classes_argument
 from fcn.models._common import Trunk, check_args, check_input
 from fcn.models.head import SkipHead
 
 MODALITY_CHANNELS = {"rgb": 3, "depth": 1, "hha": 3}
 """Input channels of each modality."""
-PRIMARY_TASK = "semantic"
-"""Every FCN has this task; its scores are the output of a single-task net."""
 
 
 class FCN(nn.Module):
-    """``streams[name]``: a :class:`Trunk` reading ``stream_modalities[name]``; ``heads[task][stream]``:
-    that stream's :class:`SkipHead` for ``task``. Carries ``arch``, ``head_classes`` (task -> classes),
-    ``num_classes`` (the first task's), ``modalities``, ``in_channels``, ``output_stride``,
+    """``streams[name]``: a :class:`Trunk` reading ``stream_modalities[name]``; ``heads[head][stream]``:
+    that stream's :class:`SkipHead` for ``head``. Carries ``arch``, ``head_classes`` (head -> classes),
+    ``num_classes`` (the first head's), ``modalities``, ``in_channels``, ``output_stride``,
     ``receptive_field`` and ``crops`` (the first head's)."""
 
     def __init__(
@@ -47,7 +46,7 @@ class FCN(nn.Module):
         super().__init__()
         self.arch = arch
         self.streams = nn.ModuleDict(streams)
-        self.heads = nn.ModuleDict({task: nn.ModuleDict(by_stream) for task, by_stream in heads.items()})
+        self.heads = nn.ModuleDict({head: nn.ModuleDict(by_stream) for head, by_stream in heads.items()})
         self.head_classes = dict(head_classes)
         self.num_classes = next(iter(self.head_classes.values()))
         self.modalities = tuple(m for name in streams for m in stream_modalities[name])
@@ -72,7 +71,8 @@ class FCN(nn.Module):
 
     @property
     def head(self) -> SkipHead:
-        """The first task's head on the first stream (the only head of a single-stream, single-task net)."""
+        """The first head's :class:`SkipHead` on the first stream (the only one of a single-stream, single-head
+        net)."""
         return next(iter(next(iter(self.heads.values())).values()))
 
     def features(self, x: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
@@ -80,14 +80,15 @@ class FCN(nn.Module):
         check_input(x, self.in_channels)
         return {name: trunk.features(x[:, self._slices[name]]) for name, trunk in self.streams.items()}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every head's scores [N, classes, H, W] by head name (a late-fusion net's: its streams' mean)."""
         features = self.features(x)
         size = x.shape[-2:]
         scores = {}
-        for task, by_stream in self.heads.items():
-            outputs = [head(features[stream], size) for stream, head in by_stream.items()]
-            scores[task] = outputs[0] if len(outputs) == 1 else torch.stack(outputs).mean(0)
-        return scores[next(iter(scores))] if len(scores) == 1 else scores
+        for head, by_stream in self.heads.items():
+            outputs = [skip_head(features[stream], size) for stream, skip_head in by_stream.items()]
+            scores[head] = outputs[0] if len(outputs) == 1 else torch.stack(outputs).mean(0)
+        return scores
 
 
 def build_fcn(
@@ -107,10 +108,10 @@ def build_fcn(
     extra_heads: Mapping[str, int] | None = None,
 ) -> FCN:
     """Check the builder arguments and compose an :class:`FCN`: one ``trunk`` per stream (default:
-    one RGB stream), a :class:`SkipHead` with ``skips`` per stream and task (the "semantic" task of
-    ``num_classes``, then ``extra_heads``: task -> classes); then load ``backbone_weights`` (a
+    one RGB stream), a :class:`SkipHead` with ``skips`` per stream and head (the "semantic" head of
+    ``num_classes``, then ``extra_heads``: head -> classes); then load ``backbone_weights`` (a
     torchvision classifier's state_dict, path or fsspec URI) into every stream. ``arch`` records the
-    builder arguments, ``<task>_classes`` for each extra head."""
+    builder arguments, ``<head>_classes`` for each extra head."""
     from fcn.weights import load_backbone
 
     check_args(
@@ -121,17 +122,17 @@ def build_fcn(
         output_stride=output_stride,
         learnable_upsampling=learnable_upsampling,
     )
-    head_classes = {PRIMARY_TASK: num_classes, **(extra_heads or {})}
-    for task, classes in head_classes.items():
+    head_classes = {PRIMARY_HEAD: num_classes, **(extra_heads or {})}
+    for head, classes in head_classes.items():
         if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
-            raise ValueError(f"{name}: {task}_classes must be a positive int, got {classes!r}")
+            raise ValueError(f"{name}: {classes_argument(head, head_classes)} must be a positive int, got {classes!r}")
     arch_kwargs = {
         "num_classes": num_classes,
         "geometry": geometry,
         "width": float(width),
         "output_stride": output_stride,
         "learnable_upsampling": learnable_upsampling,
-        **{f"{t}_classes": n for t, n in (extra_heads or {}).items()},
+        **{classes_argument(head, head_classes): n for head, n in (extra_heads or {}).items()},
     }
     streams = streams or {"rgb": ("rgb",)}
     trunks = {
@@ -144,7 +145,7 @@ def build_fcn(
         for stream, modalities in streams.items()
     }
     heads = {
-        task: {
+        head: {
             stream: SkipHead(
                 stream_trunk,
                 classes,
@@ -155,7 +156,7 @@ def build_fcn(
             )
             for stream, stream_trunk in trunks.items()
         }
-        for task, classes in head_classes.items()
+        for head, classes in head_classes.items()
     }
     model = FCN({"name": name, "kwargs": arch_kwargs}, trunks, streams, heads, head_classes)
     return model if backbone_weights is None else load_backbone(model, backbone_weights)
