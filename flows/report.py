@@ -2,6 +2,8 @@
 
 The HTML report (written to ``<output>/report.html``) has a class-distribution bar chart as inline SVG
 and a gallery of image / mask overlays as base64 PNG thumbnails: no scripts, no external assets.
+The statistics are read as an Arrow dataset (a table, or the Parquet files of a run): aggregates are
+summed batch by batch over the columns they need, and only a sample of rows becomes Python objects.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 from PIL import Image
 
 from fcn.classes import voc_palette
@@ -25,6 +28,20 @@ from pipelines.segment.masks import encode_overlay
 from pipelines.segment.schema import head_column
 
 THUMBNAIL_SIZE = 160
+Stats = pa.Table | pads.Dataset
+"""The statistics: a table, or a dataset of Parquet files (``stats_dataset``)."""
+_OK = pc.field("status") == "ok"
+
+
+def stats_dataset(stats_uri: str, storage_options: dict[str, Any] | None = None) -> pads.Dataset:
+    """The Parquet statistics under ``stats_uri`` as an Arrow dataset, read lazily (hidden and ``_`` files
+    left out)."""
+    fs, path = fsspec.core.url_to_fs(stats_uri, **(storage_options or {}))
+    return pads.dataset(path, filesystem=fs, format="parquet")
+
+
+def _dataset(stats: Stats) -> pads.Dataset:
+    return pads.dataset(stats) if isinstance(stats, pa.Table) else stats
 
 
 @dataclass(frozen=True)
@@ -37,18 +54,21 @@ class ClassDistribution:
     dominant_images: list[int]
 
     @classmethod
-    def from_stats(cls, stats: pa.Table, class_names: list[str], head: str | None = None) -> ClassDistribution:
-        """Aggregate the ``pixel_counts`` and ``dominant_class`` columns of the ok rows (a further
-        ``head``'s: ``<head>_pixel_counts`` and ``<head>_dominant_class``)."""
-        ok = stats.filter(pc.equal(stats["status"], "ok"))
+    def from_stats(cls, stats: Stats, class_names: list[str], head: str | None = None) -> ClassDistribution:
+        """Sum the ``pixel_counts`` and count the ``dominant_class`` of the ok rows (a further ``head``'s:
+        ``<head>_pixel_counts`` and ``<head>_dominant_class``), batch by batch with Arrow and numpy."""
+        counts_column, dominant_column = head_column(head, "pixel_counts"), head_column(head, "dominant_class")
         n = len(class_names)
-        pixels = np.zeros(n, dtype=np.int64)
-        for counts in ok[head_column(head, "pixel_counts")].to_pylist():
-            pixels[: len(counts)] += np.asarray(counts[:n], dtype=np.int64)
-        dominant = np.bincount(
-            np.asarray(ok[head_column(head, "dominant_class")].to_pylist(), dtype=np.int64), minlength=n
-        )
-        return cls(list(class_names), pixels.tolist(), dominant[:n].tolist())
+        pixels, dominant = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+        for batch in _dataset(stats).to_batches(columns=[counts_column, dominant_column], filter=_OK):
+            counts = batch[counts_column]
+            lengths = pc.fill_null(pc.list_value_length(counts), 0).to_numpy()
+            values = pc.list_flatten(counts).to_numpy()
+            positions = np.arange(len(values)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+            pixels += np.bincount(positions, weights=values, minlength=n)[:n].round().astype(np.int64)
+            classes = pc.drop_null(batch[dominant_column]).to_numpy()
+            dominant += np.bincount(classes[classes < n], minlength=n)
+        return cls(list(class_names), pixels.tolist(), dominant.tolist())
 
     @property
     def total_pixels(self) -> int:
@@ -105,9 +125,9 @@ def schema_classes(schema: pa.Schema) -> tuple[list[str], list[int]]:
     return names, palette
 
 
-def error_rows(stats: pa.Table, limit: int = 20) -> list[tuple[str, str]]:
-    """Up to ``limit`` (image_uri, reason) pairs of the rows with status ``error``."""
-    bad = stats.filter(pc.equal(stats["status"], "error")).slice(0, limit)
+def error_rows(stats: Stats, limit: int = 20) -> list[tuple[str, str]]:
+    """Up to ``limit`` (image_uri, reason) pairs of the rows with status ``error`` (the scan stops there)."""
+    bad = _dataset(stats).head(limit, columns=["image_uri", "error"], filter=pc.field("status") == "error")
     return list(zip(bad["image_uri"].to_pylist(), bad["error"].to_pylist(), strict=True))
 
 
@@ -210,19 +230,28 @@ def overlay_thumbnail(
 
 
 def sample_gallery(
-    stats: pa.Table,
+    stats: Stats,
     class_names: list[str],
     palette: list[int],
     size: int,
     storage_options: dict[str, Any] | None = None,
 ) -> list[GalleryItem]:
-    """Overlays of ``size`` ok rows spread evenly over the run (sorted by image URI)."""
-    ok = stats.filter(pc.equal(stats["status"], "ok")).sort_by("image_uri")
-    if size <= 0 or ok.num_rows == 0:
+    """Overlays of ``size`` ok rows spread evenly over the statistics' rows, shown sorted by image URI."""
+    dataset = _dataset(stats)
+    ok_rows = dataset.count_rows(filter=_OK) if size > 0 else 0
+    if ok_rows == 0:
         return []
-    picks = np.unique(np.linspace(0, ok.num_rows - 1, num=min(size, ok.num_rows)).round().astype(int))
+    picks = np.unique(np.linspace(0, ok_rows - 1, num=min(size, ok_rows)).round().astype(np.int64))
+    columns = ["image_uri", "mask_uri", "width", "height", "dominant_class"]
+    sample, seen = [], 0
+    for batch in dataset.to_batches(columns=columns, filter=_OK):
+        here = picks[(picks >= seen) & (picks < seen + batch.num_rows)] - seen
+        sample += batch.take(pa.array(here)).to_pylist() if len(here) else []
+        seen += batch.num_rows
+        if seen > picks[-1]:
+            break
     items = []
-    for row in ok.take(pa.array(picks)).to_pylist():
+    for row in sorted(sample, key=lambda row: row["image_uri"]):
         caption = (
             f"{row['image_uri'].rsplit('/', 1)[-1]} ({row['width']}x{row['height']}, "
             f"mostly {class_names[row['dominant_class']]})"

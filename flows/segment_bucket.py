@@ -1,18 +1,22 @@
 """Prefect flow ``segment-bucket``: segment every image under a URI with an FCN on Ray.
 
-Tasks: list the inputs, run the Ray segmentation job (``pipelines.segment.run_segmentation`` in the
-flow's process, connected to the Ray cluster at ``ray_address`` / ``RAY_ADDRESS``, else a local one),
-verify the outputs (``_SUCCESS`` present, exactly one Parquet row per input) and publish a markdown
-artifact plus ``<output>/report.html``. I/O tasks retry on transient errors.
+Tasks: run the Ray segmentation job (``pipelines.segment.run_segmentation`` in the flow's process,
+connected to the Ray cluster at ``ray_address`` / ``RAY_ADDRESS``, else a local one; it lists the inputs
+and writes that listing to ``<output>/listing.parquet``), verify the outputs (``_SUCCESS`` present,
+exactly one Parquet row per listed image) and publish a markdown artifact plus ``<output>/report.html``.
+I/O tasks retry on transient errors. The flow holds no per-image Python objects: verification and the
+report are Arrow aggregates over the Parquet files plus a small sample, and task results stay small.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
@@ -28,25 +32,66 @@ from flows.report import (
     markdown_summary,
     sample_gallery,
     schema_heads,
+    stats_dataset,
     write_text,
 )
 from pipelines.segment import SegmentSummary, run_segmentation
-from pipelines.segment.listing import list_images
 
 REPORT_FILE = "report.html"
 ARTIFACT_KEY = "segment-bucket"
+MISSING_SAMPLE = 5  # keys named in a failed check
 
 
 class OutputCheckError(RuntimeError):
     """The segmentation outputs are incomplete or inconsistent with the inputs."""
 
 
-@io_task("list-inputs")
-def list_inputs(params: SegmentBucketParams) -> list[str]:
-    """The image URIs the segmentation job will read (prefix, glob or manifest)."""
-    listing = list_images(params.input, params.fs_options, exclude=params.output)
-    get_run_logger().info("%d images under %s (%s)", listing.images.num_rows, params.input, listing.kind)
-    return listing.images["image_uri"].to_pylist()
+@dataclass(frozen=True)
+class OutputCounts:
+    """The statistics' rows against the job's listing: ``rows`` (stats rows), ``keys`` (distinct keys),
+    ``listed`` (listing rows), ``missing`` (listed keys without a row), ``duplicated`` (rows beyond the
+    first of their key), ``unlisted`` (rows whose key is not listed), and up to ``MISSING_SAMPLE`` missing
+    keys."""
+
+    rows: int
+    keys: int
+    listed: int
+    missing: int
+    duplicated: int
+    unlisted: int
+    missing_sample: list[str]
+
+    @property
+    def one_row_per_input(self) -> bool:
+        return self.rows == self.keys == self.listed and not (self.missing or self.duplicated or self.unlisted)
+
+
+def count_outputs(stats_uri: str, listing_uri: str, storage_options: dict[str, Any]) -> OutputCounts:
+    """Compare the statistics' ``key`` column with the listing's, with Arrow: the listed keys are hashed
+    once, the statistics are scanned batch by batch (their ``key`` column only), and each row's key is
+    looked up and counted against its listed key (a numpy count per listed image)."""
+    fs, listing_path = fsspec.core.url_to_fs(listing_uri, **storage_options)
+    fs.invalidate_cache()
+    listed = pq.read_table(listing_path, columns=["key"], filesystem=fs)["key"].combine_chunks()
+    per_key = np.zeros(len(listed), dtype=np.int32)
+    rows, unlisted = 0, []
+    for batch in stats_dataset(stats_uri, storage_options).to_batches(columns=["key"]):
+        where = pc.index_in(batch["key"], value_set=listed)
+        np.add.at(per_key, pc.drop_null(where).to_numpy(), 1)
+        unlisted.append(batch["key"].filter(pc.is_null(where)))
+        rows += batch.num_rows
+    unlisted_keys = pa.chunked_array(unlisted, type=pa.string())
+    keys = int(np.count_nonzero(per_key)) + pc.count_distinct(unlisted_keys).as_py()
+    missing = np.flatnonzero(per_key == 0)
+    return OutputCounts(
+        rows=rows,
+        keys=keys,
+        listed=len(listed),
+        missing=len(missing),
+        duplicated=rows - keys,
+        unlisted=len(unlisted_keys),
+        missing_sample=listed.take(pa.array(missing[:MISSING_SAMPLE])).to_pylist(),
+    )
 
 
 @task(name="segment", retries=1, retry_condition_fn=is_transient, cache_policy=NO_CACHE)
@@ -65,36 +110,41 @@ def segment(params: SegmentBucketParams) -> SegmentSummary:
     return summary
 
 
-@io_task("verify-outputs")
-def verify_outputs(summary: SegmentSummary, inputs: list[str], storage_options: dict[str, Any]) -> pa.Table:
-    """Check that ``_SUCCESS`` exists and the Parquet statistics have exactly one row per input;
-    return the statistics."""
+def check_outputs(summary: SegmentSummary, storage_options: dict[str, Any]) -> OutputCounts:
+    """``count_outputs`` for a finished run; OutputCheckError unless ``_SUCCESS`` exists and the statistics
+    have exactly one row per image of the job's listing (``summary.listed`` of them)."""
     fs, success = fsspec.core.url_to_fs(summary.success_uri, **storage_options)
     fs.invalidate_cache()
     if not fs.isfile(success):
         raise OutputCheckError(f"{summary.success_uri} is missing: the run did not finish")
-    fs, stats_path = fsspec.core.url_to_fs(summary.stats_uri, **storage_options)
-    stats = pq.read_table(stats_path, filesystem=fs)
-    rows = stats["image_uri"].to_pylist()
-    duplicated = sorted({uri for uri, n in Counter(rows).items() if n > 1})
-    missing = sorted(set(inputs) - set(rows))
-    if duplicated or missing or len(rows) != len(inputs):
+    counts = count_outputs(summary.stats_uri, summary.listing_uri, storage_options)
+    if not counts.one_row_per_input or counts.listed != summary.listed:
         raise OutputCheckError(
-            f"{summary.stats_uri} has {len(rows)} rows for {len(inputs)} inputs "
-            f"(missing: {missing[:5]}, duplicated: {duplicated[:5]})"
+            f"{summary.stats_uri} has {counts.rows} rows ({counts.keys} distinct keys) for {summary.listed} "
+            f"listed images ({counts.listed} in {summary.listing_uri}): {counts.missing} missing (e.g. "
+            f"{counts.missing_sample}), {counts.duplicated} duplicated, {counts.unlisted} not listed"
         )
-    get_run_logger().info("verified _SUCCESS and %d rows, one per input, in %s", len(rows), summary.stats_uri)
-    return stats
+    return counts
 
 
-@io_task("publish")
-def publish(params: SegmentBucketParams, summary: SegmentSummary, stats: pa.Table) -> str:
-    """Write ``<output>/report.html`` and create the run's markdown and link artifacts; return the report URI."""
+@io_task("verify-outputs")
+def verify_outputs(summary: SegmentSummary, storage_options: dict[str, Any]) -> OutputCounts:
+    """``check_outputs``, logged; returns the counts (a few integers)."""
+    counts = check_outputs(summary, storage_options)
+    get_run_logger().info("verified _SUCCESS and %d rows, one per input, in %s", counts.rows, summary.stats_uri)
+    return counts
+
+
+def write_report(
+    summary: SegmentSummary, title: str, report_uri: str, gallery_size: int, storage_options: dict[str, Any]
+) -> RunReport:
+    """Build the run's report from aggregates over its statistics and a sample of ``gallery_size`` rows,
+    write it as HTML to ``report_uri`` and return it."""
+    stats = stats_dataset(summary.stats_uri, storage_options)
     heads = schema_heads(stats.schema)
     (class_names, palette), *_ = heads.values()
-    report_uri = f"{params.output.rstrip('/')}/{REPORT_FILE}"
     report = RunReport(
-        title=f"segment-bucket: {params.input}",
+        title=title,
         model=summary.model,
         ok=summary.ok,
         error=summary.error,
@@ -115,8 +165,17 @@ def publish(params: SegmentBucketParams, summary: SegmentSummary, stats: pa.Tabl
         },
         errors=error_rows(stats),
     )
-    gallery = sample_gallery(stats, class_names, palette, params.gallery_size, params.fs_options)
-    write_text(report_uri, html_report(report, gallery), params.fs_options)
+    gallery = sample_gallery(stats, class_names, palette, gallery_size, storage_options)
+    write_text(report_uri, html_report(report, gallery), storage_options)
+    return report
+
+
+@io_task("publish")
+def publish(params: SegmentBucketParams, summary: SegmentSummary) -> str:
+    """Write ``<output>/report.html`` and create the run's markdown and link artifacts; return the report URI."""
+    report_uri = f"{params.output.rstrip('/')}/{REPORT_FILE}"
+    title = f"segment-bucket: {params.input}"
+    report = write_report(summary, title, report_uri, params.gallery_size, params.fs_options)
     create_markdown_artifact(markdown_summary(report), key=ARTIFACT_KEY, description=report.title)
     create_link_artifact(report_uri, link_text="HTML report", key=f"{ARTIFACT_KEY}-report")
     get_run_logger().info("report: %s", report_uri)
@@ -131,10 +190,9 @@ def segment_bucket(**parameters: Any) -> dict[str, Any]:
     try:
         params = SegmentBucketParams(**parameters)
         params.segment_config().validate()
-        inputs = list_inputs(params)
         summary = segment(params)
-        stats = verify_outputs(summary, inputs, params.fs_options)
-        report_uri = publish(params, summary, stats)
+        verify_outputs(summary, params.fs_options)
+        report_uri = publish(params, summary)
     except Exception as error:
         failure_artifact(ARTIFACT_KEY, parameters, error)
         raise
@@ -143,6 +201,7 @@ def segment_bucket(**parameters: Any) -> dict[str, Any]:
         "ok": summary.ok,
         "error": summary.error,
         "skipped": summary.skipped,
+        "listed": summary.listed,
         "images_per_second": summary.images_per_second,
         "startup_s": summary.startup_s,
         "end_to_end_images_per_second": summary.end_to_end_images_per_second,

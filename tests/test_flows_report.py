@@ -300,3 +300,49 @@ def test_a_two_head_run_reports_each_heads_distribution() -> None:
     assert (
         "Class distribution: geometric head" in page and "<td>horizontal</td><td>7</td><td>77.8%</td><td>2</td>" in page
     )
+
+
+def test_output_check_finds_a_missing_a_duplicated_and_an_unlisted_key(tmp_path: Path) -> None:
+    """The flow's check compares the statistics' Parquet files with the job's listing by key: a run
+    with one row per listed image passes; a lost image, a row written twice and a row for an image
+    never listed are each counted, the lost one named."""
+    import pyarrow.parquet as pq
+
+    from flows.segment_bucket import OutputCheckError, check_outputs, count_outputs
+    from pipelines.segment import SegmentSummary
+
+    keys = [f"photos/k{i}.png" for i in range(6)]
+    listing_uri = str(tmp_path / "listing.parquet")
+    pq.write_table(pa.table({"key": keys, "image_uri": [f"s3://b/{k}" for k in keys]}), listing_uri)
+    schema = stats_schema(CLASSES, voc_palette(), {})
+    stats = tmp_path / "stats"
+    stats.mkdir()
+
+    def write_part(name: str, part_keys: list[str]) -> None:
+        rows = [{"key": k, "image_uri": f"s3://b/{k}", "status": "ok"} for k in part_keys]
+        table = pa.Table.from_pylist([{c: r.get(c) for c in STATS_COLUMNS} for r in rows], schema=schema)
+        pq.write_table(table, stats / f"part-{name}.parquet")
+
+    write_part("a", keys[:4])
+    write_part("b", keys[4:])
+    good = count_outputs(str(stats), listing_uri, {})
+    assert good.one_row_per_input and (good.rows, good.keys, good.listed, good.missing) == (6, 6, 6, 0)
+
+    write_part("b", ["photos/k3.png", "photos/k5.png", "elsewhere.png"])
+    bad = count_outputs(str(stats), listing_uri, {})
+    assert (bad.rows, bad.keys, bad.listed) == (7, 6, 6)
+    assert (bad.missing, bad.duplicated, bad.unlisted, bad.missing_sample) == (1, 1, 1, ["photos/k4.png"])
+    assert not bad.one_row_per_input
+    (tmp_path / "_SUCCESS").write_text("{}")
+    summary = SegmentSummary(
+        **dict.fromkeys(["run_id", "input", "output", "model", "model_id", "model_version", "masks_uri"], "x"),
+        **dict.fromkeys(["ok", "error", "skipped"], 0),
+        **dict.fromkeys(["duration_s", "startup_s", "images_per_second", "end_to_end_images_per_second"], 0.0),
+        listed=6,
+        stats_uri=str(stats),
+        manifest_uri=str(tmp_path / "manifest.json"),
+        success_uri=str(tmp_path / "_SUCCESS"),
+        listing_uri=listing_uri,
+    )
+    with pytest.raises(OutputCheckError, match=r"7 rows \(6 distinct keys\) for 6 listed images.*photos/k4.png"):
+        check_outputs(summary, {})

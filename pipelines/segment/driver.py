@@ -1,5 +1,7 @@
 """The segmentation job's driver: list, decide what is done, stream the rest through Ray Data, compact
 the statistics, then write ``manifest.json`` and, last, ``_SUCCESS`` (each whole: ``fcn.registry.write_atomic``).
+The images a run was asked to do (``LISTING_COLUMNS``) are written to ``listing.parquet``, for checks
+that compare the statistics with the inputs without listing them again.
 
 A rerun into the same output skips images whose newest row is ``ok`` for the same source and model.
 Every listed image ends with exactly one stats row.
@@ -33,6 +35,8 @@ logger = logging.getLogger("pipelines.segment")
 
 MANIFEST_FILE = "manifest.json"
 SUCCESS_FILE = "_SUCCESS"
+LISTING_FILE = "listing.parquet"
+LISTING_COLUMNS = ["key", "image_uri", "source_size"]
 
 
 @dataclass
@@ -57,6 +61,7 @@ class SegmentSummary:
     masks_uri: str
     manifest_uri: str
     success_uri: str
+    listing_uri: str  # the ``listed`` images (``LISTING_COLUMNS``), one row each
     errors: list[dict[str, str]] = field(default_factory=list)  # the first few {image_uri, error}
 
 
@@ -84,8 +89,8 @@ def run_segmentation(config: SegmentConfig) -> SegmentSummary:
 
     def plan() -> tuple[ModelInfo, pa.Table, pa.Table, bool]:
         """The model's description, the stats rows already there, the images still to segment, and
-        whether the last run finished (so its rows are compacted: one per key) (on a thread, while Ray
-        starts)."""
+        whether the last run finished (so its rows are compacted: one per key); writes ``LISTING_FILE``
+        (on a thread, while Ray starts)."""
         import ray.data  # noqa: F401 - a second of imports, also done while Ray starts
 
         model = describe_model(config.model, so)  # imports torch: seconds
@@ -94,6 +99,12 @@ def run_segmentation(config: SegmentConfig) -> SegmentSummary:
         if finished:
             out_fs.rm_file(success_path)  # a stale marker must not vouch for this run's partial output
         state = resume.read_state(stats_uri, so)
+        listing_bytes = write.parquet_bytes(listing.images.select(LISTING_COLUMNS))
+        write.retried(
+            lambda: write_atomic(out_fs, f"{out_root}/{LISTING_FILE}", listing_bytes),
+            config.write_retries,
+            f"listing: writing {output}/{LISTING_FILE}",
+        )
         return (
             model,
             state,
@@ -143,6 +154,7 @@ def run_segmentation(config: SegmentConfig) -> SegmentSummary:
         masks_uri=masks_uri,
         manifest_uri=f"{output}/{MANIFEST_FILE}",
         success_uri=f"{output}/{SUCCESS_FILE}",
+        listing_uri=f"{output}/{LISTING_FILE}",
         errors=ray_run.errors,
     )
     manifest = {
