@@ -9,7 +9,9 @@ On ``file://`` (a temporary folder) or loopback S3 (moto's server in its own pro
      other Ray workers (load/store tasks), Ray's own processes (raylet, GCS, agents), the driver, the
      S3 server.
 Prints images/s of each (the job: steady state and end to end), their ratios, mean per-image stage
-times from the Parquet rows, and CPU milliseconds per image by process group.
+times from the Parquet rows, and CPU milliseconds per image by process group. On S3 it then prints the
+client's and the server's CPU per GET and per PUT of a 40 KB object, s3fs against the job's obstore path
+(``bench.object_store``).
 
     .venv/bin/python -m bench.segment_throughput --store file --images 1500 --size 128 --width 0.0625
     .venv/bin/python -m bench.segment_throughput --store file --images 300 --size 256 --width 0.25
@@ -324,6 +326,10 @@ def main() -> None:
             f"{1000 * (per_image - network_cpu):.2f} |"
         )
     if server:
+        from bench.object_store import compare_clients, print_table
+
+        print()
+        print_table(compare_clients(f"{root}/objects", 300, 40_000, server.pid), 300, 40_000)
         server.terminate()
 
 

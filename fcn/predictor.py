@@ -16,7 +16,7 @@ import copy
 import math
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -53,17 +53,34 @@ class HeadPrediction:
 
 
 @dataclass
-class Prediction(HeadPrediction):
-    """One image's prediction: every head's in ``heads`` (by head name, in the network's order); the fields
-    are the primary head's (see ``fcn.heads``), the only head of a single-head network."""
+class Prediction:
+    """One image's prediction: every head's, by head name in the network's order. ``labels``, ``confidence``,
+    ``pixel_counts`` and ``mean_confidence`` read the primary head's (``fcn.heads``), the only head of a
+    single-head network."""
 
-    heads: dict[str, HeadPrediction] = field(default_factory=dict)
+    heads: dict[str, HeadPrediction]
 
-    @classmethod
-    def of(cls, heads: dict[str, HeadPrediction]) -> Prediction:
-        """The prediction of every head in ``heads``, its fields the primary head's."""
-        primary, _ = split_heads(heads)
-        return cls(**vars(heads[primary]), heads=heads)
+    @property
+    def primary(self) -> HeadPrediction:
+        """The primary head's prediction."""
+        primary, _ = split_heads(self.heads)
+        return self.heads[primary]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.primary.labels
+
+    @property
+    def confidence(self) -> np.ndarray | None:
+        return self.primary.confidence
+
+    @property
+    def pixel_counts(self) -> np.ndarray | None:
+        return self.primary.pixel_counts
+
+    @property
+    def mean_confidence(self) -> float | None:
+        return self.primary.mean_confidence
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -227,7 +244,7 @@ class Predictor:
             [part] = self._decode(logits, confidence, statistics)
             for head, outputs in tiled.items():
                 outputs.add(part.heads[head], cy0, cy1, cx0, cx1, statistics)
-        return Prediction.of({head: outputs.prediction(statistics) for head, outputs in tiled.items()})
+        return Prediction({head: outputs.prediction(statistics) for head, outputs in tiled.items()})
 
     def _logits(self, batch: Tensor) -> dict[str, Tensor]:
         """The network's float32 logits by head for a normalised batch [N, C, H, W] on the device (the heads
@@ -241,7 +258,7 @@ class Predictor:
         """One ``Prediction`` per image of ``logits`` (by head, [N, C, H, W] each)."""
         per_head = {head: _decode_head(scores, confidence, statistics) for head, scores in logits.items()}
         images = len(next(iter(logits.values())))
-        return [Prediction.of({head: decoded[j] for head, decoded in per_head.items()}) for j in range(images)]
+        return [Prediction({head: decoded[j] for head, decoded in per_head.items()}) for j in range(images)]
 
 
 class _TiledHead:

@@ -12,6 +12,7 @@ import base64
 import html
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,9 +24,9 @@ import pyarrow.dataset as pads
 from PIL import Image
 
 from fcn.classes import voc_palette
+from fcn.heads import PRIMARY_HEAD, head_key
 from pipelines.common.decode import decode_image
 from pipelines.segment.masks import encode_overlay
-from pipelines.segment.schema import head_column
 
 THUMBNAIL_SIZE = 160
 Stats = pa.Table | pads.Dataset
@@ -54,10 +55,12 @@ class ClassDistribution:
     dominant_images: list[int]
 
     @classmethod
-    def from_stats(cls, stats: Stats, class_names: list[str], head: str | None = None) -> ClassDistribution:
-        """Sum the ``pixel_counts`` and count the ``dominant_class`` of the ok rows (a further ``head``'s:
-        ``<head>_pixel_counts`` and ``<head>_dominant_class``), batch by batch with Arrow and numpy."""
-        counts_column, dominant_column = head_column(head, "pixel_counts"), head_column(head, "dominant_class")
+    def from_stats(
+        cls, stats: Stats, class_names: list[str], head: str = PRIMARY_HEAD, heads: Sequence[str] = (PRIMARY_HEAD,)
+    ) -> ClassDistribution:
+        """Sum ``head``'s ``pixel_counts`` and count its ``dominant_class`` over the ok rows (the columns that
+        ``fcn.heads.head_key`` names for ``head`` of ``heads``), batch by batch with Arrow and numpy."""
+        counts_column, dominant_column = (head_key(head, heads, c) for c in ("pixel_counts", "dominant_class"))
         n = len(class_names)
         pixels, dominant = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
         for batch in _dataset(stats).to_batches(columns=[counts_column, dominant_column], filter=_OK):
@@ -100,7 +103,7 @@ class RunReport:
     links: dict[str, str] = field(default_factory=dict)
     errors: list[tuple[str, str]] = field(default_factory=list)
     further_heads: dict[str, tuple[ClassDistribution, list[int]]] = field(default_factory=dict)
-    """A multi-task model's further heads: each one's class distribution and palette."""
+    """A multi-head model's further heads: each one's class distribution and palette."""
 
     @property
     def status(self) -> str:
@@ -111,8 +114,8 @@ def schema_heads(schema: pa.Schema) -> dict[str, tuple[list[str], list[int]]]:
     """Every head's class names and palette from the statistics' schema metadata, the first head first."""
     metadata = schema.metadata or {}
     if b"heads" not in metadata:
-        return {"semantic": schema_classes(schema)}
-    return {task: (head["class_names"], head["palette"]) for task, head in json.loads(metadata[b"heads"]).items()}
+        return {PRIMARY_HEAD: schema_classes(schema)}
+    return {head: (about["class_names"], about["palette"]) for head, about in json.loads(metadata[b"heads"]).items()}
 
 
 def schema_classes(schema: pa.Schema) -> tuple[list[str], list[int]]:

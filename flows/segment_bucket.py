@@ -22,6 +22,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from fcn.heads import split_heads
 from flows.common import failure_artifact, io_task, is_transient
 from flows.params import SegmentBucketParams, takes
 from flows.report import (
@@ -142,7 +143,8 @@ def write_report(
     write it as HTML to ``report_uri`` and return it."""
     stats = stats_dataset(summary.stats_uri, storage_options)
     heads = schema_heads(stats.schema)
-    (class_names, palette), *_ = heads.values()
+    primary, further = split_heads(heads)
+    (class_names, palette), head_names = heads[primary], list(heads)
     report = RunReport(
         title=title,
         model=summary.model,
@@ -151,11 +153,11 @@ def write_report(
         skipped=summary.skipped,
         images_per_second=summary.images_per_second,
         startup_s=summary.startup_s,
-        distribution=ClassDistribution.from_stats(stats, class_names),
+        distribution=ClassDistribution.from_stats(stats, class_names, primary, head_names),
         palette=palette,
         further_heads={
-            head: (ClassDistribution.from_stats(stats, names, head=head), head_palette)
-            for head, (names, head_palette) in list(heads.items())[1:]
+            head: (ClassDistribution.from_stats(stats, heads[head][0], head, head_names), heads[head][1])
+            for head in further
         },
         links={
             "masks": summary.masks_uri,

@@ -262,7 +262,6 @@ def test_failure_artifacts_show_storage_options_by_name_only() -> None:
 
 def test_a_two_head_run_reports_each_heads_distribution() -> None:
     from flows.report import schema_heads
-    from pipelines.segment.schema import head_column
 
     geometric = ["sky", "horizontal", "vertical"]
     heads = {
@@ -277,20 +276,22 @@ def test_a_two_head_run_reports_each_heads_distribution() -> None:
             "status": "ok",
             "pixel_counts": [4, 0, 0, 0],
             "dominant_class": 0,
-            head_column("geometric", "pixel_counts"): [1, 3 + i, 0],
-            head_column("geometric", "dominant_class"): 1,
+            "geometric_pixel_counts": [1, 3 + i, 0],
+            "geometric_dominant_class": 1,
         }
         for i in range(2)
     ]
     stats = pa.Table.from_pylist([{c: r.get(c) for c in schema.names} for r in rows], schema=schema)
-    assert {task: names for task, (names, _) in schema_heads(schema).items()} == {
+    assert {head: names for head, (names, _) in schema_heads(schema).items()} == {
         "semantic": CLASSES,
         "geometric": geometric,
     }
     report = _report(stats, ok=2, errors=0)
     report = dataclasses.replace(
         report,
-        further_heads={"geometric": (ClassDistribution.from_stats(stats, geometric, head="geometric"), voc_palette())},
+        further_heads={
+            "geometric": (ClassDistribution.from_stats(stats, geometric, "geometric", list(heads)), voc_palette())
+        },
     )
     assert report.further_heads["geometric"][0].pixels == [2, 7, 0]
     assert report.further_heads["geometric"][0].dominant_images == [0, 2, 0]

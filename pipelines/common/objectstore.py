@@ -58,6 +58,7 @@ _OBSTORE_KEY = re.compile(r"(?!\.\.?(/|$))[^/\x00-\x1f\x7f]+(/(?!\.\.?(/|$))[^/\
 """Keys that obstore's paths hold as they are: no empty, ``.`` or ``..`` segment, no control character."""
 _ENV = ("AWS_", "FSSPEC_S3")
 _stores: dict[tuple[str, str, tuple[tuple[str, str], ...]], S3Store | None] = {}
+_UNSET = object()
 _stores_lock = threading.Lock()
 
 T = TypeVar("T")
@@ -68,22 +69,31 @@ def store_for(uri: str, storage_options: Mapping[str, Any]) -> tuple[S3Store, st
     ``storage_options`` (s3fs's, with fsspec's ``FSSPEC_S3*`` defaults) map onto obstore; None for other
     schemes and for options that only s3fs honours (fsspec then does the I/O). Stores are cached per
     bucket, options and ``AWS_*`` environment, per process."""
-    scheme = next((s for s in S3_SCHEMES if uri.startswith(s)), None)
-    if scheme is None:
-        return None
-    bucket, _, key = uri[len(scheme) :].partition("/")
-    if not bucket or not _OBSTORE_KEY.fullmatch(key):
-        return None
-    cache_key = (
-        bucket,
+    return _resolver(storage_options)(uri)
+
+
+def _resolver(storage_options: Mapping[str, Any]) -> Callable[[str], tuple[S3Store, str] | None]:
+    """``store_for`` with ``storage_options`` bound, their cache key computed once for many URIs."""
+    options_key = (
         json.dumps(storage_options, sort_keys=True, default=repr),
         tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV))),
     )
-    with _stores_lock:
-        if cache_key not in _stores:
-            _stores[cache_key] = _s3_store(bucket, storage_options)
-        store = _stores[cache_key]
-    return None if store is None else (store, key)
+
+    def resolve(uri: str) -> tuple[S3Store, str] | None:
+        scheme = next((s for s in S3_SCHEMES if uri.startswith(s)), None)
+        if scheme is None:
+            return None
+        bucket, _, key = uri[len(scheme) :].partition("/")
+        if not bucket or not _OBSTORE_KEY.fullmatch(key):
+            return None
+        cache_key = (bucket, *options_key)
+        store = _stores.get(cache_key, _UNSET)
+        if store is _UNSET:
+            with _stores_lock:
+                store = _stores.setdefault(cache_key, _s3_store(bucket, storage_options))
+        return None if store is None else (store, key)
+
+    return resolve
 
 
 def get_bytes(uri: str, storage_options: Mapping[str, Any]) -> bytes:
@@ -119,8 +129,9 @@ def get_all(uris: Sequence[str], storage_options: Mapping[str, Any]) -> list[byt
     results: list[bytes | Exception] = [FileNotFoundError(uri) for uri in uris]
     s3_reads: list[tuple[int, S3Store, str]] = []
     others: dict[int, tuple[fsspec.AbstractFileSystem, list[tuple[int, str]]]] = {}
+    resolve = _resolver(storage_options)
     for i, uri in enumerate(uris):
-        target = store_for(uri, storage_options)
+        target = resolve(uri)
         if target is not None:
             s3_reads.append((i, *target))
             continue
@@ -146,8 +157,9 @@ def put_all(files: Mapping[str, bytes], storage_options: Mapping[str, Any]) -> d
     failures: dict[str, Exception] = {}
     s3_writes: list[tuple[str, S3Store, str]] = []
     others: dict[int, tuple[fsspec.AbstractFileSystem, dict[str, str]]] = {}
+    resolve = _resolver(storage_options)
     for uri in files:
-        target = store_for(uri, storage_options)
+        target = resolve(uri)
         if target is not None:
             s3_writes.append((uri, *target))
             continue

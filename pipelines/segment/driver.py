@@ -169,8 +169,8 @@ def run_segmentation(config: SegmentConfig) -> SegmentSummary:
         },
         "model_arch": model.arch,
         "class_names": model.class_names,
-        "heads": {task: head["class_names"] for task, head in model.heads.items()},
-        "masks": {task: f"{output}/{write.mask_folder(task, list(model.heads))}" for task in model.heads},
+        "heads": {head: description["class_names"] for head, description in model.heads.items()},
+        "masks": {head: f"{output}/{write.mask_folder(head, model.heads)}" for head in model.heads},
         "stats_rows": pc.count_distinct(pa.chunked_array([*previous["key"].chunks, written], type=pa.string())).as_py(),
         "config": {k: v for k, v in asdict(config).items() if k != "storage_options"},
     }

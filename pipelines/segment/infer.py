@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from fcn.heads import head_key
 from pipelines.common.decode import decode_image, orient
 from pipelines.segment import schema as columns_schema
 from pipelines.segment.load import DEPTH_MODALITIES
-from pipelines.segment.schema import binary_views, column_of_head, with_columns
+from pipelines.segment.schema import binary_views, with_columns
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ class Segmenter:
                 heights[i], widths[i] = _height_width(pixels)
         heads = list(self.predictor.head_classes)
         produced = ("labels", "pixel_counts", "mean_confidence")
-        outputs = {column_of_head(head, heads, name): [None] * n for head in heads for name in produced}
+        outputs = {head_key(head, heads, name): [None] * n for head in heads for name in produced}
         inference_ms: list[float | None] = [None] * n
         if images:
             start = time.perf_counter()
@@ -164,13 +165,11 @@ class Segmenter:
                 if isinstance(prediction, Exception):
                     errors[i] = f"inference: {type(prediction).__name__}: {prediction}"
                     continue
-                for head in heads:
-                    part = prediction.heads.get(head, prediction)
-                    outputs[column_of_head(head, heads, "labels")][i] = memoryview(
-                        np.ascontiguousarray(part.labels)
-                    ).cast("B")
-                    outputs[column_of_head(head, heads, "pixel_counts")][i] = part.pixel_counts.tolist()
-                    outputs[column_of_head(head, heads, "mean_confidence")][i] = part.mean_confidence
+                for head, part in prediction.heads.items():
+                    labels = np.ascontiguousarray(part.labels)
+                    outputs[head_key(head, heads, "labels")][i] = memoryview(labels).cast("B")
+                    outputs[head_key(head, heads, "pixel_counts")][i] = part.pixel_counts.tolist()
+                    outputs[head_key(head, heads, "mean_confidence")][i] = part.mean_confidence
                 inference_ms[i] = per_image_ms
         if self.tally is not None:
             self.tally.add.remote(n)

@@ -16,7 +16,7 @@ _REGISTRY_VERSION = re.compile(r"/models/(v\d+)/[^/]+$")
 @dataclass(frozen=True)
 class ModelInfo:
     """A resolved checkpoint: its file URI, version, architecture, class names and palette (the first
-    head's), every head's ({task: {"class_names", "palette"}}) and the input modalities it reads."""
+    head's), every head's ({head: {"class_names", "palette"}}) and the input modalities it reads."""
 
     uri: str
     version: str
@@ -29,11 +29,6 @@ class ModelInfo:
     @property
     def label(self) -> str:
         return f"{self.arch['name']} {self.version}"
-
-    @property
-    def further_heads(self) -> list[str]:
-        """The heads after the first (a multi-task net's), whose masks and columns carry their name."""
-        return list(self.heads)[1:]
 
 
 def checkpoint_exists(uri: str, storage_options: dict[str, Any]) -> bool:

@@ -1,5 +1,5 @@
 """Every column of the segmentation job, declared once: name, Arrow type, description, whether each head
-of a multi-task model has its own, and which stages write it.
+of a multi-head model has its own, and which stages write it.
 
 The stats table's Parquet schema (``stats_schema``), the columns a listing yields
 (``SOURCE_SCHEMA``), the types of the columns the stages add, and the columns the Segmenter consumes
@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
+from fcn.heads import PRIMARY_HEAD, head_key, split_heads
 
 LISTING = "listing"
 LOAD = "load"
@@ -106,19 +108,15 @@ SOURCE_SCHEMA = pa.schema([(column.name, column.type) for column in STORED if co
 ``source_mtime``): the input of a run, and of its resume decision."""
 
 
-def head_column(head: str | None, column: str) -> str:
-    """The name of a head's ``column``: the first head's (``head`` None) is ``column`` itself, a further
-    head's is prefixed: ``geometric_mask_uri``."""
-    return column if head is None else f"{head}_{column}"
-
-
-def parquet_fields(further_heads: list[str]) -> list[pa.Field]:
-    """The stats table's fields, each with its description in its metadata: ``STORED``, then for each of
-    ``further_heads`` its per-head columns (its mask URI first, then its statistics)."""
+def parquet_fields(heads: list[str]) -> list[pa.Field]:
+    """The stats table's fields for a model of ``heads``, each with its description in its metadata:
+    ``STORED`` (the primary head's per-head columns among them), then each further head's per-head
+    columns (``fcn.heads.head_key``: its mask URI first, then its statistics)."""
     per_head = sorted((c for c in STORED if c.per_head), key=lambda c: not c.name.endswith("_uri"))
+    _, further = split_heads(heads)
     return [pa.field(c.name, c.type, metadata={"description": c.description}) for c in STORED] + [
-        pa.field(head_column(head, c.name), c.type, metadata={"description": f"{head} head: {c.description}"})
-        for head in further_heads
+        pa.field(head_key(head, heads, c.name), c.type, metadata={"description": f"{head} head: {c.description}"})
+        for head in further
         for c in per_head
     ]
 
@@ -152,12 +150,12 @@ STATS_COLUMNS = [column.name for column in STORED]
 def stats_schema(
     class_names: list[str], palette: list[int], model: dict[str, Any], heads: dict[str, dict[str, list]] | None = None
 ) -> pa.Schema:
-    """The stats schema (``parquet_fields``), with the per-head columns again for
-    every head of ``heads`` after the first; class names, palette, every head ({head: {"class_names",
-    "palette"}}) and the model description (JSON) are in its metadata."""
-    heads = heads or {"semantic": {"class_names": class_names, "palette": palette}}
+    """The stats schema (``parquet_fields``) for the model of ``heads`` (default: one head of ``class_names``);
+    class names, palette, every head ({head: {"class_names", "palette"}}) and the model description (JSON)
+    are in its metadata."""
+    heads = heads or {PRIMARY_HEAD: {"class_names": class_names, "palette": palette}}
     return pa.schema(
-        parquet_fields(list(heads)[1:]),
+        parquet_fields(list(heads)),
         metadata={
             "class_names": json.dumps(class_names),
             "palette": json.dumps(palette),
@@ -190,8 +188,3 @@ def binary_views(column: pa.ChunkedArray) -> list[memoryview | None]:
         for j, valid in enumerate(chunk.is_valid().to_pylist()):
             views.append(data_view[bounds[j] : bounds[j + 1]] if valid else None)
     return views
-
-
-def column_of_head(task: str, tasks: list[str], column: str) -> str:
-    """A head's ``column``: the first head's unprefixed, a further head's ``<head>_<column>``."""
-    return head_column(None if task == tasks[0] else task, column)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,13 +23,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fcn.heads import head_key, split_heads
 from pipelines.common import objectstore
 from pipelines.common.storage import PERMANENT_IO_ERRORS, backoff_s, with_retries
 from pipelines.segment import schema as columns_schema
 from pipelines.segment.listing import output_name, unsafe_key_reason
 from pipelines.segment.masks import encode_mask, encode_overlay
 from pipelines.segment.model import ModelInfo
-from pipelines.segment.schema import binary_views, column_of_head, typed_arrays
+from pipelines.segment.schema import binary_views, typed_arrays
 
 MASKS_DIR = "masks"
 OVERLAYS_DIR = "overlays"
@@ -68,11 +69,10 @@ def store_results(
     keys = batch["key"].to_pylist()
     errors = batch["error"].to_pylist()
     heights, widths = batch["height"].to_pylist(), batch["width"].to_pylist()
-    heads = model.heads or {"semantic": {"class_names": model.class_names, "palette": model.palette}}
-    tasks = list(heads)
-    labels = {task: binary_views(batch[column_of_head(task, tasks, "labels")]) for task in tasks}
+    heads = model.heads
+    labels = {head: binary_views(batch[head_key(head, heads, "labels")]) for head in heads}
     pixels = binary_views(batch["pixels"]) if "pixels" in batch.column_names else [None] * n
-    mask_uris: dict[str, list[str | None]] = {task: [None] * n for task in tasks}
+    mask_uris: dict[str, list[str | None]] = {head: [None] * n for head in heads}
     overlay_uris: list[str | None] = [None] * n
     write_ms: list[float | None] = [None] * n
     files: dict[str, bytes] = {}
@@ -82,15 +82,15 @@ def store_results(
             continue
         start = time.perf_counter()
         try:
-            for task in tasks:
-                label_map = _label_map(labels[task][i], heights[i], widths[i])
-                mask_uri = fs.unstrip_protocol(output_path(root, mask_folder(task, tasks), keys[i], ".png"))
-                files[mask_uri], owners[mask_uri] = encode_mask(label_map, heads[task]["palette"]), i
-                mask_uris[task][i] = mask_uri
+            for head in heads:
+                label_map = _label_map(labels[head][i], heights[i], widths[i])
+                mask_uri = fs.unstrip_protocol(output_path(root, mask_folder(head, heads), keys[i], ".png"))
+                files[mask_uri], owners[mask_uri] = encode_mask(label_map, heads[head]["palette"]), i
+                mask_uris[head][i] = mask_uri
             if pixels[i] is not None:
                 rgb = np.frombuffer(pixels[i], np.uint8).reshape(heights[i], widths[i], 3)
                 overlay_uri = fs.unstrip_protocol(output_path(root, OVERLAYS_DIR, keys[i], ".jpg"))
-                label_map = _label_map(labels[tasks[0]][i], heights[i], widths[i])
+                label_map = _label_map(labels[split_heads(heads)[0]][i], heights[i], widths[i])
                 files[overlay_uri], owners[overlay_uri] = encode_overlay(rgb, label_map, model.palette), i
                 overlay_uris[i] = overlay_uri
         except Exception as error:
@@ -123,13 +123,11 @@ def store_results(
         "model_id": [model.uri] * n,
         "model_version": [model.version] * n,
     }
-    for task in tasks:
-        columns[column_of_head(task, tasks, "mask_uri")] = mask_uris[task]
-        counts = batch[column_of_head(task, tasks, "pixel_counts")].to_pylist()
+    for head in heads:
+        columns[head_key(head, heads, "mask_uri")] = mask_uris[head]
+        counts = batch[head_key(head, heads, "pixel_counts")].to_pylist()
         columns.update(
-            _class_statistics(
-                counts, ok, heads[task]["class_names"], lambda c, task=task: column_of_head(task, tasks, c)
-            )
+            _class_statistics(counts, ok, heads[head]["class_names"], lambda c, head=head: head_key(head, heads, c))
         )
     arrays = typed_arrays(columns, columns_schema.STORE)
     table = pa.Table.from_arrays(
@@ -139,9 +137,10 @@ def store_results(
     return table.select(["image_uri", "status", "error"])
 
 
-def mask_folder(task: str, tasks: list[str]) -> str:
-    """``masks`` for the first head, ``masks_<head>`` for each further one."""
-    return MASKS_DIR if task == tasks[0] else f"{MASKS_DIR}_{task}"
+def mask_folder(head: str, heads: Iterable[str]) -> str:
+    """The folder of ``head``'s masks (``fcn.heads.head_key``): ``masks`` for the primary head, ``masks_<head>``
+    for a further one."""
+    return head_key(head, heads, MASKS_DIR, suffix=True)
 
 
 def output_path(root: str, folder: str, key: str, suffix: str) -> str:
