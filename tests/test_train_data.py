@@ -241,14 +241,25 @@ def test_median_frequency_weights_by_hand(tmp_path: Path) -> None:
             resolve_class_weights(str(weights), data)
 
 
+class _OneHead(torch.nn.Module):
+    """A stand-in for a single-head net: its scores are a dict too, {"semantic": 3 classes}."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.semantic = torch.nn.Conv2d(3, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"semantic": self.semantic(x)}
+
+
 def test_train_epoch_weighs_the_loss_by_class() -> None:
-    model = torch.nn.Conv2d(3, 3, 1)
+    model = _OneHead()
     images, targets = torch.randn(1, 3, 4, 5), torch.tensor([[[0, 1, 2, 2, 255]] * 4])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the model stays as it is
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     weight = torch.tensor([0.2, 1.0, 5.0])
     with torch.no_grad():
-        logits = model(images)
+        logits = model(images)["semantic"]
     for w in (weight, None):
         loss_sum, steps, _, _ = train_epoch(
             model,

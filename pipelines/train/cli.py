@@ -66,7 +66,7 @@ def _summary_report(summary: TrainSummary) -> dict[str, Any]:
         "epochs": summary.epochs,
         "best_epoch": metrics["epoch"],
         **{k: metrics[k] for k in SCORES},
-        "heads": {task: {k: scores[k] for k in SCORES} for task, scores in metrics["heads"].items()},
+        "heads": {head: {k: scores[k] for k in SCORES} for head, scores in metrics["heads"].items()},
         "version": summary.version,
         "promoted": summary.promoted,
         "skipped": summary.skipped,

@@ -12,6 +12,7 @@ import torch
 
 import fcn
 from fcn.conventions import CONVENTIONS
+from fcn.heads import classes_argument
 from fcn.models import NETWORKS
 from pipelines.common.options import ConfigError, Options, flag, option
 from pipelines.train.class_weights import CLASS_WEIGHTS_HELP, MEDIAN_FREQUENCY, NO_WEIGHTS
@@ -137,12 +138,10 @@ class TrainConfig(Options):
             raise ConfigError(flag("geometry"), str(error)) from None
 
     def model_kwargs(self, head_classes: Mapping[str, int]) -> dict[str, Any]:
-        """The builder arguments for heads of ``head_classes`` (task -> classes, the first is
-        ``num_classes``, a further task's ``<task>_classes``, e.g. ``geometric_classes``)."""
-        first, *further = head_classes
+        """The builder arguments for heads of ``head_classes`` (head -> classes; ``fcn.heads.classes_argument``
+        names each: ``num_classes``, ``geometric_classes``)."""
         return {
-            "num_classes": head_classes[first],
-            **{f"{task}_classes": head_classes[task] for task in further},
+            **{classes_argument(head, head_classes): classes for head, classes in head_classes.items()},
             "width": self.width,
             "geometry": self.geometry,
             "backbone_weights": self.backbone_weights,

@@ -17,7 +17,7 @@ from pipelines.train.datasets import IGNORE_LABEL, BadSample, Sample, read_examp
 from pipelines.train.recipes import Recipe
 
 Labels = dict[str, Tensor]
-"""Label maps by head (task name), int64, 255 = ignored."""
+"""Label maps by head name, int64, 255 = ignored."""
 
 
 class TrainImages(Dataset):
@@ -25,7 +25,7 @@ class TrainImages(Dataset):
     indexed by ``(epoch, index)`` (see ``EpochIndices``).
 
     The input is the ``modalities`` encoded by ``convention`` and concatenated, as the network reads them;
-    ``head_classes`` (task -> classes) names the heads whose labels are read.
+    ``head_classes`` (head -> classes) names the heads whose labels are read.
     """
 
     def __init__(

@@ -155,7 +155,7 @@ def run_evaluation(
             train_loop_config={
                 "checkpoint": checkpoint_uri,
                 "samples": list(getattr(dataset, split)),
-                "heads": {task: list(names) for task, names in heads.items()},
+                "heads": {head: list(names) for head, names in heads.items()},
             },
             scaling_config=_scaling(workers, gpus_per_worker, 1),
             run_config=RunConfig(

@@ -15,12 +15,13 @@ from torch import nn
 
 import fcn
 from fcn.conventions import InputConvention
+from fcn.heads import nest_heads, split_heads
 from pipelines.train.data import Labels
 from pipelines.train.datasets import BadSample, Sample, read_example
 
 SCORES = ("pixel_accuracy", "mean_accuracy", "mean_iu", "fw_iu")
-"""The paper's four metrics. metrics.json holds the first head's at the top level (registry promotion
-ranks by its ``mean_iu``) and each further head's under ``heads[<task>]``."""
+"""The paper's four metrics. metrics.json holds the primary head's at the top level (registry promotion
+ranks by its ``mean_iu``) and each further head's under ``heads[<head>]`` (``fcn.heads.nest_heads``)."""
 
 Batch = tuple[torch.Tensor | None, Labels | None, list[BadSample]]
 Divergence = tuple[float, int, float]
@@ -76,10 +77,9 @@ def train_epoch(
             targets = {head: target.to(device, non_blocking=True) for head, target in targets.items()}
             if device.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
-            first = next(iter(targets))
+            primary, _ = split_heads(targets)
             with _autocast(device):
-                outputs = model(images)
-            scores = outputs if isinstance(outputs, dict) else {first: outputs}
+                scores = model(images)
             loss = sum(
                 fcn.cross_entropy(
                     scores[head].float(),
@@ -87,7 +87,7 @@ def train_epoch(
                     reduction=reduction,
                     sample_rate=sample_rate,
                     generator=generator,
-                    weight=class_weight if head == first else None,
+                    weight=class_weight if head == primary else None,
                 )
                 for head, target in targets.items()
             )
@@ -128,8 +128,8 @@ def validate(
             skipped[bad.sample_id] = bad.reason
             continue
         prediction = predictor(example.modalities)
-        for head, matrix in matrices.items():  # the first head's prediction is the Prediction itself
-            matrix.update(prediction.heads.get(head, prediction).labels, example.labels[head])
+        for head, matrix in matrices.items():
+            matrix.update(prediction.heads[head].labels, example.labels[head])
     hists = {}
     for head, matrix in matrices.items():
         hist = torch.from_numpy(matrix.hist).to(device)
@@ -140,10 +140,9 @@ def validate(
 
 
 def scores_by_head(hists: Mapping[str, np.ndarray], heads: Mapping[str, Sequence[str]]) -> dict[str, Any]:
-    """The scores of metrics.json: the first head's four metrics, ``per_class_iu``, ``class_names`` and
-    ``hist`` at the top level, and the same for each further head under ``heads[<task>]``."""
-    first, *further = (_head_scores(hists[task], names) for task, names in heads.items())
-    return {**first, "heads": dict(zip(list(heads)[1:], further))}
+    """The scores of metrics.json: each head's four metrics, ``per_class_iu``, ``class_names`` and ``hist``,
+    the primary head's at the top level and each further head's under ``heads[<head>]``."""
+    return nest_heads({head: _head_scores(hists[head], names) for head, names in heads.items()})
 
 
 def _head_scores(hist: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
@@ -158,7 +157,7 @@ def _head_scores(hist: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]
 
 def describe_scores(metrics: dict[str, Any]) -> str:
     """The four metrics of every head, for the log."""
-    heads = {"": metrics, **{f"{task}: ": scores for task, scores in metrics["heads"].items()}}
+    heads = {"": metrics, **{f"{head}: ": scores for head, scores in metrics["heads"].items()}}
     return " | ".join(prefix + " ".join(f"{k} {m[k]:.4f}" for k in SCORES) for prefix, m in heads.items())
 
 

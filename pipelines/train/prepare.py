@@ -37,7 +37,7 @@ def make_loop_config(config: TrainConfig, data: SegmentationData) -> dict[str, A
             "%s has the head(s) %s: the data's further head(s) %s are not trained",
             config.model,
             list(heads),
-            [task for task in data.heads if task not in heads],
+            [head for head in data.heads if head not in heads],
         )
     try:
         class_weights = resolve_class_weights(config.class_weights, data)
@@ -48,12 +48,12 @@ def make_loop_config(config: TrainConfig, data: SegmentationData) -> dict[str, A
             "class weights (%s) of the semantic head: %s", config.class_weights, [round(w, 4) for w in class_weights]
         )
     if config.strict:
-        check_all_samples(data.train + data.val, network.modalities, {task: len(n) for task, n in heads.items()})
+        check_all_samples(data.train + data.val, network.modalities, {head: len(n) for head, n in heads.items()})
     init = load_init(config.init) if config.init else None
     return {
         "config": asdict(config),
         "run_name": config.run_name or default_run_name(config.model),
-        "heads": {task: list(names) for task, names in heads.items()},
+        "heads": {head: list(names) for head, names in heads.items()},
         "layout": data.layout,
         "class_weights": class_weights,
         "train": list(data.train),
@@ -81,14 +81,14 @@ def fit_to_data(
             f"{name} reads {list(network.modalities)}, but {where} has no {missing}: "
             f"choose a model that reads only {list(data.modalities)}",
         )
-    lacking = [task for task in network.head_classes if task not in data.heads]
+    lacking = [head for head in network.head_classes if head not in data.heads]
     if lacking:
         raise ConfigError(
             network_param,
             f"{name} has the heads {list(network.head_classes)}, but {where} has no "
             f"{lacking} labels: choose a model with only {list(data.heads)}",
         )
-    return {task: data.heads[task] for task in network.head_classes}
+    return {head: data.heads[head] for head in network.head_classes}
 
 
 def check_all_samples(samples: Sequence[Sample], modalities: Sequence[str], head_classes: dict[str, int]) -> None:

@@ -50,6 +50,7 @@ import fcn
 from fcn import registry
 from fcn.classes import voc_palette
 from fcn.conventions import get_convention
+from fcn.heads import split_heads
 from pipelines.train.config import TrainConfig
 from pipelines.train.context import DIVERGED_FILE, EPOCH_DIR, HISTORY_DIR, TRAIN_STATE_FILE, WorkerContext, run_folder
 from pipelines.train.data import EpochIndices, TrainImages, pad_collate
@@ -109,7 +110,7 @@ def run_training_worker(loop_config: dict[str, Any], context: WorkerContext) -> 
     recipe = RECIPES[config.recipe]
     rank, world, device = context.rank, context.world_size, _use_device(context.device)
     heads = loop_config["heads"]
-    head_classes = {task: len(names) for task, names in heads.items()}
+    head_classes = {head: len(names) for head, names in heads.items()}
     convention = get_convention(loop_config["convention"])
     torch.manual_seed(config.seed)
 
@@ -212,12 +213,12 @@ def run_training_worker(loop_config: dict[str, Any], context: WorkerContext) -> 
             )
 
         def write(folder: str) -> None:
-            first, *further = heads
+            primary, further = split_heads(heads)
             fcn.save_checkpoint(
                 module,
                 os.path.join(folder, registry.CHECKPOINT_FILE),
-                class_names=heads[first],
-                head_class_names={task: heads[task] for task in further},
+                class_names=heads[primary],
+                head_class_names={head: heads[head] for head in further},
                 palette=voc_palette(),
                 input_convention=convention.name,
                 epoch=epoch + 1,
@@ -225,7 +226,7 @@ def run_training_worker(loop_config: dict[str, Any], context: WorkerContext) -> 
                 recipe=config.recipe,
                 layout=loop_config["layout"],
                 mean_iu=metrics["mean_iu"],
-                head_scores={task: {k: m[k] for k in SCORES} for task, m in metrics["heads"].items()},
+                head_scores={head: {k: m[k] for k in SCORES} for head, m in metrics["heads"].items()},
                 class_weights=class_weights,
             )
             torch.save(
