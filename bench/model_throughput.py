@@ -32,6 +32,7 @@ from torch import nn
 
 from fcn import get_convention, get_model
 from fcn.geometry import conv_flops
+from fcn.heads import PRIMARY_HEAD
 from pipelines.synthetic import SYNTHETIC_CLASSES, render_scene
 
 
@@ -150,10 +151,10 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     with torch.no_grad():
-        t_ref, out = timed(lambda: reference(x), device, args.iters)
+        t_ref, out = timed(lambda: reference(x)[PRIMARY_HEAD], device, args.iters)
         ref_mask = out.argmax(1)
         rows.append(("reference fp32", t_ref, flops["reference"], 1.0, "measured"))
-        t_ali, out = timed(lambda: aligned(x), device, args.iters)
+        t_ali, out = timed(lambda: aligned(x)[PRIMARY_HEAD], device, args.iters)
         agree_ali = (out.argmax(1) == ref_mask).float().mean().item()
         rows.append(("aligned fp32", t_ali, flops["aligned"], agree_ali, "measured"))
         emulated_agree = None
@@ -168,19 +169,21 @@ def main(argv: list[str] | None = None) -> int:
                     net = net.to(memory_format=torch.channels_last)
                     xin = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=torch.bfloat16):
-                    seconds, out = timed(lambda net=net, xin=xin: net(xin), device, 1, warmup=False)
+                    seconds, out = timed(lambda net=net, xin=xin: net(xin)[PRIMARY_HEAD], device, 1, warmup=False)
                 agree = (out.argmax(1) == ref_mask).float().mean().item()
                 rows.append((name, seconds, flops["aligned"], agree, "measured"))
             else:
                 if emulated_agree is None:
-                    emulated_agree = (emulate_bf16(aligned)(x).argmax(1) == ref_mask).float().mean().item()
+                    emulated_agree = (
+                        (emulate_bf16(aligned)(x)[PRIMARY_HEAD].argmax(1) == ref_mask).float().mean().item()
+                    )
                 rows.append((name, predicted, flops["aligned"], emulated_agree, "predicted; agreement emulated"))
         # contrast: random score layers (tiny logit margins)
         for net in (reference, aligned):
             net.load_state_dict(random_scores, strict=False)
-        random_ref = reference(x).argmax(1)
-        random_agree = (aligned(x).argmax(1) == random_ref).float().mean().item()
-        random_agree_bf16 = (emulate_bf16(aligned)(x).argmax(1) == random_ref).float().mean().item()
+        random_ref = reference(x)[PRIMARY_HEAD].argmax(1)
+        random_agree = (aligned(x)[PRIMARY_HEAD].argmax(1) == random_ref).float().mean().item()
+        random_agree_bf16 = (emulate_bf16(aligned)(x)[PRIMARY_HEAD].argmax(1) == random_ref).float().mean().item()
 
     print(f"device {device}, threads {torch.get_num_threads()}, input {args.size}x{args.size}, FCN-8s VGG16")
     best16 = max(peak16, rate16, rate16_cl)
