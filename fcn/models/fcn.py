@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from fcn.heads import PRIMARY_HEAD, classes_argument
+from fcn.heads import PRIMARY_HEAD, classes_argument, split_heads
 from fcn.models._common import Trunk, check_args, check_input
 from fcn.models.head import SkipHead
 
@@ -32,7 +32,7 @@ MODALITY_CHANNELS = {"rgb": 3, "depth": 1, "hha": 3}
 class FCN(nn.Module):
     """``streams[name]``: a :class:`Trunk` reading ``stream_modalities[name]``; ``heads[head][stream]``:
     that stream's :class:`SkipHead` for ``head``. Carries ``arch``, ``head_classes`` (head -> classes),
-    ``num_classes`` (the first head's), ``modalities``, ``in_channels``, ``output_stride``,
+    ``primary_head`` and its ``num_classes``, ``modalities``, ``in_channels``, ``output_stride``,
     ``receptive_field`` and ``crops`` (the first head's)."""
 
     def __init__(
@@ -48,7 +48,8 @@ class FCN(nn.Module):
         self.streams = nn.ModuleDict(streams)
         self.heads = nn.ModuleDict({head: nn.ModuleDict(by_stream) for head, by_stream in heads.items()})
         self.head_classes = dict(head_classes)
-        self.num_classes = next(iter(self.head_classes.values()))
+        self.primary_head, _ = split_heads(self.head_classes)
+        self.num_classes = self.head_classes[self.primary_head]
         self.modalities = tuple(m for name in streams for m in stream_modalities[name])
         self.in_channels = sum(MODALITY_CHANNELS[m] for m in self.modalities)
         self._slices: dict[str, slice] = {}
@@ -73,7 +74,7 @@ class FCN(nn.Module):
     def head(self) -> SkipHead:
         """The first head's :class:`SkipHead` on the first stream (the only one of a single-stream, single-head
         net)."""
-        return next(iter(next(iter(self.heads.values())).values()))
+        return next(iter(self.heads[self.primary_head].values()))
 
     def features(self, x: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
         """Every stream's tapped features, by stream name."""

@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 import fsspec
 import numpy as np
 
+from fcn.heads import PRIMARY_HEAD
+
 IGNORE_LABEL = 255
 CLASS_NAMES_FILE = "class_names.txt"
-SEMANTIC = "semantic"  # the primary label head of every layout
+SEMANTIC = PRIMARY_HEAD  # the primary label head of every layout
 
 
 class BadSample(Exception):
