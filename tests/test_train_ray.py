@@ -130,7 +130,7 @@ def test_custom_voc_layout_data_trains_a_model_of_its_own_classes(ray_cluster: N
     assert "Reporting training result" not in run.stderr and "Checkpoint successfully created" not in run.stderr
     champion = fcn.load_checkpoint(str(reg))
     assert champion.class_names == list(FOUR_CLASSES) and champion.arch["kwargs"]["num_classes"] == 4
-    assert champion.model(torch.zeros(1, 3, 32, 32)).shape[1] == 4
+    assert champion.model(torch.zeros(1, 3, 32, 32))["semantic"].shape[1] == 4
 
 
 def _train_workers() -> list[int]:
