@@ -7,6 +7,7 @@ final, anything else is an ``OSError`` worth another attempt."""
 from __future__ import annotations
 
 import asyncio
+import html
 import json
 import os
 import re
@@ -56,6 +57,8 @@ _CACHE_ONLY_OPTIONS = frozenset(
 """s3fs options that tune only s3fs's own caches and buffers: they mean nothing to single-request I/O."""
 _OBSTORE_KEY = re.compile(r"(?!\.\.?(/|$))[^/\x00-\x1f\x7f]+(/(?!\.\.?(/|$))[^/\x00-\x1f\x7f]+)*")
 """Keys that obstore's paths hold as they are: no empty, ``.`` or ``..`` segment, no control character."""
+_S3_ERROR_BODY = re.compile(r"(<\?xml[^>]*\?>\s*)?<Error>.*?</Error>", re.S)
+"""An S3 error document in obstore's messages: shown as its code and message only."""
 _ENV = ("AWS_", "FSSPEC_S3")
 _stores: dict[tuple[str, str, tuple[tuple[str, str], ...]], S3Store | None] = {}
 _UNSET = object()
@@ -276,12 +279,18 @@ class _StaticCredentials:
 def _as_io_error(error: Exception) -> Exception:
     """An obstore error as the built-in error that the retry policy (``PERMANENT_IO_ERRORS``) classifies,
     with the first paragraph of its message (obstore appends a multi-line debug dump)."""
-    message = str(error).split("\n\nDebug source:", 1)[0]
+    message = _S3_ERROR_BODY.sub(_error_body_text, str(error).split("\n\nDebug source:", 1)[0])
     if isinstance(error, (PermissionDeniedError, UnauthenticatedError)):
         return PermissionError(message)
     if isinstance(error, PERMANENT_IO_ERRORS):
         return type(error)(message)
     return OSError(message)
+
+
+def _error_body_text(body: re.Match[str]) -> str:
+    """``<Code>: <Message>`` of an S3 error document."""
+    fields = dict(re.findall(r"<(Code|Message)>(.*?)</\1>", body.group(0), re.S))
+    return html.unescape(": ".join(fields[name] for name in ("Code", "Message") if name in fields))
 
 
 def _s3fs_would_retry(error: Exception) -> bool:
