@@ -144,7 +144,7 @@ def replaced_by(stage: str) -> frozenset[str]:
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
 STATS_COLUMNS = [column.name for column in STORED]
-"""The stats table's columns for the first head, in Parquet order."""
+"""The names of ``STORED``: the stats table of a one-head model, in Parquet order."""
 
 
 def stats_schema(
