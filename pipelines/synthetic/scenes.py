@@ -1,10 +1,7 @@
-"""Synthetic scenes: a textured background and a few objects of five classes (filled discs, striped boxes,
-checkered triangles and two thin structures, rings and wires a few pixels wide), so that the difference
-between coarse (FCN-32s) and fine (FCN-8s) predictions shows on boundaries. Image sizes vary; the same
-random generator state always gives the same scene.
-
-:func:`horizon_scene` splits the background at a random horizon row (the indoor and outdoor scenes of the
-NYUDv2 and SIFT Flow layouts) and :func:`room_depth` gives an indoor scene its depth.
+"""The scenes that :mod:`pipelines.synthetic` describes: :func:`render_scene` (a textured background, two to
+``max_objects`` objects of the five ``SYNTHETIC_CLASSES`` shapes, noise, an optional 255 band),
+:func:`horizon_scene` (the background split at a random horizon row, for the NYUDv2 and SIFT Flow layouts)
+and :func:`room_depth` (an indoor scene's depth). The same random generator state gives the same scene.
 """
 
 from __future__ import annotations

@@ -1,27 +1,18 @@
 """Labelled segmentation datasets on any fsspec URI, and per-sample loading that reports bad samples.
 
 Four layouts are recognised under a root URI, tried in the order of :data:`LAYOUTS` by the folders
-named first (``open_dataset(uri, layout=...)`` forces one). Each is one module, declared in ``registry.py``:
+named first (``open_dataset(uri, layout=...)`` forces one). Each is one module, whose docstring describes
+its folders and files, and one entry in ``registry.py``:
 
-- ``voc`` (PASCAL VOC): ``JPEGImages/<id>.jpg``, ``SegmentationClass/<id>.png`` (palette or grey PNG
-  with class indices, 255 = ignore), ``ImageSets/Segmentation/{train,val}.txt``.
-- ``nyud`` (NYUDv2, as the FCN reference code's ``data/nyud``): ``data/images/img_<id>.png`` colour,
-  ``data/depth/img_<id>.png`` depth (16-bit PNG in millimetres, 0 = no reading),
-  ``segmentation/img_<id>.mat`` (variable ``segmentation``: 1-40 the 40 classes, 0 void), optional
-  ``data/hha/img_<id>.png`` (HHA is computed from depth where it is missing); ``train.txt`` and
-  ``val.txt`` list the ids (``test.txt`` is not read).
-- ``siftflow`` (SIFT Flow, as the reference's ``data/sift-flow``), with ``S`` =
-  ``spatial_envelope_256x256_static_8outdoorcategories``: ``Images/S/<id>.jpg``,
-  ``SemanticLabels/S/<id>.mat`` (variable ``S``: 1-33 the classes, 0 void) and ``GeoLabels/S/<id>.mat``
-  (variable ``S``: 1-3 sky, horizontal, vertical; 0 and -1 void); ``trainval.txt`` is the train split
-  and ``test.txt`` the val split, as the reference trains and tests.
-- ``images-masks``: ``images/<key>.<jpg|jpeg|png|...>`` and ``masks/<key>.png`` (keys may contain
-  folders), optional ``train.txt`` / ``val.txt`` listing keys; without them every 10th key (by a hash
-  of the key, so adding files does not reshuffle the split) is validation.
+- ``voc`` (``voc.py``): PASCAL VOC, and any data in its folders;
+- ``nyud`` (``nyud.py``): NYUDv2 as the FCN reference code's ``data/nyud``, with depth and HHA;
+- ``siftflow`` (``siftflow.py``): SIFT Flow as the reference's ``data/sift-flow``, with semantic and
+  geometric labels;
+- ``images-masks`` (``images_masks.py``): ``images/`` and ``masks/`` folders with optional split lists.
 
 A dataset has label heads (``semantic``; SIFT Flow also ``geometric``) and input modalities (``rgb``;
-NYUDv2 also ``depth`` and ``hha``). ``.mat`` labels are shifted as the reference data layers shift
-them: class k becomes label id k - 1 and void becomes 255 (ignored).
+NYUDv2 also ``depth`` and ``hha``). ``readers.py`` reads a sample's files (``.mat`` labels shifted as the
+reference data layers shift them); ``base.py`` holds the types every layout shares.
 
 Semantic class names come from an explicit file, else ``<root>/class_names.txt``, else the layout's
 (NYUDv2's 40, SIFT Flow's 33), else from the data: PASCAL VOC itself (:func:`is_pascal_voc`: the VOC

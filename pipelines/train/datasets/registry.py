@@ -37,4 +37,5 @@ def detect_layout(fs: fsspec.AbstractFileSystem, root: str, uri: str, forced: st
 
 
 def missing_folders(fs: fsspec.AbstractFileSystem, root: str, spec: Layout) -> list[str]:
+    """The folders of ``spec`` (as ``name/``) that are not under ``root``."""
     return [f"{folder}/" for folder in spec.folders if not fs.isdir(f"{root}/{folder}")]

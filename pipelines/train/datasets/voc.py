@@ -1,9 +1,7 @@
 """The PASCAL VOC layout: ``JPEGImages/<id>.jpg``, ``SegmentationClass/<id>.png`` (palette or grey PNG with
 class indices, 255 = ignore), ``ImageSets/Segmentation/{train,val}.txt``. A mask missing from
-``SegmentationClass`` makes its sample bad, not the dataset.
-
-Without class names, PASCAL VOC itself (:func:`is_pascal_voc`) with label ids up to 20 gets the 21 VOC
-classes.
+``SegmentationClass`` makes its sample bad, not the dataset. :func:`is_pascal_voc` tells PASCAL VOC itself
+from other data in its folders.
 """
 
 from __future__ import annotations
