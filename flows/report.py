@@ -2,8 +2,8 @@
 
 The HTML report (written to ``<output>/report.html``) has a class-distribution bar chart as inline SVG
 and a gallery of image / mask overlays as base64 PNG thumbnails: no scripts, no external assets.
-The statistics are read as an Arrow dataset (a table, or the Parquet files of a run): aggregates are
-summed batch by batch over the columns they need, and only a sample of rows becomes Python objects.
+The statistics are read as an Arrow dataset (a table, or the Parquet files of a run) in one scan
+(``digest_stats``): aggregates are summed batch by batch, and only a sample of rows becomes Python objects.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import base64
 import html
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,9 +29,9 @@ from pipelines.common.decode import decode_image
 from pipelines.segment.masks import encode_overlay
 
 THUMBNAIL_SIZE = 160
+ERROR_ROWS = 20  # error rows shown in a report
 Stats = pa.Table | pads.Dataset
 """The statistics: a table, or a dataset of Parquet files (``stats_dataset``)."""
-_OK = pc.field("status") == "ok"
 
 
 def stats_dataset(stats_uri: str, storage_options: dict[str, Any] | None = None) -> pads.Dataset:
@@ -53,25 +53,6 @@ class ClassDistribution:
     class_names: list[str]
     pixels: list[int]
     dominant_images: list[int]
-
-    @classmethod
-    def from_stats(
-        cls, stats: Stats, class_names: list[str], head: str = PRIMARY_HEAD, heads: Sequence[str] = (PRIMARY_HEAD,)
-    ) -> ClassDistribution:
-        """Sum ``head``'s ``pixel_counts`` and count its ``dominant_class`` over the ok rows (the columns that
-        ``fcn.heads.head_key`` names for ``head`` of ``heads``), batch by batch with Arrow and numpy."""
-        counts_column, dominant_column = (head_key(head, heads, c) for c in ("pixel_counts", "dominant_class"))
-        n = len(class_names)
-        pixels, dominant = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
-        for batch in _dataset(stats).to_batches(columns=[counts_column, dominant_column], filter=_OK):
-            counts = batch[counts_column]
-            lengths = pc.fill_null(pc.list_value_length(counts), 0).to_numpy()
-            values = pc.list_flatten(counts).to_numpy()
-            positions = np.arange(len(values)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-            pixels += np.bincount(positions, weights=values, minlength=n)[:n].round().astype(np.int64)
-            classes = pc.drop_null(batch[dominant_column]).to_numpy()
-            dominant += np.bincount(classes[classes < n], minlength=n)
-        return cls(list(class_names), pixels.tolist(), dominant.tolist())
 
     @property
     def total_pixels(self) -> int:
@@ -128,10 +109,115 @@ def schema_classes(schema: pa.Schema) -> tuple[list[str], list[int]]:
     return names, palette
 
 
-def error_rows(stats: Stats, limit: int = 20) -> list[tuple[str, str]]:
-    """Up to ``limit`` (image_uri, reason) pairs of the rows with status ``error`` (the scan stops there)."""
-    bad = _dataset(stats).head(limit, columns=["image_uri", "error"], filter=pc.field("status") == "error")
-    return list(zip(bad["image_uri"].to_pylist(), bad["error"].to_pylist(), strict=True))
+@dataclass(frozen=True)
+class StatsDigest:
+    """The statistics in aggregate, from one scan (``digest_stats``): ``rows``; every head's class
+    distribution and palette, the first head first; the first error rows (image_uri, reason); and a sample
+    of ok rows spread evenly over the run (``SAMPLE_COLUMNS``, the first head's mask and class)."""
+
+    rows: int
+    heads: dict[str, tuple[ClassDistribution, list[int]]]
+    errors: list[tuple[str, str]]
+    sample: list[dict[str, Any]]
+
+
+SAMPLE_COLUMNS = ["image_uri", "mask_uri", "width", "height", "dominant_class"]
+
+
+def digest_stats(
+    stats: Stats,
+    *,
+    sample_size: int = 0,
+    error_limit: int = ERROR_ROWS,
+    on_keys: Callable[[pa.ChunkedArray], None] | None = None,
+) -> StatsDigest:
+    """Read the statistics once, in tables of ``_SCAN["batch_size"]`` rows (small part files gathered; a few
+    tables ahead: memory bounded whatever the number of rows), and digest them: every head's ``pixel_counts``
+    summed and ``dominant_class`` counted over the ok rows, the first ``error_limit`` error rows,
+    ``sample_size`` ok rows spread evenly over the rows (``EvenSample``). ``on_keys`` receives each table's
+    ``key`` column, for checks made in the same pass."""
+    dataset = pads.dataset(stats) if isinstance(stats, pa.Table) else stats
+    heads = schema_heads(dataset.schema)
+    names = list(heads)
+    per_head = {head: [head_key(head, names, c) for c in ("pixel_counts", "dominant_class")] for head in heads}
+    first = [head_key(names[0], names, c) if c in ("mask_uri", "dominant_class") else c for c in SAMPLE_COLUMNS]
+    columns = {"status", "error", *first, *(c for pair in per_head.values() for c in pair)}
+    pixels = {head: np.zeros(len(heads[head][0]), dtype=np.int64) for head in heads}
+    dominant = {head: np.zeros(len(heads[head][0]), dtype=np.int64) for head in heads}
+    errors: list[tuple[str, str]] = []
+    sample, rows = EvenSample(sample_size), 0
+    scan = dataset.to_batches(columns=sorted(columns | ({"key"} if on_keys else set())), **_SCAN)
+    for batch in _coalesced(scan, _SCAN["batch_size"]):
+        rows += batch.num_rows
+        if on_keys:
+            on_keys(batch["key"])
+        ok = pc.fill_null(pc.equal(batch["status"], "ok"), False)
+        for head, (counts_column, dominant_column) in per_head.items():
+            n = len(pixels[head])
+            counts = pc.drop_null(batch[counts_column].filter(ok)).cast(pa.list_(pa.int64(), n))  # one per class
+            pixels[head] += pc.list_flatten(counts).to_numpy().reshape(-1, n).sum(axis=0)
+            classes = pc.drop_null(batch[dominant_column].filter(ok)).to_numpy()
+            dominant[head] += np.bincount(classes[classes < n], minlength=n)
+        if len(errors) < error_limit:
+            bad = batch.filter(pc.fill_null(pc.equal(batch["status"], "error"), False)).slice(
+                0, error_limit - len(errors)
+            )
+            errors += zip(bad["image_uri"].to_pylist(), bad["error"].to_pylist(), strict=True)
+        sample.add(batch.select(first).rename_columns(SAMPLE_COLUMNS), np.flatnonzero(ok.to_numpy()))
+    return StatsDigest(
+        rows=rows,
+        heads={
+            head: (ClassDistribution(list(classes), pixels[head].tolist(), dominant[head].tolist()), palette)
+            for head, (classes, palette) in heads.items()
+        },
+        errors=errors,
+        sample=sorted(sample.rows(), key=lambda row: row["image_uri"]),
+    )
+
+
+_SCAN = {"batch_size": 1 << 15, "batch_readahead": 2, "fragment_readahead": 8}
+"""How ``digest_stats`` reads: batches of at most 32Ki rows, two batches and eight files ahead."""
+
+
+def _coalesced(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.Table]:
+    """``batches`` gathered into tables of at least ``rows`` rows (the last may have fewer), so that the
+    work per table is not repeated for every small part file."""
+    pending: list[pa.RecordBatch] = []
+    for batch in batches:
+        pending.append(batch)
+        if sum(b.num_rows for b in pending) >= rows:
+            yield pa.Table.from_batches(pending)
+            pending = []
+    if pending:
+        yield pa.Table.from_batches(pending)
+
+
+class EvenSample:
+    """``size`` rows spread evenly over a stream of any length, in one pass: rows are kept at every
+    ``stride``-th eligible position, the stride doubling (every other kept row dropped) whenever more
+    than ``2 * size`` would be kept."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.stride, self.seen = size, 1, 0
+        self.kept: list[dict[str, Any]] = []
+
+    def add(self, batch: pa.RecordBatch | pa.Table, eligible: np.ndarray) -> None:
+        """Offer the rows ``eligible`` (indices, ascending) of ``batch``."""
+        if self.size <= 0 or not len(eligible):
+            return
+        total = self.seen + len(eligible)
+        while -(-total // self.stride) > 2 * self.size:
+            self.kept, self.stride = self.kept[::2], 2 * self.stride
+        first = -self.seen % self.stride  # the first position here that is a multiple of the stride
+        self.kept += batch.take(pa.array(eligible[first :: self.stride])).to_pylist()
+        self.seen = total
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Up to ``size`` of the kept rows, evenly spaced."""
+        if not self.kept:
+            return []
+        picks = np.unique(np.linspace(0, len(self.kept) - 1, num=min(self.size, len(self.kept))).round())
+        return [self.kept[int(i)] for i in picks]
 
 
 def _percent(part: int, whole: int) -> str:
@@ -232,29 +318,15 @@ def overlay_thumbnail(
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def sample_gallery(
-    stats: Stats,
+def gallery(
+    sample: list[dict[str, Any]],
     class_names: list[str],
     palette: list[int],
-    size: int,
     storage_options: dict[str, Any] | None = None,
 ) -> list[GalleryItem]:
-    """Overlays of ``size`` ok rows spread evenly over the statistics' rows, shown sorted by image URI."""
-    dataset = _dataset(stats)
-    ok_rows = dataset.count_rows(filter=_OK) if size > 0 else 0
-    if ok_rows == 0:
-        return []
-    picks = np.unique(np.linspace(0, ok_rows - 1, num=min(size, ok_rows)).round().astype(np.int64))
-    columns = ["image_uri", "mask_uri", "width", "height", "dominant_class"]
-    sample, seen = [], 0
-    for batch in dataset.to_batches(columns=columns, filter=_OK):
-        here = picks[(picks >= seen) & (picks < seen + batch.num_rows)] - seen
-        sample += batch.take(pa.array(here)).to_pylist() if len(here) else []
-        seen += batch.num_rows
-        if seen > picks[-1]:
-            break
+    """Overlays of the ``sample`` rows (``StatsDigest.sample``), in their order."""
     items = []
-    for row in sorted(sample, key=lambda row: row["image_uri"]):
+    for row in sample:
         caption = (
             f"{row['image_uri'].rsplit('/', 1)[-1]} ({row['width']}x{row['height']}, "
             f"mostly {class_names[row['dominant_class']]})"

@@ -22,17 +22,15 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from fcn.heads import split_heads
 from flows.common import failure_artifact, io_task, is_transient
 from flows.params import SegmentBucketParams, takes
 from flows.report import (
-    ClassDistribution,
     RunReport,
-    error_rows,
+    StatsDigest,
+    digest_stats,
+    gallery,
     html_report,
     markdown_summary,
-    sample_gallery,
-    schema_heads,
     stats_dataset,
     write_text,
 )
@@ -67,30 +65,21 @@ class OutputCounts:
         return self.rows == self.keys == self.listed and not (self.missing or self.duplicated or self.unlisted)
 
 
-def count_outputs(stats_uri: str, listing_uri: str, storage_options: dict[str, Any]) -> OutputCounts:
-    """Compare the statistics' ``key`` column with the listing's, with Arrow: the listed keys are hashed
-    once, the statistics are scanned batch by batch (their ``key`` column only), and each row's key is
-    looked up and counted against its listed key (a numpy count per listed image)."""
-    fs, listing_path = fsspec.core.url_to_fs(listing_uri, **storage_options)
-    fs.invalidate_cache()
-    listed = pq.read_table(listing_path, columns=["key"], filesystem=fs)["key"].combine_chunks()
-    per_key = np.zeros(len(listed), dtype=np.int32)
-    rows, unlisted = 0, []
-    for batch in stats_dataset(stats_uri, storage_options).to_batches(columns=["key"]):
-        where = pc.index_in(batch["key"], value_set=listed)
-        np.add.at(per_key, pc.drop_null(where).to_numpy(), 1)
-        unlisted.append(batch["key"].filter(pc.is_null(where)))
-        rows += batch.num_rows
-    unlisted_keys = pa.chunked_array(unlisted, type=pa.string())
-    keys = int(np.count_nonzero(per_key)) + pc.count_distinct(unlisted_keys).as_py()
+def count_keys(keys: pa.ChunkedArray, listed: pa.Array) -> OutputCounts:
+    """Count the statistics' ``keys`` against the ``listed`` ones with Arrow: the listed keys are hashed
+    once, each row's key is looked up among them, and the rows of each listed key counted (numpy)."""
+    where = pc.index_in(keys, value_set=listed)
+    per_key = np.bincount(pc.drop_null(where).to_numpy(), minlength=len(listed))
+    unlisted = keys.filter(pc.is_null(where))
+    distinct = int(np.count_nonzero(per_key)) + pc.count_distinct(unlisted).as_py()
     missing = np.flatnonzero(per_key == 0)
     return OutputCounts(
-        rows=rows,
-        keys=keys,
+        rows=len(keys),
+        keys=distinct,
         listed=len(listed),
         missing=len(missing),
-        duplicated=rows - keys,
-        unlisted=len(unlisted_keys),
+        duplicated=len(keys) - distinct,
+        unlisted=len(unlisted),
         missing_sample=listed.take(pa.array(missing[:MISSING_SAMPLE])).to_pylist(),
     )
 
@@ -111,40 +100,46 @@ def segment(params: SegmentBucketParams) -> SegmentSummary:
     return summary
 
 
-def check_outputs(summary: SegmentSummary, storage_options: dict[str, Any]) -> OutputCounts:
-    """``count_outputs`` for a finished run; OutputCheckError unless ``_SUCCESS`` exists and the statistics
-    have exactly one row per image of the job's listing (``summary.listed`` of them)."""
+def check_outputs(
+    summary: SegmentSummary, storage_options: dict[str, Any], gallery_size: int = 0
+) -> tuple[OutputCounts, StatsDigest]:
+    """Read the run's statistics once: their keys counted against the job's listing (``count_keys``) and
+    the report's digest (``digest_stats``, a sample of ``gallery_size`` rows). OutputCheckError unless
+    ``_SUCCESS`` exists and the statistics have exactly one row per listed image (``summary.listed``)."""
     fs, success = fsspec.core.url_to_fs(summary.success_uri, **storage_options)
     fs.invalidate_cache()
     if not fs.isfile(success):
         raise OutputCheckError(f"{summary.success_uri} is missing: the run did not finish")
-    counts = count_outputs(summary.stats_uri, summary.listing_uri, storage_options)
+    fs, listing_path = fsspec.core.url_to_fs(summary.listing_uri, **storage_options)
+    listed = pq.read_table(listing_path, columns=["key"], filesystem=fs)["key"].combine_chunks()
+    keys: list[pa.Array] = []
+    stats = stats_dataset(summary.stats_uri, storage_options)
+    digest = digest_stats(stats, sample_size=gallery_size, on_keys=lambda batch_keys: keys.extend(batch_keys.chunks))
+    counts = count_keys(pa.chunked_array(keys, pa.string()), listed)
+    pa.default_memory_pool().release_unused()  # the hash table's memory, held by the allocator, back to the OS
     if not counts.one_row_per_input or counts.listed != summary.listed:
         raise OutputCheckError(
             f"{summary.stats_uri} has {counts.rows} rows ({counts.keys} distinct keys) for {summary.listed} "
             f"listed images ({counts.listed} in {summary.listing_uri}): {counts.missing} missing (e.g. "
             f"{counts.missing_sample}), {counts.duplicated} duplicated, {counts.unlisted} not listed"
         )
-    return counts
+    return counts, digest
 
 
 @io_task("verify-outputs")
-def verify_outputs(summary: SegmentSummary, storage_options: dict[str, Any]) -> OutputCounts:
-    """``check_outputs``, logged; returns the counts (a few integers)."""
-    counts = check_outputs(summary, storage_options)
+def verify_outputs(summary: SegmentSummary, storage_options: dict[str, Any], gallery_size: int) -> StatsDigest:
+    """``check_outputs``, logged; returns the report's digest (aggregates and a sample of rows)."""
+    counts, digest = check_outputs(summary, storage_options, gallery_size)
     get_run_logger().info("verified _SUCCESS and %d rows, one per input, in %s", counts.rows, summary.stats_uri)
-    return counts
+    return digest
 
 
 def write_report(
-    summary: SegmentSummary, title: str, report_uri: str, gallery_size: int, storage_options: dict[str, Any]
+    summary: SegmentSummary, digest: StatsDigest, title: str, report_uri: str, storage_options: dict[str, Any]
 ) -> RunReport:
-    """Build the run's report from aggregates over its statistics and a sample of ``gallery_size`` rows,
-    write it as HTML to ``report_uri`` and return it."""
-    stats = stats_dataset(summary.stats_uri, storage_options)
-    heads = schema_heads(stats.schema)
-    primary, further = split_heads(heads)
-    (class_names, palette), head_names = heads[primary], list(heads)
+    """Build the run's report from the summary and the statistics' digest, write it as HTML (with the
+    gallery of the digest's sample) to ``report_uri`` and return it."""
+    (primary, (distribution, palette)), *further = digest.heads.items()
     report = RunReport(
         title=title,
         model=summary.model,
@@ -153,31 +148,27 @@ def write_report(
         skipped=summary.skipped,
         images_per_second=summary.images_per_second,
         startup_s=summary.startup_s,
-        distribution=ClassDistribution.from_stats(stats, class_names, primary, head_names),
+        distribution=distribution,
         palette=palette,
-        further_heads={
-            head: (ClassDistribution.from_stats(stats, heads[head][0], head, head_names), heads[head][1])
-            for head in further
-        },
+        further_heads=dict(further),
         links={
             "masks": summary.masks_uri,
             "statistics (Parquet)": summary.stats_uri,
             "manifest": summary.manifest_uri,
             "HTML report": report_uri,
         },
-        errors=error_rows(stats),
+        errors=digest.errors,
     )
-    gallery = sample_gallery(stats, class_names, palette, gallery_size, storage_options)
-    write_text(report_uri, html_report(report, gallery), storage_options)
+    items = gallery(digest.sample, distribution.class_names, palette, storage_options)
+    write_text(report_uri, html_report(report, items), storage_options)
     return report
 
 
 @io_task("publish")
-def publish(params: SegmentBucketParams, summary: SegmentSummary) -> str:
+def publish(params: SegmentBucketParams, summary: SegmentSummary, digest: StatsDigest) -> str:
     """Write ``<output>/report.html`` and create the run's markdown and link artifacts; return the report URI."""
     report_uri = f"{params.output.rstrip('/')}/{REPORT_FILE}"
-    title = f"segment-bucket: {params.input}"
-    report = write_report(summary, title, report_uri, params.gallery_size, params.fs_options)
+    report = write_report(summary, digest, f"segment-bucket: {params.input}", report_uri, params.fs_options)
     create_markdown_artifact(markdown_summary(report), key=ARTIFACT_KEY, description=report.title)
     create_link_artifact(report_uri, link_text="HTML report", key=f"{ARTIFACT_KEY}-report")
     get_run_logger().info("report: %s", report_uri)
@@ -193,8 +184,8 @@ def segment_bucket(**parameters: Any) -> dict[str, Any]:
         params = SegmentBucketParams(**parameters)
         params.segment_config().validate()
         summary = segment(params)
-        verify_outputs(summary, params.fs_options)
-        report_uri = publish(params, summary)
+        digest = verify_outputs(summary, params.fs_options, params.gallery_size)
+        report_uri = publish(params, summary, digest)
     except Exception as error:
         failure_artifact(ARTIFACT_KEY, parameters, error)
         raise

@@ -16,7 +16,8 @@ from prefect.exceptions import ParameterTypeError
 from pydantic import ValidationError
 
 from fcn.classes import voc_palette
-from flows.report import ClassDistribution, RunReport, error_rows, html_report, markdown_summary, sample_gallery
+from fcn.heads import PRIMARY_HEAD
+from flows.report import RunReport, digest_stats, gallery, html_report, markdown_summary
 from pipelines.segment.schema import STATS_COLUMNS, stats_schema
 
 CLASSES = ["background", "disc", "box", "ring"]
@@ -76,16 +77,16 @@ def _report(stats: pa.Table, ok: int, errors: int) -> RunReport:
         skipped=1,
         images_per_second=3.5,
         startup_s=6.25,
-        distribution=ClassDistribution.from_stats(stats, CLASSES),
+        distribution=digest_stats(stats).heads[PRIMARY_HEAD][0],
         palette=voc_palette(),
         links={"masks": "file:///out/masks", "HTML report": "file:///out/report.html"},
-        errors=error_rows(stats),
+        errors=digest_stats(stats).errors,
     )
 
 
 def test_class_distribution_sums_pixel_counts_of_ok_rows(tmp_path: Path) -> None:
     stats = _stats(tmp_path, ok=5, errors=2)
-    dist = ClassDistribution.from_stats(stats, CLASSES)
+    dist = digest_stats(stats).heads[PRIMARY_HEAD][0]
     ok_pixels = sum((40 + i) * 50 for i in range(5))
     assert dist.total_pixels == ok_pixels
     expected_disc = sum((10 + i) * 50 for i in range(5) if 1 + i % 3 == 1)
@@ -99,7 +100,7 @@ def test_markdown_summary_has_counts_table_and_links(tmp_path: Path) -> None:
     text = markdown_summary(_report(stats, ok=5, errors=2))
     assert "| ok | 5 |" in text and "| error | 2 |" in text and "| skipped (already done) | 1 |" in text
     assert "3.50 images/s steady state, after 6.2 s of start-up" in text
-    dist = ClassDistribution.from_stats(stats, CLASSES)
+    dist = digest_stats(stats).heads[PRIMARY_HEAD][0]
     table_rows = re.findall(r"^\| (\w+) \| (\d+) \| ([\d.]+)% \| (\d+) \|$", text, flags=re.M)
     assert {name: int(px) for name, px, _, _ in table_rows} == {
         name: px for name, px in zip(CLASSES, dist.pixels, strict=True) if px
@@ -112,8 +113,8 @@ def test_markdown_summary_has_counts_table_and_links(tmp_path: Path) -> None:
 
 def test_html_report_is_self_contained_with_chart_and_gallery(tmp_path: Path) -> None:
     stats = _stats(tmp_path, ok=7, errors=1)
-    gallery = sample_gallery(stats, CLASSES, voc_palette(), size=4)
-    page = html_report(_report(stats, ok=7, errors=1), gallery)
+    items = gallery(digest_stats(stats, sample_size=4).sample, CLASSES, voc_palette())
+    page = html_report(_report(stats, ok=7, errors=1), items)
     assert "<svg" in page and page.count('class="bar"') == 4  # every class has pixels here
     assert page.count('<img src="data:image/png;base64,') == 4
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page), "no external assets"
@@ -131,8 +132,8 @@ def test_html_report_is_self_contained_with_chart_and_gallery(tmp_path: Path) ->
 
 def test_gallery_is_capped_by_available_rows(tmp_path: Path) -> None:
     stats = _stats(tmp_path, ok=2, errors=3)
-    assert len(sample_gallery(stats, CLASSES, voc_palette(), size=10)) == 2
-    assert sample_gallery(stats, CLASSES, voc_palette(), size=0) == []
+    assert len(gallery(digest_stats(stats, sample_size=10).sample, CLASSES, voc_palette())) == 2
+    assert digest_stats(stats, sample_size=0).sample == []
 
 
 # -------------------------------------------------------------------------------- parameters
@@ -289,9 +290,7 @@ def test_a_two_head_run_reports_each_heads_distribution() -> None:
     report = _report(stats, ok=2, errors=0)
     report = dataclasses.replace(
         report,
-        further_heads={
-            "geometric": (ClassDistribution.from_stats(stats, geometric, "geometric", list(heads)), voc_palette())
-        },
+        further_heads={"geometric": digest_stats(stats).heads["geometric"]},
     )
     assert report.further_heads["geometric"][0].pixels == [2, 7, 0]
     assert report.further_heads["geometric"][0].dominant_images == [0, 2, 0]
@@ -309,7 +308,7 @@ def test_output_check_finds_a_missing_a_duplicated_and_an_unlisted_key(tmp_path:
     never listed are each counted, the lost one named."""
     import pyarrow.parquet as pq
 
-    from flows.segment_bucket import OutputCheckError, check_outputs, count_outputs
+    from flows.segment_bucket import OutputCheckError, check_outputs
     from pipelines.segment import SegmentSummary
 
     keys = [f"photos/k{i}.png" for i in range(6)]
@@ -324,16 +323,6 @@ def test_output_check_finds_a_missing_a_duplicated_and_an_unlisted_key(tmp_path:
         table = pa.Table.from_pylist([{c: r.get(c) for c in STATS_COLUMNS} for r in rows], schema=schema)
         pq.write_table(table, stats / f"part-{name}.parquet")
 
-    write_part("a", keys[:4])
-    write_part("b", keys[4:])
-    good = count_outputs(str(stats), listing_uri, {})
-    assert good.one_row_per_input and (good.rows, good.keys, good.listed, good.missing) == (6, 6, 6, 0)
-
-    write_part("b", ["photos/k3.png", "photos/k5.png", "elsewhere.png"])
-    bad = count_outputs(str(stats), listing_uri, {})
-    assert (bad.rows, bad.keys, bad.listed) == (7, 6, 6)
-    assert (bad.missing, bad.duplicated, bad.unlisted, bad.missing_sample) == (1, 1, 1, ["photos/k4.png"])
-    assert not bad.one_row_per_input
     (tmp_path / "_SUCCESS").write_text("{}")
     summary = SegmentSummary(
         **dict.fromkeys(["run_id", "input", "output", "model", "model_id", "model_version", "masks_uri"], "x"),
@@ -345,5 +334,36 @@ def test_output_check_finds_a_missing_a_duplicated_and_an_unlisted_key(tmp_path:
         success_uri=str(tmp_path / "_SUCCESS"),
         listing_uri=listing_uri,
     )
-    with pytest.raises(OutputCheckError, match=r"7 rows \(6 distinct keys\) for 6 listed images.*photos/k4.png"):
+    write_part("a", keys[:4])
+    write_part("b", keys[4:])
+    good, digest = check_outputs(summary, {})
+    assert good.one_row_per_input and (good.rows, good.keys, good.listed, good.missing) == (6, 6, 6, 0)
+    assert digest.rows == 6 and sum(digest.heads[PRIMARY_HEAD][0].pixels) == 0  # no pixel counts in these rows
+
+    write_part("b", ["photos/k3.png", "photos/k5.png", "elsewhere.png"])
+    expected = (
+        r"7 rows \(6 distinct keys\) for 6 listed images \(6 in .*\): 1 missing \(e.g. \['photos/k4.png'\]\), "
+        r"1 duplicated, 1 not listed"
+    )
+    with pytest.raises(OutputCheckError, match=expected):
         check_outputs(summary, {})
+
+
+def test_even_sample_spreads_a_few_rows_over_a_stream_of_any_length() -> None:
+    """One pass over 10,000 rows offered in uneven batches keeps at most twice the sample size at any
+    time and ends with rows spread from the first row to near the last, evenly spaced."""
+    from flows.report import EvenSample
+
+    sample, offered = EvenSample(5), 0
+    for size in [1, 7, 300, 2, 4000, 13, 5677]:
+        batch = pa.record_batch({"i": pa.array(range(offered, offered + size))})
+        sample.add(batch, np.arange(0, size))
+        offered += size
+        assert len(sample.kept) <= 10
+    positions = [row["i"] for row in sample.rows()]
+    assert offered == 10_000 and len(positions) == 5 and positions[0] == 0 and positions[-1] > 10_000 - 10_000 / 5
+    gaps = np.diff(positions)
+    assert gaps.max() <= 1.5 * gaps.min(), positions
+    few = EvenSample(5)
+    few.add(pa.record_batch({"i": pa.array(range(3))}), np.array([0, 2]))
+    assert [row["i"] for row in few.rows()] == [0, 2]
