@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import re
 
 import fsspec
 import numpy as np
@@ -136,3 +138,133 @@ def test_mask_upload_is_atomic_on_s3(s3_bucket, tmp_path):
     local_fs = fsspec.filesystem("file")
     tiff.put_file_atomic(local_fs, str(local), str(tmp_path / "out" / "b.tif"))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b.tif"]
+
+
+def test_the_decompression_guard_names_the_limit_and_the_formats_without_one():
+    from PIL import Image
+
+    from pipelines.common.decode import DecodeError, decode_image
+
+    png = io.BytesIO()
+    Image.fromarray(noise(40, 50)).save(png, format="PNG")
+    with pytest.raises(DecodeError, match=r"limit of 1,000 \(--max-image-pixels\).*tiled TIFF.*window by window"):
+        decode_image(png.getvalue(), max_pixels=1000)
+
+
+# The job end to end: a tiled TIFF segmented as windows by the FCN actors, stitched, equal to the whole image.
+
+SCENE = (700, 900)  # cut into 2 x 6 windows of 640 px by the tiny network (its margin: 288 px)
+TILE_OPTIONS = {"tile_pixels": 1, "tile_size": 640}
+
+
+def scene(seed: int = 3) -> np.ndarray:
+    """A smooth scene (blocks of colour plus noise) so that the network's labels form regions."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (SCENE[0] // 50 + 1, SCENE[1] // 50 + 1, 3), dtype=np.uint8)
+    image = blocks.repeat(50, 0).repeat(50, 1)[: SCENE[0], : SCENE[1]]
+    return np.clip(image.astype(np.int16) + rng.integers(-20, 20, image.shape), 0, 255).astype(np.uint8)
+
+
+def _config(input: str, output: str, model: str, **kwargs):
+    from pipelines.segment import SegmentConfig
+
+    small = {"actors": 1, "cpus_per_actor": 1, "batch_size": 4, "progress": False}
+    return SegmentConfig(input=input, output=output, model=model, **(small | kwargs))
+
+
+def _rows(output: str) -> dict[str, dict]:
+    import pyarrow.parquet as pq
+
+    fs, root = fsspec.core.url_to_fs(output)
+    fs.invalidate_cache()
+    rows = pq.read_table(f"{root}/stats", filesystem=fs).to_pylist()
+    assert len(rows) == len({row["key"] for row in rows})
+    return {row["key"]: row for row in rows}
+
+
+def _mask(uri: str) -> tifffile.TiffFile:
+    with fsspec.open(uri, "rb") as f:
+        return tifffile.TiffFile(io.BytesIO(f.read()))
+
+
+def test_a_tiled_tiff_segmented_as_windows_equals_the_whole_image(ray_cluster, s3_bucket):
+    from PIL import Image
+    from segment_cases import tiny_checkpoint, upload
+
+    from pipelines.segment import run_segmentation
+
+    model = tiny_checkpoint(f"{s3_bucket}/model.pt", num_classes=4)
+    photo = io.BytesIO()
+    Image.fromarray(scene(5)[:80, :90]).save(photo, format="PNG")
+    upload(
+        f"{s3_bucket}/in",
+        {
+            "scene.tif": tiled_tiff(scene(), tile=(128, 128), compression="zlib", extratags=GEOTAGS),
+            "photo.png": photo.getvalue(),
+        },
+    )
+    tiled = run_segmentation(_config(f"{s3_bucket}/in", f"{s3_bucket}/tiled", model, **TILE_OPTIONS))
+    whole = run_segmentation(_config(f"{s3_bucket}/in", f"{s3_bucket}/whole", model))
+    assert (tiled.ok, tiled.error, whole.ok, whole.error) == (2, 0, 2, 0), tiled.errors
+    by_windows, by_image = _rows(f"{s3_bucket}/tiled"), _rows(f"{s3_bucket}/whole")
+
+    row, reference = by_windows["scene.tif"], by_image["scene.tif"]
+    assert row["mask_uri"] == f"{s3_bucket}/tiled/masks/scene.tif.tif"
+    with _mask(row["mask_uri"]) as mask, fsspec.open(reference["mask_uri"], "rb") as png:
+        full, overview = mask.pages
+        labels = full.asarray()
+        np.testing.assert_array_equal(labels, np.asarray(Image.open(png)))
+        assert full.is_tiled and overview.subfiletype == tifffile.FILETYPE.REDUCEDIMAGE
+        assert full.geotiff_tags["ModelTiepoint"] == list(GEOTAGS[1][3])
+    assert len(np.unique(labels)) > 1
+    assert row["pixel_counts"] == reference["pixel_counts"] == np.bincount(labels.ravel(), minlength=4).tolist()
+    assert row["mean_confidence"] == pytest.approx(reference["mean_confidence"], rel=1e-9)
+    assert (row["status"], row["width"], row["height"]) == ("ok", SCENE[1], SCENE[0])
+    assert row["class_fractions"] == reference["class_fractions"]
+    assert by_windows["photo.png"]["mask_uri"].endswith(".png")  # small images: as before
+
+    manifest = json.loads(fsspec.open(tiled.manifest_uri).open().read())
+    [report] = manifest["tiled_images"]
+    assert report["key"] == "scene.tif" and report["tiles"] == 12 and report["fcn_actors"] == 1
+    fs, _ = fsspec.core.url_to_fs(s3_bucket)
+    assert not fs.exists(f"{s3_bucket}/tiled/_tiles/scene.tif")  # parts removed once assembled
+
+
+def _corrupt_tile(data: bytes, index: int) -> bytes:
+    """``data`` with the compressed bytes of tile ``index`` of its first page overwritten."""
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        offset, count = tif.pages[0].dataoffsets[index], tif.pages[0].databytecounts[index]
+    return data[:offset] + b"\x00" * count + data[offset + count :]
+
+
+def test_a_failed_tile_makes_an_error_row_naming_its_window_and_a_rerun_redoes_only_such_windows(ray_cluster, tmp_path):
+    from segment_cases import tiny_checkpoint, upload
+
+    from pipelines.segment import run_segmentation
+    from pipelines.segment.listing import list_images
+    from pipelines.segment.model import describe_model
+    from pipelines.segment.tiles import plan_tiles
+
+    model = tiny_checkpoint(str(tmp_path / "model.pt"), num_classes=4)
+    data = _corrupt_tile(
+        tiled_tiff(scene(), tile=(128, 128), compression="zlib"), index=4 * 8 + 6
+    )  # rows 512:640, columns 768:896
+    upload(str(tmp_path / "in"), {"scene.tif": data})
+    output = str(tmp_path / "out")
+    config = _config(str(tmp_path / "in"), output, model, **TILE_OPTIONS)
+    summary = run_segmentation(config)
+    assert (summary.ok, summary.error) == (0, 1)
+    [row] = _rows(output).values()
+    assert row["status"] == "error" and row["mask_uri"] is None
+    assert re.match(r"tile: window rows \d+:\d+, columns \d+:\d+: decode: cannot decode tile 38", row["error"]), row[
+        "error"
+    ]
+    assert not (tmp_path / "out" / "masks").exists()  # no mask at the final path
+
+    todo = list_images(config.input, {}).images
+    work, [image] = plan_tiles(todo, config, f"file://{output}", describe_model(model, {}))
+    redo = work.to_pylist()
+    assert 0 < len(redo) < len(image.windows) == 12  # only the windows whose part was not written
+    for window in (tuple(r["window"]) for r in redo):  # each touches the corrupt tile (rows 512:640, cols 768:896)
+        assert window[0] < 640 and window[1] > 512 and window[2] < 896 and window[3] > 768
+    assert row["error"].startswith(f"tile: window rows {redo[0]['window'][0]}:{redo[0]['window'][1]}")

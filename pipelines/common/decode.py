@@ -40,7 +40,8 @@ def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
     if width * height > max_pixels:
         raise DecodeError(
             f"decompression bomb refused: header declares {width}x{height} = {width * height:,} pixels, "
-            f"more than the limit of {max_pixels:,} (--max-image-pixels)"
+            f"more than the limit of {max_pixels:,} (--max-image-pixels) of images decoded whole; tiled TIFF, "
+            "BigTIFF, Cloud-Optimized GeoTIFF and pyramidal TIFF have no such limit (they are read window by window)"
         )
     return image
 

@@ -74,7 +74,22 @@ class SegmentConfig(Options):
         f"{SAFE_SECRETS_HELP}",
         metavar="JSON|@FILE",
     )
-    max_image_pixels: int = option(100_000_000, "refuse images whose header declares more pixels", ge=1)
+    max_image_pixels: int = option(
+        100_000_000,
+        "refuse images whose header declares more pixels (tiled TIFFs, read by window, have no such limit)",
+        ge=1,
+    )
+    tile_pixels: int = option(
+        16_777_216,
+        "tiled TIFFs (BigTIFF, COG, pyramidal) of more pixels are segmented as windows of --tile-size, each read by "
+        "window and taken by any FCN actor, into a tiled TIFF mask",
+        ge=1,
+    )
+    tile_size: int = option(
+        2048,
+        "side of the input windows of a tiled image, margins included (rounded down to the network's stride)",
+        ge=1,
+    )
     rows_per_file: int = option(256, "stats rows per Parquet part file", ge=1)
     read_retries: int = option(3, "retries of a failed read", ge=0)
     write_retries: int = option(

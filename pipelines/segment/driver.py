@@ -30,6 +30,7 @@ from pipelines.segment.config import ConfigError, SegmentConfig, flag
 from pipelines.segment.listing import InputError, list_images
 from pipelines.segment.model import ModelInfo, checkpoint_exists, describe_model
 from pipelines.segment.pipeline import RayRun, segment_on_ray
+from pipelines.segment.tiles import assemble, plan_tiles
 
 logger = logging.getLogger("pipelines.segment")
 
@@ -127,7 +128,11 @@ def run_segmentation(config: SegmentConfig) -> SegmentSummary:
         todo.num_rows,
         model.label,
     )
-    ray_run = segment_on_ray(config, todo, output, run_id, model) if todo.num_rows else RayRun()
+    work, tiled = plan_tiles(todo, config, output, model)  # big tiled TIFFs: a row per window still to do
+    ray_run = segment_on_ray(config, work, output, run_id, model) if work.num_rows else RayRun()
+    assembled = assemble(
+        tiled, ray_run, output=output, storage_options=so, run_id=run_id, model=model, retries=config.write_retries
+    )
 
     written = resume.compact(stats_uri, so, run_id, previous, unique_keys=finished, retries=config.write_retries)
     missing = pc.invert(pc.is_in(todo["key"], value_set=written))
@@ -171,6 +176,7 @@ def run_segmentation(config: SegmentConfig) -> SegmentSummary:
         "class_names": model.class_names,
         "heads": {head: description["class_names"] for head, description in model.heads.items()},
         "masks": {head: f"{output}/{write.mask_folder(head, model.heads)}" for head in model.heads},
+        "tiled_images": [asdict(image) for image in assembled],
         "stats_rows": pc.count_distinct(pa.chunked_array([*previous["key"].chunks, written], type=pa.string())).as_py(),
         "config": {k: v for k, v in asdict(config).items() if k != "storage_options"},
     }

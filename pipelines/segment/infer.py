@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 import traceback
 from typing import Any
@@ -20,6 +21,7 @@ from pipelines.common.decode import decode_image, orient
 from pipelines.segment import schema as columns_schema
 from pipelines.segment.load import DEPTH_MODALITIES
 from pipelines.segment.schema import binary_views, with_columns
+from pipelines.segment.tiles import keep_core
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +111,7 @@ class Segmenter:
         self.max_image_pixels = max_image_pixels
         self.keep_pixels = keep_pixels  # overlays need the RGB pixels downstream
         self.tally = tally  # a Tally actor (or None): the driver's progress counts images as they are segmented
+        self.process = f"{socket.gethostname()}:{os.getpid()}"  # names this actor in the bookkeeping of tiled images
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Segment every loaded image of ``batch``; adds ``labels``, ``pixel_counts``,
@@ -157,14 +160,18 @@ class Segmenter:
         produced = ("labels", "pixel_counts", "mean_confidence")
         outputs = {head_key(head, heads, name): [None] * n for head in heads for name in produced}
         inference_ms: list[float | None] = [None] * n
+        windows = batch["window"].to_pylist() if "window" in batch.column_names else [None] * n
+        cores = batch["core"].to_pylist() if "core" in batch.column_names else [None] * n
         if images:
             start = time.perf_counter()
-            predictions = self._predict(list(images.values()))
+            predictions = self._predict(list(images.values()), confidence=any(cores[i] for i in images))
             per_image_ms = (time.perf_counter() - start) * 1000 / len(images)
             for i, prediction in zip(images, predictions):
                 if isinstance(prediction, Exception):
                     errors[i] = f"inference: {type(prediction).__name__}: {prediction}"
                     continue
+                if cores[i] is not None:  # a window of a tiled image: its core's labels and statistics
+                    heights[i], widths[i] = keep_core(list(prediction.heads.values()), windows[i], cores[i])
                 for head, part in prediction.heads.items():
                     labels = np.ascontiguousarray(part.labels)
                     outputs[head_key(head, heads, "labels")][i] = memoryview(labels).cast("B")
@@ -182,6 +189,7 @@ class Segmenter:
             "decode_ms": decode_ms,
             "inference_ms": inference_ms,
             **outputs,
+            "fcn_actor": [self.process] * n,
         }
         if self.keep_pixels:
             columns["pixels"] = [_rgb_bytes(images.get(i)) for i in range(n)]
@@ -217,17 +225,18 @@ class Segmenter:
             for pixels, orientation in zip(decoded, orientations)
         ]
 
-    def _predict(self, images: list[Any]) -> list[Any]:
-        """Predictions for ``images``; if the batch fails, each image alone, and an image that runs out
-        of memory alone in smaller tiles (its exception in its place if that fails too)."""
+    def _predict(self, images: list[Any], confidence: bool = False) -> list[Any]:
+        """Predictions for ``images`` (with their ``confidence`` maps if asked); if the batch fails, each image
+        alone, and an image that runs out of memory alone in smaller tiles (its exception in its place if that
+        fails too)."""
         try:
-            return self.predictor.predict_batch(images, statistics=True)
+            return self.predictor.predict_batch(images, confidence=confidence, statistics=True)
         except Exception as error:
             self._recover(error)
         results: list[Any] = []
         for image in images:
             try:
-                results.append(self.predictor(image, statistics=True))
+                results.append(self.predictor(image, confidence=confidence, statistics=True))
                 continue
             except Exception as error:
                 self._recover(error)
@@ -235,7 +244,9 @@ class Segmenter:
                     results.append(error)
                     continue
             try:
-                results.append(self.predictor.tiled(OUT_OF_MEMORY_TILE_SIZE)(image, statistics=True))
+                results.append(
+                    self.predictor.tiled(OUT_OF_MEMORY_TILE_SIZE)(image, confidence=confidence, statistics=True)
+                )
             except Exception as error:
                 self._recover(error)
                 results.append(error)

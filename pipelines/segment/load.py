@@ -20,6 +20,7 @@ from pipelines.common.storage import PERMANENT_IO_ERRORS, backoff_s
 from pipelines.segment import schema as columns_schema
 from pipelines.segment.listing import unsafe_key_reason
 from pipelines.segment.schema import with_columns
+from pipelines.segment.tiles import load_windows
 
 DEPTH_MODALITIES = frozenset({"depth", "hha"})
 """Inputs made from the depth maps (``--depth``); RGB comes from the images."""
@@ -81,7 +82,9 @@ def load_images(
     errors: list[str | None] = [
         None if reason is None else f"key: {reason}" for reason in map(unsafe_key_reason, batch["key"].to_pylist())
     ]
-    safe = [i for i in range(n) if errors[i] is None]  # keys that cannot name an output are not even read
+    windows = batch["window"].to_pylist() if "window" in batch.column_names else [None] * n
+    # keys that cannot name an output are not even read; the windows of tiled images are read by window
+    safe = [i for i in range(n) if errors[i] is None and windows[i] is None]
     fetched = read_sources(batch.take(pa.array(safe, pa.int64())), storage_options=storage_options, retries=retries)
     data: list[bytes | None] = [None] * n
     read_ms: list[float | None] = [None] * n
@@ -96,7 +99,7 @@ def load_images(
     widths: list[int | None] = [None] * n
     decode_ms: list[float | None] = [None] * n
     for i, content in enumerate(data):
-        if errors[i] is not None:
+        if errors[i] is not None or windows[i] is not None:
             continue
         start = time.perf_counter()
         try:
@@ -111,6 +114,10 @@ def load_images(
         pixels[i] = memoryview(rgb).cast("B")
         heights[i], widths[i] = rgb.shape[:2]
         decode_ms[i] = (time.perf_counter() - start) * 1000
+    uris = batch["image_uri"].to_pylist()
+    for i, (rgb, ms) in load_windows(uris, windows, errors, storage_options=storage_options).items():
+        pixels[i], read_ms[i] = memoryview(rgb).cast("B"), ms
+        heights[i], widths[i] = rgb.shape[:2]
     columns = {
         "read_ms": read_ms,
         "error": errors,

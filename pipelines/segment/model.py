@@ -16,7 +16,8 @@ _REGISTRY_VERSION = re.compile(r"/models/(v\d+)/[^/]+$")
 @dataclass(frozen=True)
 class ModelInfo:
     """A resolved checkpoint: its file URI, version, architecture, class names and palette (the first
-    head's), every head's ({head: {"class_names", "palette"}}) and the input modalities it reads."""
+    head's), every head's ({head: {"class_names", "palette"}}), the input modalities it reads, and its tiling:
+    output stride and tile margin (``fcn.predictor.tile_margin``)."""
 
     uri: str
     version: str
@@ -25,6 +26,8 @@ class ModelInfo:
     palette: list[int]
     heads: dict[str, dict[str, list]] = field(default_factory=dict)
     modalities: tuple[str, ...] = ("rgb",)
+    output_stride: int = 32
+    tile_margin: int = 0
 
     @property
     def label(self) -> str:
@@ -49,6 +52,7 @@ def describe_model(uri: str, storage_options: dict[str, Any]) -> ModelInfo:
     """Resolve ``uri`` (a checkpoint, or a registry root: its champion) and read its description.
     The version is the registry's (``v0003``), else the file's etag, else its size and mtime."""
     import fcn
+    from fcn.predictor import tile_margin
 
     try:
         checkpoint = fcn.load_checkpoint(uri, storage_options=storage_options)  # resolves a registry's champion
@@ -70,4 +74,6 @@ def describe_model(uri: str, storage_options: dict[str, Any]) -> ModelInfo:
         palette=list(checkpoint.palette),
         heads=checkpoint.heads,
         modalities=tuple(checkpoint.modalities),
+        output_stride=int(checkpoint.model.output_stride),
+        tile_margin=tile_margin(int(checkpoint.model.receptive_field), int(checkpoint.model.output_stride)),
     )

@@ -15,12 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipelines.segment import infer, load, write
 from pipelines.segment.config import ConfigError, SegmentConfig, flag
 from pipelines.segment.model import ModelInfo
 from pipelines.segment.progress import LIVE_REFRESH_S, Progress, Tally
 from pipelines.segment.schema import STATUS_OK, stats_schema
+from pipelines.segment.tiles import STATUS_TILE
 
 logger = logging.getLogger("pipelines.segment")
 
@@ -39,6 +41,13 @@ class RayRun:
     last_segmented: float | None = None
     first_count: int = 0  # images in the first segmented batch(es) seen
     segmented: int = 0
+
+    def add_image(self, image_uri: str, error: str | None) -> None:
+        """Count an image finished after the pipeline (a tiled image, assembled from its tiles)."""
+        self.ok += error is None
+        self.error += error is not None
+        if error is not None and len(self.errors) < ERROR_SAMPLES:
+            self.errors.append({"image_uri": image_uri, "error": error})
 
 
 def plan_blocks(sources: pa.Table, *, rows: int, megabytes: float, min_blocks: int) -> list[pa.Table]:
@@ -162,12 +171,16 @@ def segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: s
         **cpu_stage,
     )
     run = RayRun()
-    progress = Progress(todo.num_rows, live=config.progress)
+    # the windows of tiled images are not counted: their images' rows come after the pipeline (tiles.assemble)
+    progress = Progress(
+        todo["tile_part"].null_count if "tile_part" in todo.column_names else todo.num_rows, live=config.progress
+    )
     stop = threading.Event()
     follower = threading.Thread(target=_follow_tally, args=(tally, progress, run, stop), name="progress", daemon=True)
     follower.start()
     try:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            batch = batch.filter(pc.not_equal(batch["status"], STATUS_TILE))
             status = batch["status"].to_pylist()
             n_ok = status.count(STATUS_OK)
             if len(run.errors) < ERROR_SAMPLES:

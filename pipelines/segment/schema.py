@@ -99,6 +99,19 @@ COLUMNS: tuple[Column, ...] = (
         per_head=True,
         stored=False,
     ),
+    # the windows of a tiled image (pipelines.segment.tiles): null on the rows of whole images
+    Column("window", pa.list_(pa.int32()), "input rows y0, y1 and columns x0, x1 of a tile", (LISTING,), stored=False),
+    Column(
+        "core",
+        pa.list_(pa.int32()),
+        "rows and columns of the image that a tile's labels cover",
+        (LISTING,),
+        stored=False,
+    ),
+    Column("tile_part", pa.string(), "folder of the tile parts of the tile's image", (LISTING,), stored=False),
+    Column(
+        "fcn_actor", pa.string(), "the FCN actor process (host:pid) that segmented the row", (SEGMENT,), stored=False
+    ),
 )
 _BY_NAME = {column.name: column for column in COLUMNS}
 STORED = tuple(column for column in COLUMNS if column.stored)

@@ -21,6 +21,7 @@ from typing import Any
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fcn.heads import head_key, split_heads
@@ -31,6 +32,7 @@ from pipelines.segment.listing import output_name, unsafe_key_reason
 from pipelines.segment.masks import encode_mask, encode_overlay
 from pipelines.segment.model import ModelInfo
 from pipelines.segment.schema import binary_views, typed_arrays
+from pipelines.segment.tiles import store_tiles
 
 MASKS_DIR = "masks"
 OVERLAYS_DIR = "overlays"
@@ -62,14 +64,23 @@ def store_results(
     then write the batch's stats as one Parquet file (written whole). Writes are retried ``retries``
     times; a mask that still cannot be written makes its row an error row, a Parquet part that cannot
     be written fails the run (no ``_SUCCESS``; a rerun resumes). Returns ``image_uri``, ``status`` and
-    ``error`` for the driver's progress."""
+    ``error`` for the driver's progress. The windows of tiled images are stored as tile parts instead
+    (``pipelines.segment.tiles.store_tiles``: their image's row comes after the pipeline)."""
+    heads = model.heads
+    if "tile_part" in batch.column_names and batch["tile_part"].null_count < batch.num_rows:
+        is_tile = pc.is_valid(batch["tile_part"])
+        whole = batch.filter(pc.invert(is_tile))
+        done = [store_tiles(batch.filter(is_tile), heads=list(heads), storage_options=storage_options, retries=retries)]
+        if whole.num_rows:
+            options = {"storage_options": storage_options, "run_id": run_id, "model": model, "schema": schema}
+            done.append(store_results(whole, output=output, retries=retries, **options))
+        return pa.concat_tables(done)
     fs, root = fsspec.core.url_to_fs(output, **storage_options)
     root = root.rstrip("/")
     n = batch.num_rows
     keys = batch["key"].to_pylist()
     errors = batch["error"].to_pylist()
     heights, widths = batch["height"].to_pylist(), batch["width"].to_pylist()
-    heads = model.heads
     labels = {head: binary_views(batch[head_key(head, heads, "labels")]) for head in heads}
     pixels = binary_views(batch["pixels"]) if "pixels" in batch.column_names else [None] * n
     mask_uris: dict[str, list[str | None]] = {head: [None] * n for head in heads}
@@ -127,7 +138,7 @@ def store_results(
         columns[head_key(head, heads, "mask_uri")] = mask_uris[head]
         counts = batch[head_key(head, heads, "pixel_counts")].to_pylist()
         columns.update(
-            _class_statistics(counts, ok, heads[head]["class_names"], lambda c, head=head: head_key(head, heads, c))
+            class_statistics(counts, ok, heads[head]["class_names"], lambda c, head=head: head_key(head, heads, c))
         )
     arrays = typed_arrays(columns, columns_schema.STORE)
     table = pa.Table.from_arrays(
@@ -162,7 +173,7 @@ def _label_dtype(buffer: memoryview, height: int, width: int) -> type[np.generic
     return np.uint8 if len(buffer) == height * width else np.int32
 
 
-def _class_statistics(
+def class_statistics(
     counts: list[list[int] | None], ok: list[bool], class_names: list[str], name: Callable[[str], str]
 ) -> dict[str, list[Any]]:
     """``class_fractions``, ``dominant_class`` and ``dominant_class_name`` (as ``name`` names them for
