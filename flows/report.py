@@ -175,8 +175,9 @@ def digest_stats(
     )
 
 
-_SCAN = {"batch_size": 1 << 15, "batch_readahead": 2, "fragment_readahead": 8}
-"""How ``digest_stats`` reads: batches of at most 32Ki rows, two batches and eight files ahead."""
+_SCAN = {"batch_size": 1 << 15, "batch_readahead": 2, "fragment_readahead": 2, "cache_metadata": False}
+"""How ``digest_stats`` reads: batches of at most 32Ki rows, two batches and two files ahead, no file's
+metadata kept once read (kept, it would grow with the number of part files: about 150 kB each)."""
 
 
 def _coalesced(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.Table]:
