@@ -32,6 +32,9 @@ THUMBNAIL_SIZE = 160
 ERROR_ROWS = 20  # error rows shown in a report
 Stats = pa.Table | pads.Dataset
 """The statistics: a table, or a dataset of Parquet files (``stats_dataset``)."""
+_SCAN = {"batch_size": 1 << 15, "batch_readahead": 2, "fragment_readahead": 2, "cache_metadata": False}
+"""How ``digest_stats`` reads: batches of at most 32Ki rows, two batches and two files ahead, no file's
+metadata kept once read (kept, it would grow with the number of part files: about 150 kB each)."""
 
 
 def stats_dataset(stats_uri: str, storage_options: dict[str, Any] | None = None) -> pads.Dataset:
@@ -175,20 +178,17 @@ def digest_stats(
     )
 
 
-_SCAN = {"batch_size": 1 << 15, "batch_readahead": 2, "fragment_readahead": 2, "cache_metadata": False}
-"""How ``digest_stats`` reads: batches of at most 32Ki rows, two batches and two files ahead, no file's
-metadata kept once read (kept, it would grow with the number of part files: about 150 kB each)."""
-
-
 def _coalesced(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.Table]:
     """``batches`` gathered into tables of at least ``rows`` rows (the last may have fewer), so that the
     work per table is not repeated for every small part file."""
     pending: list[pa.RecordBatch] = []
+    count = 0
     for batch in batches:
         pending.append(batch)
-        if sum(b.num_rows for b in pending) >= rows:
+        count += batch.num_rows
+        if count >= rows:
             yield pa.Table.from_batches(pending)
-            pending = []
+            pending, count = [], 0
     if pending:
         yield pa.Table.from_batches(pending)
 
