@@ -11,8 +11,9 @@ gallery's thumbnails, report.html). The process's resident memory is sampled eve
 
     python -m bench.flow_scale --out /tmp/flow-scale --sizes 100000,1000000
 
-Prints a Markdown table: time per image, peak resident memory above the start (after imports) per image,
-and the peak of Arrow's memory pool per image.
+Prints a Markdown table: time per image (wall and CPU, all threads), peak resident memory above the start
+(after imports) per image, and the peak of Arrow's memory pool per image; then the same per added image
+between consecutive sizes, which leaves out the fixed costs (Arrow's thread pools, the gallery).
 """
 
 from __future__ import annotations
@@ -179,6 +180,14 @@ def main(argv: list[str] | None = None) -> int:
             f"| {n:,} | {-(-n // args.rows_per_part):,} | {r['seconds']:.2f} | {1e6 * r['seconds'] / n:.2f} | "
             f"{1e6 * r['cpu_seconds'] / n:.2f} | {r['peak_bytes'] / 2**20:.0f} MiB | "
             f"{r['peak_bytes'] / n:.0f} | {r['arrow_peak_bytes'] / n:.0f} |"
+        )
+    for smaller, larger in zip(results, results[1:], strict=False):
+        added = larger["images"] - smaller["images"]
+        print(
+            f"\nfrom {smaller['images']:,} to {larger['images']:,} images, per added image: "
+            f"{1e6 * (larger['seconds'] - smaller['seconds']) / added:.2f} µs, "
+            f"{(larger['peak_bytes'] - smaller['peak_bytes']) / added:.0f} bytes resident, "
+            f"{(larger['arrow_peak_bytes'] - smaller['arrow_peak_bytes']) / added:.0f} bytes of Arrow's pool"
         )
     (Path(args.out) / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
     return 0
