@@ -268,3 +268,16 @@ def test_a_failed_tile_makes_an_error_row_naming_its_window_and_a_rerun_redoes_o
     for window in (tuple(r["window"]) for r in redo):  # each touches the corrupt tile (rows 512:640, cols 768:896)
         assert window[0] < 640 and window[1] > 512 and window[2] < 896 and window[3] > 768
     assert row["error"].startswith(f"tile: window rows {redo[0]['window'][0]}:{redo[0]['window'][1]}")
+
+
+def test_a_tile_size_the_network_cannot_tile_with_is_a_config_error_naming_it(tmp_path):
+    from pipelines.segment.config import ConfigError
+    from pipelines.segment.model import ModelInfo
+    from pipelines.segment.schema import SOURCE_SCHEMA
+    from pipelines.segment.tiles import plan_tiles
+
+    model = ModelInfo("m.pt", "v1", {"name": "fcn8s"}, ["a"], [0, 0, 0], output_stride=32, tile_margin=288)
+    config = _config(str(tmp_path), str(tmp_path / "out"), "m.pt", tile_size=600)  # 576 < 600 < 576 + 32
+    with pytest.raises(ConfigError, match=r"--tile-size: must be at least 608 .* got 600") as error:
+        plan_tiles(SOURCE_SCHEMA.empty_table(), config, str(tmp_path / "out"), model)
+    assert error.value.param == "--tile-size"

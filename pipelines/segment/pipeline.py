@@ -155,10 +155,12 @@ def segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: s
         },
         udf_modifying_row_count=False,
     )
+    tiles = "tile_part" in todo.column_names and todo["tile_part"].null_count < todo.num_rows
     ds = ds.map_batches(
         write.ResultWriter,
         batch_format="pyarrow",
-        batch_size=config.rows_per_file,
+        # a window's labels are megabytes: the writer takes them as the FCN actors give them, not rows_per_file
+        batch_size=min(config.rows_per_file, config.batch_size) if tiles else config.rows_per_file,
         fn_constructor_kwargs={
             "output": output,
             "storage_options": config.storage_options,
