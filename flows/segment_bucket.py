@@ -116,7 +116,6 @@ def check_outputs(
     stats = stats_dataset(summary.stats_uri, storage_options)
     digest = digest_stats(stats, sample_size=gallery_size, on_keys=lambda batch_keys: keys.extend(batch_keys.chunks))
     counts = count_keys(pa.chunked_array(keys, pa.string()), listed)
-    pa.default_memory_pool().release_unused()  # the hash table's memory, held by the allocator, back to the OS
     if not counts.one_row_per_input or counts.listed != summary.listed:
         raise OutputCheckError(
             f"{summary.stats_uri} has {counts.rows} rows ({counts.keys} distinct keys) for {summary.listed} "
