@@ -3,7 +3,8 @@
 For each size, a synthetic tiled RGB TIFF (JPEG tiles, BigTIFF above 4 GB raw) is generated band by band (one band
 of 256 rows in memory, however big the image), then ``python -m pipelines.segment`` runs on it (a new local Ray
 cluster each run, as a user starts it) while the resident memory of the job's whole process tree (driver, Ray's
-daemons and workers) is sampled from /proc. A 512 x 512 run gives the fixed cost of a run. Prints per size: wall
+daemons and workers) is sampled from /proc: RSS (shared pages, e.g. Ray's object store, counted in each process)
+and PSS (shared pages split). A 512 x 512 run gives the fixed cost of a run. Prints per size: wall
 time, time per megapixel (whole run, and beyond the 512 x 512 run's wall), peak memory and its excess over the
 512 x 512 run, the windows and how many FCN actors took them (from the run's manifest).
 
@@ -66,11 +67,13 @@ def write_scene(uri: str, height: int, width: int) -> None:
                 compressionargs={"level": 90},
             )
         fs, path = fsspec.core.url_to_fs(uri)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         fs.put_file(local, path)
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of ``pid`` and every process under it."""
+def tree_memory(pid: int) -> tuple[int, int]:
+    """Resident bytes (RSS, shared pages counted in every process that maps them) and proportional bytes (PSS,
+    shared pages split between their processes) of ``pid`` and every process under it."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -78,13 +81,15 @@ def tree_rss(pid: int) -> int:
             children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
         except (OSError, IndexError, ValueError):
             continue
-    total, pending = 0, [pid]
+    rss, pss, pending = 0, 0, [pid]
     while pending:
         current = pending.pop()
         with contextlib.suppress(OSError, IndexError, ValueError):
-            total += int(Path(f"/proc/{current}/statm").read_text().split()[1]) * PAGE_BYTES
+            rss += int(Path(f"/proc/{current}/statm").read_text().split()[1]) * PAGE_BYTES
+            rollup = Path(f"/proc/{current}/smaps_rollup").read_text()
+            pss += int(rollup.split("\nPss:", 1)[1].split()[0]) * 1024
         pending.extend(children.get(current, []))
-    return total
+    return rss, pss
 
 
 def run_job(input: str, output: str, model: str, args: argparse.Namespace) -> dict:
@@ -104,13 +109,12 @@ def run_job(input: str, output: str, model: str, args: argparse.Namespace) -> di
     ]
     start = time.monotonic()
     job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak = 0
+    peak = [0, 0]
     stop = threading.Event()
 
     def sample() -> None:
-        nonlocal peak
         while not stop.wait(0.2):
-            peak = max(peak, tree_rss(job.pid))
+            peak[:] = [max(a, b) for a, b in zip(peak, tree_memory(job.pid))]
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -122,7 +126,7 @@ def run_job(input: str, output: str, model: str, args: argparse.Namespace) -> di
         raise SystemExit(f"the job failed ({job.returncode}):\n{stderr[-3000:]}")
     with fsspec.open(f"{output}/manifest.json") as f:
         manifest = json.load(f)
-    return {"wall_s": wall, "peak_bytes": peak, "manifest": manifest}
+    return {"wall_s": wall, "peak_rss": peak[0], "peak_pss": peak[1], "manifest": manifest}
 
 
 def main() -> None:
@@ -133,7 +137,7 @@ def main() -> None:
     parser.add_argument("--cpus-per-actor", type=float, default=1.0)
     parser.add_argument("--width", type=float, default=1 / 16, help="network width (FCN-8s VGG16, random weights)")
     parser.add_argument("--tile-size", type=int, default=2048)
-    parser.add_argument("--tile-pixels", type=int, default=16_777_216)
+    parser.add_argument("--tile-pixels", type=int, default=4_194_304, help="(the job's default: 16,777,216)")
     args = parser.parse_args()
 
     import fcn
@@ -173,8 +177,9 @@ def main() -> None:
                 print(
                     f"{name:>10} ({width}x{height}, generated in {generated:.0f} s): wall {result['wall_s']:.1f} s, "
                     f"{result['wall_s'] / megapixels:.3f} s/MP ({extra / megapixels:.3f} s/MP beyond the 512x512 "
-                    f"run), peak memory {result['peak_bytes'] / 2**30:.2f} GiB "
-                    f"({(result['peak_bytes'] - base['peak_bytes']) / 2**30:+.2f} GiB vs 512x512), "
+                    f"run), peak memory RSS {result['peak_rss'] / 2**30:.2f} GiB "
+                    f"({(result['peak_rss'] - base['peak_rss']) / 2**30:+.2f} vs 512x512), "
+                    f"PSS {result['peak_pss'] / 2**30:.2f} GiB ({(result['peak_pss'] - base['peak_pss']) / 2**30:+.2f}), "
                     + (
                         f"{tiled[0]['tiles']} windows by {tiled[0]['fcn_actors']} FCN actor(s), "
                         f"{'ok' if tiled[0]['error'] is None else tiled[0]['error']}"

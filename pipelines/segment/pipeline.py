@@ -22,7 +22,7 @@ from pipelines.segment.config import ConfigError, SegmentConfig, flag
 from pipelines.segment.model import ModelInfo
 from pipelines.segment.progress import LIVE_REFRESH_S, Progress, Tally
 from pipelines.segment.schema import STATUS_OK, stats_schema
-from pipelines.segment.tiles import STATUS_TILE
+from pipelines.segment.tiles import STATUS_TILE, WINDOWS_PER_CALL
 
 logger = logging.getLogger("pipelines.segment")
 
@@ -135,10 +135,12 @@ def segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: s
     )
     # Ray Data's actor pools restart a dead actor and redo its batches without limit (max_restarts and
     # max_task_retries -1): a lost node and a fatal device error (the actor ends itself) are both survived.
+    tiles = "tile_part" in todo.column_names and todo["tile_part"].null_count < todo.num_rows
+    rows_per_call = min(config.batch_size, WINDOWS_PER_CALL) if tiles else config.batch_size
     ds = ds.map_batches(
         infer.Segmenter,
         batch_format="pyarrow",
-        batch_size=config.batch_size,
+        batch_size=rows_per_call,  # windows are megapixels each: a few per call bound the actors' memory
         compute=actor_pool(fewest, most),
         num_cpus=1 if use_gpus else config.cpus_per_actor,
         num_gpus=1 if use_gpus else None,
@@ -155,12 +157,11 @@ def segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: s
         },
         udf_modifying_row_count=False,
     )
-    tiles = "tile_part" in todo.column_names and todo["tile_part"].null_count < todo.num_rows
     ds = ds.map_batches(
         write.ResultWriter,
         batch_format="pyarrow",
         # a window's labels are megabytes: the writer takes them as the FCN actors give them, not rows_per_file
-        batch_size=min(config.rows_per_file, config.batch_size) if tiles else config.rows_per_file,
+        batch_size=rows_per_call if tiles else config.rows_per_file,
         fn_constructor_kwargs={
             "output": output,
             "storage_options": config.storage_options,

@@ -52,6 +52,9 @@ logger = logging.getLogger("pipelines.segment")
 
 TILES_DIR = "_tiles"
 STATUS_TILE = "tile"
+WINDOWS_PER_CALL = 2
+"""Most rows per FCN actor (and writer) call in a run with tiled images (``--batch-size`` if fewer): a window of
+2048 px is 12 MB of pixels, and its confidence map 16 MB more until its core is kept."""
 """The ``status`` the writer reports for a tile row (its image's row comes from ``assemble``)."""
 PART_SUFFIX = ".npz"
 ERROR_SUFFIX = ".error"
