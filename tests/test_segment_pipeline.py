@@ -97,7 +97,10 @@ def test_s3_bucket_end_to_end_then_reruns_skip_done_images(ray_cluster: None, s3
     assert fs.isfile(f"{root}/_SUCCESS")
     manifest = json.loads(fs.cat_file(f"{root}/manifest.json"))
     assert manifest["run_id"] == summary.run_id and (manifest["ok"], manifest["error"]) == (summary.ok, summary.error)
-    assert manifest["model_id"] == model and len(fs.find(f"{root}/stats")) >= 2  # rows_per_file=5 -> several parts
+    assert manifest["model_id"] == model
+    stats_files = [path.rsplit("/", 1)[-1] for path in fs.find(f"{root}/stats")]
+    assert len(files) > 5 and len(stats_files) == 1  # the parts of rows_per_file=5 rows, merged at the end
+    assert stats_files[0].startswith(f"part-{summary.run_id}-merged-")
     assert 0 < summary.startup_s < summary.duration_s and manifest["startup_s"] == summary.startup_s
     assert summary.end_to_end_images_per_second == pytest.approx(
         (summary.ok + summary.error) / summary.duration_s, rel=0.01

@@ -295,6 +295,24 @@ def test_compaction_keeps_the_newest_row_per_key_and_touches_only_superseded_fil
     assert json.loads(pq.read_schema(next(Path(stats_uri).glob("*.parquet"))).metadata[b"class_names"]) == ["bg", "fg"]
 
 
+def test_a_runs_parts_are_merged_into_large_files_with_every_row(tmp_path: Path) -> None:
+    """Seven one-row parts of a run, merged 3 rows at a time: three files (3 + 3 + 1 rows) hold the same
+    rows; another run's part is not touched."""
+    stats_uri = str(tmp_path / "stats")
+    write_part(stats_uri, _rows(["z"], "ok", T0, "run0"), "run0", {})
+    other = {p.name for p in Path(stats_uri).iterdir()}
+    keys = list("abcdefg")
+    for key in keys:
+        write_part(stats_uri, _rows([key], "ok", T0, "run1"), "run1", {})
+    before = resume.read_state(stats_uri, {}).drop_columns(["_file"]).sort_by("key")
+    fs, root = fsspec.core.url_to_fs(stats_uri)
+    resume.merge_run_parts(fs, root, "run1", rows=3)
+    after = resume.read_state(stats_uri, {})
+    assert after.drop_columns(["_file"]).sort_by("key").equals(before)
+    sizes = sorted(pq.read_metadata(p).num_rows for p in Path(stats_uri).iterdir() if p.name not in other)
+    assert sizes == [1, 3, 3] and other <= {p.name for p in Path(stats_uri).iterdir()}
+
+
 def test_compaction_on_a_flaky_store_retries_its_writes_and_deletes(s3_endpoint: str, s3_bucket: str) -> None:
     """A rerun's compaction through a proxy whose first two PUTs and DELETEs of every stats object fail,
     the first after the store acted (a lost answer) and the second before: with retries it finishes

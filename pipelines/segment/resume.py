@@ -3,8 +3,8 @@
 
 A run ends by compacting: when an image has more than one row (it was redone after an error, changed at
 the source, or a retried write stored it twice), only the newest row is kept, so a finished output has
-exactly one row per image key. Rewritten parts are written as the writing stage writes them
-(``fcn.registry.write_atomic``).
+exactly one row per image key, and gathers the run's small part files into files of about 64Ki rows.
+Rewritten parts are written as the writing stage writes them (``fcn.registry.write_atomic``).
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ _STATE_COLUMNS = [
 ]
 
 _REPEATED = ["model_id", "model_version", "status"]  # few distinct values: read dictionary-encoded
+MERGED_PART_ROWS = 1 << 16
+"""Rows per stats file after a run's parts are merged: opening a Parquet file costs about as much as
+reading 2,500 of its rows' bookkeeping (``python -m bench.flow_scale``)."""
 
 
 def read_state(stats_uri: str, storage_options: dict[str, Any]) -> pa.Table:
@@ -156,7 +159,35 @@ def compact(
             what = f"compaction: writing {fs.unstrip_protocol(rewritten)}"
             retried(lambda: write_atomic(fs, rewritten, data), retries, what)
         retried(lambda: _remove(fs, path), retries, f"compaction: deleting {fs.unstrip_protocol(path)}")
+    merge_run_parts(fs, root, run_id, retries=retries)
     return run_keys
+
+
+def merge_run_parts(
+    fs: fsspec.AbstractFileSystem, root: str, run_id: str, *, rows: int = MERGED_PART_ROWS, retries: int = 0
+) -> None:
+    """Gather run ``run_id``'s part files (``--rows-per-file`` rows each, written as images finish) into
+    files of about ``rows`` rows, holding one group in memory at a time: a reader of the table (a resume,
+    the flow's check) then opens a few large files instead of many small ones. A merged file is written
+    before its parts are deleted, so no row is ever missing; a run stopped in between leaves duplicates
+    that the next compaction removes."""
+    group: list[tuple[str, pa.Table]] = []
+    for path in [*_part_files(fs, root, f"part-{run_id}-"), None]:
+        if path is not None:
+            with fs.open(path, "rb") as f:
+                group.append((path, pq.read_table(f)))
+        if group and (path is None or sum(table.num_rows for _, table in group) >= rows):
+            if len(group) > 1:
+                merged = f"{root}/part-{run_id}-merged-{uuid.uuid4().hex[:12]}.parquet"
+                data = parquet_bytes(pa.concat_tables(table for _, table in group))
+                retried(
+                    lambda: write_atomic(fs, merged, data),
+                    retries,
+                    f"compaction: writing {fs.unstrip_protocol(merged)}",
+                )
+                for part, _ in group:
+                    retried(lambda: _remove(fs, part), retries, f"compaction: deleting {fs.unstrip_protocol(part)}")
+            group = []
 
 
 def _remove(fs: fsspec.AbstractFileSystem, path: str) -> None:
