@@ -7,7 +7,8 @@ then run in a fresh process, as its tasks call them but without a Prefect server
 API calls do not grow with the images): ``check_outputs`` (one scan of the statistics: ``_SUCCESS``, rows,
 distinct keys, missing keys against the listing, and the report's digest) and ``write_report`` (the
 gallery's thumbnails, report.html). The process's resident memory is sampled every 5 ms. Part files hold
-``--rows-per-part`` rows: the job's ``--rows-per-file`` default unless given.
+``--rows-per-part`` rows: by default as many as a finished run's merged files
+(``pipelines.segment.resume.MERGED_PART_ROWS``); ``--rows-per-part 256`` shows unmerged parts.
 
     python -m bench.flow_scale --out /tmp/flow-scale --sizes 100000,1000000
 
@@ -35,8 +36,8 @@ from bench.driver_bookkeeping import measure
 from fcn.classes import VOC_CLASSES, voc_palette
 from flows.report import ERROR_ROWS, digest_stats, stats_dataset
 from pipelines.segment import SegmentSummary
-from pipelines.segment.config import SegmentConfig
 from pipelines.segment.driver import LISTING_COLUMNS, LISTING_FILE, SUCCESS_FILE
+from pipelines.segment.resume import MERGED_PART_ROWS
 from pipelines.segment.schema import stats_schema
 
 GALLERY = 8
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--sizes", default="100000,1000000")
-    parser.add_argument("--rows-per-part", type=int, default=SegmentConfig.rows_per_file)
+    parser.add_argument("--rows-per-part", type=int, default=MERGED_PART_ROWS)
     parser.add_argument("--run", type=int, help=argparse.SUPPRESS)  # internal: measure --out of this size, print JSON
     args = parser.parse_args(argv)
     if args.run:
