@@ -34,7 +34,7 @@ from PIL import Image
 
 from bench.driver_bookkeeping import measure
 from fcn.classes import VOC_CLASSES, voc_palette
-from flows.report import ERROR_ROWS, digest_stats, stats_dataset
+from flows.digest import ERROR_ROWS, digest_stats, stats_dataset
 from pipelines.segment import SegmentSummary
 from pipelines.segment.driver import LISTING_COLUMNS, LISTING_FILE, SUCCESS_FILE
 from pipelines.segment.resume import MERGED_PART_ROWS

@@ -2,8 +2,7 @@
 
 The HTML report (written to ``<output>/report.html``) has a class-distribution bar chart as inline SVG
 and a gallery of image / mask overlays as base64 PNG thumbnails: no scripts, no external assets.
-The statistics are read as an Arrow dataset (a table, or the Parquet files of a run) in one scan
-(``digest_stats``): aggregates are summed batch by batch, and only a sample of rows becomes Python objects.
+The figures come from the statistics' digest (``flows.digest.digest_stats``).
 """
 
 from __future__ import annotations
@@ -11,55 +10,18 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as pads
 from PIL import Image
 
-from fcn.classes import voc_palette
-from fcn.heads import PRIMARY_HEAD, head_key
+from flows.digest import ClassDistribution
 from pipelines.common.decode import decode_image
 from pipelines.segment.masks import encode_overlay
 
 THUMBNAIL_SIZE = 160
-ERROR_ROWS = 20  # error rows shown in a report
-Stats = pa.Table | pads.Dataset
-"""The statistics: a table, or a dataset of Parquet files (``stats_dataset``)."""
-_SCAN = {"batch_size": 1 << 15, "batch_readahead": 2, "fragment_readahead": 2, "cache_metadata": False}
-"""How ``digest_stats`` reads: batches of at most 32Ki rows, two batches and two files ahead, no file's
-metadata kept once read (kept, it would grow with the number of part files: about 150 kB each)."""
-
-
-def stats_dataset(stats_uri: str, storage_options: dict[str, Any] | None = None) -> pads.Dataset:
-    """The Parquet statistics under ``stats_uri`` as an Arrow dataset, read lazily (hidden and ``_`` files
-    left out)."""
-    fs, path = fsspec.core.url_to_fs(stats_uri, **(storage_options or {}))
-    return pads.dataset(path, filesystem=fs, format="parquet")
-
-
-def _dataset(stats: Stats) -> pads.Dataset:
-    return pads.dataset(stats) if isinstance(stats, pa.Table) else stats
-
-
-@dataclass(frozen=True)
-class ClassDistribution:
-    """Pixels per class summed over the images segmented without error, and how many images each
-    class dominates."""
-
-    class_names: list[str]
-    pixels: list[int]
-    dominant_images: list[int]
-
-    @property
-    def total_pixels(self) -> int:
-        return int(sum(self.pixels))
 
 
 @dataclass(frozen=True)
@@ -92,133 +54,6 @@ class RunReport:
     @property
     def status(self) -> str:
         return "failed" if self.ok == 0 and self.error > 0 else ("partial" if self.error else "ok")
-
-
-def schema_heads(schema: pa.Schema) -> dict[str, tuple[list[str], list[int]]]:
-    """Every head's class names and palette from the statistics' schema metadata, the first head first."""
-    metadata = schema.metadata or {}
-    if b"heads" not in metadata:
-        return {PRIMARY_HEAD: schema_classes(schema)}
-    return {head: (about["class_names"], about["palette"]) for head, about in json.loads(metadata[b"heads"]).items()}
-
-
-def schema_classes(schema: pa.Schema) -> tuple[list[str], list[int]]:
-    """Class names and palette stored in the statistics' schema metadata (palette: VOC if absent)."""
-    metadata = schema.metadata or {}
-    if b"class_names" not in metadata:
-        raise ValueError("the statistics' schema metadata has no class_names")
-    names = json.loads(metadata[b"class_names"])
-    palette = json.loads(metadata[b"palette"]) if b"palette" in metadata else voc_palette()
-    return names, palette
-
-
-@dataclass(frozen=True)
-class StatsDigest:
-    """The statistics in aggregate, from one scan (``digest_stats``): ``rows``; every head's class
-    distribution and palette, the first head first; the first error rows (image_uri, reason); and a sample
-    of ok rows spread evenly over the run (``SAMPLE_COLUMNS``, the first head's mask and class)."""
-
-    rows: int
-    heads: dict[str, tuple[ClassDistribution, list[int]]]
-    errors: list[tuple[str, str]]
-    sample: list[dict[str, Any]]
-
-
-SAMPLE_COLUMNS = ["image_uri", "mask_uri", "width", "height", "dominant_class"]
-
-
-def digest_stats(
-    stats: Stats,
-    *,
-    sample_size: int = 0,
-    error_limit: int = ERROR_ROWS,
-    on_keys: Callable[[pa.ChunkedArray], None] | None = None,
-) -> StatsDigest:
-    """Read the statistics once, in tables of ``_SCAN["batch_size"]`` rows (small part files gathered; a few
-    tables ahead: memory bounded whatever the number of rows), and digest them: every head's ``pixel_counts``
-    summed and ``dominant_class`` counted over the ok rows, the first ``error_limit`` error rows,
-    ``sample_size`` ok rows spread evenly over the rows (``EvenSample``). ``on_keys`` receives each table's
-    ``key`` column, for checks made in the same pass."""
-    dataset = pads.dataset(stats) if isinstance(stats, pa.Table) else stats
-    heads = schema_heads(dataset.schema)
-    names = list(heads)
-    per_head = {head: [head_key(head, names, c) for c in ("pixel_counts", "dominant_class")] for head in heads}
-    first = [head_key(names[0], names, c) if c in ("mask_uri", "dominant_class") else c for c in SAMPLE_COLUMNS]
-    columns = {"status", "error", *first, *(c for pair in per_head.values() for c in pair)}
-    pixels = {head: np.zeros(len(heads[head][0]), dtype=np.int64) for head in heads}
-    dominant = {head: np.zeros(len(heads[head][0]), dtype=np.int64) for head in heads}
-    errors: list[tuple[str, str]] = []
-    sample, rows = EvenSample(sample_size), 0
-    scan = dataset.to_batches(columns=sorted(columns | ({"key"} if on_keys else set())), **_SCAN)
-    for batch in _coalesced(scan, _SCAN["batch_size"]):
-        rows += batch.num_rows
-        if on_keys:
-            on_keys(batch["key"])
-        ok = pc.fill_null(pc.equal(batch["status"], "ok"), False)
-        for head, (counts_column, dominant_column) in per_head.items():
-            n = len(pixels[head])
-            counts = pc.drop_null(batch[counts_column].filter(ok)).cast(pa.list_(pa.int64(), n))  # one per class
-            pixels[head] += pc.list_flatten(counts).to_numpy().reshape(-1, n).sum(axis=0)
-            classes = pc.drop_null(batch[dominant_column].filter(ok)).to_numpy()
-            dominant[head] += np.bincount(classes[classes < n], minlength=n)
-        if len(errors) < error_limit:
-            bad = batch.filter(pc.fill_null(pc.equal(batch["status"], "error"), False)).slice(
-                0, error_limit - len(errors)
-            )
-            errors += zip(bad["image_uri"].to_pylist(), bad["error"].to_pylist(), strict=True)
-        sample.add(batch.select(first).rename_columns(SAMPLE_COLUMNS), np.flatnonzero(ok.to_numpy()))
-    return StatsDigest(
-        rows=rows,
-        heads={
-            head: (ClassDistribution(list(classes), pixels[head].tolist(), dominant[head].tolist()), palette)
-            for head, (classes, palette) in heads.items()
-        },
-        errors=errors,
-        sample=sorted(sample.rows(), key=lambda row: row["image_uri"]),
-    )
-
-
-def _coalesced(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.Table]:
-    """``batches`` gathered into tables of at least ``rows`` rows (the last may have fewer), so that the
-    work per table is not repeated for every small part file."""
-    pending: list[pa.RecordBatch] = []
-    count = 0
-    for batch in batches:
-        pending.append(batch)
-        count += batch.num_rows
-        if count >= rows:
-            yield pa.Table.from_batches(pending)
-            pending, count = [], 0
-    if pending:
-        yield pa.Table.from_batches(pending)
-
-
-class EvenSample:
-    """``size`` rows spread evenly over a stream of any length, in one pass: rows are kept at every
-    ``stride``-th eligible position, the stride doubling (every other kept row dropped) whenever more
-    than ``2 * size`` would be kept."""
-
-    def __init__(self, size: int) -> None:
-        self.size, self.stride, self.seen = size, 1, 0
-        self.kept: list[dict[str, Any]] = []
-
-    def add(self, batch: pa.RecordBatch | pa.Table, eligible: np.ndarray) -> None:
-        """Offer the rows ``eligible`` (indices, ascending) of ``batch``."""
-        if self.size <= 0 or not len(eligible):
-            return
-        total = self.seen + len(eligible)
-        while -(-total // self.stride) > 2 * self.size:
-            self.kept, self.stride = self.kept[::2], 2 * self.stride
-        first = -self.seen % self.stride  # the first position here that is a multiple of the stride
-        self.kept += batch.take(pa.array(eligible[first :: self.stride])).to_pylist()
-        self.seen = total
-
-    def rows(self) -> list[dict[str, Any]]:
-        """Up to ``size`` of the kept rows, evenly spaced."""
-        if not self.kept:
-            return []
-        picks = np.unique(np.linspace(0, len(self.kept) - 1, num=min(self.size, len(self.kept))).round())
-        return [self.kept[int(i)] for i in picks]
 
 
 def _percent(part: int, whole: int) -> str:

@@ -23,17 +23,9 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.common import failure_artifact, io_task, is_transient
+from flows.digest import StatsDigest, digest_stats, stats_dataset
 from flows.params import SegmentBucketParams, takes
-from flows.report import (
-    RunReport,
-    StatsDigest,
-    digest_stats,
-    gallery,
-    html_report,
-    markdown_summary,
-    stats_dataset,
-    write_text,
-)
+from flows.report import RunReport, gallery, html_report, markdown_summary, write_text
 from pipelines.segment import SegmentSummary, run_segmentation
 
 REPORT_FILE = "report.html"

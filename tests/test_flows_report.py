@@ -17,7 +17,8 @@ from pydantic import ValidationError
 
 from fcn.classes import voc_palette
 from fcn.heads import PRIMARY_HEAD
-from flows.report import RunReport, digest_stats, gallery, html_report, markdown_summary
+from flows.digest import digest_stats
+from flows.report import RunReport, gallery, html_report, markdown_summary
 from pipelines.segment.schema import STATS_COLUMNS, stats_schema
 
 CLASSES = ["background", "disc", "box", "ring"]
@@ -262,7 +263,7 @@ def test_failure_artifacts_show_storage_options_by_name_only() -> None:
 
 
 def test_a_two_head_run_reports_each_heads_distribution() -> None:
-    from flows.report import schema_heads
+    from flows.digest import schema_heads
 
     geometric = ["sky", "horizontal", "vertical"]
     heads = {
@@ -352,7 +353,7 @@ def test_output_check_finds_a_missing_a_duplicated_and_an_unlisted_key(tmp_path:
 def test_even_sample_spreads_a_few_rows_over_a_stream_of_any_length() -> None:
     """One pass over 10,000 rows offered in uneven batches keeps at most twice the sample size at any
     time and ends with rows spread from the first row to near the last, evenly spaced."""
-    from flows.report import EvenSample
+    from flows.digest import EvenSample
 
     sample, offered = EvenSample(5), 0
     for size in [1, 7, 300, 2, 4000, 13, 5677]:
