@@ -1,5 +1,5 @@
-"""pipelines.common.objectstore: which URIs and options go through obstore, round trips on moto's S3
-server (awkward keys included, read back by s3fs), and the errors the retry policy sees."""
+"""pipelines.common.objectstore and s3store: which URIs and options go through obstore, round trips on
+moto's S3 server (awkward keys included, read back by s3fs), and the errors the retry policy sees."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from conftest import free_port
 from obstore.store import S3Store
 
-from pipelines.common import objectstore
+from pipelines.common import objectstore, s3store
 from pipelines.common.storage import PERMANENT_IO_ERRORS, with_retries
 
 AWKWARD_KEYS = [
@@ -35,11 +35,11 @@ AWKWARD_KEYS = [
     ],
 )
 def test_s3_uris_with_options_obstore_can_honour_get_an_s3_store(s3_endpoint: str, options: dict[str, Any]) -> None:
-    target = objectstore.store_for("s3://bucket/folder/a b?.png", options)
+    target = s3store.store_for("s3://bucket/folder/a b?.png", options)
     assert target is not None
     store, key = target
     assert isinstance(store, S3Store) and key == "folder/a b?.png"
-    assert objectstore.store_for("s3a://bucket/folder/a b?.png", options)[0] is store  # cached per bucket+options
+    assert s3store.store_for("s3a://bucket/folder/a b?.png", options)[0] is store  # cached per bucket+options
 
 
 def test_options_map_onto_the_store_config(s3_endpoint: str) -> None:
@@ -48,13 +48,13 @@ def test_options_map_onto_the_store_config(s3_endpoint: str) -> None:
         "anon": True,
         "config_kwargs": {"retries": {"max_attempts": 2}},
     }
-    store, _ = objectstore.store_for("s3://bucket/k", options)
+    store, _ = s3store.store_for("s3://bucket/k", options)
     assert store.config["endpoint"] == "http://minio:9000"
     assert store.config["region"] == "eu-west-3"
     assert store.config["skip_signature"] == "true"
     assert store.client_options["allow_http"] == "true"
     assert store.retry_config["max_retries"] == 2  # botocore's max_attempts counts retries
-    assert objectstore.store_for("s3://bucket/k", {})[0].retry_config["max_retries"] == 4  # botocore's default
+    assert s3store.store_for("s3://bucket/k", {})[0].retry_config["max_retries"] == 4  # botocore's default
 
 
 @pytest.mark.parametrize(
@@ -76,14 +76,14 @@ def test_options_map_onto_the_store_config(s3_endpoint: str) -> None:
     ],
 )
 def test_other_schemes_keys_and_options_stay_with_fsspec(s3_endpoint: str, uri: str, options: dict) -> None:
-    assert objectstore.store_for(uri, options) is None
+    assert s3store.store_for(uri, options) is None
 
 
 def test_awkward_keys_round_trip_and_match_s3fs(s3_bucket: str) -> None:
     """Written by obstore, read by s3fs (and the other way round) under the very same key."""
     fs, bucket = fsspec.core.url_to_fs(s3_bucket)
     written = {f"{s3_bucket}/obstore/{key}": key.encode() for key in AWKWARD_KEYS}
-    assert all(objectstore.store_for(uri, {}) is not None for uri in written)
+    assert all(s3store.store_for(uri, {}) is not None for uri in written)
     assert objectstore.put_all(written, {}) == {}
     objectstore.put_bytes(f"{s3_bucket}/single/{AWKWARD_KEYS[0]}", b"one", {}, atomic=True)
     assert sorted(fs.find(f"{bucket}/obstore")) == sorted(f"{bucket}/obstore/{key}" for key in AWKWARD_KEYS)
@@ -168,6 +168,6 @@ def test_explicit_credentials_do_not_mix_with_the_environment(private_s3_options
     uri = "s3://private-objectstore/x.bin"
     objectstore.put_bytes(uri, b"private", private_s3_options)
     assert fs.cat_file("private-objectstore/x.bin") == b"private"
-    store, _ = objectstore.store_for(uri, private_s3_options)
+    store, _ = s3store.store_for(uri, private_s3_options)
     credential = store.credential_provider()
     assert (credential["access_key_id"], credential["token"]) == ("private", None)
