@@ -24,7 +24,7 @@ from segment_cases import awkward_images, displayed, good_images, tiny_checkpoin
 import fcn
 from pipelines import segment
 from pipelines.segment import SegmentConfig, infer, run_segmentation
-from pipelines.segment.listing import output_name
+from pipelines.segment.keys import output_name
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 4

@@ -621,7 +621,7 @@ HOSTILE_KEYS = {
 
 @pytest.mark.parametrize("key", sorted(HOSTILE_KEYS))
 def test_keys_that_would_leave_the_output_folder_are_named_and_never_become_paths(key: str) -> None:
-    from pipelines.segment.listing import unsafe_key_reason
+    from pipelines.segment.keys import unsafe_key_reason
     from pipelines.segment.write import output_path
 
     assert HOSTILE_KEYS[key] in unsafe_key_reason(key)

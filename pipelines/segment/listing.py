@@ -2,7 +2,7 @@
 to an Arrow table of images (``pipelines.segment.schema.SOURCE_SCHEMA``), built in record batches.
 
 Each image gets a *key*: its path relative to the input prefix. Keys name the outputs
-(``masks/<key>.png``, with ``%?#`` escaped: ``output_name``) and identify an image across runs,
+(``masks/<key>.png``, with ``%?#`` escaped: ``pipelines.segment.keys.output_name``) and identify an image across runs,
 together with its size and etag/mtime.
 A prefix is listed page by page (``list_pages``: S3 LIST pages, else a directory at a time) into
 record batches, never as one listing of every key.
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import posixpath
 import re
-import unicodedata
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import pyarrow.dataset as pads
 from fsspec.utils import glob_translate
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
+from pipelines.segment.keys import HIDDEN_SEGMENT, is_hidden_key, relative_key
 from pipelines.segment.schema import SOURCE_SCHEMA
 
 IMAGE_EXTENSIONS = frozenset(
@@ -39,8 +39,6 @@ INVENTORY_FORMATS = {".parquet": "parquet", ".csv": "csv"}
 INVENTORY_COLUMNS = ("bucket", "key", "size", "last_modified_date", "e_tag")
 """The columns an inventory may have (S3 Inventory's names); only ``key`` is required."""
 BATCH_ROWS = 1 << 16
-MAX_KEY_SEGMENT_BYTES = 250  # file systems allow 255 per name; outputs add ".png" / ".jpg"
-_NAME_ESCAPES = str.maketrans({"%": "%25", "?": "%3F", "#": "%23"})
 _STAT_THREADS = 32
 
 
@@ -100,7 +98,7 @@ def list_images(
             if excluded and (p == excluded or p.startswith(excluded + "/")):
                 continue
             record = _record(fs, p, info, prefix)
-            if _hidden(record["key"]):
+            if is_hidden_key(record["key"]):
                 continue
             if kind == "prefix" and not _is_image(p):
                 ignored += 1
@@ -182,10 +180,6 @@ def _inventory_format(path: str) -> str | None:
     return INVENTORY_FORMATS.get(posixpath.splitext(name)[1])
 
 
-_HIDDEN_SEGMENT = r"(^|/)\.([^./][^/]*|\.[^/]+)"
-"""A path segment starting with ``.`` other than ``.`` and ``..`` (see ``_hidden``), as an RE2 pattern."""
-
-
 def _list_inventory(fs: fsspec.AbstractFileSystem, path: str, exclude: str | None) -> Listing:
     """The image objects of an inventory file, read in batches (``INVENTORY_COLUMNS``)."""
     uri = fs.unstrip_protocol(path)
@@ -204,7 +198,7 @@ def _list_inventory(fs: fsspec.AbstractFileSystem, path: str, exclude: str | Non
         keys = batch["key"].cast(pa.string())
         images = pc.match_substring_regex(pc.utf8_lower(keys), rf"\.({extensions})$")
         ignored += len(keys) - pc.sum(images).as_py() if len(keys) else 0
-        batch = batch.filter(pc.and_(images, pc.invert(pc.match_substring_regex(keys, _HIDDEN_SEGMENT))))
+        batch = batch.filter(pc.and_(images, pc.invert(pc.match_substring_regex(keys, HIDDEN_SEGMENT))))
         keys = batch["key"].cast(pa.string())
         if "bucket" in columns:
             buckets.update(pc.unique(batch["bucket"]).to_pylist())
@@ -282,49 +276,8 @@ def _list_manifest(fs: fsspec.AbstractFileSystem, path: str, storage_options: di
     return Listing(prefix=fs.unstrip_protocol(prefix) if prefix else "", kind="manifest", images=images, ignored=0)
 
 
-def output_name(key: str) -> str:
-    """The name of ``key``'s outputs below their folder (``masks/<name>.png``): the key with ``%``, ``?``
-    and ``#`` percent-encoded, reversibly (``urllib.parse.unquote`` gives the key back). fsspec
-    filesystems may read what follows ``?`` or ``#`` as a query or a fragment (s3fs cuts
-    ``x?versionId=1.png`` to ``x``, version-aware gcsfs any ``?`` or ``#``), which would give two images
-    one mask."""
-    return key.translate(_NAME_ESCAPES)
-
-
-def unsafe_key_reason(key: str) -> str | None:
-    """Why an image key cannot name an output file under the output prefix, or None if it can.
-
-    Keys are object names relative to the input prefix, kept as they are (``in/x.png`` and
-    ``in//x.png`` are two objects); a key is written as ``masks/<key>.png`` only if each of its
-    segments is a plain name: not empty, not ``.`` or ``..``, no backslash or control character (C0,
-    DEL or C1: Unicode category Cc), at most ``MAX_KEY_SEGMENT_BYTES`` bytes as an output name.
-    """
-    for segment in key.split("/"):
-        if not segment:
-            return f"key {key!r} has an empty path segment"
-        if segment in (".", ".."):
-            return f"key {key!r} has a {segment!r} path segment"
-        if "\\" in segment:
-            return f"key {key!r} contains a backslash"
-        if any(unicodedata.category(c) == "Cc" for c in segment):
-            return f"key {key!r} contains a control character"
-        size = len(output_name(segment).encode())
-        if size > MAX_KEY_SEGMENT_BYTES:
-            limit = MAX_KEY_SEGMENT_BYTES
-            return f"key {key[:60]!r}... has a path segment of {size} bytes as an output name (at most {limit})"
-    return None
-
-
-def _relative_key(path: str, prefix: str) -> str:
-    """``path`` relative to ``prefix`` exactly as named (no normalisation: ``./`` or ``//`` inside an
-    object name stay, so distinct objects keep distinct keys)."""
-    if path.startswith(prefix + "/"):
-        return path[len(prefix) + 1 :]
-    return posixpath.relpath(path, prefix)
-
-
 def _record(fs: fsspec.AbstractFileSystem, path: str, info: dict[str, Any], prefix: str) -> dict[str, Any]:
-    key = _relative_key(path, prefix.rstrip("/")) if prefix else fs.unstrip_protocol(path).replace("://", "/", 1)
+    key = relative_key(path, prefix.rstrip("/")) if prefix else fs.unstrip_protocol(path).replace("://", "/", 1)
     etag = info.get("ETag") or info.get("etag")
     return {
         "image_uri": fs.unstrip_protocol(path),
@@ -357,9 +310,3 @@ def _glob_root(pattern: str) -> str:
 
 def _is_image(path: str) -> bool:
     return posixpath.splitext(path)[1].lower() in IMAGE_EXTENSIONS
-
-
-def _hidden(key: str) -> bool:
-    """True for hidden files and folders below the prefix (``.name``): tools' side files, temp files.
-    ``.`` and ``..`` segments are not hidden names: such keys are listed (and refused when written)."""
-    return any(part.startswith(".") and part not in (".", "..") for part in key.split("/"))

@@ -18,7 +18,7 @@ from pipelines.common import objectstore
 from pipelines.common.decode import decode_depth, decode_image, device_jpeg_orientation
 from pipelines.common.storage import PERMANENT_IO_ERRORS, backoff_s
 from pipelines.segment import schema as columns_schema
-from pipelines.segment.listing import unsafe_key_reason
+from pipelines.segment.keys import unsafe_key_reason
 from pipelines.segment.schema import with_columns
 from pipelines.segment.tiles import load_windows
 

@@ -44,7 +44,7 @@ from pipelines.common.decode import DecodeError
 from pipelines.common.storage import with_retries
 from pipelines.segment import schema as columns_schema
 from pipelines.segment.config import ConfigError, SegmentConfig, flag
-from pipelines.segment.listing import output_name
+from pipelines.segment.keys import output_name
 from pipelines.segment.model import ModelInfo
 from pipelines.segment.tiff import TiffLayout, WindowReader, probe_tiled, put_file_atomic, write_mask
 

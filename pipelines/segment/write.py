@@ -28,7 +28,7 @@ from fcn.heads import head_key, split_heads
 from pipelines.common import objectstore
 from pipelines.common.storage import PERMANENT_IO_ERRORS, backoff_s, with_retries
 from pipelines.segment import schema as columns_schema
-from pipelines.segment.listing import output_name, unsafe_key_reason
+from pipelines.segment.keys import output_name, unsafe_key_reason
 from pipelines.segment.masks import encode_mask, encode_overlay
 from pipelines.segment.model import ModelInfo
 from pipelines.segment.schema import binary_views, typed_arrays
@@ -156,8 +156,8 @@ def mask_folder(head: str, heads: Iterable[str]) -> str:
 
 def output_path(root: str, folder: str, key: str, suffix: str) -> str:
     """``<root>/<folder>/<name><suffix>``, ``name`` being the key with ``%``, ``?`` and ``#`` escaped
-    (``pipelines.segment.listing.output_name``); ValueError for a key that would not stay inside that folder or
-    name a file of its own (see ``pipelines.segment.listing.unsafe_key_reason``)."""
+    (``pipelines.segment.keys.output_name``); ValueError for a key that would not stay inside that folder or
+    name a file of its own (see ``pipelines.segment.keys.unsafe_key_reason``)."""
     reason = unsafe_key_reason(key)
     if reason:
         raise ValueError(reason)
