@@ -4,8 +4,8 @@ Images up to ``max_pixels`` go through the network whole. Larger ones are cut in
 ``tile_size`` x ``tile_size`` input pixels whose starts lie on the network's output-stride grid, so
 each tile sees the same pooling grid, pad-100 crop and upsampling phase as the whole image. Each
 tile keeps only its core: a margin of half the receptive field plus the decoder's reach is dropped
-on every side that borders another tile, so the stitched labels equal whole-image inference up to
-floating-point ties. Labels (uint8, or int32 above 256 classes) and the optional confidence (float32
+on every side that borders another tile (``fcn.tiling``), so the stitched labels equal whole-image
+inference up to floating-point ties. Labels (uint8, or int32 above 256 classes) and the optional confidence (float32
 softmax maximum) are written tile by tile into preallocated arrays: peak memory is the input image,
 the outputs and one tile's activations, never full-image float logits.
 """
@@ -13,7 +13,6 @@ the outputs and one tile's activations, never full-image float logits.
 from __future__ import annotations
 
 import copy
-import math
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,15 +25,13 @@ from torch import Tensor, nn
 
 from fcn.checkpoint import Checkpoint, load_checkpoint
 from fcn.conventions import InputConvention, get_convention
+from fcn.device import resolve_device
 from fcn.heads import split_heads
 from fcn.image import to_rgb_array
+from fcn.tiling import tile_margin, tile_windows
 
 DEFAULT_TILE_SIZE = 2048
 DEFAULT_MAX_PIXELS = DEFAULT_TILE_SIZE**2
-DECODER_REACH = 64
-"""Pixels an output depends on beyond half the trunk's receptive field: the skip/upsampling layers
-(FCN-8s: k4/s2 at stride 32, k4/s2 at stride 16, k16/s8 at stride 8) reach up to 56 px further."""
-
 ImageLike = Image.Image | np.ndarray | Tensor | Mapping[str, np.ndarray | Tensor]
 """A PIL image, a numpy array (see ``fcn.image.to_rgb_array``), or a ``3xHxW`` uint8 tensor on any
 device (what ``torchvision.io.decode_jpeg`` returns, e.g. decoded on the GPU); for a network that
@@ -83,49 +80,11 @@ class Prediction:
         return self.primary.mean_confidence
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA if available, else CPU; anything else is parsed by ``torch.device``."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available here; use 'auto' or 'cpu'")
-    return resolved
-
-
-BF16_MIN_CAPABILITY = (8, 0)
-"""CUDA compute capability from which ``precision="auto"`` picks bf16: Ampere and later have bf16 tensor
-cores; older GPUs emulate bf16 slowly (fp16 is not offered: FCN activations can overflow its range)."""
-
-
-def resolve_precision(precision: str, device: str | torch.device, capability: tuple[int, int] | None = None) -> str:
-    """``"fp32"`` or ``"bf16"`` for a ``precision`` of ``"auto"``, ``"fp32"`` or ``"bf16"`` on ``device``.
-
-    ``"auto"`` is bf16 on a CUDA GPU of compute ``capability`` >= 8.0 (default: the device's) that
-    supports bf16, else fp32 (CPUs, pre-Ampere GPUs); ``"fp32"`` and ``"bf16"`` are taken as given.
-    """
-    if precision in ("fp32", "bf16"):
-        return precision
-    if precision != "auto":
-        raise ValueError(f"unknown precision {precision!r}; use 'auto', 'fp32' or 'bf16'")
-    device = torch.device(device)
-    if device.type != "cuda":
-        return "fp32"
-    if capability is None:
-        capability = torch.cuda.get_device_capability(device)
-        if not torch.cuda.is_bf16_supported(including_emulation=False):
-            return "fp32"
-    return "bf16" if tuple(capability) >= BF16_MIN_CAPABILITY else "fp32"
-
-
 class Predictor:
     """Runs an FCN on images of any size and mode. The model is moved to ``device`` and put in eval mode.
 
     ``bf16`` runs the network's trunk under bfloat16 autocast (CUDA or CPU; the heads, whose scores
-    decide labels and confidences, compute in float32; see ``resolve_precision``), ``channels_last``
+    decide labels and confidences, compute in float32; see ``fcn.resolve_precision``), ``channels_last``
     uses the NHWC memory format (useful on CUDA tensor cores). ``max_pixels`` is the largest image run whole;
     ``tile_size`` (rounded down to the output stride) bounds the input tile of tiled inference.
     ``batch_pixels`` bounds the pixels of equal-size images stacked into one forward pass (default:
@@ -347,45 +306,3 @@ def _crop(image: np.ndarray | Tensor | dict[str, np.ndarray | Tensor], y0: int, 
     if isinstance(image, dict):
         return {m: _crop(v, y0, y1, x0, x1) for m, v in image.items()}
     return image[:, y0:y1, x0:x1] if isinstance(image, Tensor) else image[y0:y1, x0:x1]
-
-
-def tile_margin(receptive_field: int, stride: int) -> int:
-    """Input pixels that tiled inference drops on each side of a tile that borders another: half the
-    receptive field plus ``DECODER_REACH``, rounded up to the output ``stride``."""
-    return _round_up(math.ceil(receptive_field / 2) + DECODER_REACH, stride)
-
-
-def tile_windows(height: int, width: int, tile_size: int, margin: int) -> list[tuple[int, ...]]:
-    """The tiles of a ``height`` x ``width`` image, row by row, as ``(y0, y1, x0, x1, core_y0, core_y1, core_x0,
-    core_x1)``: each reads input rows ``y0:y1`` and columns ``x0:x1`` (starts on the stride grid, at most
-    ``tile_size`` long) and keeps its core, which lies ``margin`` inside every side bordering another tile; the
-    cores partition the image (``tile_size`` and ``margin`` are multiples of the stride, see ``tile_margin``)."""
-    return [
-        (y0, y1, x0, x1, cy0, cy1, cx0, cx1)
-        for y0, y1, cy0, cy1 in _spans(height, tile_size, margin)
-        for x0, x1, cx0, cx1 in _spans(width, tile_size, margin)
-    ]
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
-
-
-def _spans(length: int, tile: int, margin: int) -> list[tuple[int, int, int, int]]:
-    """Tiles along one axis as (input start, input end, core start, core end).
-
-    Inputs are at most ``tile`` long and start on multiples of the stride (``tile`` and ``margin``
-    are multiples of it); cores partition ``[0, length)`` and stay ``margin`` away from every
-    input end that is not an image border.
-    """
-    if length <= tile:
-        return [(0, length, 0, length)]
-    spans = []
-    core_start = 0
-    while core_start < length:
-        start = max(0, core_start - margin)
-        end = min(length, start + tile)
-        core_end = length if end == length else end - margin
-        spans.append((start, end, core_start, core_end))
-        core_start = core_end
-    return spans

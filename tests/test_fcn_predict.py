@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 import fcn
-from fcn.predictor import Predictor, resolve_device, resolve_precision
+from fcn.device import resolve_device, resolve_precision
+from fcn.predictor import Predictor
 
 
 def _random_weights(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

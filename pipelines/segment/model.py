@@ -17,7 +17,7 @@ _REGISTRY_VERSION = re.compile(r"/models/(v\d+)/[^/]+$")
 class ModelInfo:
     """A resolved checkpoint: its file URI, version, architecture, class names and palette (the first
     head's), every head's ({head: {"class_names", "palette"}}), the input modalities it reads, and its tiling:
-    output stride and tile margin (``fcn.predictor.tile_margin``)."""
+    output stride and tile margin (``fcn.tiling.tile_margin``)."""
 
     uri: str
     version: str
@@ -52,7 +52,7 @@ def describe_model(uri: str, storage_options: dict[str, Any]) -> ModelInfo:
     """Resolve ``uri`` (a checkpoint, or a registry root: its champion) and read its description.
     The version is the registry's (``v0003``), else the file's etag, else its size and mtime."""
     import fcn
-    from fcn.predictor import tile_margin
+    from fcn.tiling import tile_margin
 
     try:
         checkpoint = fcn.load_checkpoint(uri, storage_options=storage_options)  # resolves a registry's champion

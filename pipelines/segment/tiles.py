@@ -38,8 +38,8 @@ import numpy as np
 import pyarrow as pa
 
 from fcn.heads import head_key
-from fcn.predictor import tile_windows
 from fcn.registry import write_atomic
+from fcn.tiling import tile_windows
 from pipelines.common.decode import DecodeError
 from pipelines.common.storage import with_retries
 from pipelines.segment import schema as columns_schema
