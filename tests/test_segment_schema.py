@@ -3,6 +3,10 @@ make is the one existing outputs have, and a column that is not declared is an e
 
 from __future__ import annotations
 
+import gc
+import weakref
+
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -96,3 +100,24 @@ def test_the_segmenter_replaces_the_loaded_columns_it_reads_or_rewrites() -> Non
         "depth",
         "hha",
     }
+
+
+def test_binary_columns_hold_copies_and_release_the_arrays_they_came_from() -> None:
+    """A decoded image given as a memoryview is copied into the column and its array freed once dropped
+    (pyarrow 26's ``pa.array`` kept every such array alive: a loader grew by one image per image)."""
+    image = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    labels = np.arange(6, dtype=np.int32)
+    alive = [weakref.ref(image), weakref.ref(labels)]
+    loaded = schema.with_columns(
+        pa.table({"key": ["a", "b", "c"]}),
+        {"pixels": [memoryview(image).cast("B"), None, b"\x07\x08"]},
+        schema.LOAD,
+    )
+    segmented = schema.typed_arrays({"labels": [memoryview(labels).cast("B")]}, schema.SEGMENT)["labels"]
+    expected_image, expected_labels = image.tobytes(), labels.tobytes()
+    del image, labels
+    gc.collect()
+    assert [ref() for ref in alive] == [None, None]
+    assert loaded["pixels"].to_pylist() == [expected_image, None, b"\x07\x08"]
+    assert loaded["pixels"].type == pa.large_binary() and loaded["pixels"].null_count == 1
+    assert segmented.to_pylist() == [expected_labels]
