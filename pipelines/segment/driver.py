@@ -26,11 +26,12 @@ from fcn.registry import write_atomic
 from pipelines.common.ray_utils import connect
 from pipelines.common.storage import with_retries
 from pipelines.segment import load, resume, write
+from pipelines.segment.assemble import assemble
 from pipelines.segment.config import ConfigError, SegmentConfig, flag
 from pipelines.segment.listing import InputError, list_images
 from pipelines.segment.model import ModelInfo, checkpoint_exists, describe_model
 from pipelines.segment.pipeline import RayRun, segment_on_ray
-from pipelines.segment.tiles import assemble, plan_tiles
+from pipelines.segment.tiles import plan_tiles
 
 logger = logging.getLogger("pipelines.segment")
 

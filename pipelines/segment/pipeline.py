@@ -174,7 +174,7 @@ def segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: s
         **cpu_stage,
     )
     run = RayRun()
-    # the windows of tiled images are not counted: their images' rows come after the pipeline (tiles.assemble)
+    # the windows of tiled images are not counted: their images' rows come after the pipeline (assemble.assemble)
     progress = Progress(
         todo["tile_part"].null_count if "tile_part" in todo.column_names else todo.num_rows, live=config.progress
     )
