@@ -80,6 +80,20 @@ def test_pyramid_reads_its_full_resolution_level(tmp_path):
         np.testing.assert_array_equal(reader.read(10, 250, 33, 300), array[10:250, 33:300])
 
 
+@pytest.mark.parametrize("step", [1, 3, 7, 100])
+def test_decimated_reads_equal_the_strided_whole_image_at_every_level(tmp_path, monkeypatch, step):
+    array = noise(300, 500)
+    (tmp_path / "slide.tif").write_bytes(pyramid(array))
+    monkeypatch.setattr(tiff, "DECIMATE_READ_PIXELS", 3 * 64 * 64)  # three tiles per read: bands cut across
+    with tiff.WindowReader(f"{tmp_path}/slide.tif", {}) as reader:
+        sizes = [level and (level.height, level.width) for level in reader.levels]
+        assert sizes == [(300, 500), (150, 250), (75, 125), None]  # the thumbnail page is not tiled
+        for level, factor in enumerate([1, 2, 4]):
+            np.testing.assert_array_equal(
+                reader.read_decimated(step, level=level), array[::factor, ::factor][::step, ::step], err_msg=str(level)
+            )
+
+
 def test_windowed_read_on_s3_fetches_only_the_window(s3_bucket):
     array = noise(512, 512)
     data = tiled_tiff(array, tile=(128, 128), extratags=GEOTAGS)  # uncompressed: 48 KiB per tile

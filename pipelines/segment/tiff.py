@@ -1,10 +1,11 @@
 """Tiled TIFFs of any size, window by window: read with ranged reads, masks written tile by tile.
 
 ``WindowReader`` reads any window of the full-resolution level of a tiled TIFF, BigTIFF, Cloud-Optimized
-GeoTIFF or pyramidal (whole-slide) TIFF: tifffile parses the header through an fsspec file (a few ranged
-reads) and only the compressed tiles that the window touches are fetched (``fs.cat_ranges``, concurrent on
-object stores) and decoded (``TiffPage.decode``, imagecodecs). ``write_mask`` writes a label map given as
-horizontal strips as a tiled, compressed TIFF (BigTIFF when needed) with a reduced-resolution overview page
+GeoTIFF or pyramidal (whole-slide) TIFF, or of one of its tiled reduced levels: tifffile parses the header
+through an fsspec file (a few ranged reads) and only the compressed tiles that the window touches are fetched
+(``fs.cat_ranges``, concurrent on object stores) and decoded (``TiffPage.decode``, imagecodecs);
+``read_decimated`` gives a level's every n-th pixel a band of tiles at a time. ``write_mask`` writes a label
+map given as horizontal strips as a tiled, compressed TIFF (BigTIFF when needed) with a reduced-resolution overview page
 and the source's GeoTIFF tags, holding one band of mask tiles at a time. ``put_file_atomic`` moves it to
 its final place so that no reader ever sees a partial mask there.
 """
@@ -36,6 +37,8 @@ GEO_TAGS = (33550, 33922, 34264, 34735, 34736, 34737)
 the georeferencing (transform and CRS) that a mask copies from its GeoTIFF so that it overlays the source."""
 HEADER_BLOCK_BYTES = 1 << 20
 """Bytes fetched per ranged read while tifffile parses the header and the tile offsets."""
+DECIMATE_READ_PIXELS = 1 << 21
+"""Most pixels decoded per read of ``WindowReader.read_decimated`` (a band of whole tiles, at least one tile)."""
 MASK_TILE = 256
 """Side of the tiles of a mask TIFF."""
 OVERVIEW_SIDE = 1024
@@ -86,22 +89,29 @@ def probe_tiled(uri: str, storage_options: dict[str, Any]) -> TiffLayout | None:
 
 
 class WindowReader:
-    """Windows of the full-resolution level of the tiled TIFF at ``uri`` (fsspec URI), as ``HxWx3`` uint8 RGB
-    (``fcn.image.to_rgb_array``'s rules: grey replicated, 16-bit scaled, alpha composited over white).
-    DecodeError for a TIFF that is not tiled or whose pixels cannot become RGB."""
+    """Windows of the full-resolution level of the tiled TIFF at ``uri`` (fsspec URI), or of a tiled reduced level
+    of its pyramid, as ``HxWx3`` uint8 RGB (``fcn.image.to_rgb_array``'s rules: grey replicated, 16-bit scaled,
+    alpha composited over white). DecodeError for a TIFF that is not tiled or whose pixels cannot become RGB.
+    ``levels``: the layout of each level, full resolution first, None for a level not read by window."""
 
     def __init__(self, uri: str, storage_options: dict[str, Any]) -> None:
         self.fs, self.path = fsspec.core.url_to_fs(uri, **storage_options)
         self._file = self.fs.open(self.path, "rb", block_size=HEADER_BLOCK_BYTES, cache_type="readahead")
         try:
             self._tiff = tifffile.TiffFile(self._file)
-            self._page = self._tiff.series[0].levels[0].keyframe
-            page = self._page
+            self._pages = [level.keyframe for level in self._tiff.series[0].levels]
+            page = self._pages[0]
             if not page.is_tiled or page.imagedepth != 1:
                 raise DecodeError(f"{uri} is not a tiled 2-D TIFF (no windows to read)")
             if page.photometric not in _SUPPORTED_PHOTOMETRIC:
                 raise DecodeError(f"TIFF photometric {page.photometric.name} is not read by window")
-            self.layout = TiffLayout(page.imagelength, page.imagewidth, page.tilelength, page.tilewidth)
+            self.levels = [
+                TiffLayout(p.imagelength, p.imagewidth, p.tilelength, p.tilewidth)
+                if p.is_tiled and p.imagedepth == 1 and p.photometric in _SUPPORTED_PHOTOMETRIC
+                else None
+                for p in self._pages
+            ]
+            self.layout = self.levels[0]
             self.geotags = [
                 (code, int(tag.dtype), tag.count, tag.value, True)
                 for code in GEO_TAGS
@@ -126,10 +136,15 @@ class WindowReader:
             self._tiff.close()
         self._file.close()
 
-    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        """Rows ``y0:y1`` and columns ``x0:x1`` (within the image) as an ``HxWx3`` uint8 array: fetches and
-        decodes only the tiles that overlap them."""
-        layout, page = self.layout, self._page
+    def _tiled_level(self, level: int) -> TiffLayout:
+        if (layout := self.levels[level]) is None:
+            raise DecodeError(f"level {level} of the TIFF is not tiled (no windows to read)")
+        return layout
+
+    def read(self, y0: int, y1: int, x0: int, x1: int, *, level: int = 0) -> np.ndarray:
+        """Rows ``y0:y1`` and columns ``x0:x1`` (within the image at ``level``) as an ``HxWx3`` uint8 array:
+        fetches and decodes only the tiles that overlap them."""
+        layout, page = self._tiled_level(level), self._pages[level]
         if not (0 <= y0 < y1 <= layout.height and 0 <= x0 < x1 <= layout.width):
             raise ValueError(f"window y {y0}:{y1} x {x0}:{x1} is not inside the {layout.width}x{layout.height} image")
         across = math.ceil(layout.width / layout.tile_width)
@@ -165,6 +180,28 @@ class WindowReader:
             return to_rgb_array(window)
         except ValueError as error:
             raise DecodeError(f"TIFF pixels cannot become RGB: {error}") from None
+
+    def read_decimated(self, step: int, *, level: int = 0) -> np.ndarray:
+        """Every ``step``-th row and column of ``level`` (from the first) as an ``HxWx3`` uint8 array, read a band
+        of whole tiles (at most ``DECIMATE_READ_PIXELS``) at a time: memory of one band and the result, whatever
+        the image's size."""
+        layout = self._tiled_level(level)
+        span = layout.tile_width * max(1, DECIMATE_READ_PIXELS // (layout.tile_height * layout.tile_width))
+        bands = []
+        for top in range(0, layout.height, layout.tile_height):
+            first_row = -(-top // step) * step  # the first row of this band of tiles that is kept
+            bottom = min(top + layout.tile_height, layout.height)
+            if first_row >= bottom:
+                continue
+            pieces = []
+            for left in range(0, layout.width, span):
+                first_column = -(-left // step) * step
+                right = min(left + span, layout.width)
+                if first_column < right:
+                    window = self.read(first_row, bottom, first_column, right, level=level)
+                    pieces.append(np.ascontiguousarray(window[::step, ::step]))  # a copy: the window is not kept
+            bands.append(np.concatenate(pieces, axis=1))
+        return np.concatenate(bands)
 
 
 def overview_factor(height: int, width: int) -> int:
