@@ -71,9 +71,26 @@ def write_scene(uri: str, height: int, width: int) -> None:
         fs.put_file(local, path)
 
 
-def tree_memory(pid: int) -> tuple[int, int]:
-    """Resident bytes (RSS, shared pages counted in every process that maps them) and proportional bytes (PSS,
-    shared pages split between their processes) of ``pid`` and every process under it."""
+GROUPS = (("loaders", "ImageLoader"), ("FCN actors", "Segmenter"), ("writers", "ResultWriter"))
+"""Ray Data's workers by the UDF in their process title (``ray::MapWorker(MapBatches(<UDF>))``)."""
+
+
+def process_group(pid: int, job: int) -> str:
+    """Which part of the job process ``pid`` is: the driver (``job``), a stage's workers, other Ray workers, or
+    Ray's daemons (GCS, raylet with its object store, dashboard, agents)."""
+    if pid == job:
+        return "driver"
+    title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    for group, udf in GROUPS:
+        if udf in title:
+            return group
+    return "other Ray workers" if title.startswith("ray::") or "default_worker.py" in title else "Ray daemons"
+
+
+def tree_memory(pid: int) -> dict[int, tuple[str, int, int, int]]:
+    """Per process of ``pid``'s tree: its group (``process_group``), resident bytes (RSS, shared pages counted in
+    every process that maps them), proportional bytes (PSS, shared pages split between their processes) and the
+    part of its PSS in shared memory (Ray's object store)."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -81,15 +98,93 @@ def tree_memory(pid: int) -> tuple[int, int]:
             children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
         except (OSError, IndexError, ValueError):
             continue
-    rss, pss, pending = 0, 0, [pid]
+    processes, pending = {}, [pid]
     while pending:
         current = pending.pop()
         with contextlib.suppress(OSError, IndexError, ValueError):
-            rss += int(Path(f"/proc/{current}/statm").read_text().split()[1]) * PAGE_BYTES
+            rss = int(Path(f"/proc/{current}/statm").read_text().split()[1]) * PAGE_BYTES
             rollup = Path(f"/proc/{current}/smaps_rollup").read_text()
-            pss += int(rollup.split("\nPss:", 1)[1].split()[0]) * 1024
+            pss = int(rollup.split("\nPss:", 1)[1].split()[0]) * 1024
+            shmem = int(rollup.split("\nPss_Shmem:", 1)[1].split()[0]) * 1024
+            processes[current] = (process_group(current, pid), rss, pss, shmem)
         pending.extend(children.get(current, []))
-    return rss, pss
+    return processes
+
+
+def object_store_bytes(processes: dict[int, tuple[str, int, int, int]]) -> int:
+    """Bytes allocated in the shared-memory files Ray's daemons hold open (the raylet's object store): its pages
+    stay resident once written, whether or not a process still maps them."""
+    files = {}
+    for pid, (group, *_) in processes.items():
+        if group != "Ray daemons":
+            continue
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd).startswith("/dev/shm/"):
+                        stat = fd.stat()
+                        files[stat.st_dev, stat.st_ino] = stat.st_blocks * 512
+    return sum(files.values())
+
+
+class MemorySampler:
+    """Samples ``tree_memory`` of a job every ``period_s``: the tree's peak RSS and PSS, each group's PSS (and its
+    shared-memory part) at the PSS peak, each process's own peak PSS, and the peak of the processes' private
+    memory plus Ray's object store counted whole (``object_store_bytes``); with ``trace``, one JSON line per
+    sample (seconds, PSS by process as ``group:pid``)."""
+
+    def __init__(self, pid: int, period_s: float = 0.2, trace: str | None = None):
+        self.pid, self.period_s, self.trace = pid, period_s, trace
+        self.peak_rss = self.peak_pss = self.peak_private_and_store = self.peak_store = 0
+        self.at_peak: dict[str, tuple[int, int]] = {}
+        self.process_peaks: dict[tuple[str, int], int] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> MemorySampler:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def _run(self) -> None:
+        start = time.monotonic()
+        with open(self.trace or os.devnull, "a") as trace:
+            while not self.stop.wait(self.period_s):
+                processes = tree_memory(self.pid)
+                self.peak_rss = max(self.peak_rss, sum(rss for _, rss, _, _ in processes.values()))
+                pss = sum(p for _, _, p, _ in processes.values())
+                if pss > self.peak_pss:
+                    self.peak_pss, self.at_peak = pss, {}
+                    for group, _, p, shmem in processes.values():
+                        old = self.at_peak.get(group, (0, 0))
+                        self.at_peak[group] = (old[0] + p, old[1] + shmem)
+                store = object_store_bytes(processes)
+                private = sum(p - shmem for _, _, p, shmem in processes.values())
+                self.peak_store = max(self.peak_store, store)
+                self.peak_private_and_store = max(self.peak_private_and_store, private + store)
+                for pid, (group, _, p, _) in processes.items():
+                    self.process_peaks[group, pid] = max(self.process_peaks.get((group, pid), 0), p)
+                if self.trace:
+                    by_process = {f"{group}:{pid}": p >> 20 for pid, (group, _, p, _) in processes.items()}
+                    sample = {"s": round(time.monotonic() - start, 1), "store_mb": store >> 20, "pss_mb": by_process}
+                    trace.write(json.dumps(sample) + "\n")
+
+    def breakdown(self) -> str:
+        """Each group's PSS at the tree's PSS peak (its object-store share in brackets) and its processes' peaks."""
+        lines = [
+            f"    private memory + object store: peak {self.peak_private_and_store / 2**30:.2f} GiB "
+            f"(object store alone: peak {self.peak_store / 2**30:.2f} GiB)"
+        ]
+        for group, (pss, shmem) in sorted(self.at_peak.items(), key=lambda item: -item[1][0]):
+            peaks = sorted((p for (g, _), p in self.process_peaks.items() if g == group), reverse=True)
+            lines.append(
+                f"    {group:>17}: {pss / 2**30:.2f} GiB PSS at the peak ({shmem / 2**30:.2f} in shared memory); "
+                f"process peaks {', '.join(f'{p / 2**30:.2f}' for p in peaks[:6])} GiB"
+            )
+        return "\n".join(lines)
 
 
 def run_job(input: str, output: str, model: str, args: argparse.Namespace) -> dict:
@@ -109,24 +204,21 @@ def run_job(input: str, output: str, model: str, args: argparse.Namespace) -> di
     ]
     start = time.monotonic()
     job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak = [0, 0]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(0.2):
-            peak[:] = [max(a, b) for a, b in zip(peak, tree_memory(job.pid))]
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    _, stderr = job.communicate()
-    stop.set()
-    sampler.join()
+    trace = f"{args.trace}-{os.path.basename(output)}.jsonl" if args.trace else None
+    with MemorySampler(job.pid, trace=trace) as memory:
+        _, stderr = job.communicate()
     wall = time.monotonic() - start
     if job.returncode != 0:
         raise SystemExit(f"the job failed ({job.returncode}):\n{stderr[-3000:]}")
     with fsspec.open(f"{output}/manifest.json") as f:
         manifest = json.load(f)
-    return {"wall_s": wall, "peak_rss": peak[0], "peak_pss": peak[1], "manifest": manifest}
+    return {
+        "wall_s": wall,
+        "peak_rss": memory.peak_rss,
+        "peak_pss": memory.peak_pss,
+        "memory": memory,
+        "manifest": manifest,
+    }
 
 
 def main() -> None:
@@ -137,6 +229,7 @@ def main() -> None:
     parser.add_argument("--cpus-per-actor", type=float, default=1.0)
     parser.add_argument("--width", type=float, default=1 / 16, help="network width (FCN-8s VGG16, random weights)")
     parser.add_argument("--tile-size", type=int, default=2048)
+    parser.add_argument("--trace", help="write each run's per-process PSS samples to <TRACE>-out-<side>.jsonl")
     parser.add_argument("--tile-pixels", type=int, default=4_194_304, help="(the job's default: 16,777,216)")
     args = parser.parse_args()
 
@@ -172,6 +265,7 @@ def main() -> None:
                 tiled = result["manifest"]["tiled_images"]
                 results.append((name, height * width / 1e6, result, tiled))
                 base = results[0][2]
+                memory = result["memory"]
                 megapixels = height * width / 1e6
                 extra = result["wall_s"] - base["wall_s"]
                 print(
@@ -180,6 +274,8 @@ def main() -> None:
                     f"run), peak memory RSS {result['peak_rss'] / 2**30:.2f} GiB "
                     f"({(result['peak_rss'] - base['peak_rss']) / 2**30:+.2f} vs 512x512), "
                     f"PSS {result['peak_pss'] / 2**30:.2f} GiB ({(result['peak_pss'] - base['peak_pss']) / 2**30:+.2f}), "
+                    f"private + object store {memory.peak_private_and_store / 2**30:.2f} GiB "
+                    f"({(memory.peak_private_and_store - base['memory'].peak_private_and_store) / 2**30:+.2f}), "
                     + (
                         f"{tiled[0]['tiles']} windows by {tiled[0]['fcn_actors']} FCN actor(s), "
                         f"{'ok' if tiled[0]['error'] is None else tiled[0]['error']}"
@@ -188,6 +284,7 @@ def main() -> None:
                     ),
                     flush=True,
                 )
+                print(memory.breakdown(), flush=True)
                 fs, path = fsspec.core.url_to_fs(f"{root}/in-{height}")
                 fs.rm(path, recursive=True)  # keep the disk (or moto's memory) to one image at a time
         finally:
