@@ -180,8 +180,8 @@ def overview_thumbnail(
 def mask_overview(mask_uri: str, storage_options: dict[str, Any] | None = None) -> np.ndarray:
     """The labels of the smallest page of the TIFF mask at ``mask_uri`` (its overview), reading only the pages'
     headers and that page's pixels; ValueError if it has more than ``OVERVIEW_SIDE`` squared pixels."""
-    options = {"block_size": HEADER_BLOCK_BYTES, "cache_type": "readahead", **(storage_options or {})}
-    with fsspec.open(mask_uri, "rb", **options) as f, tifffile.TiffFile(f) as mask:
+    fs, path = fsspec.core.url_to_fs(mask_uri, **(storage_options or {}))
+    with fs.open(path, "rb", block_size=HEADER_BLOCK_BYTES, cache_type="readahead") as f, tifffile.TiffFile(f) as mask:
         overview = min(mask.pages, key=lambda page: math.prod(page.shape))
         if math.prod(overview.shape) > OVERVIEW_SIDE**2:
             raise ValueError(f"mask {mask_uri} has no overview page of at most {OVERVIEW_SIDE} px a side")

@@ -165,3 +165,21 @@ def test_a_tiled_images_thumbnail_looks_like_the_whole_image_one(tmp_path):
     overview = _thumbnail(item.data_uri)
     assert overview.shape == whole.shape
     assert np.abs(overview.astype(int) - whole.astype(int)).mean() < 1.5
+
+
+def test_a_tiled_images_thumbnail_on_s3_equals_the_local_one(tmp_path, s3_bucket):
+    height, width = 1536, 2048
+    write_source(tmp_path / "scene.tif", height, width, "pages")
+    write_tiled_mask(tmp_path / "mask.tif", height, width)
+    fs, _ = fsspec.core.url_to_fs(s3_bucket)
+    fs.put_file(str(tmp_path / "scene.tif"), f"{s3_bucket}/in/scene.tif")
+    fs.put_file(str(tmp_path / "mask.tif"), f"{s3_bucket}/out/masks/scene.tif")
+    rows = [
+        {"image_uri": image, "mask_uri": mask, "width": width, "height": height, "dominant_class": 0}
+        for image, mask in [
+            (f"{s3_bucket}/in/scene.tif", f"{s3_bucket}/out/masks/scene.tif"),
+            (f"file://{tmp_path}/scene.tif", f"file://{tmp_path}/mask.tif"),
+        ]
+    ]
+    on_s3, local = gallery(rows, CLASSES, voc_palette(), storage_options={})
+    assert on_s3.data_uri == local.data_uri
