@@ -5,6 +5,7 @@ rows into Python objects (``digest_stats``), with memory bounded whatever the nu
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -15,19 +16,40 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from fcn.classes import voc_palette
 from fcn.heads import PRIMARY_HEAD, head_key
 
 ERROR_ROWS = 20  # error rows shown in a report
-Stats = pa.Table | pads.Dataset
+Stats = pa.Table | pads.FileSystemDataset
 """The statistics: a table, or a dataset of Parquet files (``stats_dataset``)."""
-_SCAN = {"batch_size": 1 << 15, "batch_readahead": 2, "fragment_readahead": 2, "cache_metadata": False}
-"""How ``digest_stats`` reads: batches of at most 32Ki rows, two batches and two files ahead, no file's
-metadata kept once read (kept, it would grow with the number of part files: about 150 kB each)."""
+BATCH_ROWS = 1 << 14
+"""How ``digest_stats`` reads: one file at a time, in batches of at most 16Ki rows decoded as they are consumed
+(Arrow's dataset scanner decodes whole row groups, 64Ki rows in a finished run's files, and reads ahead of
+a slow consumer), no file's metadata kept once read."""
 
 
-def stats_dataset(stats_uri: str, storage_options: dict[str, Any] | None = None) -> pads.Dataset:
+@contextlib.contextmanager
+def memory_returned_at_once() -> Iterator[None]:
+    """Within the block Arrow allocates from jemalloc, told to return freed memory to the system at once, where
+    pyarrow has jemalloc (else nothing changes): the process's resident memory then follows Arrow's own, where
+    the default allocator (mimalloc) keeps freed pages, about as much again as Arrow's peak in one scan."""
+    try:
+        pool = pa.jemalloc_memory_pool()
+    except NotImplementedError:
+        yield
+        return
+    pa.jemalloc_set_decay_ms(0)
+    previous = pa.default_memory_pool()
+    pa.set_memory_pool(pool)
+    try:
+        yield
+    finally:
+        pa.set_memory_pool(previous)
+
+
+def stats_dataset(stats_uri: str, storage_options: dict[str, Any] | None = None) -> pads.FileSystemDataset:
     """The Parquet statistics under ``stats_uri`` as an Arrow dataset, read lazily (hidden and ``_`` files
     left out)."""
     fs, path = fsspec.core.url_to_fs(stats_uri, **(storage_options or {}))
@@ -88,13 +110,12 @@ def digest_stats(
     error_limit: int = ERROR_ROWS,
     on_keys: Callable[[pa.ChunkedArray], None] | None = None,
 ) -> StatsDigest:
-    """Read the statistics once, in tables of ``_SCAN["batch_size"]`` rows (small part files gathered; a few
-    tables ahead: memory bounded whatever the number of rows), and digest them: every head's ``pixel_counts``
-    summed and ``dominant_class`` counted over the ok rows, the first ``error_limit`` error rows,
+    """Read the statistics once, in tables of ``BATCH_ROWS`` rows (small part files gathered: memory bounded
+    whatever the number of rows), and digest them: every head's ``pixel_counts`` summed and
+    ``dominant_class`` counted over the ok rows, the first ``error_limit`` error rows,
     ``sample_size`` ok rows spread evenly over the rows (``EvenSample``). ``on_keys`` receives each table's
     ``key`` column, for checks made in the same pass."""
-    dataset = pads.dataset(stats) if isinstance(stats, pa.Table) else stats
-    heads = schema_heads(dataset.schema)
+    heads = schema_heads(stats.schema)
     names = list(heads)
     per_head = {head: [head_key(head, names, c) for c in ("pixel_counts", "dominant_class")] for head in heads}
     first = [head_key(names[0], names, c) if c in ("mask_uri", "dominant_class") else c for c in SAMPLE_COLUMNS]
@@ -103,8 +124,8 @@ def digest_stats(
     dominant = {head: np.zeros(len(heads[head][0]), dtype=np.int64) for head in heads}
     errors: list[tuple[str, str]] = []
     sample, rows = EvenSample(sample_size), 0
-    scan = dataset.to_batches(columns=sorted(columns | ({"key"} if on_keys else set())), **_SCAN)
-    for batch in _coalesced(scan, _SCAN["batch_size"]):
+    scan = _batches(stats, sorted(columns | ({"key"} if on_keys else set())))
+    for batch in _coalesced(scan, BATCH_ROWS):
         rows += batch.num_rows
         if on_keys:
             on_keys(batch["key"])
@@ -130,6 +151,25 @@ def digest_stats(
         errors=errors,
         sample=sorted(sample.rows(), key=lambda row: row["image_uri"]),
     )
+
+
+def _batches(stats: Stats, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """The ``columns`` of ``stats`` in batches of at most ``BATCH_ROWS`` rows, file by file, each as the
+    statistics' schema types it (a column that a file lacks is null there)."""
+    schema = pa.schema([stats.schema.field(name) for name in columns])
+    if isinstance(stats, pa.Table):
+        yield from stats.select(columns).to_batches(max_chunksize=BATCH_ROWS)
+        return
+    for path in stats.files:
+        with stats.filesystem.open_input_file(path) as source:
+            parquet = pq.ParquetFile(source, pre_buffer=True)
+            present = [name for name in columns if name in parquet.schema_arrow.names]
+            for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=present):
+                arrays = [
+                    batch.column(name) if name in present else pa.nulls(batch.num_rows, schema.field(name).type)
+                    for name in columns
+                ]
+                yield pa.RecordBatch.from_arrays(arrays, names=columns).cast(schema)
 
 
 def _coalesced(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.Table]:

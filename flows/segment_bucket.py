@@ -10,70 +10,27 @@ report are Arrow aggregates over the Parquet files plus a small sample, and task
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import fsspec
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.common import failure_artifact, io_task, is_transient
-from flows.digest import StatsDigest, digest_stats, stats_dataset
+from flows.digest import StatsDigest, digest_stats, memory_returned_at_once, stats_dataset
+from flows.keys import KeyCount, OutputCounts
 from flows.params import SegmentBucketParams, takes
 from flows.report import RunReport, gallery, html_report, markdown_summary, write_text
 from pipelines.segment import SegmentSummary, run_segmentation
 
 REPORT_FILE = "report.html"
 ARTIFACT_KEY = "segment-bucket"
-MISSING_SAMPLE = 5  # keys named in a failed check
 
 
 class OutputCheckError(RuntimeError):
     """The segmentation outputs are incomplete or inconsistent with the inputs."""
-
-
-@dataclass(frozen=True)
-class OutputCounts:
-    """The statistics' rows against the job's listing: ``rows`` (stats rows), ``keys`` (distinct keys),
-    ``listed`` (listing rows), ``missing`` (listed keys without a row), ``duplicated`` (rows beyond the
-    first of their key), ``unlisted`` (rows whose key is not listed), and up to ``MISSING_SAMPLE`` missing
-    keys."""
-
-    rows: int
-    keys: int
-    listed: int
-    missing: int
-    duplicated: int
-    unlisted: int
-    missing_sample: list[str]
-
-    @property
-    def one_row_per_input(self) -> bool:
-        return self.rows == self.keys == self.listed and not (self.missing or self.duplicated or self.unlisted)
-
-
-def count_keys(keys: pa.ChunkedArray, listed: pa.Array) -> OutputCounts:
-    """Count the statistics' ``keys`` against the ``listed`` ones with Arrow: the listed keys are hashed
-    once, each row's key is looked up among them, and the rows of each listed key counted (numpy)."""
-    where = pc.index_in(keys, value_set=listed)
-    per_key = np.bincount(pc.drop_null(where).to_numpy(), minlength=len(listed))
-    unlisted = keys.filter(pc.is_null(where))
-    distinct = int(np.count_nonzero(per_key)) + pc.count_distinct(unlisted).as_py()
-    missing = np.flatnonzero(per_key == 0)
-    return OutputCounts(
-        rows=len(keys),
-        keys=distinct,
-        listed=len(listed),
-        missing=len(missing),
-        duplicated=len(keys) - distinct,
-        unlisted=len(unlisted),
-        missing_sample=listed.take(pa.array(missing[:MISSING_SAMPLE])).to_pylist(),
-    )
 
 
 @task(name="segment", retries=1, retry_condition_fn=is_transient, cache_policy=NO_CACHE)
@@ -95,7 +52,7 @@ def segment(params: SegmentBucketParams) -> SegmentSummary:
 def check_outputs(
     summary: SegmentSummary, storage_options: dict[str, Any], gallery_size: int = 0
 ) -> tuple[OutputCounts, StatsDigest]:
-    """Read the run's statistics once: their keys counted against the job's listing (``count_keys``) and
+    """Read the run's statistics once: their keys counted against the job's listing (``KeyCount``) and
     the report's digest (``digest_stats``, a sample of ``gallery_size`` rows). OutputCheckError unless
     ``_SUCCESS`` exists and the statistics have exactly one row per listed image (``summary.listed``)."""
     fs, success = fsspec.core.url_to_fs(summary.success_uri, **storage_options)
@@ -103,11 +60,12 @@ def check_outputs(
     if not fs.isfile(success):
         raise OutputCheckError(f"{summary.success_uri} is missing: the run did not finish")
     fs, listing_path = fsspec.core.url_to_fs(summary.listing_uri, **storage_options)
-    listed = pq.read_table(listing_path, columns=["key"], filesystem=fs)["key"].combine_chunks()
-    keys: list[pa.Array] = []
-    stats = stats_dataset(summary.stats_uri, storage_options)
-    digest = digest_stats(stats, sample_size=gallery_size, on_keys=lambda batch_keys: keys.extend(batch_keys.chunks))
-    counts = count_keys(pa.chunked_array(keys, pa.string()), listed)
+    with memory_returned_at_once():
+        key_count = KeyCount(pq.read_table(listing_path, columns=["key"], filesystem=fs)["key"])
+        stats = stats_dataset(summary.stats_uri, storage_options)
+        digest = digest_stats(stats, sample_size=gallery_size, on_keys=key_count.add)
+        counts = key_count.counts()
+        del key_count
     if not counts.one_row_per_input or counts.listed != summary.listed:
         raise OutputCheckError(
             f"{summary.stats_uri} has {counts.rows} rows ({counts.keys} distinct keys) for {summary.listed} "
