@@ -243,6 +243,17 @@ def test_a_tiled_tiff_segmented_as_windows_equals_the_whole_image(ray_cluster, s
     fs, _ = fsspec.core.url_to_fs(s3_bucket)
     assert not fs.exists(f"{s3_bucket}/tiled/_tiles/scene.tif")  # parts removed once assembled
 
+    from fcn.heads import PRIMARY_HEAD
+    from flows.digest import digest_stats, stats_dataset
+    from flows.report import gallery
+
+    def thumbnails(run: str) -> dict[str, str]:
+        digest = digest_stats(stats_dataset(f"{s3_bucket}/{run}/stats"), sample_size=2)
+        distribution, palette = digest.heads[PRIMARY_HEAD]
+        return {item.image_uri: item.data_uri for item in gallery(digest.sample, distribution.class_names, palette)}
+
+    assert thumbnails("tiled") == thumbnails("whole")  # the tiled mask's overview (here 1:1) gives the same picture
+
 
 def _corrupt_tile(data: bytes, index: int) -> bytes:
     """``data`` with the compressed bytes of tile ``index`` of its first page overwritten."""
