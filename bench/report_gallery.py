@@ -1,5 +1,5 @@
 """Benchmark: the report's gallery item of an image segmented by windows, built from its mask's overview page and
-a reduced view of the source (``flows.report.overview_thumbnail``), never from the full-resolution pages.
+a reduced view of the source (``flows.gallery.overview_thumbnail``), never from the full-resolution pages.
 
 For each size, a tiled JPEG RGB TIFF (``bench.gigapixel.synthetic_tiles``: one band in memory) is generated without
 and with a pyramid of reduced-resolution pages (2x steps down to 1024 px or less, as a Cloud-Optimized GeoTIFF),
@@ -54,7 +54,7 @@ def write_labels(path: Path, height: int, width: int) -> None:
 def measure(source: Path, mask: Path) -> tuple[float, float, float]:
     """(wall s, peak RSS MiB, RSS MiB before the call) of building the gallery item, in this process."""
     from fcn.classes import voc_palette
-    from flows.report import overview_thumbnail
+    from flows.gallery import overview_thumbnail
 
     before = _rss_mib()
     start = time.perf_counter()

@@ -20,9 +20,10 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.common import failure_artifact, io_task, is_transient
 from flows.digest import StatsDigest, digest_stats, memory_returned_at_once, stats_dataset
+from flows.gallery import gallery
 from flows.keys import KeyCount, OutputCounts
 from flows.params import SegmentBucketParams, takes
-from flows.report import RunReport, gallery, html_report, markdown_summary, write_text
+from flows.report import RunReport, html_report, markdown_summary, write_text
 from pipelines.segment import SegmentSummary, run_segmentation
 
 REPORT_FILE = "report.html"

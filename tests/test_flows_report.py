@@ -18,7 +18,8 @@ from pydantic import ValidationError
 from fcn.classes import voc_palette
 from fcn.heads import PRIMARY_HEAD
 from flows.digest import digest_stats
-from flows.report import RunReport, gallery, html_report, markdown_summary
+from flows.gallery import gallery
+from flows.report import RunReport, html_report, markdown_summary
 from pipelines.segment.schema import STATS_COLUMNS, stats_schema
 
 CLASSES = ["background", "disc", "box", "ring"]
@@ -129,6 +130,22 @@ def test_html_report_is_self_contained_with_chart_and_gallery(tmp_path: Path) ->
     assert captions[0] == "img00" and captions[-1] == "img06"
     assert "bad0.jpg" in page  # error rows are listed
     assert 'href="masks"' in page  # outputs below the report's folder are linked relatively
+
+
+def test_a_row_whose_files_are_gone_or_corrupt_gets_a_caption_and_the_report_is_still_written(
+    tmp_path: Path,
+) -> None:
+    stats = _stats(tmp_path, ok=3, errors=0)
+    sample = digest_stats(stats, sample_size=3).sample
+    Path(sample[0]["image_uri"].removeprefix("file://")).unlink()  # the source deleted since the run
+    Path(sample[1]["mask_uri"].removeprefix("file://")).write_bytes(b"not a png")
+    items = gallery(sample, CLASSES, voc_palette())
+    assert [bool(item.data_uri) for item in items] == [False, False, True]
+    assert "no thumbnail (FileNotFoundError" in items[0].caption
+    assert "no thumbnail (UnidentifiedImageError" in items[1].caption
+    page = html_report(_report(stats, ok=3, errors=0), items)
+    assert page.count("<figure>") == 3 and page.count('<img src="data:image/png;base64,') == 1
+    assert "img00.jpg (50x40, mostly" in page
 
 
 def test_gallery_is_capped_by_available_rows(tmp_path: Path) -> None:

@@ -245,7 +245,7 @@ def test_a_tiled_tiff_segmented_as_windows_equals_the_whole_image(ray_cluster, s
 
     from fcn.heads import PRIMARY_HEAD
     from flows.digest import digest_stats, stats_dataset
-    from flows.report import gallery
+    from flows.gallery import gallery
 
     def thumbnails(run: str) -> dict[str, str]:
         digest = digest_stats(stats_dataset(f"{s3_bucket}/{run}/stats"), sample_size=2)

@@ -16,7 +16,7 @@ from fsspec.implementations.local import LocalFileOpener, LocalFileSystem
 from PIL import Image
 
 from fcn.classes import voc_palette
-from flows.report import gallery, overlay_thumbnail
+from flows.gallery import gallery, overlay_thumbnail
 from pipelines.segment.masks import OVERLAY_ALPHA
 from pipelines.segment.tiff import write_mask
 
