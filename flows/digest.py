@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,9 +26,9 @@ ERROR_ROWS = 20  # error rows shown in a report
 Stats = pa.Table | pads.FileSystemDataset
 """The statistics: a table, or a dataset of Parquet files (``stats_dataset``)."""
 BATCH_ROWS = 1 << 14
-"""How ``digest_stats`` reads: one file at a time, in batches of at most 16Ki rows decoded as they are consumed
-(Arrow's dataset scanner decodes whole row groups, 64Ki rows in a finished run's files, and reads ahead of
-a slow consumer), no file's metadata kept once read."""
+"""How ``digest_stats`` reads: one file at a time, in batches of at most 16Ki rows, each decoded while the one
+before is digested (Arrow's dataset scanner decodes whole row groups, 64Ki rows in a finished run's files,
+and reads further ahead of a slow consumer), no file's metadata kept once read."""
 
 
 @contextlib.contextmanager
@@ -124,8 +125,8 @@ def digest_stats(
     dominant = {head: np.zeros(len(heads[head][0]), dtype=np.int64) for head in heads}
     errors: list[tuple[str, str]] = []
     sample, rows = EvenSample(sample_size), 0
-    scan = _batches(stats, sorted(columns | ({"key"} if on_keys else set())))
-    for batch in _coalesced(scan, BATCH_ROWS):
+    scan = _read_ahead(_coalesced(_batches(stats, sorted(columns | ({"key"} if on_keys else set()))), BATCH_ROWS))
+    for batch in scan:
         rows += batch.num_rows
         if on_keys:
             on_keys(batch["key"])
@@ -170,6 +171,16 @@ def _batches(stats: Stats, columns: list[str]) -> Iterator[pa.RecordBatch]:
                     for name in columns
                 ]
                 yield pa.RecordBatch.from_arrays(arrays, names=columns).cast(schema)
+
+
+def _read_ahead(items: Iterator[Any]) -> Iterator[Any]:
+    """``items``, the next one produced by a thread (Arrow decodes without the GIL) while this one is used."""
+    end = object()
+    with ThreadPoolExecutor(1) as thread:
+        coming = thread.submit(next, items, end)
+        while (item := coming.result()) is not end:
+            coming = thread.submit(next, items, end)
+            yield item
 
 
 def _coalesced(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.Table]:

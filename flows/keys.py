@@ -17,7 +17,7 @@ MISSING_SAMPLE = 5  # missing keys named by the counts
 _HASH_ROWS = 1 << 16  # keys hashed at a time (the hash's temporaries: about 40 bytes per byte of key)
 _MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
 _WORD_WEIGHTS = np.cumprod(np.full(1 << 8, _MULTIPLIER, dtype=np.uint64), dtype=np.uint64)  # one per word
-_ALL_BITS = np.uint64((1 << 64) - 1)
+_PARTIAL_WORD = np.array([(1 << 8 * size) - 1 for size in range(8)], dtype=np.uint64)  # masks of 0-7 bytes
 
 
 @dataclass(frozen=True)
@@ -139,20 +139,24 @@ def _word_hashes(keys: pa.Array) -> np.ndarray:
     lengths = np.diff(offsets)
     words = (lengths + 7) >> 3
     first = np.cumsum(words) - words  # each key's first word among all the keys' words
-    place = np.arange(int(words.sum())) - np.repeat(first, words)  # each word's place in its key
-    left = np.repeat(lengths, words) - 8 * place  # bytes of its key from the word on
+    index = np.arange(int(words.sum()))
+    place = index - np.repeat(first, words)  # each word's place in its key
+    at = index * 8
+    at += np.repeat(offsets[:-1] - offsets[0] - 8 * first, words)  # each word's first byte
+    word = words_at[at]
+    partial = lengths % 8 > 0
+    word[(first + words - 1)[partial]] &= _PARTIAL_WORD[lengths[partial] % 8]
     with np.errstate(over="ignore"):
-        word = words_at[np.repeat(offsets[:-1] - offsets[0], words) + 8 * place]
-        word &= np.where(left >= 8, _ALL_BITS, (np.uint64(1) << (8 * np.minimum(left, 7)).astype(np.uint64)) - 1)
-        weighted = _mix(word) * _WORD_WEIGHTS[place % len(_WORD_WEIGHTS)]
+        weighted = _mix(word) * _WORD_WEIGHTS.take(place, mode="wrap")
         sums = np.add.reduceat(weighted, np.minimum(first, max(len(weighted) - 1, 0))) if len(weighted) else first
         return _mix(np.where(words > 0, sums, 0).astype(np.uint64) ^ lengths.astype(np.uint64))
 
 
 def _mix(values: np.ndarray) -> np.ndarray:
-    """SplitMix64's finalizer, element-wise (uint64, wrapping)."""
-    values = values ^ (values >> np.uint64(30))
-    values = values * np.uint64(0xBF58476D1CE4E5B9)
-    values = values ^ (values >> np.uint64(27))
-    values = values * np.uint64(0x94D049BB133111EB)
-    return values ^ (values >> np.uint64(31))
+    """SplitMix64's finalizer, element-wise and in place (uint64, wrapping)."""
+    values ^= values >> np.uint64(30)
+    values *= np.uint64(0xBF58476D1CE4E5B9)
+    values ^= values >> np.uint64(27)
+    values *= np.uint64(0x94D049BB133111EB)
+    values ^= values >> np.uint64(31)
+    return values
