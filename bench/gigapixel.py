@@ -84,7 +84,9 @@ def process_group(pid: int, job: int) -> str:
     for group, udf in GROUPS:
         if udf in title:
             return group
-    return "other Ray workers" if title.startswith("ray::") or "default_worker.py" in title else "Ray daemons"
+    program = title.split(" ", 1)[0]
+    worker = program.startswith("ray::") and not program.endswith("Agent") or program.endswith("default_worker.py")
+    return "other Ray workers" if worker else "Ray daemons"
 
 
 def tree_memory(pid: int) -> dict[int, tuple[str, int, int, int]]:

@@ -255,6 +255,39 @@ def test_a_tiled_tiff_segmented_as_windows_equals_the_whole_image(ray_cluster, s
     assert thumbnails("tiled") == thumbnails("whole")  # the tiled mask's overview (here 1:1) gives the same picture
 
 
+def test_windows_read_ahead_of_the_fcn_actors_are_bounded(ray_cluster):
+    """Ray Data's backpressure, as ``limit_read_ahead`` sets it, keeps the windows read but not yet taken by an FCN
+    actor to a few. Here the loader is instant and the actor slow: without the limit about half the windows queue."""
+    import time
+
+    import pyarrow as pa
+    import ray
+
+    from pipelines.segment.pipeline import READ_AHEAD_WINDOWS, limit_read_ahead
+
+    tile_size, windows = 640, 40
+
+    class Loader:  # one window per call, as the loaders read the rows of tiled images
+        def __call__(self, batch: pa.Table) -> pa.Table:
+            pixels = pa.array([bytes(tile_size * tile_size * 3)], pa.large_binary())
+            return batch.append_column("pixels", pixels).append_column("read_at", pa.array([time.time()]))
+
+    class SlowActor:
+        def __call__(self, batch: pa.Table) -> pa.Table:
+            started = time.time()
+            time.sleep(0.05)
+            return pa.table({"read_at": batch["read_at"], "started_at": pa.array([started])})
+
+    pool = ray.data.ActorPoolStrategy(size=1)
+    ds = ray.data.from_arrow([pa.table({"window": [i]}) for i in range(windows)])
+    ds = ds.map_batches(Loader, batch_size=None, batch_format="pyarrow", num_cpus=0, compute=pool)
+    ds = ds.map_batches(SlowActor, batch_size=1, batch_format="pyarrow", compute=pool)
+    rows = limit_read_ahead(ds, actors=1, tile_size=tile_size).take_all()
+    events = sorted([(row["read_at"], 1) for row in rows] + [(row["started_at"], -1) for row in rows])
+    queued = np.cumsum([step for _, step in events])
+    assert len(rows) == windows and queued.max() <= READ_AHEAD_WINDOWS, queued.max()
+
+
 def _corrupt_tile(data: bytes, index: int) -> bytes:
     """``data`` with the compressed bytes of tile ``index`` of its first page overwritten."""
     with tifffile.TiffFile(io.BytesIO(data)) as tif:

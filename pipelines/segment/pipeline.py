@@ -28,6 +28,9 @@ logger = logging.getLogger("pipelines.segment")
 
 ERROR_SAMPLES = 20  # {image_uri, error} pairs kept for the summary
 BLOCKS_PER_ACTOR = 4  # at least this many input blocks per FCN actor (while blocks hold >= batch_size rows)
+READ_AHEAD_WINDOWS = 4
+"""Windows of tiled images in Ray's object store per FCN actor, at most (``read_ahead_budget``): by default Ray Data
+lets a run fill half the object store, which the loaders did with windows read far ahead of the FCN actors."""
 
 
 @dataclass
@@ -66,6 +69,16 @@ def plan_blocks(sources: pa.Table, *, rows: int, megabytes: float, min_blocks: i
     if start < total:
         blocks.append(sources.slice(start, total - start))
     return blocks
+
+
+def limit_read_ahead(ds: Any, actors: int, tile_size: int) -> Any:
+    """``ds`` with Ray Data's object-store budget (its backpressure) set to ``READ_AHEAD_WINDOWS`` RGB windows of
+    ``tile_size`` per FCN actor, for this dataset only (its own context: a copy made by ``from_arrow``). Whole images
+    in the same run then load one block at a time per stage."""
+    limits = ds.context.execution_options.resource_limits
+    budget = READ_AHEAD_WINDOWS * actors * tile_size**2 * 3
+    ds.context.execution_options.resource_limits = limits.copy(object_store_memory=budget)
+    return ds
 
 
 def segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: str, model: ModelInfo) -> RayRun:
@@ -173,6 +186,8 @@ def segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: s
         udf_modifying_row_count=False,
         **cpu_stage,
     )
+    if tiles:
+        ds = limit_read_ahead(ds, most or fewest, config.tile_size)
     run = RayRun()
     # the windows of tiled images are not counted: their images' rows come after the pipeline (assemble.assemble)
     progress = Progress(
