@@ -164,7 +164,8 @@ def _batches(stats: Stats, columns: list[str]) -> Iterator[pa.RecordBatch]:
     for path in stats.files:
         with stats.filesystem.open_input_file(path) as source:
             parquet = pq.ParquetFile(source, pre_buffer=True)
-            present = [name for name in columns if name in parquet.schema_arrow.names]
+            in_file = set(parquet.schema_arrow.names)
+            present = [name for name in columns if name in in_file]
             for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=present):
                 arrays = [
                     batch.column(name) if name in present else pa.nulls(batch.num_rows, schema.field(name).type)
