@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 MISSING_SAMPLE = 5  # missing keys named by the counts
-_HASH_ROWS = 1 << 16  # keys hashed at a time (the hash's temporaries: about 40 bytes per byte of key)
+_HASH_ROWS = 1 << 14  # keys hashed at a time (the hash's temporaries: about 100 bytes per word of key)
+_SLICE = 1 << 20  # entries built at a time
 _MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
 _WORD_WEIGHTS = np.cumprod(np.full(1 << 8, _MULTIPLIER, dtype=np.uint64), dtype=np.uint64)  # one per word
 _PARTIAL_WORD = np.array([(1 << 8 * size) - 1 for size in range(8)], dtype=np.uint64)  # masks of 0-7 bytes
@@ -50,15 +51,21 @@ class KeyCount:
         if isinstance(listed, pa.ChunkedArray):
             if listed.nbytes >= 1 << 31:  # string offsets are 32-bit
                 listed = listed.cast(pa.large_string())
-            listed = listed.combine_chunks()
+            listed = listed.chunk(0) if listed.num_chunks == 1 else listed.combine_chunks()  # (which copies)
         self.listed = listed
         self.position_bits = np.uint64(max(1, (len(listed) - 1).bit_length()))
-        self.entries = _hashes(listed) >> self.position_bits << self.position_bits
-        self.entries |= np.arange(len(listed), dtype=np.uint64)
+        self.entries = _hashes(listed)  # built in place, a slice at a time: no temporary of every key
+        self.entries >>= self.position_bits
+        self.entries <<= self.position_bits
+        for start in range(0, len(listed), _SLICE):
+            self.entries[start : start + _SLICE] |= np.arange(start, min(start + _SLICE, len(listed)), dtype=np.uint64)
         self.entries.sort()
-        self.prefix_shift = np.uint64(64 - max(1, len(listed).bit_length() - 1))
-        prefixes = np.arange((1 << (64 - int(self.prefix_shift))) + 1, dtype=np.uint64) << self.prefix_shift
-        self.first = np.searchsorted(self.entries, prefixes).astype(np.uint32 if len(listed) < 1 << 32 else np.int64)
+        prefix_bits = max(1, len(listed).bit_length() - 1)  # between n/2 and n prefixes
+        self.prefix_shift = np.uint64(64 - prefix_bits)
+        self.first = np.empty((1 << prefix_bits) + 1, dtype=np.uint32 if len(listed) < 1 << 32 else np.int64)
+        for start in range(0, len(self.first), _SLICE):
+            prefixes = np.arange(start, min(start + _SLICE, len(self.first)), dtype=np.uint64) << self.prefix_shift
+            self.first[start : start + len(prefixes)] = np.searchsorted(self.entries, prefixes)
         self.first[-1] = len(listed)  # the last prefix wrapped around to 0
         self.seen = np.zeros(len(listed), dtype=bool)
         self.rows = 0
@@ -120,10 +127,10 @@ class KeyCount:
 
 def _hashes(keys: pa.Array) -> np.ndarray:
     """A 64-bit hash of each string of ``keys`` (uint64; nulls hash as empty strings), ``_HASH_ROWS`` at a time."""
-    return np.concatenate(
-        [np.zeros(0, dtype=np.uint64)]
-        + [_word_hashes(keys.slice(start, _HASH_ROWS)) for start in range(0, len(keys), _HASH_ROWS)]
-    )
+    hashes = np.empty(len(keys), dtype=np.uint64)
+    for start in range(0, len(keys), _HASH_ROWS):
+        hashes[start : start + _HASH_ROWS] = _word_hashes(keys.slice(start, _HASH_ROWS))
+    return hashes
 
 
 def _word_hashes(keys: pa.Array) -> np.ndarray:

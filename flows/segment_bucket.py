@@ -62,7 +62,7 @@ def check_outputs(
         raise OutputCheckError(f"{summary.success_uri} is missing: the run did not finish")
     fs, listing_path = fsspec.core.url_to_fs(summary.listing_uri, **storage_options)
     with memory_returned_at_once():
-        key_count = KeyCount(pq.read_table(listing_path, columns=["key"], filesystem=fs)["key"])
+        key_count = KeyCount(pq.ParquetFile(listing_path, filesystem=fs).read(columns=["key"])["key"])
         stats = stats_dataset(summary.stats_uri, storage_options)
         digest = digest_stats(stats, sample_size=gallery_size, on_keys=key_count.add)
         counts = key_count.counts()
