@@ -137,7 +137,7 @@ def run_flow_work(root: Path, n: int) -> dict[str, float]:
     cpu = time.process_time()
     outcome = measure(work)
     cpu = time.process_time() - cpu
-    with contextlib.suppress(NotImplementedError):  # the check's allocations (flows.digest.memory_returned_at_once)
+    with contextlib.suppress(NotImplementedError):  # the check's allocations (flows.digest.memory_returned_promptly)
         outcome["arrow_peak_bytes"] = max(outcome["arrow_peak_bytes"], pa.jemalloc_memory_pool().max_memory())
     return (
         {k: outcome[k] for k in ("seconds", "peak_bytes", "arrow_peak_bytes")}

@@ -19,7 +19,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.common import failure_artifact, io_task, is_transient
-from flows.digest import StatsDigest, digest_stats, memory_returned_at_once, stats_dataset
+from flows.digest import StatsDigest, digest_stats, memory_returned_promptly, stats_dataset
 from flows.gallery import gallery
 from flows.keys import KeyCount, OutputCounts
 from flows.params import SegmentBucketParams, takes
@@ -61,7 +61,7 @@ def check_outputs(
     if not fs.isfile(success):
         raise OutputCheckError(f"{summary.success_uri} is missing: the run did not finish")
     fs, listing_path = fsspec.core.url_to_fs(summary.listing_uri, **storage_options)
-    with memory_returned_at_once():
+    with memory_returned_promptly():
         key_count = KeyCount(pq.ParquetFile(listing_path, filesystem=fs).read(columns=["key"])["key"])
         stats = stats_dataset(summary.stats_uri, storage_options)
         digest = digest_stats(stats, sample_size=gallery_size, on_keys=key_count.add)
