@@ -13,6 +13,7 @@ the outputs and one tile's activations, never full-image float logits.
 from __future__ import annotations
 
 import copy
+import math
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,6 +33,9 @@ from fcn.tiling import tile_margin, tile_windows
 
 DEFAULT_TILE_SIZE = 2048
 DEFAULT_MAX_PIXELS = DEFAULT_TILE_SIZE**2
+DECODE_BAND_PIXELS = 1 << 18
+"""Output pixels decoded together (labels, confidence), about: 21 classes of a 2048 px window are 350 MB of float32
+scores, and a softmax over all of them at once held as much again."""
 ImageLike = Image.Image | np.ndarray | Tensor | Mapping[str, np.ndarray | Tensor]
 """A PIL image, a numpy array (see ``fcn.image.to_rgb_array``), or a ``3xHxW`` uint8 tensor on any
 device (what ``torchvision.io.decode_jpeg`` returns, e.g. decoded on the GPU); for a network that
@@ -244,11 +248,21 @@ class _TiledHead:
 
 def _decode_head(logits: Tensor, confidence: bool, statistics: bool) -> list[HeadPrediction]:
     """One ``HeadPrediction`` per image of one head's ``logits`` [N, C, H, W]: arg-max labels and, as asked,
-    the softmax probability of the arg-max and the statistics (reduced on the device)."""
-    top, labels = logits.max(1)  # (much faster than argmax on CPU; same first-maximum ties)
-    classes = logits.shape[1]
-    labels = labels.to(torch.uint8 if _label_dtype(classes) == np.uint8 else torch.int32)
-    probability = torch.exp(top - logits.logsumexp(1)) if confidence or statistics else None
+    the softmax probability of the arg-max and the statistics (reduced on the device). Computed in bands of
+    rows (``DECODE_BAND_PIXELS``): the reductions' temporaries are a band's, not a copy of the whole score map."""
+    images, classes, height, width = logits.shape
+    label_type = torch.uint8 if _label_dtype(classes) == np.uint8 else torch.int32
+    labels = torch.empty((images, height, width), dtype=label_type, device=logits.device)
+    probability = torch.empty_like(labels, dtype=logits.dtype) if confidence or statistics else None
+    # a band's pixels are a multiple of 256, so the kernels' vector tails fall on the pixels of a one-pass decode
+    step = 256 // math.gcd(width, 256)
+    rows = max(step, DECODE_BAND_PIXELS // max(1, images * width) // step * step)
+    for y in range(0, height, rows):
+        band = logits[:, :, y : y + rows]
+        top, index = band.max(1)  # (much faster than argmax on CPU; same first-maximum ties)
+        labels[:, y : y + rows] = index
+        if probability is not None:
+            probability[:, y : y + rows] = torch.exp(top - band.logsumexp(1))
     counts = means = None
     if statistics:
         n = len(labels)

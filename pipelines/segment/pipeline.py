@@ -157,6 +157,7 @@ def segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: s
         compute=actor_pool(fewest, most),
         num_cpus=1 if use_gpus else config.cpus_per_actor,
         num_gpus=1 if use_gpus else None,
+        runtime_env={"env_vars": infer.ALLOCATOR_ENV},
         fn_constructor_kwargs={
             "model_uri": model.uri,
             "storage_options": config.storage_options,
