@@ -5,6 +5,7 @@ restart."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -36,6 +37,7 @@ from pipelines.train import (
 )
 from pipelines.train.class_weights import median_frequency_weights
 from pipelines.train.datasets import open_dataset
+from pipelines.train.driver import _fit_interruptibly
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"model": "fcn8s_vgg16", "width": 1 / 16, "geometry": "aligned", "workers": 2}
@@ -364,3 +366,35 @@ def test_sigint_exits_130_and_the_named_run_resumes(ray_cluster: None, tmp_path:
     assert (report["epochs"], report["version"]) == (6, "v0001")
     history = read_run_history(f"{reg}/runs/{named.group(1)}")
     assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6] and history[-1]["resumed_from_epoch"] >= 1
+
+
+def test_ray_train_finds_the_autoscaling_coordinator_already_answering(ray_cluster: None) -> None:
+    """Ray Train's controller gives each resource request to the cluster's autoscaling coordinator 5 s,
+    the first time including the actor's start-up, which on a busy machine takes longer: a warning with a
+    traceback that asks nothing of the user. The driver starts the coordinator before the trainer runs."""
+    import ray
+
+    name = "AutoscalingCoordinator"  # Ray's detached actor, in a namespace of the same name
+    with contextlib.suppress(ValueError):  # started by an earlier run on this cluster
+        ray.kill(ray.get_actor(name, namespace=name))
+    deadline = time.monotonic() + 60
+    while _named_actor_exists(name):
+        assert time.monotonic() < deadline, "the coordinator was not removed"
+        time.sleep(0.1)
+
+    class Trainer:  # in place of TorchTrainer: its controller's first look at the coordinator
+        def fit(self) -> bool:
+            coordinator = ray.get_actor(name, namespace=name)
+            return ray.get(coordinator.__ray_ready__.remote(), timeout=5)
+
+    assert _fit_interruptibly(Trainer()) is True
+
+
+def _named_actor_exists(name: str) -> bool:
+    import ray
+
+    try:
+        ray.get_actor(name, namespace=name)
+    except ValueError:
+        return False
+    return True

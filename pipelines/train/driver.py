@@ -38,6 +38,7 @@ logger = logging.getLogger("pipelines.train")
 RAY_TRAIN_CONSOLE = LoggingConfig(log_level="WARNING")
 """Ray Train's own console lines (worker-group start, every checkpoint and report as a dict): warnings only.
 Its log files keep every level; the workers' progress lines are this project's."""
+AUTOSCALING_COORDINATOR_WAIT_S = 120
 
 
 @dataclass
@@ -217,11 +218,30 @@ def _scaling(workers: int, gpus_per_worker: float, cpus_per_worker: float) -> Sc
     return ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources)
 
 
+def _start_autoscaling_coordinator() -> None:
+    """Start the cluster's autoscaling coordinator if it is not running, and wait until it answers (at
+    most ``AUTOSCALING_COORDINATOR_WAIT_S``).
+
+    Ray Train's controller gives each of its resource requests to this detached actor (Ray Data's too)
+    5 s, and on first use the actor's start-up falls within them: on a busy machine it takes longer, and
+    the console gets a warning with a traceback ("Failed to send resource request") that asks nothing of
+    the user. Started here, its start-up comes before the run's.
+    """
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator,
+    )
+
+    coordinator = get_or_create_autoscaling_coordinator()
+    ray.wait([coordinator.__ray_ready__.remote()], timeout=AUTOSCALING_COORDINATOR_WAIT_S)
+
+
 def _fit_interruptibly(trainer: TorchTrainer) -> Any:
     """``trainer.fit()`` on a helper thread, so that Ctrl-C reaches this thread at once as
     KeyboardInterrupt (Ray Train's own handler would only abort the run and return); the driver then
     exits, Ray ends the run's actors, the finished epochs stay, and the same run name resumes. The
-    thread is still inside Ray then: end the process with ``pipelines.common.ray_utils.exit_interrupted``."""
+    thread is still inside Ray then: end the process with ``pipelines.common.ray_utils.exit_interrupted``.
+    The cluster's autoscaling coordinator is started first (``_start_autoscaling_coordinator``)."""
+    _start_autoscaling_coordinator()
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
