@@ -60,7 +60,7 @@ class KeyCount:
         for start in range(0, len(listed), _SLICE):
             self.entries[start : start + _SLICE] |= np.arange(start, min(start + _SLICE, len(listed)), dtype=np.uint64)
         self.entries.sort()
-        prefix_bits = max(1, len(listed).bit_length() - 1)  # between n/2 and n prefixes
+        prefix_bits = min(max(1, len(listed).bit_length() - 1), 64 - int(self.position_bits))  # n/2 to n prefixes
         self.prefix_shift = np.uint64(64 - prefix_bits)
         self.first = np.empty((1 << prefix_bits) + 1, dtype=np.uint32 if len(listed) < 1 << 32 else np.int64)
         for start in range(0, len(self.first), _SLICE):
