@@ -6,7 +6,9 @@ cluster each run, as a user starts it) while the resident memory of the job's wh
 daemons and workers) is sampled from /proc: RSS (shared pages, e.g. Ray's object store, counted in each process)
 and PSS (shared pages split). A 512 x 512 run gives the fixed cost of a run. Prints per size: wall
 time, time per megapixel (whole run, and beyond the 512 x 512 run's wall), peak memory and its excess over the
-512 x 512 run, the windows and how many FCN actors took them (from the run's manifest).
+512 x 512 run, the windows and how many FCN actors took them (from the run's manifest); then each process group's
+PSS at the peak (driver, Ray daemons, loaders, FCN actors, writers, other Ray workers), each process's own peak, and
+Ray's object store counted whole (``--trace``: every sample per process, as JSON lines).
 
     .venv/bin/python -m bench.gigapixel --megapixels 10,100 --actors 2
     .venv/bin/python -m bench.gigapixel --megapixels 10,1000 --store s3 --actors 2
