@@ -29,7 +29,7 @@ logger = logging.getLogger("pipelines.segment")
 ERROR_SAMPLES = 20  # {image_uri, error} pairs kept for the summary
 BLOCKS_PER_ACTOR = 4  # at least this many input blocks per FCN actor (while blocks hold >= batch_size rows)
 READ_AHEAD_WINDOWS = 4
-"""Windows of tiled images in Ray's object store per FCN actor, at most (``read_ahead_budget``): by default Ray Data
+"""Windows of tiled images in Ray's object store per FCN actor, at most (``limit_read_ahead``): by default Ray Data
 lets a run fill half the object store, which the loaders did with windows read far ahead of the FCN actors."""
 
 
