@@ -35,6 +35,7 @@ import tifffile
 
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 BAND = 256
+CLASSES = 4
 
 
 def synthetic_tiles(height: int, width: int, seed: int = 0) -> Iterator[np.ndarray]:
@@ -225,6 +226,31 @@ def run_job(input: str, output: str, model: str, args: argparse.Namespace) -> di
     }
 
 
+def describe_mask(output: str, classes: int) -> str:
+    """The tiled mask under ``output`` as a TIFF reader sees it (layout, levels, a decoded tile from the middle of
+    the full-resolution level and the overview); SystemExit if it is not a tiled mask of ``classes`` labels."""
+    fs, path = fsspec.core.url_to_fs(output)
+    masks = [found for found in fs.find(path) if found.endswith(".tif")]
+    if len(masks) != 1:
+        raise SystemExit(f"expected one tiled mask under {output}, found {masks}")
+    with fs.open(masks[0], "rb") as file, tifffile.TiffFile(file) as tiff:
+        levels = [level.keyframe for level in tiff.series[0].levels]
+        page = levels[0]
+        middle = len(page.dataoffsets) // 2
+        file.seek(page.dataoffsets[middle])
+        tile, _, _ = page.decode(file.read(page.databytecounts[middle]), middle)
+        overview = tiff.series[0].levels[-1].asarray()
+        labels = np.union1d(np.unique(tile), np.unique(overview))
+        if not page.is_tiled or len(levels) < 2 or labels.max() >= classes:
+            raise SystemExit(f"{masks[0]}: not a tiled mask with an overview of {classes} labels")
+        return (
+            f"    mask: {'BigTIFF' if tiff.is_bigtiff else 'TIFF'} {page.imagewidth}x{page.imagelength}, "
+            f"{page.tilewidth}x{page.tilelength} {page.compression.name} tiles, levels "
+            + ", ".join(f"{level.imagewidth}x{level.imagelength}" for level in levels)
+            + f", labels in the middle tile and the overview: {labels.tolist()}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--megapixels", default="10,100", help="sizes of the square test images, comma-separated")
@@ -244,16 +270,16 @@ def main() -> None:
         if args.store == "s3":
             from bench.segment_throughput import start_s3
 
-            server, _ = start_s3()
+            server, _ = start_s3("bench.ranged_moto")  # moto, reading only the bytes a ranged GET asks for
             root = "s3://gigapixel-bench"
             fsspec.filesystem("s3").mkdir("gigapixel-bench")
         else:
             root = f"file://{folder}"
         try:
             model = fcn.save_checkpoint(
-                fcn.get_model("fcn8s_vgg16", num_classes=4, width=args.width),
+                fcn.get_model("fcn8s_vgg16", num_classes=CLASSES, width=args.width),
                 f"{root}/model.pt",
-                class_names=[f"class_{i}" for i in range(4)],
+                class_names=[f"class_{i}" for i in range(CLASSES)],
             )
             sizes = [("512x512", 512, 512)] + [
                 (f"{mp:g} MP", side, side)
@@ -289,6 +315,8 @@ def main() -> None:
                     flush=True,
                 )
                 print(memory.breakdown(), flush=True)
+                if tiled:
+                    print(describe_mask(f"{root}/out-{height}/masks", CLASSES), flush=True)
                 fs, path = fsspec.core.url_to_fs(f"{root}/in-{height}")
                 fs.rm(path, recursive=True)  # keep the disk (or moto's memory) to one image at a time
         finally:

@@ -60,11 +60,12 @@ def synthetic_jpeg(rng: np.random.Generator, size: int) -> bytes:
     return buffer.getvalue()
 
 
-def start_s3() -> tuple[subprocess.Popen, str]:
-    """moto's S3 server on loopback in its own process (so its CPU is counted apart)."""
+def start_s3(server_module: str = "moto.server") -> tuple[subprocess.Popen, str]:
+    """moto's S3 server (or ``server_module``, run the same way) on loopback in its own process (so its CPU is
+    counted apart)."""
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, "-m", server_module, "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
