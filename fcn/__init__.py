@@ -20,7 +20,8 @@ _EXPORTS = {
     "fcn.losses": ("cross_entropy",),
     "fcn.metrics": ("ConfusionMatrix",),
     "fcn.heads": ("PRIMARY_HEAD", "head_key", "split_heads"),
-    "fcn.predictor": ("HeadPrediction", "Prediction", "Predictor", "predict"),
+    "fcn.predictor": ("Prediction", "Predictor", "predict"),
+    "fcn.scores": ("HeadPrediction",),
     "fcn.device": ("resolve_precision",),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -7,13 +7,13 @@ tile keeps only its core: a margin of half the receptive field plus the decoder'
 on every side that borders another tile (``fcn.tiling``), so the stitched labels equal whole-image
 inference up to floating-point ties. Labels (uint8, or int32 above 256 classes) and the optional confidence (float32
 softmax maximum) are written tile by tile into preallocated arrays: peak memory is the input image,
-the outputs and one tile's activations, never full-image float logits.
+the outputs and one tile's activations, never full-image float logits. Scores become labels, confidence and
+statistics in ``fcn.scores``.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,28 +29,15 @@ from fcn.conventions import InputConvention, get_convention
 from fcn.device import resolve_device
 from fcn.heads import split_heads
 from fcn.image import to_rgb_array
+from fcn.scores import HeadPrediction, decode_scores, label_dtype
 from fcn.tiling import tile_margin, tile_windows
 
 DEFAULT_TILE_SIZE = 2048
 DEFAULT_MAX_PIXELS = DEFAULT_TILE_SIZE**2
-DECODE_BAND_PIXELS = 1 << 18
-"""Output pixels decoded together (labels, confidence), about: 21 classes of a 2048 px window are 350 MB of float32
-scores, and a softmax over all of them at once held as much again."""
 ImageLike = Image.Image | np.ndarray | Tensor | Mapping[str, np.ndarray | Tensor]
 """A PIL image, a numpy array (see ``fcn.image.to_rgb_array``), or a ``3xHxW`` uint8 tensor on any
 device (what ``torchvision.io.decode_jpeg`` returns, e.g. decoded on the GPU); for a network that
 reads more than RGB, a dict of its inputs by modality (see ``InputConvention.encode``)."""
-
-
-@dataclass
-class HeadPrediction:
-    """One head's per-pixel class labels (HxW) and, if requested, the softmax probability of that label
-    (``confidence``) and the per-image statistics computed on the device (``statistics``)."""
-
-    labels: np.ndarray
-    confidence: np.ndarray | None = None
-    pixel_counts: np.ndarray | None = None  # int64 [num_classes]: pixels per label; sums to H*W
-    mean_confidence: float | None = None  # mean over pixels of the winning label's probability
 
 
 @dataclass
@@ -219,7 +206,7 @@ class Predictor:
 
     def _decode(self, logits: dict[str, Tensor], confidence: bool, statistics: bool) -> list[Prediction]:
         """One ``Prediction`` per image of ``logits`` (by head, [N, C, H, W] each)."""
-        per_head = {head: _decode_head(scores, confidence, statistics) for head, scores in logits.items()}
+        per_head = {head: decode_scores(scores, confidence, statistics) for head, scores in logits.items()}
         images = len(next(iter(logits.values())))
         return [Prediction({head: decoded[j] for head, decoded in per_head.items()}) for j in range(images)]
 
@@ -228,7 +215,7 @@ class _TiledHead:
     """One head's outputs of tiled inference, written tile by tile into preallocated arrays."""
 
     def __init__(self, height: int, width: int, classes: int, confidence: bool) -> None:
-        self.labels = np.empty((height, width), dtype=_label_dtype(classes))
+        self.labels = np.empty((height, width), dtype=label_dtype(classes))
         self.confidence = np.empty((height, width), dtype=np.float32) if confidence else None
         self.counts, self.confidence_sum = np.zeros(classes, np.int64), 0.0
 
@@ -244,48 +231,6 @@ class _TiledHead:
         if not statistics:
             return HeadPrediction(self.labels, self.confidence)
         return HeadPrediction(self.labels, self.confidence, self.counts, self.confidence_sum / self.labels.size)
-
-
-def _decode_head(logits: Tensor, confidence: bool, statistics: bool) -> list[HeadPrediction]:
-    """One ``HeadPrediction`` per image of one head's ``logits`` [N, C, H, W]: arg-max labels and, as asked,
-    the softmax probability of the arg-max and the statistics (reduced on the device). Computed in bands of
-    rows (``DECODE_BAND_PIXELS``): the reductions' temporaries are a band's, not a copy of the whole score map."""
-    images, classes, height, width = logits.shape
-    label_type = torch.uint8 if _label_dtype(classes) == np.uint8 else torch.int32
-    labels = torch.empty((images, height, width), dtype=label_type, device=logits.device)
-    probability = torch.empty_like(labels, dtype=logits.dtype) if confidence or statistics else None
-    # a band's pixels are a multiple of 256, so the kernels' vector tails fall on the pixels of a one-pass decode
-    step = 256 // math.gcd(width, 256)
-    rows = max(step, DECODE_BAND_PIXELS // max(1, images * width) // step * step)
-    for y in range(0, height, rows):
-        band = logits[:, :, y : y + rows]
-        top, index = band.max(1)  # (much faster than argmax on CPU; same first-maximum ties)
-        labels[:, y : y + rows] = index
-        if probability is not None:
-            probability[:, y : y + rows] = torch.exp(top - band.logsumexp(1))
-    counts = means = None
-    if statistics:
-        n = len(labels)
-        offsets = torch.arange(n, device=labels.device).mul_(classes).view(n, 1)
-        flat = labels.flatten(1).long().add_(offsets)  # image j's label c counts in bin j*C + c
-        counts = torch.bincount(flat.flatten(), minlength=n * classes).view(n, classes).cpu().numpy()
-        means = probability.flatten(1).double().mean(1).cpu().tolist()
-    labels_np = labels.cpu().numpy()
-    probability_np = probability.cpu().numpy() if confidence else None
-    return [
-        HeadPrediction(
-            labels_np[j],
-            None if probability_np is None else probability_np[j],
-            None if counts is None else counts[j],
-            None if means is None else means[j],
-        )
-        for j in range(len(labels_np))
-    ]
-
-
-def _label_dtype(classes: int) -> type:
-    """uint8 labels up to 256 classes, int32 beyond."""
-    return np.uint8 if classes <= 256 else np.int32
 
 
 def predict(

@@ -165,13 +165,13 @@ def test_scores_are_decoded_band_by_band_as_whole_without_a_copy_of_them(monkeyp
     """Labels, confidence and statistics decoded in bands of rows equal those of one pass over the whole score map,
     bit for bit; and 21 classes of a 2048 px window (336 MiB of scores) decode within 200 MiB more (in one pass the
     softmax held another copy of the scores: +426 MiB)."""
-    import fcn.predictor as predictor_module
+    import fcn.scores as scores_module
 
     logits = torch.randn((2, 21, 150, 170), generator=torch.Generator().manual_seed(0)) * 5
-    monkeypatch.setattr(predictor_module, "DECODE_BAND_PIXELS", 1 << 40)
-    whole = predictor_module._decode_head(logits, True, True)
-    monkeypatch.setattr(predictor_module, "DECODE_BAND_PIXELS", 1)  # bands of 128 rows (2 x 170 x 128 px), then 22
-    banded = predictor_module._decode_head(logits, True, True)
+    monkeypatch.setattr(scores_module, "DECODE_BAND_PIXELS", 1 << 40)
+    whole = scores_module.decode_scores(logits, True, True)
+    monkeypatch.setattr(scores_module, "DECODE_BAND_PIXELS", 1)  # bands of 128 rows (2 x 170 x 128 px), then 22
+    banded = scores_module.decode_scores(logits, True, True)
     for one, other in zip(whole, banded):
         np.testing.assert_array_equal(one.labels, other.labels)
         np.testing.assert_array_equal(one.confidence, other.confidence)
@@ -182,13 +182,13 @@ def test_scores_are_decoded_band_by_band_as_whole_without_a_copy_of_them(monkeyp
         """
         import resource
         import torch
-        from fcn.predictor import _decode_head
+        from fcn.scores import decode_scores
 
         torch.set_num_threads(1)
         logits = torch.randn(1, 21, 2048, 2048)
-        _decode_head(logits[..., :64, :64], True, True)  # warm up allocator and kernels
+        decode_scores(logits[..., :64, :64], True, True)  # warm up allocator and kernels
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        _decode_head(logits, True, True)
+        decode_scores(logits, True, True)
         print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
         """
     )
