@@ -19,6 +19,7 @@ import json
 import math
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -175,17 +176,31 @@ def _create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> 
         fs.pipe_file(path, data, mode="create")
 
 
+def replace_atomically(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[str], None]) -> None:
+    """Have ``write(target)`` put the new content of ``path`` where readers see either the old or the new
+    content, never a part. On a local disk ``target`` is a hidden temporary name in the same folder, synced
+    and then renamed onto ``path``: a writer killed before the rename leaves a file that folder readers
+    (pyarrow, DuckDB globs, the stats state) skip, one that fails has it removed. Elsewhere ``target`` is
+    ``path`` itself: an object store's object appears only once its PUT (or multipart upload) completes."""
+    if not isinstance(fs, LocalFileSystem):
+        write(path)
+        return
+    folder, name = os.path.split(path)
+    temporary = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(temporary)
+        descriptor = os.open(temporary, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Replace ``path`` so that readers see either the old or the new content. On a local disk the
-    content is written under a hidden temporary name first: a writer killed before the rename leaves a
-    file that folder readers (pyarrow, DuckDB globs, the stats state) skip."""
-    if isinstance(fs, LocalFileSystem):
-        folder, name = os.path.split(path)
-        tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    else:
-        fs.pipe_file(path, data)  # object stores: one PUT is atomic for readers
+    """Replace ``path`` with ``data``, bytes in memory, on the fsspec filesystem ``fs`` (``replace_atomically``).
+    ``pipelines.common.objectstore.put_bytes(atomic=True)`` is the same by URI, with obstore's PUTs on S3."""
+    replace_atomically(fs, path, lambda target: fs.pipe_file(target, data))

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
 from pathlib import Path
 
@@ -137,23 +141,40 @@ def test_local_promotion_is_atomic_for_readers(tmp_path: Path) -> None:
 def test_a_write_cut_off_before_its_rename_leaves_no_file_that_a_folder_reader_reads(tmp_path: Path) -> None:
     """A writer killed between writing and renaming (as a Ray actor ended with its interrupted driver)
     leaves its temporary file; it is hidden, so reading the folder (pyarrow, as a user does) sees only
-    whole files. Here the rename fails for real: the target is a folder."""
+    whole files. A write that fails instead (here the rename: the target is a folder) removes it."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     stats = tmp_path / "stats"
     stats.mkdir()
     pq.write_table(pa.table({"key": ["a"]}), stats / "part-a.parquet")
-    (stats / "part-b.parquet").mkdir()
-    (stats / "part-b.parquet" / ".keep").touch()  # a folder that os.replace cannot overwrite
-    row = pa.BufferOutputStream()
-    pq.write_table(pa.table({"key": ["b"]}), row)
+    killed = textwrap.dedent(
+        f"""
+        import io, os, signal
+        import fsspec, pyarrow as pa, pyarrow.parquet as pq
+        from fcn import registry
 
-    with pytest.raises(OSError):
-        registry.write_atomic(fsspec.filesystem("file"), str(stats / "part-b.parquet"), row.getvalue().to_pybytes())
+        row = io.BytesIO()
+        pq.write_table(pa.table({{"key": ["b"]}}), row)
+        fs = fsspec.filesystem("file")
 
-    assert [p.name.startswith(".") for p in stats.glob("*.tmp")] == [True]
+        def write_then_die(target):
+            fs.pipe_file(target, row.getvalue())
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        registry.replace_atomically(fs, {str(stats / "part-b.parquet")!r}, write_then_die)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", killed], capture_output=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    assert [p.name.startswith(".part-b.parquet.") for p in stats.glob("*.tmp")] == [True]
     assert pq.read_table(stats)["key"].to_pylist() == ["a"]
+
+    (stats / "part-c.parquet").mkdir()
+    (stats / "part-c.parquet" / ".keep").touch()  # a folder that os.replace cannot overwrite
+    with pytest.raises(OSError):
+        registry.write_atomic(fsspec.filesystem("file"), str(stats / "part-c.parquet"), b"c")
+    assert not list(stats.glob(".part-c.parquet.*"))
 
 
 def test_copied_registry_resolves_to_its_own_champion(tmp_path: Path) -> None:

@@ -49,9 +49,10 @@ def get_bytes(uri: str, storage_options: Mapping[str, Any]) -> bytes:
 
 
 def put_bytes(uri: str, data: bytes, storage_options: Mapping[str, Any], *, atomic: bool = False) -> None:
-    """Write ``data`` as the object or file at ``uri`` (its folders made where the filesystem has them).
-    ``atomic``: readers see the old or the new content, never a part (one PUT is; on other filesystems
-    ``fcn.registry.write_atomic``)."""
+    """Write ``data`` as the object or file at ``uri`` (its folders made where the filesystem has them): on S3
+    one obstore PUT, elsewhere fsspec. ``atomic``: readers see the old or the new content, never a part (a PUT
+    is; on other filesystems ``fcn.registry.write_atomic``, the fsspec-only writer of the model library,
+    which does not depend on obstore)."""
     target = store_for(uri, storage_options)
     if target is None:
         fs, path = fsspec.core.url_to_fs(uri, **storage_options)
