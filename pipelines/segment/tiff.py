@@ -13,9 +13,7 @@ its final place so that no reader ever sees a partial mask there.
 from __future__ import annotations
 
 import math
-import os
 import posixpath
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,9 +21,9 @@ from typing import Any
 import fsspec
 import numpy as np
 import tifffile
-from fsspec.implementations.local import LocalFileSystem
 
 from fcn.image import to_rgb_array
+from fcn.registry import replace_atomically
 from pipelines.common.decode import DecodeError
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".svs")
@@ -281,18 +279,8 @@ def _bands(strips: Iterable[np.ndarray], width: int, rows: int) -> Iterator[tupl
 
 
 def put_file_atomic(fs: fsspec.AbstractFileSystem, local_path: str, path: str) -> None:
-    """Upload the local file ``local_path`` to ``path`` on ``fs`` so that ``path`` never holds a partial file:
-    on a local disk a hidden temporary name in the same folder, then a rename; on an object store one PUT,
-    or a multipart upload for big files, whose object appears only when complete."""
-    folder, name = posixpath.split(path)
-    fs.makedirs(folder, exist_ok=True)
-    if isinstance(fs, LocalFileSystem):
-        temporary = posixpath.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
-        try:
-            fs.put_file(local_path, temporary)
-            os.replace(temporary, path)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
-    else:
-        fs.put_file(local_path, path)
+    """Upload the local file ``local_path`` to ``path`` on ``fs`` so that ``path`` never holds a partial file
+    (``fcn.registry.replace_atomically``). A mask is a file too big to hold as bytes, hence fsspec's
+    ``put_file`` (a multipart upload for big files on an object store) rather than ``objectstore.put_bytes``."""
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    replace_atomically(fs, path, lambda target: fs.put_file(local_path, target))
