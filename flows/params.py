@@ -22,6 +22,8 @@ from pipelines.train import TrainConfig
 
 Actors = Annotated[int, Field(ge=1)] | Annotated[str, Field(pattern=r"^\s*\d+\s*(-\s*\d+\s*)?$")] | None
 """``--actors``: N, or MIN-MAX as text."""
+FLOW_TYPES = {"actors": Actors}
+"""Config fields that a flow types otherwise than the config (``from_config``)."""
 StorageOptions = Annotated[
     dict[str, Any] | None,
     Field(
@@ -31,10 +33,11 @@ StorageOptions = Annotated[
 ]
 
 
-def from_config(config: type[Options], name: str, annotation: Any = None) -> tuple[Any, Any]:
-    """The parameter of config field ``name``: its type (its choices as a ``Literal``; ``annotation`` replaces
+def from_config(config: type[Options], name: str) -> tuple[Any, Any]:
+    """The parameter of config field ``name``: its type (its choices as a ``Literal``; ``FLOW_TYPES`` replaces
     it), default, description and bounds (pydantic ``Field`` constraints; text must not be empty)."""
     meta = config.metadata(name)
+    annotation = FLOW_TYPES.get(name)
     if annotation is None:
         annotation = typing.get_type_hints(config)[name]
         if "choices" in meta:
@@ -57,7 +60,7 @@ class _SegmentBucketBase(_Params):
 
     def segment_config(self) -> SegmentConfig:
         """The segmentation job's configuration; ``validate()`` names a bad value."""
-        shared = {name: getattr(self, name) for name in SEGMENT_OPTIONS if name != "storage_options"}
+        shared = {name: getattr(self, name) for name in SEGMENT_OPTIONS}
         return SegmentConfig(**shared, storage_options=self.fs_options)
 
 
@@ -73,25 +76,15 @@ SEGMENT_OPTIONS = (
     "overlays",
     "depth",
     "camera",
-    "storage_options",
 )
-"""The segmentation options that ``segment-bucket`` exposes (the others keep the config's defaults)."""
+"""The segmentation options that ``segment-bucket`` exposes as the config declares them (the others keep the
+config's defaults; ``storage_options`` is declared for flows: None for none)."""
 
 SegmentBucketParams: type[_SegmentBucketBase] = create_model(
     "SegmentBucketParams",
     __base__=_SegmentBucketBase,
     __doc__="The validated parameters of ``segment-bucket``.",
-    input=from_config(SegmentConfig, "input"),
-    output=from_config(SegmentConfig, "output"),
-    model=from_config(SegmentConfig, "model"),
-    ray_address=from_config(SegmentConfig, "ray_address"),
-    actors=from_config(SegmentConfig, "actors", Actors),
-    device=from_config(SegmentConfig, "device"),
-    precision=from_config(SegmentConfig, "precision"),
-    batch_size=from_config(SegmentConfig, "batch_size"),
-    overlays=from_config(SegmentConfig, "overlays"),
-    depth=from_config(SegmentConfig, "depth"),
-    camera=from_config(SegmentConfig, "camera"),
+    **{name: from_config(SegmentConfig, name) for name in SEGMENT_OPTIONS},
     gallery_size=(int, Field(12, ge=0, le=200, description="image/mask overlays in report.html")),
     storage_options=(StorageOptions, None),
 )
@@ -129,24 +122,14 @@ NightlyRetrainParams: type[_NightlyRetrainBase] = create_model(
     "NightlyRetrainParams",
     __base__=_NightlyRetrainBase,
     __doc__="The validated parameters of ``nightly-retrain``.",
-    data=from_config(TrainConfig, "data"),
-    registry=from_config(TrainConfig, "registry"),
-    model=from_config(TrainConfig, "model"),
-    width=from_config(TrainConfig, "width"),
-    epochs=from_config(TrainConfig, "epochs"),
-    workers=from_config(TrainConfig, "workers"),
-    gpus_per_worker=from_config(TrainConfig, "gpus_per_worker"),
-    recipe=from_config(TrainConfig, "recipe"),
-    class_weights=from_config(TrainConfig, "class_weights"),
+    **{name: from_config(TrainConfig, name) for name in TRAIN_OPTIONS},
     warm_start=(bool, Field(True, description="start from the champion's weights, if there is one")),
-    promote_margin=from_config(TrainConfig, "promote_margin"),
     resegment_input=(
         str | None,
         Field(None, description="after a promotion, re-segment this URI with the new champion"),
     ),
     resegment_output=(str | None, Field(None, description="output URI of the re-segmentation (with resegment_input)")),
-    ray_address=from_config(TrainConfig, "ray_address"),
-    actors=from_config(SegmentConfig, "actors", Actors),
+    actors=from_config(SegmentConfig, "actors"),
     device=from_config(SegmentConfig, "device"),
 )
 
