@@ -38,15 +38,7 @@ class OutputCheckError(RuntimeError):
 def segment(params: SegmentBucketParams) -> SegmentSummary:
     """Run the Ray segmentation job; a retry resumes (images already done are skipped)."""
     summary = run_segmentation(params.segment_config())
-    get_run_logger().info(
-        "segmented: %d ok, %d error, %d skipped; start-up %.1f s, steady state %.2f images/s, end to end %.2f images/s",
-        summary.ok,
-        summary.error,
-        summary.skipped,
-        summary.startup_s,
-        summary.images_per_second,
-        summary.end_to_end_images_per_second,
-    )
+    get_run_logger().info("segmented: %s", summary.outcome())
     return summary
 
 

@@ -66,6 +66,14 @@ class SegmentSummary:
     listing_uri: str  # the ``listed`` images (``LISTING_COLUMNS``), one row each
     errors: list[dict[str, str]] = field(default_factory=list)  # the first few {image_uri, error}
 
+    def outcome(self) -> str:
+        """The run's counts and rates in a line, as the job and the ``segment-bucket`` flow log them."""
+        return (
+            f"{self.ok} ok, {self.error} error, {self.skipped} skipped; start-up {self.startup_s:.1f} s, "
+            f"steady state {self.images_per_second:.2f} images/s, "
+            f"end to end {self.end_to_end_images_per_second:.2f} images/s"
+        )
+
 
 def run_segmentation(config: SegmentConfig) -> SegmentSummary:
     """Run one segmentation job (see the module docstring). Raises ConfigError for bad parameters."""
@@ -187,17 +195,7 @@ def run_segmentation(config: SegmentConfig) -> SegmentSummary:
         lambda: write_atomic(out_fs, success_path, json.dumps({"run_id": run_id}).encode()),
         config.write_retries,
     )
-    logger.info(
-        "run %s finished: %d ok, %d error, %d skipped; start-up %.1f s, steady state %.2f images/s, "
-        "end to end %.2f images/s",
-        run_id,
-        summary.ok,
-        summary.error,
-        summary.skipped,
-        summary.startup_s,
-        summary.images_per_second,
-        summary.end_to_end_images_per_second,
-    )
+    logger.info("run %s finished: %s", run_id, summary.outcome())
     return summary
 
 
