@@ -31,7 +31,7 @@ from prefect.settings import (
 
 from fcn import registry
 from flows.segment_bucket import segment_bucket
-from pipelines.common.ray_utils import exit_interrupted
+from pipelines.common.ray_utils import LOG_FORMAT, exit_interrupted
 from pipelines.synthetic import render_scene, write_synthetic_voc
 from pipelines.train import TrainConfig, run_training
 
@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=3e-3, help="learning rate for training")
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
 
     root = args.dir.resolve()
     bucket, registry_dir, output = root / "bucket", root / "registry", root / "segmented"

@@ -1,4 +1,4 @@
-"""Connecting the pipelines' drivers to Ray, and ending an interrupted driver, in one place."""
+"""Connecting the pipelines' drivers to Ray, their log lines, and ending an interrupted driver, in one place."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import sys
 from typing import NoReturn
 
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+"""The log lines of the command-line drivers (the jobs' CLIs, the demo)."""
 EMBEDDED_CLUSTER_ENV = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # nothing drains a node of one machine: no watcher actor
 }

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 
 from pipelines.common.options import ConfigError, add_arguments
-from pipelines.common.ray_utils import exit_interrupted
+from pipelines.common.ray_utils import LOG_FORMAT, exit_interrupted
 from pipelines.segment.config import SegmentConfig
 from pipelines.segment.driver import run_segmentation
 
@@ -31,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (``exit_interrupted``: the process ends there)."""
     parser = build_parser()
     config = SegmentConfig(**vars(parser.parse_args(argv)))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
         summary = run_segmentation(config)
     except ConfigError as error:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipelines.common.options import ConfigError, add_arguments
-from pipelines.common.ray_utils import exit_interrupted
+from pipelines.common.ray_utils import LOG_FORMAT, exit_interrupted
 from pipelines.train.config import TrainConfig
 from pipelines.train.context import default_run_name
 from pipelines.train.driver import TrainSummary, run_training
@@ -35,10 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (``exit_interrupted``: the process ends there)."""
     parser = build_parser()
     args = vars(parser.parse_args(argv))
-    logging.basicConfig(
-        level=logging.DEBUG if args.pop("verbose") else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logging.basicConfig(level=logging.DEBUG if args.pop("verbose") else logging.INFO, format=LOG_FORMAT)
     config = TrainConfig(**args)
     config.run_name = config.run_name or default_run_name(config.model)  # named here, so a resume can be told
     try:
