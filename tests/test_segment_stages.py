@@ -38,17 +38,21 @@ def bucket(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, pa.Tabl
     return root, model, sources
 
 
-def _segment(model: str, loaded: pa.Table) -> pa.Table:
-    segmenter = Segmenter(
+def _cpu_segmenter(model: str, keep_pixels: bool = False) -> Segmenter:
+    """The segmentation stage on the CPU, one thread, in fp32, with ``model`` (a checkpoint URI)."""
+    return Segmenter(
         model_uri=model,
         storage_options={},
         device="cpu",
         precision="fp32",
         cpu_threads=1,
         max_image_pixels=10**8,
-        keep_pixels=True,
+        keep_pixels=keep_pixels,
     )
-    return segmenter(loaded)
+
+
+def _segment(model: str, loaded: pa.Table) -> pa.Table:
+    return _cpu_segmenter(model, keep_pixels=True)(loaded)
 
 
 def test_exif_orientation_on_tensors_matches_pillow() -> None:
@@ -250,15 +254,7 @@ def test_a_poisoned_device_raises_instead_of_making_error_rows(tmp_path: Path) -
     not turn the rest of its images into error rows."""
     model = tiny_checkpoint(str(tmp_path / "model.pt"), num_classes=NUM_CLASSES)
     loaded = _loaded_batch(tmp_path, good_images(seed=5, count=3))
-    segmenter = Segmenter(
-        model_uri=model,
-        storage_options={},
-        device="cpu",
-        precision="fp32",
-        cpu_threads=1,
-        max_image_pixels=10**8,
-        keep_pixels=False,
-    )
+    segmenter = _cpu_segmenter(model)
 
     def poison(module: object, inputs: object, output: object) -> None:
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
@@ -283,17 +279,8 @@ def test_out_of_memory_is_retried_image_by_image_then_tiled(tmp_path: Path) -> N
     buffer = io.BytesIO()
     Image.fromarray(large).save(buffer, "PNG")
     loaded = _loaded_batch(tmp_path, {**good_images(seed=6, count=3), "large.png": buffer.getvalue()})
-    options = dict(
-        model_uri=model,
-        storage_options={},
-        device="cpu",
-        precision="fp32",
-        cpu_threads=1,
-        max_image_pixels=10**8,
-        keep_pixels=False,
-    )
-    expected = Segmenter(**options)(loaded)
-    segmenter = Segmenter(**options)
+    expected = _cpu_segmenter(model)(loaded)
+    segmenter = _cpu_segmenter(model)
     calls: list[tuple[int, ...]] = []
 
     def short_of_memory(module: object, inputs: tuple[torch.Tensor], output: object) -> None:
