@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -32,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipelines.common.processes import resident_bytes
 from pipelines.segment import resume
 from pipelines.segment.schema import stats_schema
 from pipelines.segment.write import write_part
@@ -86,21 +86,16 @@ def synthesize(root: Path, n: int, rows_per_part: int, changed: float) -> None:
         )
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def measure(phase, *args) -> dict[str, float]:
     """Run ``phase(*args)`` while sampling this process's resident memory: seconds, peak resident
     bytes above the start, and the peak of the bytes Arrow held for the phase (its own memory pool)."""
     pool = pa.proxy_memory_pool(pa.default_memory_pool())
     pa.set_memory_pool(pool)
-    start_rss, peak, done = _rss(), [0], threading.Event()
+    start_rss, peak, done = resident_bytes(), [0], threading.Event()
 
     def sample() -> None:
         while not done.wait(0.005):
-            peak[0] = max(peak[0], _rss())
+            peak[0] = max(peak[0], resident_bytes())
 
     sampler = threading.Thread(target=sample)
     sampler.start()
@@ -111,7 +106,7 @@ def measure(phase, *args) -> dict[str, float]:
     sampler.join()
     return {
         "seconds": seconds,
-        "peak_bytes": max(peak[0], _rss()) - start_rss,
+        "peak_bytes": max(peak[0], resident_bytes()) - start_rss,
         "arrow_peak_bytes": pool.max_memory(),
         "result": result,
     }

@@ -33,7 +33,8 @@ import fsspec
 import numpy as np
 import tifffile
 
-PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+from pipelines.common.processes import command_line, descendants, resident_bytes
+
 BAND = 256
 CLASSES = 4
 
@@ -83,7 +84,7 @@ def process_group(pid: int, job: int) -> str:
     Ray's daemons (GCS, raylet with its object store, dashboard, agents)."""
     if pid == job:
         return "driver"
-    title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    title = command_line(pid)
     for group, udf in GROUPS:
         if udf in title:
             return group
@@ -96,23 +97,14 @@ def tree_memory(pid: int) -> dict[int, tuple[str, int, int, int]]:
     """Per process of ``pid``'s tree: its group (``process_group``), resident bytes (RSS, shared pages counted in
     every process that maps them), proportional bytes (PSS, shared pages split between their processes) and the
     part of its PSS in shared memory (Ray's object store)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    processes, pending = {}, [pid]
-    while pending:
-        current = pending.pop()
+    processes = {}
+    for current in [pid, *descendants(pid)]:
         with contextlib.suppress(OSError, IndexError, ValueError):
-            rss = int(Path(f"/proc/{current}/statm").read_text().split()[1]) * PAGE_BYTES
+            rss = resident_bytes(current)
             rollup = Path(f"/proc/{current}/smaps_rollup").read_text()
             pss = int(rollup.split("\nPss:", 1)[1].split()[0]) * 1024
             shmem = int(rollup.split("\nPss_Shmem:", 1)[1].split()[0]) * 1024
             processes[current] = (process_group(current, pid), rss, pss, shmem)
-        pending.extend(children.get(current, []))
     return processes
 
 

@@ -15,24 +15,17 @@ import os
 import time
 from collections.abc import Callable
 
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def process_cpu_s(pid: int) -> float:
-    """User+system CPU seconds of process ``pid`` so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
+from pipelines.common.processes import cpu_seconds
 
 
 def measure(action: Callable[[], object], count: int, server_pid: int) -> tuple[float, float, float]:
     """(client CPU ms, server CPU ms, wall ms) per object of ``action()``, which handles ``count`` objects."""
-    server, client, wall = process_cpu_s(server_pid), time.process_time(), time.perf_counter()
+    server, client, wall = cpu_seconds(server_pid), time.process_time(), time.perf_counter()
     action()
     per_object = 1000 / count
     return (
         (time.process_time() - client) * per_object,
-        (process_cpu_s(server_pid) - server) * per_object,
+        (cpu_seconds(server_pid) - server) * per_object,
         (time.perf_counter() - wall) * per_object,
     )
 

@@ -24,6 +24,7 @@ import numpy as np
 import tifffile
 
 from bench.gigapixel import BAND, synthetic_tiles
+from pipelines.common.processes import resident_bytes
 
 
 def write_source(path: Path, height: int, width: int, pyramid: bool) -> None:
@@ -56,16 +57,11 @@ def measure(source: Path, mask: Path) -> tuple[float, float, float]:
     from fcn.classes import voc_palette
     from flows.gallery import overview_thumbnail
 
-    before = _rss_mib()
+    before = resident_bytes() / 2**20
     start = time.perf_counter()
     overview_thumbnail(f"file://{source}", f"file://{mask}", voc_palette())
     wall = time.perf_counter() - start
     return wall, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, before
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def main() -> None:

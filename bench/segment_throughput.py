@@ -22,6 +22,7 @@ client's and the server's CPU per GET and per PUT of a 40 KB object, s3fs agains
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import socket
@@ -35,7 +36,7 @@ from collections import defaultdict
 
 import numpy as np
 
-TICKS = os.sysconf("SC_CLK_TCK")
+from pipelines.common.processes import command_line, cpu_seconds, descendants
 
 
 def free_port() -> int:
@@ -86,23 +87,6 @@ def start_s3(server_module: str = "moto.server") -> tuple[subprocess.Popen, str]
     return server, endpoint
 
 
-def processes() -> dict[int, tuple[int, str, float]]:
-    """{pid: (parent pid, command line, CPU seconds)} of every process."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        found[int(entry)] = (int(fields[1]), cmdline, (int(fields[11]) + int(fields[12])) / TICKS)
-    return found
-
-
 def group_of(pid: int, cmdline: str, me: int, s3_pid: int | None) -> str:
     if pid == me:
         return "driver"
@@ -128,20 +112,12 @@ class CpuSampler:
         self.thread.start()
 
     def _snapshot(self) -> dict[int, tuple[str, float]]:
-        procs = processes()
-        children = defaultdict(list)
-        for pid, (ppid, _, _) in procs.items():
-            children[ppid].append(pid)
-        mine, stack = {self.me}, [self.me]
-        while stack:
-            for child in children[stack.pop()]:
-                mine.add(child)
-                stack.append(child)
-        if self.s3_pid:
-            mine.add(self.s3_pid)
-        return {
-            pid: (group_of(pid, procs[pid][1], self.me, self.s3_pid), procs[pid][2]) for pid in mine if pid in procs
-        }
+        mine = {self.me, *descendants(self.me)} | ({self.s3_pid} if self.s3_pid else set())
+        snapshot = {}
+        for pid in mine:
+            with contextlib.suppress(OSError, IndexError, ValueError):  # a process that ended meanwhile
+                snapshot[pid] = (group_of(pid, command_line(pid), self.me, self.s3_pid), cpu_seconds(pid))
+        return snapshot
 
     def _run(self) -> None:
         while not self.stop.wait(0.5):

@@ -29,7 +29,6 @@ from typing import Any
 import fsspec
 import pyarrow.parquet as pq
 import ray
-from process_tree import descendants
 from ray._private import state as ray_state
 from ray._private.services import get_node_ip_address
 from ray.cluster_utils import Cluster
@@ -95,6 +94,8 @@ def hard_kill(cluster: Cluster, node: Any) -> list[dict[str, Any]]:
     it hosts) in one sweep, then let ``Cluster`` forget the node. ``remove_node(allow_graceful=False)``
     alone SIGKILLs only the raylet (``Node._kill_process_impl``: ``process.kill()``) and leaves the
     workers to notice their raylet is gone; here they get the SIGKILL too, as on a machine that dies."""
+    from pipelines.common.processes import descendants
+
     raylet = node.all_processes["raylet"][0].process.pid
     killed = []
     for pid in [raylet, *descendants(raylet)]:

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 import yaml
-from process_tree import descendants
+
+from pipelines.common.processes import alive, descendants
 
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra"
@@ -266,7 +267,7 @@ def test_local_stack_stop_kills_a_worker_node_then_stops_the_rest(tmp_path: Path
 
     killed = subprocess.run([*stop, "--kill-worker", "2"], capture_output=True, text=True, env=env, timeout=30)
     assert killed.returncode == 0, killed.stderr
-    assert _wait_gone(nodes["ray-worker-2"]) and all(_alive(p) for p in nodes["ray"] + nodes["ray-worker-1"])
+    assert _wait_gone(nodes["ray-worker-2"]) and all(alive(p) for p in nodes["ray"] + nodes["ray-worker-1"])
     assert subprocess.run([*stop, "--kill-worker", "7"], capture_output=True, env=env).returncode == 2
 
     stopped = subprocess.run(stop, capture_output=True, text=True, env=env, timeout=60)
@@ -277,18 +278,11 @@ def test_local_stack_stop_kills_a_worker_node_then_stops_the_rest(tmp_path: Path
         subprocess.run(["kill", "-KILL", *map(str, nodes[service][1:])], capture_output=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _wait_gone(pids: list[int], timeout_s: float = 10) -> bool:
     deadline = time.monotonic() + timeout_s
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
-    return not any(_alive(p) for p in pids)
+    return not any(alive(p) for p in pids)
 
 
 def test_join_node_lets_a_node_join_and_keeps_the_loopback_head_address() -> None:

@@ -19,12 +19,12 @@ from pathlib import Path
 import fsspec
 import pytest
 import torch
-from process_tree import descendants
 from test_train_data import BAD, FOUR_CLASSES, PLOT_IDS, corrupt, write_voc_layout
 from test_train_worker import DIVERGING, overflowing_init, write_square_scenes
 
 import fcn
 from fcn import registry
+from pipelines.common.processes import alive, command_line, descendants
 from pipelines.synthetic import write_synthetic_voc
 from pipelines.train import (
     SCORES,
@@ -140,7 +140,7 @@ def _train_workers() -> list[int]:
     found = []
     for pid in descendants(os.getpid()):
         try:
-            if b"RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if "RayTrainWorker" in command_line(pid):
                 found.append(pid)
         except OSError:
             continue
@@ -153,13 +153,6 @@ def _text(path: Path) -> str:
         return path.read_text()
     except OSError:
         return ""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_resumes_after_killed_worker_and_driver_restart(ray_cluster: None, tmp_path: Path) -> None:
@@ -198,7 +191,7 @@ def test_resumes_after_killed_worker_and_driver_restart(ray_cluster: None, tmp_p
     assert summary.history[0]["resumed_from_epoch"] is None  # the first attempt
     resumed = summary.history[-1]["resumed_from_epoch"]
     assert resumed is not None and resumed >= 1, [(h["epoch"], h["resumed_from_epoch"]) for h in summary.history]
-    assert not _alive(victims[-1])
+    assert not alive(victims[-1])
     assert summary.version == "v0001" and summary.promoted
 
     # Driver restart with the same run name: continues after epoch 3 instead of starting over.
