@@ -5,8 +5,8 @@ GeoTIFF or pyramidal (whole-slide) TIFF, or of one of its tiled reduced levels: 
 through an fsspec file (a few ranged reads) and only the compressed tiles that the window touches are fetched
 (``fs.cat_ranges``, concurrent on object stores) and decoded (``TiffPage.decode``, imagecodecs);
 ``read_decimated`` gives a level's every n-th pixel a band of tiles at a time. ``write_mask`` writes a label
-map given as horizontal strips as a tiled, compressed TIFF (BigTIFF when needed) with a reduced-resolution overview page
-and the source's GeoTIFF tags, holding one band of mask tiles at a time. ``put_file_atomic`` moves it to
+map given as horizontal strips as a tiled, compressed TIFF (BigTIFF when needed) with a reduced-resolution overview
+page and the source's GeoTIFF tags, holding one band of mask tiles at a time. ``put_file_atomic`` moves it to
 its final place so that no reader ever sees a partial mask there.
 """
 
@@ -25,6 +25,7 @@ import tifffile
 from fcn.image import to_rgb_array
 from fcn.registry import replace_atomically
 from pipelines.common.decode import DecodeError
+from pipelines.segment.orientation import displayed_geotags, displayed_pixels, page_orientation, stored_window
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".svs")
 """File names probed for tiles: TIFF, BigTIFF and the Aperio whole-slide TIFF."""
@@ -54,7 +55,7 @@ _SUPPORTED_PHOTOMETRIC = {
 
 @dataclass(frozen=True)
 class TiffLayout:
-    """The full-resolution level of a tiled TIFF: its size and the size of its tiles, in pixels."""
+    """A level of a tiled TIFF: its size and the size of its tiles, in pixels (as displayed: see ``WindowReader``)."""
 
     height: int
     width: int
@@ -90,6 +91,8 @@ class WindowReader:
     """Windows of the full-resolution level of the tiled TIFF at ``uri`` (fsspec URI), or of a tiled reduced level
     of its pyramid, as ``HxWx3`` uint8 RGB (``fcn.image.to_rgb_array``'s rules: grey replicated, 16-bit scaled,
     alpha composited over white). DecodeError for a TIFF that is not tiled or whose pixels cannot become RGB.
+    Sizes, windows, pixels and ``geotags`` are those of the image as displayed, its Orientation tag applied as on
+    the whole-image path (``pipelines.segment.orientation``): masks of tiled and whole images agree.
     ``levels``: the layout of each level, full resolution first, None for a level not read by window."""
 
     def __init__(self, uri: str, storage_options: dict[str, Any]) -> None:
@@ -103,19 +106,30 @@ class WindowReader:
                 raise DecodeError(f"{uri} is not a tiled 2-D TIFF (no windows to read)")
             if page.photometric not in _SUPPORTED_PHOTOMETRIC:
                 raise DecodeError(f"TIFF photometric {page.photometric.name} is not read by window")
-            self.levels = [
+            self._orientations = [page_orientation(p) for p in self._pages]
+            self._stored = [
                 TiffLayout(p.imagelength, p.imagewidth, p.tilelength, p.tilewidth)
                 if p.is_tiled and p.imagedepth == 1 and p.photometric in _SUPPORTED_PHOTOMETRIC
                 else None
                 for p in self._pages
             ]
+            self.levels = [
+                TiffLayout(stored.width, stored.height, stored.tile_width, stored.tile_height)
+                if stored and transposed
+                else stored
+                for stored, (transposed, _, _) in zip(self._stored, self._orientations)
+            ]
             self.layout = self.levels[0]
-            self.geotags = [
+            stored_geotags = [
                 (code, int(tag.dtype), tag.count, tag.value, True)
                 for code in GEO_TAGS
                 if (tag := page.tags.get(code)) is not None
             ]
-            """The source's GeoTIFF tags as tifffile ``extratags`` (empty for a TIFF without georeferencing)."""
+            self.geotags = displayed_geotags(
+                stored_geotags, self.layout.height, self.layout.width, self._orientations[0]
+            )
+            """The source's GeoTIFF tags as tifffile ``extratags`` for a raster of the displayed image (empty for a
+            TIFF without georeferencing)."""
         except DecodeError:
             self.close()
             raise
@@ -140,11 +154,18 @@ class WindowReader:
         return layout
 
     def read(self, y0: int, y1: int, x0: int, x1: int, *, level: int = 0) -> np.ndarray:
-        """Rows ``y0:y1`` and columns ``x0:x1`` (within the image at ``level``) as an ``HxWx3`` uint8 array:
-        fetches and decodes only the tiles that overlap them."""
-        layout, page = self._tiled_level(level), self._pages[level]
+        """Rows ``y0:y1`` and columns ``x0:x1`` (within the image at ``level``, as displayed) as an ``HxWx3`` uint8
+        array: fetches and decodes only the tiles that overlap them."""
+        layout = self._tiled_level(level)
         if not (0 <= y0 < y1 <= layout.height and 0 <= x0 < x1 <= layout.width):
             raise ValueError(f"window y {y0}:{y1} x {x0}:{x1} is not inside the {layout.width}x{layout.height} image")
+        orientation = self._orientations[level]
+        stored = self._read_stored(*stored_window(y0, y1, x0, x1, layout.height, layout.width, orientation), level)
+        return displayed_pixels(stored, orientation)
+
+    def _read_stored(self, y0: int, y1: int, x0: int, x1: int, level: int) -> np.ndarray:
+        """``read`` of a window of the stored rows and columns of ``level``."""
+        layout, page = self._stored[level], self._pages[level]
         across = math.ceil(layout.width / layout.tile_width)
         down = math.ceil(layout.height / layout.tile_height)
         planes = page.samplesperpixel if page.planarconfig == tifffile.PLANARCONFIG.SEPARATE else 1
@@ -218,9 +239,11 @@ def write_mask(
 ) -> None:
     """Write the label map given as ``strips`` (consecutive full-width rows, top to bottom) to the local file
     ``path``: a deflate-compressed TIFF of ``MASK_TILE`` tiles (BigTIFF above ``BIGTIFF_BYTES``), uint8 labels
-    with ``palette`` as colour map (uint16 greyscale for int32 labels), then an overview page (subfile type
-    reduced-resolution, decimated by ``overview_factor``). ``extratags`` (e.g. ``WindowReader.geotags``) go
-    to the full-resolution page. Memory: one band of ``MASK_TILE`` rows and the overview."""
+    with ``palette`` as colour map (uint16 greyscale for int32 labels), then an overview page of the same tiles
+    (subfile type reduced-resolution, decimated by ``overview_factor``): a pyramid whose overview GDAL lists as
+    an overview and OpenSlide as a level (it takes tiled pages only). ``extratags`` (e.g.
+    ``WindowReader.geotags``) go to the full-resolution page. Memory: one band of ``MASK_TILE`` rows and the
+    overview."""
     strips = iter(strips)
     first = next(strips)
     dtype = np.dtype(np.uint8) if first.dtype == np.uint8 else np.dtype(np.uint16)
@@ -242,13 +265,17 @@ def write_mask(
             for left in range(0, width, MASK_TILE):
                 yield band[:, left : left + MASK_TILE]
 
-    options = {"compression": "zlib", "compressionargs": {"level": 6}, **colour}
+    options = {
+        "compression": "zlib",
+        "compressionargs": {"level": 6},
+        "tile": (MASK_TILE, MASK_TILE),
+        **colour,
+    }
     with tifffile.TiffWriter(path, bigtiff=height * width * dtype.itemsize > BIGTIFF_BYTES) as writer:
         writer.write(
             tiles(),
             shape=(height, width),
             dtype=dtype,
-            tile=(MASK_TILE, MASK_TILE),
             extratags=list(extratags),
             **options,
         )
