@@ -1,6 +1,7 @@
 """The report's gallery: sampled images beside their mask overlays, as PNG thumbnails in data URIs. An image
-segmented by windows is shown from its mask's overview page and a matching reduced view of the source, never
-decoded at full resolution. A row whose files are gone or unreadable gets a caption saying why, not a thumbnail.
+segmented by windows is shown from its mask's overview page and the source preview that the job wrote beside the
+mask (``pipelines.segment.preview``), else a matching reduced view read from the source; never decoded at full
+resolution. A row whose files are gone or unreadable gets a caption saying why, not a thumbnail.
 """
 
 from __future__ import annotations
@@ -8,18 +9,17 @@ from __future__ import annotations
 import base64
 import io
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import fsspec
 import numpy as np
-import tifffile
 from PIL import Image
 
 from pipelines.common.decode import decode_image
 from pipelines.segment.masks import encode_overlay
-from pipelines.segment.tiff import HEADER_BLOCK_BYTES, OVERVIEW_SIDE, WindowReader, may_be_tiff
+from pipelines.segment.preview import mask_overview, preview_uri, source_view
+from pipelines.segment.tiff import OVERVIEW_SIDE, WindowReader, may_be_tiff
 
 _log = logging.getLogger(__name__)
 THUMBNAIL_SIZE = 160
@@ -65,33 +65,25 @@ def overview_thumbnail(
     storage_options: dict[str, Any] | None = None,
 ) -> str:
     """``overlay_thumbnail`` of an image segmented by windows (a tiled TIFF; its mask a tiled TIFF with an overview
-    page), from the mask's overview (``mask_overview``) and the source at the same scale: every n-th pixel
-    (``WindowReader.read_decimated``) of the smallest tiled level of its pyramid at least as large, the full
-    resolution when it has no pyramid. Memory: the overview, the view and one band of tiles, whatever the size."""
+    page), from the mask's overview (``mask_overview``) and the source at the same scale: the preview that the job
+    wrote beside the mask (``preview_uri``), else (none there, or not of the overview's size) read from the source
+    (``source_view``). Memory: the overview, the view and one band of tiles, whatever the size."""
     labels = mask_overview(mask_uri, storage_options)
-    height, width = labels.shape
-    with WindowReader(image_uri, storage_options or {}) as reader:
-        large_enough = [
-            (layout.pixels, i, layout)
-            for i, layout in enumerate(reader.levels)
-            if layout and layout.height >= height and layout.width >= width
-        ]
-        _, level, layout = min(large_enough, default=(0, 0, reader.layout))
-        rgb = reader.read_decimated(max(1, min(layout.height // height, layout.width // width)), level=level)
-    if rgb.shape[:2] != labels.shape:
-        rgb = np.asarray(Image.fromarray(rgb).resize((width, height), Image.Resampling.BILINEAR))
+    rgb = _job_preview(mask_uri, labels.shape, storage_options)
+    if rgb is None:
+        with WindowReader(image_uri, storage_options or {}) as reader:
+            rgb = source_view(reader, *labels.shape)
     return _side_by_side(rgb, labels, palette, size)
 
 
-def mask_overview(mask_uri: str, storage_options: dict[str, Any] | None = None) -> np.ndarray:
-    """The labels of the smallest page of the TIFF mask at ``mask_uri`` (its overview), reading only the pages'
-    headers and that page's pixels; ValueError if it has more than ``OVERVIEW_SIDE`` squared pixels."""
-    fs, path = fsspec.core.url_to_fs(mask_uri, **(storage_options or {}))
-    with fs.open(path, "rb", block_size=HEADER_BLOCK_BYTES, cache_type="readahead") as f, tifffile.TiffFile(f) as mask:
-        overview = min(mask.pages, key=lambda page: math.prod(page.shape))
-        if math.prod(overview.shape) > OVERVIEW_SIDE**2:
-            raise ValueError(f"mask {mask_uri} has no overview page of at most {OVERVIEW_SIDE} px a side")
-        return overview.asarray()
+def _job_preview(mask_uri: str, shape: tuple[int, ...], storage_options: dict[str, Any] | None) -> np.ndarray | None:
+    """The source preview beside the tiled mask at ``mask_uri`` if there is one of ``shape``, else None."""
+    try:
+        with fsspec.open(preview_uri(mask_uri), "rb", **(storage_options or {})) as f:
+            rgb = decode_image(f.read(), max_pixels=OVERVIEW_SIDE**2)
+    except FileNotFoundError:
+        return None
+    return rgb if rgb.shape[:2] == shape else None
 
 
 def _side_by_side(rgb: np.ndarray, labels: np.ndarray, palette: list[int], size: int) -> str:

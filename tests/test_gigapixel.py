@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import re
@@ -171,12 +172,13 @@ SCENE = (700, 900)  # cut into 2 x 6 windows of 640 px by the tiny network (its 
 TILE_OPTIONS = {"tile_pixels": 1, "tile_size": 640}
 
 
-def scene(seed: int = 3) -> np.ndarray:
-    """A smooth scene (blocks of colour plus noise) so that the network's labels form regions."""
+def scene(seed: int = 3, shape: tuple[int, int] = SCENE, block: int = 50, jitter: int = 20) -> np.ndarray:
+    """A smooth scene (``block``-pixel squares of colour plus noise of +-``jitter``) so that the network's labels
+    form regions."""
     rng = np.random.default_rng(seed)
-    blocks = rng.integers(0, 256, (SCENE[0] // 50 + 1, SCENE[1] // 50 + 1, 3), dtype=np.uint8)
-    image = blocks.repeat(50, 0).repeat(50, 1)[: SCENE[0], : SCENE[1]]
-    return np.clip(image.astype(np.int16) + rng.integers(-20, 20, image.shape), 0, 255).astype(np.uint8)
+    blocks = rng.integers(0, 256, (shape[0] // block + 1, shape[1] // block + 1, 3), dtype=np.uint8)
+    image = blocks.repeat(block, 0).repeat(block, 1)[: shape[0], : shape[1]]
+    return np.clip(image.astype(np.int16) + rng.integers(-jitter, jitter, image.shape), 0, 255).astype(np.uint8)
 
 
 def _config(input: str, output: str, model: str, **kwargs):
@@ -242,17 +244,81 @@ def test_a_tiled_tiff_segmented_as_windows_equals_the_whole_image(ray_cluster, s
     assert report["key"] == "scene.tif" and report["tiles"] == 12 and report["fcn_actors"] == 1
     fs, _ = fsspec.core.url_to_fs(s3_bucket)
     assert not fs.exists(f"{s3_bucket}/tiled/_tiles/scene.tif")  # parts removed once assembled
+    assert fs.exists(f"{s3_bucket}/tiled/masks/scene.tif.jpg")  # the source preview beside the mask
 
     from fcn.heads import PRIMARY_HEAD
     from flows.digest import digest_stats, stats_dataset
     from flows.gallery import gallery
 
-    def thumbnails(run: str) -> dict[str, str]:
+    def thumbnails(run: str) -> dict[str, np.ndarray]:
         digest = digest_stats(stats_dataset(f"{s3_bucket}/{run}/stats"), sample_size=2)
         distribution, palette = digest.heads[PRIMARY_HEAD]
-        return {item.image_uri: item.data_uri for item in gallery(digest.sample, distribution.class_names, palette)}
+        items = gallery(digest.sample, distribution.class_names, palette)
+        return {
+            item.image_uri: np.asarray(Image.open(io.BytesIO(base64.b64decode(item.data_uri.split(",", 1)[1]))), float)
+            for item in items
+        }
 
-    assert thumbnails("tiled") == thumbnails("whole")  # the tiled mask's overview (here 1:1) gives the same picture
+    tiled_items, whole_items = thumbnails("tiled"), thumbnails("whole")
+    assert tiled_items.keys() == whole_items.keys()
+    for uri, thumbnail in tiled_items.items():  # the tiled mask's overview (here 1:1) and the job's JPEG preview
+        assert np.abs(thumbnail - whole_items[uri]).mean() < 1, uri
+
+
+def test_a_tiled_images_overlay_is_the_whole_ones_decimated_and_the_report_needs_no_source(ray_cluster, tmp_path):
+    """With --overlays, an image segmented by windows (its mask's overview decimated by 3) gets the overlay at the
+    overview's scale: the whole image's overlay decimated, within JPEG error; and a preview of the source beside its
+    mask, from which the report shows it once the source is removed, as it showed the image segmented whole."""
+    from PIL import Image
+    from segment_cases import tiny_checkpoint, upload
+
+    from fcn.heads import PRIMARY_HEAD
+    from flows.digest import digest_stats, stats_dataset
+    from flows.gallery import gallery
+    from pipelines.segment import run_segmentation
+    from pipelines.segment.masks import encode_jpeg, encode_overlay
+    from pipelines.segment.model import describe_model
+    from pipelines.segment.preview import preview_uri
+
+    model = tiny_checkpoint(str(tmp_path / "model.pt"), num_classes=4)
+    image = scene(7, (700, 2100), block=150, jitter=3)  # large smooth squares: small JPEG error
+    upload(str(tmp_path / "in"), {"scene.tif": tiled_tiff(image, tile=(128, 128), compression="zlib")})
+    runs = {"tiled": {"tile_pixels": 1, "tile_size": 1024}, "whole": {}}
+    for run, options in runs.items():
+        summary = run_segmentation(
+            _config(str(tmp_path / "in"), f"file://{tmp_path}/{run}", model, overlays=True, **options)
+        )
+        assert (summary.ok, summary.error) == (1, 0), summary.errors
+    row, reference = _rows(f"file://{tmp_path}/tiled")["scene.tif"], _rows(f"file://{tmp_path}/whole")["scene.tif"]
+
+    def pixels(data: str | bytes) -> np.ndarray:
+        with fsspec.open(data, "rb") if isinstance(data, str) else io.BytesIO(data) as f:
+            return np.asarray(Image.open(f).convert("RGB"), float)
+
+    with fsspec.open(reference["mask_uri"], "rb") as png:
+        labels = np.asarray(Image.open(png))[::3, ::3]
+    assert len(np.unique(labels)) > 1
+    assert row["overlay_uri"] == f"file://{tmp_path}/tiled/overlays/scene.tif.jpg"
+    overlay, preview = pixels(row["overlay_uri"]), pixels(preview_uri(row["mask_uri"]))
+    assert preview.shape == overlay.shape == (234, 700, 3)
+    np.testing.assert_array_equal(preview, pixels(encode_jpeg(image[::3, ::3])))
+    np.testing.assert_array_equal(
+        overlay, pixels(encode_overlay(image[::3, ::3], labels, describe_model(model, {}).palette))
+    )
+    jpeg_error = np.abs(preview - image[::3, ::3]).mean()
+    whole_decimated = pixels(reference["overlay_uri"])[::3, ::3]
+    assert np.abs(overlay - whole_decimated).mean() < 2 * jpeg_error  # each overlay's JPEG error (3.8; unblended 18)
+
+    def thumbnail(run: str) -> np.ndarray:
+        digest = digest_stats(stats_dataset(f"file://{tmp_path}/{run}/stats"), sample_size=1)
+        distribution, palette = digest.heads[PRIMARY_HEAD]
+        [item] = gallery(digest.sample, distribution.class_names, palette)
+        assert item.data_uri, item.caption
+        return pixels(base64.b64decode(item.data_uri.split(",", 1)[1]))
+
+    whole_thumbnail = thumbnail("whole")
+    (tmp_path / "in" / "scene.tif").unlink()  # the report shows the tiled image from the job's preview alone
+    assert np.abs(thumbnail("tiled") - whole_thumbnail).mean() < 3  # 1.4: decimated vs filtered down
 
 
 def test_windows_read_ahead_of_the_fcn_actors_are_bounded(ray_cluster):

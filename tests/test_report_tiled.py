@@ -18,7 +18,8 @@ from PIL import Image
 from fcn.classes import voc_palette
 from flows.gallery import gallery, overlay_thumbnail
 from pipelines.segment.masks import OVERLAY_ALPHA
-from pipelines.segment.tiff import write_mask
+from pipelines.segment.preview import encode_previews, mask_overview, preview_uri, source_view
+from pipelines.segment.tiff import WindowReader, write_mask
 
 CLASSES = ["background", "disc", "box", "ring"]
 GREYS = np.array([[30, 90], [150, 210]], np.uint8)
@@ -183,3 +184,73 @@ def test_a_tiled_images_thumbnail_on_s3_equals_the_local_one(tmp_path, s3_bucket
     ]
     on_s3, local = gallery(rows, CLASSES, voc_palette(), storage_options={})
     assert on_s3.data_uri == local.data_uri
+
+
+@pytest.mark.parametrize("pyramid", ["none", "pages"])
+def test_the_jobs_preview_is_the_source_reduced_and_the_report_shows_it_without_the_source(tmp_path, pyramid):
+    """The job's preview (``encode_previews``) is the source at the mask overview's scale, read from a pyramid level
+    when there is one (no full-resolution tile then), and its overlay the ordinary overlays' blend, within JPEG
+    error, in bounded memory. Written beside the mask, the gallery shows it once the source is gone, as it showed
+    the source; a preview of another size is not used (the gallery goes to the source)."""
+    height, width = 3072, 4096  # the overview decimated by 4
+    source_tiles = write_source(tmp_path / "scene.tif", height, width, pyramid)
+    write_tiled_mask(tmp_path / "mask.tif", height, width)
+    row = {
+        "image_uri": f"counted://{tmp_path}/scene.tif",
+        "mask_uri": f"counted://{tmp_path}/mask.tif",
+        "width": width,
+        "height": height,
+        "dominant_class": 0,
+    }
+    (from_source,) = gallery([row], CLASSES, voc_palette())
+    CountingFileSystem.reads.clear()
+    tracemalloc.start()
+    try:
+        preview, overlay = encode_previews(
+            row["image_uri"], row["mask_uri"], voc_palette(), overlay=True, storage_options={}
+        )
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 << 20, f"{peak / 2**20:.1f} MiB traced"  # the source decoded whole: 36 MiB
+    assert _touched(tmp_path / "scene.tif", source_tiles) == (len(source_tiles) if pyramid == "none" else 0)
+
+    grey = _quadrants(GREYS, 0, 0, height // 4, width // 4, height // 4, width // 4).astype(float)[..., None]
+    labels = _quadrants(CLASS_OF_QUADRANT, 0, 0, height // 4, width // 4, height // 4, width // 4)
+    colours = np.array(voc_palette()[:12], float).reshape(4, 3)[labels]
+    alpha = np.where(labels == 0, 0.0, OVERLAY_ALPHA)[..., None]
+    for name, data, expected in [
+        ("preview", preview, grey),
+        ("overlay", overlay, grey * (1 - alpha) + colours * alpha),
+    ]:
+        decoded = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), float)
+        assert decoded.shape == expected.shape[:2] + (3,), name
+        assert np.abs(decoded - expected).mean() < 1.0, name
+
+    Path(preview_uri(str(tmp_path / "mask.tif"))).write_bytes(preview)
+    (tmp_path / "scene.tif").unlink()
+    (item,) = gallery([row], CLASSES, voc_palette())
+    assert item.data_uri, item.caption
+    assert np.abs(_thumbnail(item.data_uri).astype(int) - _thumbnail(from_source.data_uri).astype(int)).mean() < 1.0
+
+    Path(preview_uri(str(tmp_path / "mask.tif"))).write_bytes(_jpeg(np.zeros((8, 8, 3), np.uint8)))
+    (item,) = gallery([row], CLASSES, voc_palette())
+    assert not item.data_uri and "FileNotFoundError" in item.caption  # it went to the source, which is gone
+
+
+def _jpeg(rgb: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def test_the_source_view_without_a_pyramid_is_on_the_mask_overviews_grid(tmp_path):
+    """2100 columns decimated by 3 are 700, 700 rows 234 (not a multiple): the view is the source's every third pixel
+    from the first, as the mask's overview is the mask's, so that the two line up pixel for pixel."""
+    height, width = 700, 2100
+    source = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "scene.tif", source, tile=(TILE, TILE), compression="zlib")
+    write_mask(str(tmp_path / "mask.tif"), height, width, [np.zeros((height, width), np.uint8)])
+    overview = mask_overview(str(tmp_path / "mask.tif"))
+    with WindowReader(str(tmp_path / "scene.tif"), {}) as reader:
+        np.testing.assert_array_equal(source_view(reader, *overview.shape), source[::3, ::3])

@@ -1,8 +1,10 @@
 """Assembly of tiled images (driver, after the pipeline): each image's tile parts (written by
 ``pipelines.segment.tiles.store_tiles``) are merged exactly once into its stats row (pixel counts summed,
 mean confidence weighted by pixels) and its masks, tiled TIFFs written band by band
-(``pipelines.segment.tiff.write_mask``) and put in place whole; then the parts are removed. A failed or
-missing tile makes the row an error naming the window, and its parts stay for the next run.
+(``pipelines.segment.tiff.write_mask``) and put in place whole, the first head's after a preview of the source
+(and with ``--overlays`` its overlay) at the scale of the mask's overview (``pipelines.segment.preview``); then the
+parts are removed. A failed or missing tile makes the row an error naming the window, and its parts stay for the
+next run.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 
-from fcn.heads import head_key
+from fcn.heads import head_key, split_heads
 from pipelines.common.storage import with_retries
 from pipelines.segment import schema as columns_schema
 from pipelines.segment.model import ModelInfo
+from pipelines.segment.preview import encode_previews, preview_uri
 from pipelines.segment.tiff import WindowReader, put_file_atomic, write_mask
 from pipelines.segment.tiles import (
     ERROR_SUFFIX,
@@ -61,16 +64,18 @@ def assemble(
     run_id: str,
     model: ModelInfo,
     retries: int,
+    overlays: bool,
 ) -> list[Assembled]:
     """Merge each tiled image's parts into its stats row and masks (see the module docstring), one image at a time,
     each row in a stats part file of its own written once the masks are in place; counts them into ``run``
-    (``pipelines.segment.pipeline.RayRun``)."""
+    (``pipelines.segment.pipeline.RayRun``). Beside the first head's mask, a preview of the source at the scale of
+    the mask's overview, and with ``overlays`` its overlay (``pipelines.segment.preview``)."""
     schema = columns_schema.stats_schema(
         model.class_names, model.palette, {"uri": model.uri, "version": model.version, "arch": model.arch}, model.heads
     )
     assembled = []
     for image in images:
-        done = _assemble_one(image, output, storage_options, run_id, model, schema, retries)
+        done = _assemble_one(image, output, storage_options, run_id, model, schema, retries, overlays)
         run.add_image(done.image_uri, done.error)
         logger.info(
             "%s: %d tiles by %d FCN actor(s): %s", done.image_uri, done.tiles, done.fcn_actors, done.error or "ok"
@@ -87,8 +92,9 @@ def _assemble_one(
     model: ModelInfo,
     schema: pa.Schema,
     retries: int,
+    overlays: bool,
 ) -> Assembled:
-    from pipelines.segment.write import STATS_DIR, class_statistics, mask_folder, output_path, write_part
+    from pipelines.segment.write import OVERLAYS_DIR, STATS_DIR, class_statistics, mask_folder, output_path, write_part
 
     start = time.perf_counter()
     fs, parts_path = fsspec.core.url_to_fs(image.parts, **storage_options)
@@ -110,11 +116,15 @@ def _assemble_one(
     totals: dict[str, Any] = {}
     actors: set[str] = set()
     masks: dict[str, str | None] = dict.fromkeys(heads)
+    overlay = None
     if error is None:
         try:
             out_fs, root = fsspec.core.url_to_fs(output, **storage_options)
             with WindowReader(source["image_uri"], storage_options) as reader:
                 geotags = reader.geotags
+            overlay = (
+                out_fs.unstrip_protocol(output_path(root, OVERLAYS_DIR, source["key"], ".jpg")) if overlays else None
+            )
             for head in heads:
                 mask_path = output_path(root, mask_folder(head, heads), source["key"], ".tif")
                 with tempfile.TemporaryDirectory(prefix="fcn-mask-") as folder:
@@ -128,13 +138,18 @@ def _assemble_one(
                         palette=palettes[head],
                         extratags=geotags,
                     )
+                    if head == split_heads(heads)[0]:  # before the mask is in place: a mask has its preview
+                        mask_uri = out_fs.unstrip_protocol(mask_path)
+                        _put_previews(
+                            source["image_uri"], local, mask_uri, overlay, model.palette, storage_options, retries
+                        )
                     with_retries(
                         lambda local=local, mask_path=mask_path: put_file_atomic(out_fs, local, mask_path), retries
                     )
                 masks[head] = out_fs.unstrip_protocol(mask_path)
         except Exception as failure:
             error = f"assemble: {type(failure).__name__}: {failure}"
-            masks = dict.fromkeys(heads)
+            masks, overlay = dict.fromkeys(heads), None
     ok = error is None
     pixels = image.layout.pixels
     columns: dict[str, list[Any]] = {name: [source.get(name)] for name in columns_schema.SOURCE_SCHEMA.names}
@@ -151,6 +166,7 @@ def _assemble_one(
             "write_ms": [(time.perf_counter() - start) * 1000 if ok else None],
             "status": [columns_schema.STATUS_OK if ok else columns_schema.STATUS_ERROR],
             "error": [error],
+            "overlay_uri": [overlay],
             "run_id": [run_id],
             "processed_at": [datetime.now(UTC)],
         }
@@ -170,6 +186,28 @@ def _assemble_one(
     if ok:
         fs.rm(parts_path.rsplit("/", 1)[0], recursive=True)  # every version's parts of this image
     return Assembled(source["image_uri"], source["key"], error, len(image.windows), len(actors))
+
+
+def _put_previews(
+    image_uri: str,
+    local_mask: str,
+    mask_uri: str,
+    overlay_uri: str | None,
+    palette: list[int],
+    storage_options: dict[str, Any],
+    retries: int,
+) -> None:
+    """Write the source preview beside ``mask_uri`` (``preview_uri``) and, given ``overlay_uri``, the overlay there,
+    both from the image's local mask (``encode_previews``); OSError naming the files that could not be written."""
+    from pipelines.segment.write import put_files
+
+    preview, overlay = encode_previews(
+        image_uri, local_mask, palette, overlay=overlay_uri is not None, storage_options=storage_options
+    )
+    files = {preview_uri(mask_uri): preview} | ({overlay_uri: overlay} if overlay_uri else {})
+    failures = put_files(files, storage_options, retries)
+    if failures:
+        raise OSError("; ".join(f"{uri}: {reason}" for uri, reason in failures.items()))
 
 
 def _strips(

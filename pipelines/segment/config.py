@@ -58,7 +58,10 @@ class SegmentConfig(Options):
     gpu_decode: bool = option(
         True, "CUDA actors decode baseline JPEGs on the GPU (nvJPEG); others decode on CPU workers"
     )
-    overlays: bool = option(False, "also write colour overlays to <output>/overlays/<key>.jpg")
+    overlays: bool = option(
+        False,
+        "also write colour overlays to <output>/overlays/<key>.jpg (a tiled image's at its mask overview's scale)",
+    )
     depth: str | None = option(
         None,
         "RGB-D and HHA models: prefix of the depth maps; image <key>'s is <prefix>/<key without extension>.png "

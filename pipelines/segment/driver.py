@@ -140,7 +140,14 @@ def run_segmentation(config: SegmentConfig) -> SegmentSummary:
     work, tiled = plan_tiles(todo, config, output, model)  # big tiled TIFFs: a row per window still to do
     ray_run = segment_on_ray(config, work, output, run_id, model) if work.num_rows else RayRun()
     assembled = assemble(
-        tiled, ray_run, output=output, storage_options=so, run_id=run_id, model=model, retries=config.write_retries
+        tiled,
+        ray_run,
+        output=output,
+        storage_options=so,
+        run_id=run_id,
+        model=model,
+        retries=config.write_retries,
+        overlays=config.overlays,
     )
 
     written = resume.compact(stats_uri, so, run_id, previous, unique_keys=finished, retries=config.write_retries)

@@ -112,7 +112,7 @@ def store_results(
             continue
         write_ms[i] = (time.perf_counter() - start) * 1000
     start = time.perf_counter()
-    failures = _put_files(files, storage_options, retries)
+    failures = put_files(files, storage_options, retries)
     share_ms = (time.perf_counter() - start) * 1000 / max(len(set(owners.values())), 1)
     for uri, reason in failures.items():
         i = owners[uri]
@@ -195,7 +195,7 @@ def class_statistics(
     }
 
 
-def _put_files(files: dict[str, bytes], storage_options: dict[str, Any], retries: int) -> dict[str, str]:
+def put_files(files: dict[str, bytes], storage_options: dict[str, Any], retries: int) -> dict[str, str]:
     """Write all ``files`` ({URI: content}) concurrently (``pipelines.common.objectstore.put_all``), then
     those that failed with a transient error again, up to ``retries`` times, with back-off; return
     {URI: reason} of the files that could not be written."""
