@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import re
+import tracemalloc
 
 import fsspec
 import numpy as np
@@ -125,23 +126,64 @@ def test_probe_refuses_what_is_not_read_by_window(tmp_path, name, data):
     assert tiff.probe_tiled(str(tmp_path / name), {}) is None
 
 
-def test_mask_is_a_tiled_tiff_with_overview_and_geotags(tmp_path):
-    height, width = 1300, 2100  # bands and tiles cut at edges; an overview decimated by 3
+def test_mask_is_a_tiled_pyramid_halved_down_to_the_overview_with_geotags(tmp_path, monkeypatch):
+    """tifffile reads the mask as one series whose levels are every 2**k-th pixel of the labels down to the first of
+    at most ``OVERVIEW_SIDE`` px a side (``overview_factor``), each tiled, compressed and coloured as the full page,
+    which alone has the GeoTIFF tags."""
+    monkeypatch.setattr(tiff, "OVERVIEW_SIDE", 200)  # levels 1 to 3 through temporary files, the overview in memory
+    height, width = 1300, 2100  # bands and tiles cut at edges
     labels = (np.arange(height)[:, None] // 7 + np.arange(width)[None, :] // 11).astype(np.uint8) % 5
     cuts = [0, 5, 300, 301, 999, height]
     strips = (labels[a:b] for a, b in zip(cuts, cuts[1:]))
     palette = [0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255, 255, 255, 0]
     tiff.write_mask(str(tmp_path / "mask.tif"), height, width, strips, palette=palette, extratags=GEOTAGS)
+    factors = [1, 2, 4, 8, 16]  # 2100 / 16 = 131.25: the first level of at most 200 px
+    assert tiff.overview_factor(height, width) == factors[-1]
     with tifffile.TiffFile(tmp_path / "mask.tif") as mask:
-        full, overview = mask.pages
-        assert full.is_tiled and (full.tilelength, full.tilewidth) == (256, 256)
-        assert full.compression == tifffile.COMPRESSION.ADOBE_DEFLATE
-        np.testing.assert_array_equal(full.asarray(), labels)
-        assert overview.subfiletype == tifffile.FILETYPE.REDUCEDIMAGE
-        np.testing.assert_array_equal(overview.asarray(), labels[::3, ::3])
+        [series] = mask.series
+        assert len(series.levels) == len(factors)
+        for factor, level in zip(factors, series.levels):
+            page = level.keyframe
+            np.testing.assert_array_equal(level.asarray(), labels[::factor, ::factor], err_msg=str(factor))
+            assert page.is_tiled and (page.tilelength, page.tilewidth) == (256, 256)
+            assert page.compression == tifffile.COMPRESSION.ADOBE_DEFLATE
+            assert page.subfiletype == (tifffile.FILETYPE.REDUCEDIMAGE if factor > 1 else 0)
+            assert tuple(page.colormap[:, 1] // 257) == (255, 0, 0)
+            assert (GEOTAGS[0][0] in page.tags) == (factor == 1)
+        full = series.levels[0].keyframe
         assert [(code, full.tags[code].value) for code, *_ in GEOTAGS] == [(code, v) for code, _, _, v, _ in GEOTAGS]
         assert full.geotiff_tags["ModelPixelScale"] == [0.5, 0.5, 0.0]
-        assert tuple(full.colormap[:, 1] // 257) == (255, 0, 0)
+    assert [path.name for path in tmp_path.iterdir()] == ["mask.tif"]  # no temporary file left
+
+
+def test_writing_a_mask_holds_a_few_bands_never_a_reduced_level(tmp_path, monkeypatch):
+    """The levels above the overview stream through temporary files a band at a time, and tifffile compresses a
+    band of tiles per batch (its default batch, 512 MiB, would hold the whole page here), with several threads as on
+    a many-core machine: Python's allocations (numpy's included) peak far below one level-1 array."""
+    monkeypatch.setattr(tiff, "OVERVIEW_SIDE", 256)
+    monkeypatch.setattr(tifffile.TIFF, "MAXWORKERS", 4)
+    height, width = 16384, 4096  # level 1: 16 MiB; a band of 256 rows: 1 MiB; 7 levels down to 256 x 64
+    columns = (np.arange(width) // 11 % 5).astype(np.uint8)
+
+    def strips():
+        for top in range(0, height, 100):
+            strip = (np.arange(top, min(top + 100, height)) // 7 % 5).astype(np.uint8)[:, None] + columns
+            strip %= 5
+            yield strip
+
+    tiff.write_mask(str(tmp_path / "warm.tif"), 300, 300, [np.zeros((300, 300), np.uint8)])  # imports: not traced
+    tracemalloc.start()
+    try:
+        tiff.write_mask(str(tmp_path / "mask.tif"), height, width, strips())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < height * width / 8, f"{peak / 2**20:.1f} MiB traced"  # half of level 1 (measured: 5.8 MiB)
+    with tifffile.TiffFile(tmp_path / "mask.tif") as mask:
+        assert len(mask.series[0].levels) == 7
+        overview = mask.series[0].levels[-1].asarray()
+    expected = ((np.arange(0, height, 64) // 7 % 5).astype(np.uint8)[:, None] + columns[::64]) % 5
+    np.testing.assert_array_equal(overview, expected)
 
 
 def test_mask_upload_is_atomic_on_s3(s3_bucket, tmp_path):
@@ -227,10 +269,10 @@ def test_a_tiled_tiff_segmented_as_windows_equals_the_whole_image(ray_cluster, s
     row, reference = by_windows["scene.tif"], by_image["scene.tif"]
     assert row["mask_uri"] == f"{s3_bucket}/tiled/masks/scene.tif.tif"
     with _mask(row["mask_uri"]) as mask, fsspec.open(reference["mask_uri"], "rb") as png:
-        full, overview = mask.pages
+        [full] = mask.pages  # at most 1024 px a side (OVERVIEW_SIDE): the full page is its own overview
         labels = full.asarray()
         np.testing.assert_array_equal(labels, np.asarray(Image.open(png)))
-        assert full.is_tiled and overview.subfiletype == tifffile.FILETYPE.REDUCEDIMAGE
+        assert full.is_tiled
         assert full.geotiff_tags["ModelTiepoint"] == list(GEOTAGS[1][3])
     assert len(np.unique(labels)) > 1
     assert row["pixel_counts"] == reference["pixel_counts"] == np.bincount(labels.ravel(), minlength=4).tolist()
@@ -266,7 +308,7 @@ def test_a_tiled_tiff_segmented_as_windows_equals_the_whole_image(ray_cluster, s
 
 
 def test_a_tiled_images_overlay_is_the_whole_ones_decimated_and_the_report_needs_no_source(ray_cluster, tmp_path):
-    """With --overlays, an image segmented by windows (its mask's overview decimated by 3) gets the overlay at the
+    """With --overlays, an image segmented by windows (its mask's overview decimated by 4) gets the overlay at the
     overview's scale: the whole image's overlay decimated, within JPEG error; and a preview of the source beside its
     mask, from which the report shows it once the source is removed, as it showed the image segmented whole."""
     from PIL import Image
@@ -296,17 +338,17 @@ def test_a_tiled_images_overlay_is_the_whole_ones_decimated_and_the_report_needs
             return np.asarray(Image.open(f).convert("RGB"), float)
 
     with fsspec.open(reference["mask_uri"], "rb") as png:
-        labels = np.asarray(Image.open(png))[::3, ::3]
+        labels = np.asarray(Image.open(png))[::4, ::4]
     assert len(np.unique(labels)) > 1
     assert row["overlay_uri"] == f"file://{tmp_path}/tiled/overlays/scene.tif.jpg"
     overlay, preview = pixels(row["overlay_uri"]), pixels(preview_uri(row["mask_uri"]))
-    assert preview.shape == overlay.shape == (234, 700, 3)
-    np.testing.assert_array_equal(preview, pixels(encode_jpeg(image[::3, ::3])))
+    assert preview.shape == overlay.shape == (175, 525, 3)
+    np.testing.assert_array_equal(preview, pixels(encode_jpeg(image[::4, ::4])))
     np.testing.assert_array_equal(
-        overlay, pixels(encode_overlay(image[::3, ::3], labels, describe_model(model, {}).palette))
+        overlay, pixels(encode_overlay(image[::4, ::4], labels, describe_model(model, {}).palette))
     )
-    jpeg_error = np.abs(preview - image[::3, ::3]).mean()
-    whole_decimated = pixels(reference["overlay_uri"])[::3, ::3]
+    jpeg_error = np.abs(preview - image[::4, ::4]).mean()
+    whole_decimated = pixels(reference["overlay_uri"])[::4, ::4]
     assert np.abs(overlay - whole_decimated).mean() < 2 * jpeg_error  # each overlay's JPEG error (3.8; unblended 18)
 
     def thumbnail(run: str) -> np.ndarray:

@@ -20,7 +20,8 @@ from pipelines.common.decode import decode_image
 from pipelines.segment import tiff
 
 OVERVIEW_SIDE = 256
-"""The masks' overview side in these runs, so that the 700 x 900 scene gets a reduced overview (factor 4)."""
+"""The masks' overview side in these runs, so that the 700 x 900 scene's mask is a pyramid of factors 1, 2 and 4."""
+FACTORS = (1, 2, 4)
 TURNED = {"turned.tif": 6, "upside-down.tif": 3}
 """Tiled TIFFs of the scene with an Orientation tag other than 1 (90 degrees clockwise, 180 degrees)."""
 
@@ -72,13 +73,14 @@ def test_gdal_reads_the_mask_with_the_sources_georeferencing_overview_labels_and
         assert (mask.width, mask.height, mask.count) == (source.width, source.height, 1)
         assert mask.crs == source.crs and mask.crs.to_epsg() == 32633
         assert mask.transform == source.transform == rasterio.Affine(0.5, 0, 500000, 0, -0.5, 4200000)
-        assert mask.overviews(1) == [4]
+        assert mask.overviews(1) == [2, 4]
         window = rasterio.windows.Window(col_off=130, row_off=37, width=600, height=500)
         np.testing.assert_array_equal(mask.read(1, window=window), labels[37:537, 130:730])
         colours = mask.colormap(1)
         assert [colours[label][:3] for label in range(4)] == [tuple(rgb) for rgb in runs["palette"][:4]]
-    with rasterio.open(mask_path, overview_level=0) as overview:
-        np.testing.assert_array_equal(overview.read(1), labels[::4, ::4])
+    for overview_level, factor in enumerate(FACTORS[1:]):
+        with rasterio.open(mask_path, overview_level=overview_level) as overview:
+            np.testing.assert_array_equal(overview.read(1), labels[::factor, ::factor])
 
 
 def test_openslide_reads_the_mask_as_a_pyramid_of_label_colours(runs):
@@ -88,12 +90,13 @@ def test_openslide_reads_the_mask_as_a_pyramid_of_label_colours(runs):
     mask_path = _path(runs["tiled"]["geo.tif"]["mask_uri"])
     assert openslide.OpenSlide.detect_format(mask_path) == "generic-tiff"
     with openslide.OpenSlide(mask_path) as slide:
-        assert slide.level_dimensions == ((900, 700), (225, 175))  # the full resolution, then the overview
+        assert slide.level_dimensions == ((900, 700), (450, 350), (225, 175))  # the full resolution, ..., the overview
         region = np.asarray(slide.read_region((130, 37), 0, (600, 500)))
         np.testing.assert_array_equal(region[..., :3], runs["palette"][labels[37:537, 130:730]])
         assert (region[..., 3] == 255).all()
-        overview = np.asarray(slide.read_region((0, 0), 1, (225, 175)))
-        np.testing.assert_array_equal(overview[..., :3], runs["palette"][labels[::4, ::4]])
+        for level, factor in enumerate(FACTORS[1:], 1):
+            reduced = np.asarray(slide.read_region((0, 0), level, slide.level_dimensions[level]))
+            np.testing.assert_array_equal(reduced[..., :3], runs["palette"][labels[::factor, ::factor]])
 
 
 @pytest.mark.parametrize("key", sorted(TURNED))
@@ -104,8 +107,10 @@ def test_a_turned_tiled_tiff_is_masked_as_the_whole_image_shows_it(runs, key):
     labels = _whole_labels(runs, key)
     assert labels.shape == ((900, 700) if TURNED[key] == 6 else (700, 900))
     with tifffile.TiffFile(_path(row["mask_uri"])) as mask:
-        np.testing.assert_array_equal(mask.pages[0].asarray(), labels)
-        np.testing.assert_array_equal(mask.pages[1].asarray(), labels[::4, ::4])
+        [series] = mask.series
+        assert len(series.levels) == len(FACTORS)
+        for factor, level in zip(FACTORS, series.levels):
+            np.testing.assert_array_equal(level.asarray(), labels[::factor, ::factor])
     assert (row["width"], row["height"]) == (reference["width"], reference["height"]) == labels.shape[::-1]
     assert row["pixel_counts"] == reference["pixel_counts"]
     assert row["mean_confidence"] == pytest.approx(reference["mean_confidence"], rel=1e-9)
@@ -124,14 +129,27 @@ def test_windows_of_a_turned_tiff_are_those_of_the_image_as_displayed(tmp_path, 
         np.testing.assert_array_equal(reader.read_decimated(7), shown[::7, ::7])
 
 
-def test_the_masks_overview_is_an_openslide_level(tmp_path):
-    """OpenSlide's generic TIFF takes only tiled pages as levels: the overview page is tiled too."""
+def test_gdal_and_openslide_read_every_level_of_the_masks_pyramid(tmp_path, monkeypatch):
+    """GDAL lists the mask's reduced levels as overviews of factors 2, 4, 8, ...; OpenSlide's generic TIFF, which
+    takes only tiled pages as levels, lists the same levels; both read each as the labels' every n-th pixel."""
     import openslide
+    import rasterio
 
+    monkeypatch.setattr(tiff, "OVERVIEW_SIDE", 128)
     labels = (np.arange(600)[:, None] // 7 + np.arange(1100)[None, :] // 11).astype(np.uint8) % 5
-    tiff.write_mask(str(tmp_path / "mask.tif"), 600, 1100, [labels], palette=[0, 0, 0, 255, 0, 0] * 3)
+    palette = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0]], np.uint8)
+    tiff.write_mask(str(tmp_path / "mask.tif"), 600, 1100, [labels], palette=palette.ravel().tolist())
+    factors = [1, 2, 4, 8, 16]  # 1100 / 16 = 68.75: the first level of at most 128 px
+    with rasterio.open(tmp_path / "mask.tif") as mask:
+        assert mask.overviews(1) == factors[1:]
+    for overview_level, factor in enumerate(factors[1:]):
+        with rasterio.open(tmp_path / "mask.tif", overview_level=overview_level) as overview:
+            np.testing.assert_array_equal(overview.read(1), labels[::factor, ::factor], err_msg=str(factor))
     with openslide.OpenSlide(str(tmp_path / "mask.tif")) as slide:
-        assert slide.level_dimensions == ((1100, 600), (550, 300))
+        assert slide.level_dimensions == tuple((-(-1100 // f), -(-600 // f)) for f in factors)
+        for level, factor in enumerate(factors):
+            region = np.asarray(slide.read_region((0, 0), level, slide.level_dimensions[level]))
+            np.testing.assert_array_equal(region[..., :3], palette[labels[::factor, ::factor]], err_msg=str(factor))
 
 
 KEYS_POINT = GEOTAGS[2][:3] + (tuple(2 if i == 11 else v for i, v in enumerate(GEOTAGS[2][3])), True)

@@ -92,7 +92,7 @@ def write_source(path: Path, height: int, width: int, pyramid: str) -> list[tiff
 
 
 def write_tiled_mask(path: Path, height: int, width: int) -> list[tuple[int, int]]:
-    """The job's mask of the quadrants (``write_mask``: tiled, overview page); returns its full page's tiles."""
+    """The job's mask of the quadrants (``write_mask``: tiled, a pyramid); returns its full page's tiles."""
     strips = (
         _quadrants(CLASS_OF_QUADRANT, top, 0, min(TILE, height - top), width, height, width)
         for top in range(0, height, TILE)
@@ -245,12 +245,12 @@ def _jpeg(rgb: np.ndarray) -> bytes:
 
 
 def test_the_source_view_without_a_pyramid_is_on_the_mask_overviews_grid(tmp_path):
-    """2100 columns decimated by 3 are 700, 700 rows 234 (not a multiple): the view is the source's every third pixel
+    """2100 columns decimated by 4 are 525, 702 rows 176 (not a multiple): the view is the source's every fourth pixel
     from the first, as the mask's overview is the mask's, so that the two line up pixel for pixel."""
-    height, width = 700, 2100
+    height, width = 702, 2100
     source = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
     tifffile.imwrite(tmp_path / "scene.tif", source, tile=(TILE, TILE), compression="zlib")
     write_mask(str(tmp_path / "mask.tif"), height, width, [np.zeros((height, width), np.uint8)])
     overview = mask_overview(str(tmp_path / "mask.tif"))
     with WindowReader(str(tmp_path / "scene.tif"), {}) as reader:
-        np.testing.assert_array_equal(source_view(reader, *overview.shape), source[::3, ::3])
+        np.testing.assert_array_equal(source_view(reader, *overview.shape), source[::4, ::4])
