@@ -253,8 +253,9 @@ def write_mask(
     reduced-resolution), each the previous one decimated by 2 (nearest neighbour: level k is every 2**k-th row and
     column of the labels), down to the overview (``overview_factor``). tifffile reads it as one series of these
     levels, GDAL lists them as overviews and OpenSlide as levels (it takes tiled pages only). ``extratags`` (e.g.
-    ``WindowReader.geotags``) go to the full-resolution page. Memory: one band of ``MASK_TILE`` rows per level and
-    the overview; the levels between stream through raw temporary files in ``path``'s folder."""
+    ``WindowReader.geotags``) go to the full-resolution page. Memory: a few bands of ``MASK_TILE`` rows (tifffile
+    compresses a band's tiles per batch) and the overview; the levels between stream through raw temporary files
+    in ``path``'s folder, written and read a band at a time."""
     strips = iter(strips)
     first = next(strips)
     dtype = np.dtype(np.uint8) if first.dtype == np.uint8 else np.dtype(np.uint16)
