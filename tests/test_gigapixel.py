@@ -308,7 +308,7 @@ def test_a_tiled_tiff_segmented_as_windows_equals_the_whole_image(ray_cluster, s
 
 
 def test_a_tiled_images_overlay_is_the_whole_ones_decimated_and_the_report_needs_no_source(ray_cluster, tmp_path):
-    """With --overlays, an image segmented by windows (its mask's overview decimated by 4) gets the overlay at the
+    """With --overlays, an image segmented by windows (its mask's overview decimated) gets the overlay at the
     overview's scale: the whole image's overlay decimated, within JPEG error; and a preview of the source beside its
     mask, from which the report shows it once the source is removed, as it showed the image segmented whole."""
     from PIL import Image
@@ -324,6 +324,8 @@ def test_a_tiled_images_overlay_is_the_whole_ones_decimated_and_the_report_needs
 
     model = tiny_checkpoint(str(tmp_path / "model.pt"), num_classes=4)
     image = scene(7, (700, 2100), block=150, jitter=3)  # large smooth squares: small JPEG error
+    factor = tiff.overview_factor(*image.shape[:2])
+    assert factor > 1
     upload(str(tmp_path / "in"), {"scene.tif": tiled_tiff(image, tile=(128, 128), compression="zlib")})
     runs = {"tiled": {"tile_pixels": 1, "tile_size": 1024}, "whole": {}}
     for run, options in runs.items():
@@ -338,18 +340,17 @@ def test_a_tiled_images_overlay_is_the_whole_ones_decimated_and_the_report_needs
             return np.asarray(Image.open(f).convert("RGB"), float)
 
     with fsspec.open(reference["mask_uri"], "rb") as png:
-        labels = np.asarray(Image.open(png))[::4, ::4]
+        labels = np.asarray(Image.open(png))[::factor, ::factor]
     assert len(np.unique(labels)) > 1
     assert row["overlay_uri"] == f"file://{tmp_path}/tiled/overlays/scene.tif.jpg"
     overlay, preview = pixels(row["overlay_uri"]), pixels(preview_uri(row["mask_uri"]))
-    assert preview.shape == overlay.shape == (175, 525, 3)
-    np.testing.assert_array_equal(preview, pixels(encode_jpeg(image[::4, ::4])))
-    np.testing.assert_array_equal(
-        overlay, pixels(encode_overlay(image[::4, ::4], labels, describe_model(model, {}).palette))
-    )
-    jpeg_error = np.abs(preview - image[::4, ::4]).mean()
-    whole_decimated = pixels(reference["overlay_uri"])[::4, ::4]
-    assert np.abs(overlay - whole_decimated).mean() < 2 * jpeg_error  # each overlay's JPEG error (3.8; unblended 18)
+    decimated = image[::factor, ::factor]
+    assert preview.shape == overlay.shape == decimated.shape
+    np.testing.assert_array_equal(preview, pixels(encode_jpeg(decimated)))
+    np.testing.assert_array_equal(overlay, pixels(encode_overlay(decimated, labels, describe_model(model, {}).palette)))
+    jpeg_error = np.abs(preview - decimated).mean()
+    whole_decimated = pixels(reference["overlay_uri"])[::factor, ::factor]
+    assert np.abs(overlay - whole_decimated).mean() < 2 * jpeg_error  # each overlay's JPEG error (5.4; unblended 18)
 
     def thumbnail(run: str) -> np.ndarray:
         digest = digest_stats(stats_dataset(f"file://{tmp_path}/{run}/stats"), sample_size=1)
@@ -360,7 +361,7 @@ def test_a_tiled_images_overlay_is_the_whole_ones_decimated_and_the_report_needs
 
     whole_thumbnail = thumbnail("whole")
     (tmp_path / "in" / "scene.tif").unlink()  # the report shows the tiled image from the job's preview alone
-    assert np.abs(thumbnail("tiled") - whole_thumbnail).mean() < 3  # 1.4: decimated vs filtered down
+    assert np.abs(thumbnail("tiled") - whole_thumbnail).mean() < 5  # 2.5: decimated vs filtered down
 
 
 def test_windows_read_ahead_of_the_fcn_actors_are_bounded(ray_cluster):

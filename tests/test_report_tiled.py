@@ -19,7 +19,7 @@ from fcn.classes import voc_palette
 from flows.gallery import gallery, overlay_thumbnail
 from pipelines.segment.masks import OVERLAY_ALPHA
 from pipelines.segment.preview import encode_previews, mask_overview, preview_uri, source_view
-from pipelines.segment.tiff import WindowReader, write_mask
+from pipelines.segment.tiff import WindowReader, overview_factor, write_mask
 
 CLASSES = ["background", "disc", "box", "ring"]
 GREYS = np.array([[30, 90], [150, 210]], np.uint8)
@@ -245,12 +245,14 @@ def _jpeg(rgb: np.ndarray) -> bytes:
 
 
 def test_the_source_view_without_a_pyramid_is_on_the_mask_overviews_grid(tmp_path):
-    """2100 columns decimated by 4 are 525, 702 rows 176 (not a multiple): the view is the source's every fourth pixel
-    from the first, as the mask's overview is the mask's, so that the two line up pixel for pixel."""
-    height, width = 702, 2100
+    """Sides that the overview's factor does not divide: the view is still the source's every n-th pixel from the
+    first, as the mask's overview is the mask's, so that the two line up pixel for pixel."""
+    height, width = 701, 2101
+    factor = overview_factor(height, width)
+    assert height % factor and width % factor
     source = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
     tifffile.imwrite(tmp_path / "scene.tif", source, tile=(TILE, TILE), compression="zlib")
     write_mask(str(tmp_path / "mask.tif"), height, width, [np.zeros((height, width), np.uint8)])
     overview = mask_overview(str(tmp_path / "mask.tif"))
     with WindowReader(str(tmp_path / "scene.tif"), {}) as reader:
-        np.testing.assert_array_equal(source_view(reader, *overview.shape), source[::4, ::4])
+        np.testing.assert_array_equal(source_view(reader, *overview.shape), source[::factor, ::factor])
