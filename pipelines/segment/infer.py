@@ -118,7 +118,7 @@ class Segmenter:
         )
         self.max_image_pixels = max_image_pixels
         self.keep_pixels = keep_pixels  # overlays need the RGB pixels downstream
-        self.tally = tally  # a Tally actor (or None): the driver's progress counts images as they are segmented
+        self.tally = tally  # a Tally actor (or None): the driver's progress counts images and windows as segmented
         self.process = f"{socket.gethostname()}:{os.getpid()}"  # names this actor in the bookkeeping of tiled images
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -187,7 +187,8 @@ class Segmenter:
                     outputs[head_key(head, heads, "mean_confidence")][i] = part.mean_confidence
                 inference_ms[i] = per_image_ms
         if self.tally is not None:
-            self.tally.add.remote(n)
+            tiles = sum(core is not None for core in cores)
+            self.tally.add.remote(n - tiles, tiles)
         kept = [name for name in batch.column_names if name not in _REPLACED_BY_SEGMENTER]
         out = batch.select(kept)
         columns = {

@@ -22,7 +22,7 @@ from pipelines.segment.config import ConfigError, SegmentConfig, flag
 from pipelines.segment.model import ModelInfo
 from pipelines.segment.progress import LIVE_REFRESH_S, Progress, Tally
 from pipelines.segment.schema import STATUS_OK, stats_schema
-from pipelines.segment.tiles import STATUS_TILE, WINDOWS_PER_CALL
+from pipelines.segment.tiles import STATUS_TILE, rows_per_call
 
 logger = logging.getLogger("pipelines.segment")
 
@@ -31,6 +31,8 @@ BLOCKS_PER_ACTOR = 4  # at least this many input blocks per FCN actor (while blo
 READ_AHEAD_WINDOWS = 4
 """Windows of tiled images in Ray's object store per FCN actor, at most (``limit_read_ahead``): by default Ray Data
 lets a run fill half the object store, which the loaders did with windows read far ahead of the FCN actors."""
+ACTOR_START_TIMEOUT_S = 600
+"""In a run with tiled images, the longest wait for the first actors of each pool to start (``start_actors_first``)."""
 
 
 @dataclass
@@ -44,6 +46,7 @@ class RayRun:
     last_segmented: float | None = None
     first_count: int = 0  # images in the first segmented batch(es) seen
     segmented: int = 0
+    segmented_windows: int = 0  # windows of tiled images segmented
 
     def add_image(self, image_uri: str, error: str | None) -> None:
         """Count an image finished after the pipeline (a tiled image, assembled from its tiles)."""
@@ -55,14 +58,16 @@ class RayRun:
 
 def plan_blocks(sources: pa.Table, *, rows: int, megabytes: float, min_blocks: int) -> list[pa.Table]:
     """Cut the listing into input blocks (one ``ImageLoader`` call each) of at most ``rows`` images and
-    ``megabytes`` of source bytes, and into at least ``min_blocks`` blocks when there are enough rows."""
+    ``megabytes`` of source bytes, and into at least ``min_blocks`` blocks when there are enough rows; each window
+    of a tiled image is a block of its own, for the windows of one image to reach several FCN actors."""
     total = sources.num_rows
-    rows = max(1, min(rows, math.ceil(total / max(min_blocks, 1))))
+    windows = sources["window"].is_valid().to_pylist() if "window" in sources.column_names else [False] * total
+    rows = max(1, min(rows, math.ceil((total - sum(windows)) / max(min_blocks, 1))))
     limit = megabytes * 1e6
     sizes = [size or 0 for size in sources["source_size"].to_pylist()]
     blocks, start, used = [], 0, 0.0
     for i, size in enumerate(sizes):
-        if i > start and (i - start >= rows or used + size > limit):
+        if i > start and (windows[i] or windows[i - 1] or i - start >= rows or used + size > limit):
             blocks.append(sources.slice(start, i - start))
             start, used = i, 0.0
         used += size
@@ -78,6 +83,15 @@ def limit_read_ahead(ds: Any, actors: int, tile_size: int) -> Any:
     limits = ds.context.execution_options.resource_limits
     budget = READ_AHEAD_WINDOWS * actors * tile_size**2 * 3
     ds.context.execution_options.resource_limits = limits.copy(object_store_memory=budget)
+    return ds
+
+
+def start_actors_first(ds: Any, pools_fit: bool) -> Any:
+    """``ds`` whose actor pools start their first actors (the FCN actors: checkpoint loaded) before any block flows,
+    for up to ``ACTOR_START_TIMEOUT_S``, when the ``pools_fit`` the cluster. Otherwise the first FCN actor up takes the
+    first windows, as many calls as Ray Data queues on an actor, and an image of a few windows uses one actor."""
+    if pools_fit:  # a pool larger than the cluster starts with the actors that fit, the others wait for nodes
+        ds.context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     return ds
 
 
@@ -113,11 +127,13 @@ def segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: s
     blocks = plan_blocks(
         todo, rows=config.block_rows, megabytes=config.block_megabytes, min_blocks=BLOCKS_PER_ACTOR * (most or fewest)
     )
+    windows = todo.num_rows - todo["tile_part"].null_count if "tile_part" in todo.column_names else 0
+    call_rows = rows_per_call(todo, config.batch_size, fewest)
     logger.info(
         "Ray: %s %s actor(s), batch size %d, %d input blocks, cluster %s",
         fewest if most == fewest else f"{fewest} to {most or 'any number of'}",
         "GPU" if use_gpus else "CPU",
-        config.batch_size,
+        call_rows,
         len(blocks),
         resources,
     )
@@ -148,12 +164,10 @@ def segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: s
     )
     # Ray Data's actor pools restart a dead actor and redo its batches without limit (max_restarts and
     # max_task_retries -1): a lost node and a fatal device error (the actor ends itself) are both survived.
-    tiles = "tile_part" in todo.column_names and todo["tile_part"].null_count < todo.num_rows
-    rows_per_call = min(config.batch_size, WINDOWS_PER_CALL) if tiles else config.batch_size
     ds = ds.map_batches(
         infer.Segmenter,
         batch_format="pyarrow",
-        batch_size=rows_per_call,  # windows are megapixels each: a few per call bound the actors' memory
+        batch_size=call_rows,  # windows are megapixels each: a few per call bound the actors' memory
         compute=actor_pool(fewest, most),
         num_cpus=1 if use_gpus else config.cpus_per_actor,
         num_gpus=1 if use_gpus else None,
@@ -175,7 +189,7 @@ def segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: s
         write.ResultWriter,
         batch_format="pyarrow",
         # a window's labels are megabytes: the writer takes them as the FCN actors give them, not rows_per_file
-        batch_size=rows_per_call if tiles else config.rows_per_file,
+        batch_size=call_rows if windows else config.rows_per_file,
         fn_constructor_kwargs={
             "output": output,
             "storage_options": config.storage_options,
@@ -187,26 +201,27 @@ def segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: s
         udf_modifying_row_count=False,
         **cpu_stage,
     )
-    if tiles:
+    if windows:
         ds = limit_read_ahead(ds, most or fewest, config.tile_size)
+        ds = start_actors_first(ds, _pools_fit(use_gpus, fewest, config.cpus_per_actor, resources))
     run = RayRun()
-    # the windows of tiled images are not counted: their images' rows come after the pipeline (assemble.assemble)
-    progress = Progress(
-        todo["tile_part"].null_count if "tile_part" in todo.column_names else todo.num_rows, live=config.progress
-    )
+    # the rows of tiled images come after the pipeline (assemble.assemble): their windows are counted instead
+    progress = Progress(todo.num_rows - windows, windows=windows, live=config.progress)
     stop = threading.Event()
     follower = threading.Thread(target=_follow_tally, args=(tally, progress, run, stop), name="progress", daemon=True)
     follower.start()
     try:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            batch = batch.filter(pc.not_equal(batch["status"], STATUS_TILE))
+            tile_rows = pc.equal(batch["status"], STATUS_TILE)
+            windows_written = pc.sum(tile_rows).as_py() or 0
+            batch = batch.filter(pc.invert(tile_rows))
             status = batch["status"].to_pylist()
             n_ok = status.count(STATUS_OK)
             if len(run.errors) < ERROR_SAMPLES:
                 for uri, stat, reason in zip(batch["image_uri"].to_pylist(), status, batch["error"].to_pylist()):
                     if stat != STATUS_OK and len(run.errors) < ERROR_SAMPLES:
                         run.errors.append({"image_uri": uri, "error": reason})
-            progress.update(n_ok, len(status) - n_ok)
+            progress.update(n_ok, len(status) - n_ok, windows=windows_written)
     finally:
         stop.set()
         follower.join()
@@ -238,6 +253,14 @@ def _default_actors(
     if gpus_possible is None:
         return present, present
     return present, None if gpus_possible >= sys.maxsize else max(present, gpus_possible)
+
+
+def _pools_fit(use_gpus: bool, fcn_actors: int, cpus_per_actor: float, resources: dict[str, float]) -> bool:
+    """Whether the cluster holds the first actors of the three pools: FCN actors on GPUs with a CPU each and a loader
+    and a writer of a CPU each, or FCN actors of ``cpus_per_actor`` CPUs beside loaders and writers of none."""
+    if use_gpus:
+        return resources.get("GPU", 0) >= fcn_actors and resources.get("CPU", 0) >= fcn_actors + 2
+    return resources.get("CPU", 0) >= fcn_actors * cpus_per_actor
 
 
 def _autoscaler_limit(resource: str) -> int | None:
@@ -274,21 +297,23 @@ def _on_a_gpu() -> None:
 
 
 def _follow_tally(tally: Any, progress: Progress, run: RayRun, stop: threading.Event) -> None:
-    """Until ``stop`` is set (and once more then), copy the FCN actors' count of segmented images into
-    ``progress`` and note when it first and last grew (the steady-state window)."""
+    """Until ``stop`` is set (and once more then), copy the FCN actors' counts of segmented images and windows into
+    ``progress``; note when they first grew (start-up) and when the images' count last grew (the steady state)."""
     import ray
 
     while True:
         stopping = stop.wait(LIVE_REFRESH_S)
         try:
-            count = ray.get(tally.get.remote(), timeout=10)
+            images, windows = ray.get(tally.get.remote(), timeout=10)
         except ray.exceptions.RayError:  # progress is informational: the next poll tries again
-            count = run.segmented
-        if count > run.segmented:
+            images, windows = run.segmented, run.segmented_windows
+        if images > run.segmented or windows > run.segmented_windows:
             now = time.monotonic()
             if run.first_segmented is None:
-                run.first_segmented, run.first_count = now, count
-            run.last_segmented, run.segmented = now, count
-            progress.set_segmented(count)
+                run.first_segmented, run.first_count = now, images
+            if images > run.segmented:
+                run.last_segmented, run.segmented = now, images
+            run.segmented_windows = windows
+            progress.set_segmented(images, windows)
         if stopping:
             return

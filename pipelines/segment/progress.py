@@ -1,4 +1,5 @@
-"""Progress of a run: a live one-line bar with images/s and ETA on a terminal, periodic log lines otherwise."""
+"""Progress of a run: a live one-line bar with images/s and ETA on a terminal, periodic log lines otherwise; the
+windows of tiled images are counted beside the images (their images' rows come after the pipeline)."""
 
 from __future__ import annotations
 
@@ -16,17 +17,21 @@ BAR_WIDTH = 24
 
 
 class Progress:
-    """Images out of ``total``: segmented by the FCN actors (bar, rate, ETA) and written to Parquet
-    (ok / error; behind by at most one part file). ``live`` draws a bar on ``stream`` (default: stderr
-    if a TTY). Thread-safe: a poller may report ``segmented`` while the driver reports written rows."""
+    """Images out of ``total`` and windows of tiled images out of ``windows``: segmented by the FCN actors (bar,
+    rate, ETA; an image and a window count alike) and written (images to Parquet, ok / error, behind by at most one
+    part file; windows as tile parts). ``live`` draws a bar on ``stream`` (default: stderr if a TTY). Thread-safe: a
+    poller may report what is segmented while the driver reports what is written."""
 
-    def __init__(self, total: int, *, live: bool | None = None, stream: TextIO | None = None):
+    def __init__(self, total: int, *, windows: int = 0, live: bool | None = None, stream: TextIO | None = None):
         self.total = total
+        self.windows = windows
         self.stream = stream or sys.stderr
         self.live = self.stream.isatty() if live is None else live
         self.segmented = 0
+        self.segmented_windows = 0
         self.ok = 0
         self.error = 0
+        self.written_windows = 0
         self.start = time.monotonic()
         self._shown = self.start
         self._lock = threading.Lock()
@@ -38,18 +43,22 @@ class Progress:
         """Images written (ok + error)."""
         return self.ok + self.error
 
-    def set_segmented(self, count: int) -> None:
-        """Record that the actors have segmented ``count`` images so far."""
+    def set_segmented(self, count: int, windows: int = 0) -> None:
+        """Record that the actors have segmented ``count`` images and ``windows`` windows so far."""
         with self._lock:
             self.segmented = max(self.segmented, min(count, self.total))
+            self.segmented_windows = max(self.segmented_windows, min(windows, self.windows))
             self._refresh()
 
-    def update(self, ok: int, error: int) -> None:
-        """Add ``ok`` and ``error`` written images and refresh the display if it is due."""
+    def update(self, ok: int, error: int, windows: int = 0) -> None:
+        """Add ``ok`` and ``error`` written images and ``windows`` written windows, and refresh the display if it is
+        due."""
         with self._lock:
             self.ok += ok
             self.error += error
+            self.written_windows += windows
             self.segmented = max(self.segmented, self.done)
+            self.segmented_windows = max(self.segmented_windows, min(self.written_windows, self.windows))
             self._refresh()
 
     def close(self) -> None:
@@ -57,25 +66,37 @@ class Progress:
         with self._lock:
             self._show(final=True)
 
+    @property
+    def fraction(self) -> float:
+        """The share of the work segmented, an image and a window counting alike."""
+        work = self.total + self.windows
+        return (self.segmented + self.segmented_windows) / work if work else 1.0
+
     def line(self) -> str:
         elapsed = max(time.monotonic() - self.start, 1e-9)
-        rate = self.segmented / elapsed
-        remaining = (self.total - self.segmented) / rate if rate > 0 else float("inf")
-        pct = 100.0 * self.segmented / self.total if self.total else 100.0
+        rate = (self.segmented + self.segmented_windows) / elapsed
+        work = self.total + self.windows
+        remaining = (work - self.segmented - self.segmented_windows) / rate if rate > 0 else float("inf")
+        counts = [f"{self.segmented}/{self.total} images"] if self.total or not self.windows else []
+        counts += [f"windows {self.segmented_windows}/{self.windows}"] if self.windows else []
+        written = f"ok {self.ok} error {self.error}" + (f" windows {self.written_windows}" if self.windows else "")
+        rates = [f"{self.segmented / elapsed:.2f} img/s"] if self.total or not self.windows else []
+        rates += [f"{self.segmented_windows / elapsed:.2f} windows/s"] if self.windows else []
         return (
-            f"{self.segmented}/{self.total} images ({pct:.1f}%) | written: ok {self.ok} error {self.error} | "
-            f"{rate:.2f} img/s | elapsed {_duration(elapsed)} | ETA {_duration(remaining)}"
+            f"{' '.join(counts)} ({100.0 * self.fraction:.1f}%) | written: {written} | {' '.join(rates)} | "
+            f"elapsed {_duration(elapsed)} | ETA {_duration(remaining)}"
         )
 
     def _refresh(self) -> None:
         now = time.monotonic()
-        if now - self._shown >= (LIVE_REFRESH_S if self.live else LOG_EVERY_S) and self.done < self.total:
+        unwritten = self.done < self.total or self.written_windows < self.windows
+        if now - self._shown >= (LIVE_REFRESH_S if self.live else LOG_EVERY_S) and unwritten:
             self._shown = now
             self._show(final=False)
 
     def _show(self, *, final: bool) -> None:
         if self.live:
-            filled = int(BAR_WIDTH * self.segmented / self.total) if self.total else BAR_WIDTH
+            filled = int(BAR_WIDTH * self.fraction)
             bar = "#" * filled + "-" * (BAR_WIDTH - filled)
             self.stream.write(f"\r[{bar}] {self.line()}\033[K" + ("\n" if final else ""))
             self.stream.flush()
@@ -93,13 +114,15 @@ def _duration(seconds: float) -> str:
 
 
 class Tally:
-    """A running count of segmented images, run as a Ray actor that the FCN actors add to."""
+    """A running count of segmented images and windows, run as a Ray actor that the FCN actors add to."""
 
     def __init__(self) -> None:
-        self.count = 0
+        self.images = 0
+        self.windows = 0
 
-    def add(self, images: int) -> None:
-        self.count += images
+    def add(self, images: int, windows: int = 0) -> None:
+        self.images += images
+        self.windows += windows
 
-    def get(self) -> int:
-        return self.count
+    def get(self) -> tuple[int, int]:
+        return self.images, self.windows

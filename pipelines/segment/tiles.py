@@ -29,6 +29,7 @@ from typing import Any
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from fcn.heads import head_key
 from fcn.registry import write_atomic
@@ -45,10 +46,10 @@ logger = logging.getLogger("pipelines.segment")
 
 TILES_DIR = "_tiles"
 STATUS_TILE = "tile"
+"""The ``status`` the writer reports for a tile row (its image's row comes from ``assemble``)."""
 WINDOWS_PER_CALL = 2
 """Most rows per FCN actor (and writer) call in a run with tiled images (``--batch-size`` if fewer): a window of
 2048 px is 12 MB of pixels, and its confidence map 16 MB more until its core is kept."""
-"""The ``status`` the writer reports for a tile row (its image's row comes from ``assemble``)."""
 PART_SUFFIX = ".npz"
 ERROR_SUFFIX = ".error"
 PROBE_THREADS = 16
@@ -115,6 +116,19 @@ def plan_tiles(
             sum(1 for row in rows if row["tile_part"] == image.parts),
         )
     return work, images
+
+
+def rows_per_call(work: pa.Table, batch_size: int, actors: int) -> int:
+    """Rows per FCN actor (and writer) call for ``work`` (``plan_tiles``): ``batch_size`` without windows; with
+    windows at most ``WINDOWS_PER_CALL``, and few enough that each image of at least ``actors`` windows makes a call
+    for every actor. Each window is a block of its own (``pipelines.segment.pipeline.plan_blocks``), so a call holds
+    at most this many windows: Ray Data bundles blocks up to the batch size, never splitting one."""
+    parts = work["tile_part"].drop_null() if "tile_part" in work.column_names else pa.array([], pa.string())
+    if not len(parts):
+        return batch_size
+    windows = pc.value_counts(parts).field("counts").to_pylist()
+    spread = min((count // actors for count in windows if count >= actors), default=WINDOWS_PER_CALL)
+    return max(1, min(batch_size, WINDOWS_PER_CALL, spread))
 
 
 def _probe(uri: str, storage_options: dict[str, Any]) -> TiffLayout | None:
