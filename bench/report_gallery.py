@@ -5,7 +5,7 @@ job's share of it, the source preview (and overlay) that assembly writes beside 
 
 For each size, a tiled JPEG RGB TIFF (``bench.gigapixel.synthetic_tiles``: one band in memory) is generated without
 and with a pyramid of reduced-resolution pages (2x steps down to 1024 px or less, as a Cloud-Optimized GeoTIFF),
-with its mask (``pipelines.segment.tiff.write_mask``: tiled, deflate, an overview page). Then, each in a fresh
+with its mask (``pipelines.segment.mask_tiff.write_mask``: tiled, deflate, an overview page). Then, each in a fresh
 process, with its wall time and its peak resident memory beside the same process's memory before the call (imports
 done): the gallery item without a preview (read from the source), the job's preview and overlay, and the gallery
 item from that preview.
@@ -46,7 +46,7 @@ def write_source(path: Path, height: int, width: int, pyramid: bool) -> None:
 def write_labels(path: Path, height: int, width: int) -> None:
     """A mask of four classes in blocks, as the job writes it."""
     from fcn.classes import voc_palette
-    from pipelines.segment.tiff import write_mask
+    from pipelines.segment.mask_tiff import write_mask
 
     columns = np.arange(width)[None, :] // 700
     strips = (

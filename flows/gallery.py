@@ -17,9 +17,10 @@ import numpy as np
 from PIL import Image
 
 from pipelines.common.decode import decode_image
+from pipelines.segment.mask_tiff import OVERVIEW_SIDE
 from pipelines.segment.masks import encode_overlay
 from pipelines.segment.preview import mask_overview, preview_uri, source_view
-from pipelines.segment.tiff import OVERVIEW_SIDE, WindowReader, may_be_tiff
+from pipelines.segment.tiff import WindowReader, may_be_tiff
 
 _log = logging.getLogger(__name__)
 THUMBNAIL_SIZE = 160

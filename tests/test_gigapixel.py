@@ -14,7 +14,7 @@ import pytest
 import tifffile
 
 from fcn.image import to_rgb_array
-from pipelines.segment import tiff
+from pipelines.segment import mask_tiff, tiff
 
 GEOTAGS = [
     (33550, 12, 3, (0.5, 0.5, 0.0), True),
@@ -130,15 +130,15 @@ def test_mask_is_a_tiled_pyramid_halved_down_to_the_overview_with_geotags(tmp_pa
     """tifffile reads the mask as one series whose levels are every 2**k-th pixel of the labels down to the first of
     at most ``OVERVIEW_SIDE`` px a side (``overview_factor``), each tiled, compressed and coloured as the full page,
     which alone has the GeoTIFF tags."""
-    monkeypatch.setattr(tiff, "OVERVIEW_SIDE", 200)  # levels 1 to 3 through temporary files, the overview in memory
+    monkeypatch.setattr(mask_tiff, "OVERVIEW_SIDE", 200)  # levels 1-3 through temporary files, the overview in memory
     height, width = 1300, 2100  # bands and tiles cut at edges
     labels = (np.arange(height)[:, None] // 7 + np.arange(width)[None, :] // 11).astype(np.uint8) % 5
     cuts = [0, 5, 300, 301, 999, height]
     strips = (labels[a:b] for a, b in zip(cuts, cuts[1:]))
     palette = [0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255, 255, 255, 0]
-    tiff.write_mask(str(tmp_path / "mask.tif"), height, width, strips, palette=palette, extratags=GEOTAGS)
+    mask_tiff.write_mask(str(tmp_path / "mask.tif"), height, width, strips, palette=palette, extratags=GEOTAGS)
     factors = [1, 2, 4, 8, 16]  # 2100 / 16 = 131.25: the first level of at most 200 px
-    assert tiff.overview_factor(height, width) == factors[-1]
+    assert mask_tiff.overview_factor(height, width) == factors[-1]
     with tifffile.TiffFile(tmp_path / "mask.tif") as mask:
         [series] = mask.series
         assert len(series.levels) == len(factors)
@@ -160,7 +160,7 @@ def test_writing_a_mask_holds_a_few_bands_never_a_reduced_level(tmp_path, monkey
     """The levels above the overview stream through temporary files a band at a time, and tifffile compresses a
     band of tiles per batch (its default batch, 512 MiB, would hold the whole page here), with several threads as on
     a many-core machine: Python's allocations (numpy's included) peak far below one level-1 array."""
-    monkeypatch.setattr(tiff, "OVERVIEW_SIDE", 256)
+    monkeypatch.setattr(mask_tiff, "OVERVIEW_SIDE", 256)
     monkeypatch.setattr(tifffile.TIFF, "MAXWORKERS", 4)
     height, width = 16384, 4096  # level 1: 16 MiB; a band of 256 rows: 1 MiB; 7 levels down to 256 x 64
     columns = (np.arange(width) // 11 % 5).astype(np.uint8)
@@ -171,10 +171,10 @@ def test_writing_a_mask_holds_a_few_bands_never_a_reduced_level(tmp_path, monkey
             strip %= 5
             yield strip
 
-    tiff.write_mask(str(tmp_path / "warm.tif"), 300, 300, [np.zeros((300, 300), np.uint8)])  # imports: not traced
+    mask_tiff.write_mask(str(tmp_path / "warm.tif"), 300, 300, [np.zeros((300, 300), np.uint8)])  # imports: not traced
     tracemalloc.start()
     try:
-        tiff.write_mask(str(tmp_path / "mask.tif"), height, width, strips())
+        mask_tiff.write_mask(str(tmp_path / "mask.tif"), height, width, strips())
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -190,10 +190,10 @@ def test_mask_upload_is_atomic_on_s3(s3_bucket, tmp_path):
     local = tmp_path / "mask.tif"
     local.write_bytes(b"x" * (6 << 20))  # above s3fs's part size: a multipart upload
     fs, _ = fsspec.core.url_to_fs(s3_bucket)
-    tiff.put_file_atomic(fs, str(local), f"{s3_bucket}/masks/a/b.tif")
+    mask_tiff.put_file_atomic(fs, str(local), f"{s3_bucket}/masks/a/b.tif")
     assert fs.cat_file(f"{s3_bucket}/masks/a/b.tif") == local.read_bytes()
     local_fs = fsspec.filesystem("file")
-    tiff.put_file_atomic(local_fs, str(local), str(tmp_path / "out" / "b.tif"))
+    mask_tiff.put_file_atomic(local_fs, str(local), str(tmp_path / "out" / "b.tif"))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b.tif"]
 
 
@@ -324,7 +324,7 @@ def test_a_tiled_images_overlay_is_the_whole_ones_decimated_and_the_report_needs
 
     model = tiny_checkpoint(str(tmp_path / "model.pt"), num_classes=4)
     image = scene(7, (700, 2100), block=150, jitter=3)  # large smooth squares: small JPEG error
-    factor = tiff.overview_factor(*image.shape[:2])
+    factor = mask_tiff.overview_factor(*image.shape[:2])
     assert factor > 1
     upload(str(tmp_path / "in"), {"scene.tif": tiled_tiff(image, tile=(128, 128), compression="zlib")})
     runs = {"tiled": {"tile_pixels": 1, "tile_size": 1024}, "whole": {}}

@@ -17,7 +17,7 @@ from PIL import Image
 from test_gigapixel import GEOTAGS, TILE_OPTIONS, _config, _rows, noise, scene, tiled_tiff
 
 from pipelines.common.decode import decode_image
-from pipelines.segment import tiff
+from pipelines.segment import mask_tiff, tiff
 
 OVERVIEW_SIDE = 256
 """The masks' overview side in these runs, so that the 700 x 900 scene's mask is a pyramid of factors 1, 2 and 4."""
@@ -43,7 +43,7 @@ def runs(ray_cluster, tmp_path_factory) -> dict[str, Any]:
         )
     upload(str(root / "in"), files)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(tiff, "OVERVIEW_SIDE", OVERVIEW_SIDE)  # the masks are written by the driver
+        patch.setattr(mask_tiff, "OVERVIEW_SIDE", OVERVIEW_SIDE)  # the masks are written by the driver
         tiled = run_segmentation(_config(str(root / "in"), str(root / "tiled"), model, **TILE_OPTIONS))
     whole = run_segmentation(_config(str(root / "in"), str(root / "whole"), model))
     assert (tiled.ok, tiled.error, whole.ok, whole.error) == (3, 0, 3, 0), tiled.errors
@@ -135,10 +135,10 @@ def test_gdal_and_openslide_read_every_level_of_the_masks_pyramid(tmp_path, monk
     import openslide
     import rasterio
 
-    monkeypatch.setattr(tiff, "OVERVIEW_SIDE", 128)
+    monkeypatch.setattr(mask_tiff, "OVERVIEW_SIDE", 128)
     labels = (np.arange(600)[:, None] // 7 + np.arange(1100)[None, :] // 11).astype(np.uint8) % 5
     palette = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0]], np.uint8)
-    tiff.write_mask(str(tmp_path / "mask.tif"), 600, 1100, [labels], palette=palette.ravel().tolist())
+    mask_tiff.write_mask(str(tmp_path / "mask.tif"), 600, 1100, [labels], palette=palette.ravel().tolist())
     factors = [1, 2, 4, 8, 16]  # 1100 / 16 = 68.75: the first level of at most 128 px
     with rasterio.open(tmp_path / "mask.tif") as mask:
         assert mask.overviews(1) == factors[1:]
@@ -204,7 +204,7 @@ def test_a_mask_drawn_as_displayed_overlays_its_turned_geotiff_in_gdal(tmp_path,
     (tmp_path / "scene.tif").write_bytes(tiled_tiff(stored, tile=(64, 64), extratags=tags))
     with tiff.WindowReader(str(tmp_path / "scene.tif"), {}) as reader:
         shown = reader.read(0, reader.layout.height, 0, reader.layout.width)[..., 0]  # the red channel as labels
-        tiff.write_mask(str(tmp_path / "mask.tif"), *shown.shape, [shown], extratags=reader.geotags)
+        mask_tiff.write_mask(str(tmp_path / "mask.tif"), *shown.shape, [shown], extratags=reader.geotags)
     rng = np.random.default_rng(orientation)
     rows, columns = rng.integers(0, shown.shape[0], 200), rng.integers(0, shown.shape[1], 200)
     with rasterio.open(tmp_path / "scene.tif") as source, rasterio.open(tmp_path / "mask.tif") as mask:

@@ -17,9 +17,10 @@ from PIL import Image
 
 from fcn.classes import voc_palette
 from flows.gallery import gallery, overlay_thumbnail
+from pipelines.segment.mask_tiff import overview_factor, write_mask
 from pipelines.segment.masks import OVERLAY_ALPHA
 from pipelines.segment.preview import encode_previews, mask_overview, preview_uri, source_view
-from pipelines.segment.tiff import WindowReader, overview_factor, write_mask
+from pipelines.segment.tiff import WindowReader
 
 CLASSES = ["background", "disc", "box", "ring"]
 GREYS = np.array([[30, 90], [150, 210]], np.uint8)

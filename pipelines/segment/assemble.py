@@ -1,7 +1,7 @@
 """Assembly of tiled images (driver, after the pipeline): each image's tile parts (written by
 ``pipelines.segment.tiles.store_tiles``) are merged exactly once into its stats row (pixel counts summed,
 mean confidence weighted by pixels) and its masks, tiled TIFFs written band by band
-(``pipelines.segment.tiff.write_mask``) and put in place whole, the first head's after a preview of the source
+(``pipelines.segment.mask_tiff.write_mask``) and put in place whole, the first head's after a preview of the source
 (and with ``--overlays`` its overlay) at the scale of the mask's overview (``pipelines.segment.preview``); then the
 parts are removed. A failed or missing tile makes the row an error naming the window, and its parts stay for the
 next run.
@@ -28,9 +28,10 @@ import pyarrow as pa
 from fcn.heads import head_key, split_heads
 from pipelines.common.storage import with_retries
 from pipelines.segment import schema as columns_schema
+from pipelines.segment.mask_tiff import put_file_atomic, write_mask
 from pipelines.segment.model import ModelInfo
 from pipelines.segment.preview import encode_previews, preview_uri
-from pipelines.segment.tiff import WindowReader, put_file_atomic, write_mask
+from pipelines.segment.tiff import WindowReader
 from pipelines.segment.tiles import (
     ERROR_SUFFIX,
     PART_READ_THREADS,

@@ -1,5 +1,5 @@
 """Reduced views of an image segmented by windows, at the scale of its mask's overview page
-(``pipelines.segment.tiff.write_mask``): the source preview, a JPEG beside the mask (``preview_uri``), and the
+(``pipelines.segment.mask_tiff.write_mask``): the source preview, a JPEG beside the mask (``preview_uri``), and the
 colour overlay of ``--overlays``. Assembly writes them (``encode_previews``), so that the report shows the image
 without reading its source again; the report reads the source (``source_view``) only for masks without a preview.
 Memory: the overview, the view and one band of source tiles, whatever the image's size.
@@ -16,8 +16,9 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from pipelines.segment.mask_tiff import OVERVIEW_SIDE, overview_factor
 from pipelines.segment.masks import encode_jpeg, encode_overlay
-from pipelines.segment.tiff import HEADER_BLOCK_BYTES, OVERVIEW_SIDE, WindowReader, overview_factor
+from pipelines.segment.tiff import HEADER_BLOCK_BYTES, WindowReader
 
 PREVIEW_SUFFIX = ".jpg"
 
