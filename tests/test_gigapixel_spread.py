@@ -6,8 +6,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 from test_gigapixel import _config, _rows, scene, tiled_tiff
 
@@ -151,3 +153,42 @@ def test_the_windows_of_one_image_spread_over_the_fcn_actors(ray_cluster, tmp_pa
     assert lines[-1].startswith("progress: windows 2/2 (100.0%) | written: ok 0 error 0 windows 2 |"), lines
     counts = [int(line.split("windows ")[1].split("/")[0]) for line in lines]
     assert counts == sorted(counts), lines
+
+
+def test_a_depth_model_reads_tiled_tiffs_whole_and_refuses_those_above_the_limit_by_name(ray_cluster, tmp_path):
+    """An RGB-HHA model: its depth maps are PNGs, read whole, so its images are too (never by window). A tiled TIFF
+    within --max-image-pixels is segmented whole; one above it is an error row naming the limit and why, not the
+    tiled formats' own lack of one, and is not fetched."""
+    from PIL import Image
+    from segment_cases import tiny_checkpoint, upload
+
+    from pipelines.segment import run_segmentation
+
+    model = tiny_checkpoint(str(tmp_path / "rgbhha.pt"), num_classes=4, arch="fcn32s_rgbhha_vgg16")
+    sizes = {"big": (700, 900), "medium": (400, 500)}
+    upload(
+        str(tmp_path / "in"),
+        {f"{name}.tif": tiled_tiff(scene()[:h, :w], tile=(128, 128)) for name, (h, w) in sizes.items()},
+    )
+    rng = np.random.default_rng(0)
+    for name, (height, width) in sizes.items():
+        (tmp_path / "depth").mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(500, 6000, (height, width)).astype(np.uint16)).save(
+            tmp_path / "depth" / f"{name}.png"
+        )
+    output = str(tmp_path / "out")
+    config = _config(
+        str(tmp_path / "in"), output, model, depth=str(tmp_path / "depth"), max_image_pixels=300_000, **TILE_OPTIONS
+    )
+    summary = run_segmentation(config)
+    assert (summary.ok, summary.error) == (1, 1), summary.errors
+    rows = _rows(output)
+    assert rows["medium.tif"]["status"] == "ok" and rows["medium.tif"]["mask_uri"].endswith("medium.tif.png")
+    assert rows["big.tif"]["status"] == "error" and rows["big.tif"]["read_ms"] is None  # refused from its header
+    assert re.fullmatch(
+        r"decode: 900x700 = 630,000 pixels, more than the limit of 300,000 \(--max-image-pixels\) of images read "
+        r"whole: a model that reads depth maps \(RGB-D/HHA\) .* for RGB models only",
+        rows["big.tif"]["error"],
+    ), rows["big.tif"]["error"]
+    manifest = json.loads(fsspec.open(summary.manifest_uri).open().read())
+    assert manifest["tiled_images"] == []

@@ -20,6 +20,7 @@ from pipelines.common.storage import PERMANENT_IO_ERRORS, backoff_s
 from pipelines.segment import schema as columns_schema
 from pipelines.segment.keys import unsafe_key_reason
 from pipelines.segment.schema import with_columns
+from pipelines.segment.tiff import probe_tiled
 from pipelines.segment.tiles import load_windows
 
 DEPTH_MODALITIES = frozenset({"depth", "hha"})
@@ -85,6 +86,11 @@ def load_images(
     windows = batch["window"].to_pylist() if "window" in batch.column_names else [None] * n
     # keys that cannot name an output are not even read; the windows of tiled images are read by window
     safe = [i for i in range(n) if errors[i] is None and windows[i] is None]
+    uris = batch["image_uri"].to_pylist()
+    if set(modalities) & DEPTH_MODALITIES:  # images read whole with their depth maps: too large ones are not fetched
+        for i in safe:
+            errors[i] = _beyond_whole_limit(uris[i], storage_options, max_image_pixels)
+        safe = [i for i in safe if errors[i] is None]
     fetched = read_sources(batch.take(pa.array(safe, pa.int64())), storage_options=storage_options, retries=retries)
     data: list[bytes | None] = [None] * n
     read_ms: list[float | None] = [None] * n
@@ -114,7 +120,6 @@ def load_images(
         pixels[i] = memoryview(rgb).cast("B")
         heights[i], widths[i] = rgb.shape[:2]
         decode_ms[i] = (time.perf_counter() - start) * 1000
-    uris = batch["image_uri"].to_pylist()
     for i, (rgb, ms) in load_windows(uris, windows, errors, storage_options=storage_options).items():
         pixels[i], read_ms[i] = memoryview(rgb).cast("B"), ms
         heights[i], widths[i] = rgb.shape[:2]
@@ -147,6 +152,23 @@ def load_images(
             )
         )
     return with_columns(batch, columns, columns_schema.LOAD)
+
+
+def _beyond_whole_limit(uri: str, storage_options: dict[str, Any], max_image_pixels: int) -> str | None:
+    """Why a model that reads depth maps refuses the tiled TIFF at ``uri`` (header only), or None: one of more than
+    ``max_image_pixels`` is read by window for RGB models only, as its depth map (a PNG) cannot be."""
+    try:
+        layout = probe_tiled(uri, storage_options)
+    except Exception:  # the read reports it
+        return None
+    if layout is None or layout.pixels <= max_image_pixels:
+        return None
+    return (
+        f"decode: {layout.width}x{layout.height} = {layout.pixels:,} pixels, more than the limit of "
+        f"{max_image_pixels:,} (--max-image-pixels) of images read whole: a model that reads depth maps (RGB-D/HHA) "
+        "reads each image whole with its depth map, a PNG that cannot be read by window; tiled TIFFs are segmented "
+        "window by window for RGB models only"
+    )
 
 
 def depth_uri(prefix: str, key: str) -> str:

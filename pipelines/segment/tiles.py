@@ -72,7 +72,7 @@ def plan_tiles(
 ) -> tuple[pa.Table, list[TiledImage]]:
     """The pipeline's work: the rows of ``todo`` segmented whole, then one row per window still to do of each
     tiled TIFF of more than ``--tile-pixels`` (or ``--max-image-pixels``, if fewer); and those images."""
-    if set(model.modalities) != {"rgb"}:
+    if set(model.modalities) != {"rgb"}:  # depth maps are PNGs, read whole: so are the images (load refuses huge ones)
         return _with_tile_columns(todo, [None] * todo.num_rows), []
     tile_size = config.tile_size // model.output_stride * model.output_stride
     if tile_size <= 2 * model.tile_margin:
