@@ -258,9 +258,8 @@ def _default_actors(
 def _pools_fit(use_gpus: bool, fcn_actors: int, cpus_per_actor: float, resources: dict[str, float]) -> bool:
     """Whether the cluster holds the first actors of the three pools: FCN actors on GPUs with a CPU each and a loader
     and a writer of a CPU each, or FCN actors of ``cpus_per_actor`` CPUs beside loaders and writers of none."""
-    if use_gpus:
-        return resources.get("GPU", 0) >= fcn_actors and resources.get("CPU", 0) >= fcn_actors + 2
-    return resources.get("CPU", 0) >= fcn_actors * cpus_per_actor
+    needs = {"GPU": fcn_actors, "CPU": fcn_actors + 2} if use_gpus else {"CPU": fcn_actors * cpus_per_actor}
+    return all(resources.get(name, 0) >= amount for name, amount in needs.items())
 
 
 def _autoscaler_limit(resource: str) -> int | None:
