@@ -435,8 +435,8 @@ def test_actors_take_a_size_or_a_range_that_becomes_an_autoscaling_pool() -> Non
     """``--actors 4`` is a fixed pool, ``--actors 1-8`` one that Ray Data grows to 8 (each pending GPU
     actor asks the autoscaler for a node); by default a GPU pool may grow to what the node types hold."""
     from pipelines.segment import SegmentConfig
+    from pipelines.segment.actors import actor_pool, default_actors
     from pipelines.segment.cli import build_parser
-    from pipelines.segment.pipeline import _default_actors, actor_pool
 
     args = build_parser().parse_args(["--input", "i", "--output", "o", "--model", "m", "--actors", "1-8"])
     assert SegmentConfig(**vars(args)).actor_range() == (1, 8)
@@ -447,10 +447,10 @@ def test_actors_take_a_size_or_a_range_that_becomes_an_autoscaling_pool() -> Non
     assert (growing.min_size, growing.max_size) == (1, 8) and (fixed.min_size, fixed.max_size) == (3, 3)
     assert actor_pool(2, None).max_size == float("inf")
     cluster = {"CPU": 8.0, "GPU": 0.0}
-    assert _default_actors(True, cluster, 4, 2.0) == (1, 4)  # an idle cluster whose node types hold 4 GPUs
-    assert _default_actors(True, cluster | {"GPU": 2.0}, sys.maxsize, 2.0) == (2, None)
-    assert _default_actors(True, cluster | {"GPU": 2.0}, None, 2.0) == (2, 2)  # no autoscaler
-    assert _default_actors(False, cluster, None, 2.0) == (4, 4)
+    assert default_actors(True, cluster, 4, 2.0) == (1, 4)  # an idle cluster whose node types hold 4 GPUs
+    assert default_actors(True, cluster | {"GPU": 2.0}, sys.maxsize, 2.0) == (2, None)
+    assert default_actors(True, cluster | {"GPU": 2.0}, None, 2.0) == (2, 2)  # no autoscaler
+    assert default_actors(False, cluster, None, 2.0) == (4, 4)
 
 
 def test_storage_options_from_a_file_or_inline_with_a_warning_for_secrets(

@@ -1,14 +1,13 @@
 """The segmentation job's Ray Data pipeline: the listing cut into input blocks, then three actor pools,
 ``ImageLoader`` on CPUs (``pipelines.segment.load``), ``Segmenter`` on GPUs or CPUs
 (``pipelines.segment.infer``) and ``ResultWriter`` on CPUs (``pipelines.segment.write``), sized from the
-cluster (and its autoscaler), with the progress the FCN actors report.
+cluster and its autoscaler (``pipelines.segment.actors``), with the progress the FCN actors report.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.segment import infer, load, write
+from pipelines.segment.actors import actor_pool, autoscaler_limit, default_actors, pools_fit, wait_for_gpu
 from pipelines.segment.config import ConfigError, SegmentConfig, flag
 from pipelines.segment.model import ModelInfo
 from pipelines.segment.progress import LIVE_REFRESH_S, Progress, Tally
@@ -102,14 +102,14 @@ def segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: s
 
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
-    gpus_possible = _autoscaler_limit("GPU")
+    gpus_possible = autoscaler_limit("GPU")
     use_gpus = config.device == "cuda" or (config.device == "auto" and (gpus > 0 or bool(gpus_possible)))
     if use_gpus and not gpus:
         if gpus_possible == 0:
             raise ConfigError(flag("device"), "cuda requested but the Ray cluster has no GPUs, nor node types with any")
-        _wait_for_gpu(config.gpu_wait_s)
+        wait_for_gpu(config.gpu_wait_s)
         resources = ray.cluster_resources()
-    fewest, most = config.actor_range() or _default_actors(use_gpus, resources, gpus_possible, config.cpus_per_actor)
+    fewest, most = config.actor_range() or default_actors(use_gpus, resources, gpus_possible, config.cpus_per_actor)
     # CPU stages (actor pools: workers that stay, with their imports done once): on GPU clusters one
     # CPU per worker, scaled up to the CPUs the GPU actors leave (to any number while the GPU pool may
     # grow: new GPU nodes bring CPUs); on CPU clusters the FCN actors hold the CPUs (their torch
@@ -203,7 +203,7 @@ def segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: s
     )
     if windows:
         ds = limit_read_ahead(ds, most or fewest, config.tile_size)
-        ds = start_actors_first(ds, _pools_fit(use_gpus, fewest, config.cpus_per_actor, resources))
+        ds = start_actors_first(ds, pools_fit(use_gpus, fewest, config.cpus_per_actor, resources))
     run = RayRun()
     # the rows of tiled images come after the pipeline (assemble.assemble): their windows are counted instead
     progress = Progress(todo.num_rows - windows, windows=windows, live=config.progress)
@@ -229,70 +229,6 @@ def segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: s
     progress.close()
     run.ok, run.error = progress.ok, progress.error
     return run
-
-
-def actor_pool(fewest: int, most: int | None) -> Any:
-    """Ray Data's pool of ``fewest`` actors, or of ``fewest`` to ``most`` (None: no limit) that grows while
-    work queues; each pending actor is a resource demand that Ray's autoscaler meets by adding nodes."""
-    import ray.data
-
-    if most == fewest:
-        return ray.data.ActorPoolStrategy(size=fewest)
-    return ray.data.ActorPoolStrategy(min_size=fewest, max_size=most)
-
-
-def _default_actors(
-    use_gpus: bool, resources: dict[str, float], gpus_possible: int | None, cpus_per_actor: float
-) -> tuple[int, int | None]:
-    """The default pool: on GPUs from the GPUs present to the most the autoscaler's node types hold
-    (None: no limit); on CPUs one per ``cpus_per_actor`` CPUs."""
-    if not use_gpus:
-        fixed = max(1, int(resources.get("CPU", 1) // cpus_per_actor))
-        return fixed, fixed
-    present = max(1, int(resources.get("GPU", 0)))
-    if gpus_possible is None:
-        return present, present
-    return present, None if gpus_possible >= sys.maxsize else max(present, gpus_possible)
-
-
-def _pools_fit(use_gpus: bool, fcn_actors: int, cpus_per_actor: float, resources: dict[str, float]) -> bool:
-    """Whether the cluster holds the first actors of the three pools: FCN actors on GPUs with a CPU each and a loader
-    and a writer of a CPU each, or FCN actors of ``cpus_per_actor`` CPUs beside loaders and writers of none."""
-    needs = {"GPU": fcn_actors, "CPU": fcn_actors + 2} if use_gpus else {"CPU": fcn_actors * cpus_per_actor}
-    return all(resources.get(name, 0) >= amount for name, amount in needs.items())
-
-
-def _autoscaler_limit(resource: str) -> int | None:
-    """The most of ``resource`` the cluster's autoscaler can provide (its node types' maximum counts; sys.maxsize
-    without a limit), or None when the cluster reports no autoscaler configuration."""
-    try:
-        from ray._private.state import state  # what Ray Train and Ray Data read for the same purpose
-
-        limits = state.get_max_resources_from_cluster_config()
-    except Exception:
-        return None
-    return None if limits is None else int(limits.get(resource, 0))
-
-
-def _wait_for_gpu(timeout_s: float) -> None:
-    """Wait up to ``timeout_s`` for a GPU in the cluster: a pending one-GPU task is a resource demand
-    that Ray's autoscaler meets by adding a GPU node. ConfigError naming --device if none comes."""
-    import ray
-
-    logger.info("no GPU in the Ray cluster yet: waiting up to %g s (%s) for one to join", timeout_s, flag("gpu_wait_s"))
-    probe = ray.remote(_on_a_gpu).options(num_gpus=1, num_cpus=0).remote()
-    ready, _ = ray.wait([probe], timeout=timeout_s)
-    if not ready:
-        ray.cancel(probe)
-        raise ConfigError(
-            flag("device"),
-            f"no GPU joined the Ray cluster within {timeout_s:g} s ({flag('gpu_wait_s')}): give the cluster GPU nodes "
-            "(or an autoscaler with GPU node types), wait longer, or use --device cpu",
-        )
-
-
-def _on_a_gpu() -> None:
-    """The task ``_wait_for_gpu`` waits for."""
 
 
 def _follow_tally(tally: Any, progress: Progress, run: RayRun, stop: threading.Event) -> None:
