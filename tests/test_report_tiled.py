@@ -114,6 +114,17 @@ def _touched(path: Path, tiles: list[tuple[int, int]]) -> int:
     return sum(any(start < offset + count and offset < end for start, end in ranges) for offset, count in tiles)
 
 
+def counted_row(folder: Path, height: int, width: int) -> dict:
+    """The digest's row of ``folder``'s ``scene.tif`` and ``mask.tif``, read through the counting filesystem."""
+    return {
+        "image_uri": f"counted://{folder}/scene.tif",
+        "mask_uri": f"counted://{folder}/mask.tif",
+        "width": width,
+        "height": height,
+        "dominant_class": 0,
+    }
+
+
 @pytest.mark.parametrize("pyramid", ["none", "subifds", "pages"])
 def test_a_tiled_image_is_shown_from_the_masks_overview_never_decoded_whole(tmp_path, monkeypatch, pyramid):
     """A 50-megapixel tiled image (its mask's overview decimated by 8): the gallery shows the quadrants' classes
@@ -123,13 +134,7 @@ def test_a_tiled_image_is_shown_from_the_masks_overview_never_decoded_whole(tmp_
     source_tiles = write_source(tmp_path / "scene.tif", height, width, pyramid)
     mask_tiles = write_tiled_mask(tmp_path / "mask.tif", height, width)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1 << 20)  # Pillow refuses images above twice this
-    row = {
-        "image_uri": f"counted://{tmp_path}/scene.tif",
-        "mask_uri": f"counted://{tmp_path}/mask.tif",
-        "width": width,
-        "height": height,
-        "dominant_class": 0,
-    }
+    row = counted_row(tmp_path, height, width)
     CountingFileSystem.reads.clear()
     tracemalloc.start()
     try:
@@ -196,13 +201,7 @@ def test_the_jobs_preview_is_the_source_reduced_and_the_report_shows_it_without_
     height, width = 3072, 4096  # the overview decimated by 4
     source_tiles = write_source(tmp_path / "scene.tif", height, width, pyramid)
     write_tiled_mask(tmp_path / "mask.tif", height, width)
-    row = {
-        "image_uri": f"counted://{tmp_path}/scene.tif",
-        "mask_uri": f"counted://{tmp_path}/mask.tif",
-        "width": width,
-        "height": height,
-        "dominant_class": 0,
-    }
+    row = counted_row(tmp_path, height, width)
     (from_source,) = gallery([row], CLASSES, voc_palette())
     CountingFileSystem.reads.clear()
     tracemalloc.start()
