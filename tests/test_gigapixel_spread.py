@@ -124,7 +124,7 @@ def test_fcn_actors_that_start_late_still_take_windows(ray_cluster):
         compute=ray.data.ActorPoolStrategy(size=2),
         fn_constructor_kwargs={"starts": Starts.remote()},
     )
-    ds = start_actors_first(limit_read_ahead(ds, actors=2, tile_size=tile_size), pools_fit=True)
+    ds = start_actors_first(limit_read_ahead(ds, actors=2, tile_size=tile_size), fit=True)
     actors = [row["actor"] for row in ds.take_all()]
     assert sorted(actors) == [1, 2], actors
 

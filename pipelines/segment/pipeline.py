@@ -22,7 +22,7 @@ from pipelines.segment.config import ConfigError, SegmentConfig, flag
 from pipelines.segment.model import ModelInfo
 from pipelines.segment.progress import LIVE_REFRESH_S, Progress, Tally
 from pipelines.segment.schema import STATUS_OK, stats_schema
-from pipelines.segment.tiles import STATUS_TILE, rows_per_call
+from pipelines.segment.tiles import STATUS_TILE, rows_per_call, window_rows
 
 logger = logging.getLogger("pipelines.segment")
 
@@ -61,7 +61,7 @@ def plan_blocks(sources: pa.Table, *, rows: int, megabytes: float, min_blocks: i
     ``megabytes`` of source bytes, and into at least ``min_blocks`` blocks when there are enough rows; each window
     of a tiled image is a block of its own, for the windows of one image to reach several FCN actors."""
     total = sources.num_rows
-    windows = sources["window"].is_valid().to_pylist() if "window" in sources.column_names else [False] * total
+    windows = window_rows(sources)
     rows = max(1, min(rows, math.ceil((total - sum(windows)) / max(min_blocks, 1))))
     limit = megabytes * 1e6
     sizes = [size or 0 for size in sources["source_size"].to_pylist()]
@@ -86,11 +86,12 @@ def limit_read_ahead(ds: Any, actors: int, tile_size: int) -> Any:
     return ds
 
 
-def start_actors_first(ds: Any, pools_fit: bool) -> Any:
+def start_actors_first(ds: Any, fit: bool) -> Any:
     """``ds`` whose actor pools start their first actors (the FCN actors: checkpoint loaded) before any block flows,
-    for up to ``ACTOR_START_TIMEOUT_S``, when the ``pools_fit`` the cluster. Otherwise the first FCN actor up takes the
-    first windows, as many calls as Ray Data queues on an actor, and an image of a few windows uses one actor."""
-    if pools_fit:  # a pool larger than the cluster starts with the actors that fit, the others wait for nodes
+    for up to ``ACTOR_START_TIMEOUT_S``, when they ``fit`` the cluster (``actors.pools_fit``). Otherwise the first
+    FCN actor up takes the first windows, as many calls as Ray Data queues on an actor, and an image of a few windows
+    uses one actor."""
+    if fit:  # a pool larger than the cluster starts with the actors that fit, the others wait for nodes
         ds.context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     return ds
 
@@ -127,7 +128,7 @@ def segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: s
     blocks = plan_blocks(
         todo, rows=config.block_rows, megabytes=config.block_megabytes, min_blocks=BLOCKS_PER_ACTOR * (most or fewest)
     )
-    windows = todo.num_rows - todo["tile_part"].null_count if "tile_part" in todo.column_names else 0
+    windows = sum(window_rows(todo))
     call_rows = rows_per_call(todo, config.batch_size, fewest)
     logger.info(
         "Ray: %s %s actor(s), batch size %d, %d input blocks, cluster %s",

@@ -118,6 +118,13 @@ def plan_tiles(
     return work, images
 
 
+def window_rows(work: pa.Table) -> list[bool]:
+    """Which rows of ``work`` (``plan_tiles``) are windows of tiled images."""
+    if "tile_part" not in work.column_names:
+        return [False] * work.num_rows
+    return work["tile_part"].is_valid().to_pylist()
+
+
 def rows_per_call(work: pa.Table, batch_size: int, actors: int) -> int:
     """Rows per FCN actor (and writer) call for ``work`` (``plan_tiles``): ``batch_size`` without windows; with
     windows at most ``WINDOWS_PER_CALL``, and few enough that each image of at least ``actors`` windows makes a call
