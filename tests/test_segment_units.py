@@ -433,9 +433,10 @@ def test_bad_parameters_exit_2_naming_the_parameter(
 
 def test_actors_take_a_size_or_a_range_that_becomes_an_autoscaling_pool() -> None:
     """``--actors 4`` is a fixed pool, ``--actors 1-8`` one that Ray Data grows to 8 (each pending GPU
-    actor asks the autoscaler for a node); by default a GPU pool may grow to what the node types hold."""
+    actor asks the autoscaler for a node); by default a GPU pool may grow to what the node types hold, and
+    CPU FCN actors share light workers."""
     from pipelines.segment import SegmentConfig
-    from pipelines.segment.actors import actor_pool, default_actors
+    from pipelines.segment.actors import actor_pool, default_actors, light_workers
     from pipelines.segment.cli import build_parser
 
     args = build_parser().parse_args(["--input", "i", "--output", "o", "--model", "m", "--actors", "1-8"])
@@ -451,6 +452,8 @@ def test_actors_take_a_size_or_a_range_that_becomes_an_autoscaling_pool() -> Non
     assert default_actors(True, cluster | {"GPU": 2.0}, sys.maxsize, 2.0) == (2, None)
     assert default_actors(True, cluster | {"GPU": 2.0}, None, 2.0) == (2, 2)  # no autoscaler
     assert default_actors(False, cluster, None, 2.0) == (4, 4)
+    # beside CPU FCN actors, a loader and a writer per 4 of them (at least one)
+    assert [light_workers(n) for n in (1, 2, 4, 5, 8, 9)] == [1, 1, 1, 2, 2, 3]
 
 
 def test_storage_options_from_a_file_or_inline_with_a_warning_for_secrets(

@@ -42,12 +42,6 @@ FATAL_DEVICE_MARKERS = (
 )
 """Texts of the RuntimeErrors (torch < 2.8) of failures that leave a CUDA context unusable."""
 
-ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(4 << 20)}
-"""The FCN actors' environment (Ray's ``runtime_env``): glibc maps blocks of 4 MB and more (activations, score maps,
-windows) on their own and unmaps them when freed. By default it raises that threshold to the largest block freed
-(up to 32 MB) and keeps such blocks in its heap: a CPU actor running 2048 px windows stayed about 60 MB larger
-after each call and peaked 70 MB higher."""
-
 OUT_OF_MEMORY_TILE_SIZE = 1024
 """Input tile side of the last try of an image that ran out of device memory alone."""
 

@@ -17,7 +17,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.segment import infer, load, write
-from pipelines.segment.actors import actor_pool, autoscaler_limit, default_actors, pools_fit, wait_for_gpu
+from pipelines.segment.actors import (
+    ALLOCATOR_ENV,
+    actor_pool,
+    autoscaler_limit,
+    default_actors,
+    light_workers,
+    pools_fit,
+    wait_for_gpu,
+)
 from pipelines.segment.config import ConfigError, SegmentConfig, flag
 from pipelines.segment.model import ModelInfo
 from pipelines.segment.progress import LIVE_REFRESH_S, Progress, Tally
@@ -114,13 +122,14 @@ def segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: s
     # CPU stages (actor pools: workers that stay, with their imports done once): on GPU clusters one
     # CPU per worker, scaled up to the CPUs the GPU actors leave (to any number while the GPU pool may
     # grow: new GPU nodes bring CPUs); on CPU clusters the FCN actors hold the CPUs (their torch
-    # threads) and one light worker per stage and FCN actor runs beside them.
+    # threads) and light workers holding none run beside them (``actors.light_workers``).
     spare_cpus = max(1, int(resources.get("CPU", 1)) - fewest)
     cpu_stage = (
         {"num_cpus": 1, "compute": actor_pool(1, spare_cpus if most == fewest else None)}
         if use_gpus
-        else {"num_cpus": 0, "compute": actor_pool(fewest, most)}
+        else {"num_cpus": 0, "compute": actor_pool(light_workers(fewest), light_workers(most) if most else None)}
     )
+    cpu_stage["runtime_env"] = {"env_vars": ALLOCATOR_ENV}
     schema = stats_schema(
         model.class_names, model.palette, {"uri": model.uri, "version": model.version, "arch": model.arch}, model.heads
     )
@@ -172,7 +181,7 @@ def segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: s
         compute=actor_pool(fewest, most),
         num_cpus=1 if use_gpus else config.cpus_per_actor,
         num_gpus=1 if use_gpus else None,
-        runtime_env={"env_vars": infer.ALLOCATOR_ENV},
+        runtime_env={"env_vars": ALLOCATOR_ENV},
         fn_constructor_kwargs={
             "model_uri": model.uri,
             "storage_options": config.storage_options,
