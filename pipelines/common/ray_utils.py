@@ -12,8 +12,9 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 """The log lines of the command-line drivers (the jobs' CLIs, the demo)."""
 EMBEDDED_CLUSTER_ENV = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # nothing drains a node of one machine: no watcher actor
-    # the tasks whose events Ray's GCS keeps for its state API (default 100,000, about 5 KB each): 4,500 Ray Data
-    # calls grew the GCS by 22 MB (3 MB with this limit), and a run grows by 3 calls per window of a tiled image
+    # the tasks whose events Ray's GCS keeps for the dashboard's state API, which an embedded cluster does not run
+    # (default 100,000, about 5 KB each): 4,500 Ray Data calls grew the GCS by 22 MB (3 MB with this limit), and a
+    # run makes 3 calls per window of a tiled image
     "RAY_task_events_max_num_task_in_gcs": "1000",
 }
 """The environment (where not set already) of a driver that starts its own local cluster, which the
