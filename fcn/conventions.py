@@ -34,11 +34,15 @@ class InputConvention:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
-    def to_tensor(self, rgb: np.ndarray | Tensor, device: torch.device | str | None = None) -> Tensor:
+    def to_tensor(
+        self, rgb: np.ndarray | Tensor, device: torch.device | str | None = None, *, channels_last: bool = False
+    ) -> Tensor:
         """Turn an ``HxWx3`` uint8 RGB array (or a ``3xHxW`` uint8 tensor, as ``torchvision.io`` decodes
         it, on any device) into a normalised float32 ``3xHxW`` tensor on ``device``.
 
-        The uint8 data is moved to the device first, so on a GPU the arithmetic happens there.
+        The uint8 data is moved to the device first, so on a GPU the arithmetic happens there. With
+        ``channels_last``, an array's tensor keeps its ``HxWx3`` memory order: ``x[None]`` is then a channels_last
+        batch without another copy of the image.
         """
         if isinstance(rgb, Tensor):
             if rgb.ndim != 3 or rgb.shape[0] != 3 or rgb.dtype != torch.uint8:
@@ -53,7 +57,8 @@ class InputConvention:
             x = torch.tensor(rgb, device=device).permute(2, 0, 1)  # a uint8 copy: cheap, safe for read-only arrays
         if self.bgr:
             x = x.flip(0)
-        x = x.to(torch.float32, memory_format=torch.contiguous_format)  # one float32 allocation, then in place:
+        layout = torch.preserve_format if channels_last else torch.contiguous_format
+        x = x.to(torch.float32, memory_format=layout)  # one float32 allocation, then in place:
         std = torch.tensor(self.std, device=x.device).view(3, 1, 1)
         mean = torch.tensor(self.mean, device=x.device).view(3, 1, 1)
         return x.mul_(self.scale / std).sub_(mean / std)  # (x * scale - mean) / std

@@ -161,7 +161,8 @@ class Predictor:
         for (height, width), indices in same_size.items():
             per_pass = max(1, self.batch_pixels // (height * width))
             for chunk in (indices[k : k + per_pass] for k in range(0, len(indices), per_pass)):
-                batch = torch.stack([self._encode(pixels[i]) for i in chunk])
+                encoded = [self._encode(pixels[i]) for i in chunk]
+                batch = torch.stack(encoded) if len(encoded) > 1 else encoded.pop()[None]  # one image: no copy
                 outputs = self._decode(self._logits(batch), confidence, statistics)
                 for j, i in enumerate(chunk):
                     results[i] = outputs[j]
@@ -181,7 +182,7 @@ class Predictor:
     def _encode(self, inputs: np.ndarray | Tensor | dict[str, np.ndarray | Tensor]) -> Tensor:
         if isinstance(inputs, dict):
             return self.convention.encode(inputs, self.modalities, self.device)
-        return self.convention.to_tensor(inputs, self.device)
+        return self.convention.to_tensor(inputs, self.device, channels_last=self.channels_last)
 
     def _predict_tiled(
         self, image: np.ndarray | Tensor | dict[str, np.ndarray | Tensor], confidence: bool, statistics: bool

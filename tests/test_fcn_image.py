@@ -133,6 +133,11 @@ def test_input_conventions() -> None:
     assert caffe.flatten().tolist() == pytest.approx([30 - 104.00699, 20 - 116.66877, 10 - 122.67892])
     tv = get_convention("torchvision").to_tensor(pixel).flatten().tolist()
     assert tv == pytest.approx([(10 / 255 - 0.485) / 0.229, (20 / 255 - 0.456) / 0.224, (30 / 255 - 0.406) / 0.225])
+    image = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    for name in ("caffe", "torchvision"):  # channels_last: the same values, already a channels_last batch
+        plain, nhwc = (get_convention(name).to_tensor(image, channels_last=last)[None] for last in (False, True))
+        assert torch.equal(plain, nhwc) and plain.is_contiguous()
+        assert nhwc.is_contiguous(memory_format=torch.channels_last) and not nhwc.is_contiguous()
     with pytest.raises(ValueError, match="'bgr'"):
         get_convention("bgr")
     with pytest.raises(ValueError, match="uint8"):
