@@ -162,6 +162,24 @@ def test_statistics_are_computed_with_the_network(max_pixels: int) -> None:
     np.testing.assert_array_equal(from_tensor.labels, with_stats[0].labels)
 
 
+def test_overlays_carry_the_pixels_of_whole_images_only(bucket: tuple[Path, str, pa.Table]) -> None:
+    """With overlays on, the FCN actor passes a whole image's RGB on to the writer, never a window's (a tiled
+    image's overlay is drawn from its mask's overview); both rows get their labels."""
+    _, model, sources = bucket
+    loaded = load_images(sources, storage_options={}, retries=0, max_image_pixels=10**8, device_jpegs=False)
+    loaded = loaded.filter(loaded["error"].is_null()).slice(0, 2)
+    whole = [0, loaded["height"][0].as_py(), 0, loaded["width"][0].as_py()]  # the first row: a window of its image
+    loaded = (
+        loaded.append_column("window", pa.array([whole, None], pa.list_(pa.int32())))
+        .append_column("core", pa.array([whole, None], pa.list_(pa.int32())))
+        .append_column("tile_part", pa.array(["parts/first", None]))
+    )
+    out = _segment(model, loaded)
+    assert out["error"].null_count == 2 and out["labels"].null_count == 0
+    assert out["pixels"].to_pylist()[0] is None
+    assert len(out["pixels"][1].as_py()) == loaded["height"][1].as_py() * loaded["width"][1].as_py() * 3
+
+
 def tiny_checkpoint_in_memory() -> str:
     return tiny_checkpoint("memory://stages/model.pt", num_classes=NUM_CLASSES)
 

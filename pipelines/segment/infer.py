@@ -111,7 +111,7 @@ class Segmenter:
             batch_pixels=None if self.cuda else CPU_FORWARD_PIXELS,
         )
         self.max_image_pixels = max_image_pixels
-        self.keep_pixels = keep_pixels  # overlays need the RGB pixels downstream
+        self.keep_pixels = keep_pixels  # overlays of whole images need their RGB pixels downstream
         self.tally = tally  # a Tally actor (or None): the driver's progress counts images and windows as segmented
         self.process = f"{socket.gethostname()}:{os.getpid()}"  # names this actor in the bookkeeping of tiled images
 
@@ -194,8 +194,10 @@ class Segmenter:
             **outputs,
             "fcn_actor": [self.process] * n,
         }
-        if self.keep_pixels:
-            columns["pixels"] = [_rgb_bytes(images.get(i)) for i in range(n)]
+        if (
+            self.keep_pixels
+        ):  # whole images' RGB, for their overlays (a tiled image's is drawn from its mask's overview)
+            columns["pixels"] = [None if cores[i] else _rgb_bytes(images.get(i)) for i in range(n)]
         return with_columns(out, columns, columns_schema.SEGMENT)
 
     def _decode_jpegs(self, batch: pa.Table, rows: list[int]) -> list[Any]:
