@@ -194,9 +194,7 @@ class Segmenter:
             **outputs,
             "fcn_actor": [self.process] * n,
         }
-        if (
-            self.keep_pixels
-        ):  # whole images' RGB, for their overlays (a tiled image's is drawn from its mask's overview)
+        if self.keep_pixels:  # whole images' RGB for their overlays (a tiled image's is drawn from its overview)
             columns["pixels"] = [None if cores[i] else _rgb_bytes(images.get(i)) for i in range(n)]
         return with_columns(out, columns, columns_schema.SEGMENT)
 
