@@ -192,3 +192,38 @@ def test_a_depth_model_reads_tiled_tiffs_whole_and_refuses_those_above_the_limit
     ), rows["big.tif"]["error"]
     manifest = json.loads(fsspec.open(summary.manifest_uri).open().read())
     assert manifest["tiled_images"] == []
+
+
+def test_every_fcn_actor_stays_busy_on_the_windows_of_one_image(ray_cluster):
+    """``limit_read_ahead`` bounds the windows read ahead, yet leaves every FCN actor a call to run: with an instant
+    loader, calls of 2 windows and a writer, each of 2 actors takes about half of 24 windows. With half the budget,
+    Ray Data's share for the FCN actors held one call at a time: one actor took them all."""
+    import time
+
+    import ray
+
+    from pipelines.segment.pipeline import limit_read_ahead, start_actors_first
+
+    tile_size, windows = 2048, 24
+
+    class Loader:
+        def __call__(self, batch: pa.Table) -> pa.Table:
+            return batch.append_column("pixels", pa.array([bytes(tile_size * tile_size * 3)], pa.large_binary()))
+
+    class FcnActor:
+        def __call__(self, batch: pa.Table) -> pa.Table:
+            time.sleep(0.2 * batch.num_rows)
+            return pa.table({"actor": [id(self)] * batch.num_rows})
+
+    class Writer:
+        def __call__(self, batch: pa.Table) -> pa.Table:
+            return batch
+
+    ds = ray.data.from_arrow([pa.table({"window": [i]}) for i in range(windows)])
+    pool = ray.data.ActorPoolStrategy(size=1)
+    ds = ds.map_batches(Loader, batch_size=None, batch_format="pyarrow", num_cpus=0, compute=pool)
+    ds = ds.map_batches(FcnActor, batch_size=2, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=2))
+    ds = ds.map_batches(Writer, batch_size=2, batch_format="pyarrow", num_cpus=0, compute=pool)
+    ds = start_actors_first(limit_read_ahead(ds, actors=2, tile_size=tile_size), fit=True)
+    taken = sorted(np.unique([row["actor"] for row in ds.take_all()], return_counts=True)[1].tolist())
+    assert len(taken) == 2 and taken[0] >= windows // 4, taken

@@ -36,9 +36,11 @@ logger = logging.getLogger("pipelines.segment")
 
 ERROR_SAMPLES = 20  # {image_uri, error} pairs kept for the summary
 BLOCKS_PER_ACTOR = 4  # at least this many input blocks per FCN actor (while blocks hold >= batch_size rows)
-READ_AHEAD_WINDOWS = 4
-"""Windows of tiled images in Ray's object store per FCN actor, at most (``limit_read_ahead``): by default Ray Data
-lets a run fill half the object store, which the loaders did with windows read far ahead of the FCN actors."""
+READ_AHEAD_WINDOWS = 8
+"""Windows of tiled images per FCN actor that Ray's object store may hold (``limit_read_ahead``): by default Ray Data
+lets a run fill half the object store, which the loaders did with windows read far ahead of the FCN actors. Ray Data
+reserves each stage a share of this budget: at 4 per actor the FCN actors' share held one call's 2 windows, and one
+actor idled while the other ran (a 1 GP run); at 8 the windows read but not yet taken stay at 2 per actor."""
 ACTOR_START_TIMEOUT_S = 600
 """In a run with tiled images, the longest wait for the first actors of each pool to start (``start_actors_first``)."""
 
