@@ -161,8 +161,10 @@ class Predictor:
         for (height, width), indices in same_size.items():
             per_pass = max(1, self.batch_pixels // (height * width))
             for chunk in (indices[k : k + per_pass] for k in range(0, len(indices), per_pass)):
-                encoded = [self._encode(pixels[i]) for i in chunk]
-                batch = torch.stack(encoded) if len(encoded) > 1 else encoded.pop()[None]  # one image: no copy
+                if len(chunk) == 1:  # made in the model's memory format at once: no stack, no conversion copy
+                    batch = self._encode(pixels[chunk[0]], channels_last=self.channels_last)[None]
+                else:  # a stack of normalised NCHW images (faster to make than NHWC ones), converted once
+                    batch = torch.stack([self._encode(pixels[i]) for i in chunk])
                 outputs = self._decode(self._logits(batch), confidence, statistics)
                 for j, i in enumerate(chunk):
                     results[i] = outputs[j]
@@ -179,10 +181,12 @@ class Predictor:
             raise ValueError(f"this network reads {list(self.modalities)}: pass a dict of those inputs by modality")
         return image if isinstance(image, Tensor) else to_rgb_array(image)
 
-    def _encode(self, inputs: np.ndarray | Tensor | dict[str, np.ndarray | Tensor]) -> Tensor:
+    def _encode(
+        self, inputs: np.ndarray | Tensor | dict[str, np.ndarray | Tensor], *, channels_last: bool = False
+    ) -> Tensor:
         if isinstance(inputs, dict):
             return self.convention.encode(inputs, self.modalities, self.device)
-        return self.convention.to_tensor(inputs, self.device, channels_last=self.channels_last)
+        return self.convention.to_tensor(inputs, self.device, channels_last=channels_last)
 
     def _predict_tiled(
         self, image: np.ndarray | Tensor | dict[str, np.ndarray | Tensor], confidence: bool, statistics: bool
@@ -190,7 +194,7 @@ class Predictor:
         height, width = _size(image)
         tiled = {head: _TiledHead(height, width, classes, confidence) for head, classes in self.head_classes.items()}
         for y0, y1, x0, x1, cy0, cy1, cx0, cx1 in tile_windows(height, width, self.tile_size, self.margin):
-            tile = self._encode(_crop(image, y0, y1, x0, x1))[None]
+            tile = self._encode(_crop(image, y0, y1, x0, x1), channels_last=self.channels_last)[None]
             logits = {head: t[..., cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] for head, t in self._logits(tile).items()}
             [part] = self._decode(logits, confidence, statistics)
             for head, outputs in tiled.items():
