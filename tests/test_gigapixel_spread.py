@@ -198,6 +198,7 @@ def test_every_fcn_actor_stays_busy_on_the_windows_of_one_image(ray_cluster):
     """``limit_read_ahead`` bounds the windows read ahead, yet leaves every FCN actor a call to run: with an instant
     loader, calls of 2 windows and a writer, each of 2 actors takes about half of 24 windows. With half the budget,
     Ray Data's share for the FCN actors held one call at a time: one actor took them all."""
+    import os
     import time
 
     import ray
@@ -213,7 +214,7 @@ def test_every_fcn_actor_stays_busy_on_the_windows_of_one_image(ray_cluster):
     class FcnActor:
         def __call__(self, batch: pa.Table) -> pa.Table:
             time.sleep(0.2 * batch.num_rows)
-            return pa.table({"actor": [id(self)] * batch.num_rows})
+            return pa.table({"actor": [os.getpid()] * batch.num_rows})
 
     class Writer:
         def __call__(self, batch: pa.Table) -> pa.Table:

@@ -126,12 +126,14 @@ def segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: s
     # grow: new GPU nodes bring CPUs); on CPU clusters the FCN actors hold the CPUs (their torch
     # threads) and light workers holding none run beside them (``actors.light_workers``).
     spare_cpus = max(1, int(resources.get("CPU", 1)) - fewest)
-    cpu_stage = (
-        {"num_cpus": 1, "compute": actor_pool(1, spare_cpus if most == fewest else None)}
-        if use_gpus
-        else {"num_cpus": 0, "compute": actor_pool(light_workers(fewest), light_workers(most) if most else None)}
-    )
-    cpu_stage["runtime_env"] = {"env_vars": ALLOCATOR_ENV}
+    cpu_stage = {
+        "runtime_env": {"env_vars": ALLOCATOR_ENV},
+        **(
+            {"num_cpus": 1, "compute": actor_pool(1, spare_cpus if most == fewest else None)}
+            if use_gpus  # on CPUs ``most`` is a number: default_actors' fixed pool or --actors MIN-MAX
+            else {"num_cpus": 0, "compute": actor_pool(light_workers(fewest), light_workers(most))}
+        ),
+    }
     schema = stats_schema(
         model.class_names, model.palette, {"uri": model.uri, "version": model.version, "arch": model.arch}, model.heads
     )
