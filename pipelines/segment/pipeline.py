@@ -88,7 +88,7 @@ def plan_blocks(sources: pa.Table, *, rows: int, megabytes: float, min_blocks: i
 
 def limit_read_ahead(ds: Any, actors: int, tile_size: int) -> Any:
     """``ds`` with Ray Data's object-store budget (its backpressure) set to ``READ_AHEAD_WINDOWS`` RGB windows of
-    ``tile_size`` per FCN actor, for this dataset only (its own context: a copy made by ``from_arrow``). Whole images
+    ``tile_size`` per FCN actor, for this dataset only (its own context: a copy made by ``from_blocks``). Whole images
     in the same run then load one block at a time per stage."""
     limits = ds.context.execution_options.resource_limits
     budget = READ_AHEAD_WINDOWS * actors * tile_size**2 * 3
@@ -159,7 +159,9 @@ def segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: s
     # restarts) and with it the progress bar and the run's start-up and steady-state figures.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     tally = ray.remote(Tally).options(num_cpus=0, scheduling_strategy=here).remote()
-    ds = ray.data.from_arrow(blocks)
+    # from_blocks takes each block's metadata from the block here; from_arrow runs a remote task per block at once,
+    # and the driver stayed 53 KB larger per block (one per window: 0.1 GB at 4 GP); from_blocks 9 KB
+    ds = ray.data.from_blocks(blocks)
     ds = ds.map_batches(
         load.ImageLoader,
         batch_format="pyarrow",
