@@ -82,36 +82,46 @@ def test_progress_counts_windows_while_their_images_are_in_flight(monkeypatch, c
 
 def test_fcn_actors_that_start_late_still_take_windows(ray_cluster):
     """``start_actors_first``: Ray Data starts every pool's first actors before any block flows. Without it the
-    first FCN actor up takes the first calls, as many as Ray Data queues on an actor (2), here both windows, and is
-    done with them before the second has started."""
+    first FCN actor up takes the first calls, as many as Ray Data queues on an actor (2), here both windows, before
+    the second has started. Each call waits (up to ``wait_s``) for the other actor to take a window, so the test
+    does not depend on how soon Ray Data dispatches the second window: on a loaded machine its backpressure held a
+    loader's output for seconds, and an actor free again by then took it."""
     import time
 
     import ray
 
-    from pipelines.segment.pipeline import limit_read_ahead, start_actors_first
+    from pipelines.segment.pipeline import start_actors_first
 
-    tile_size, late_s, call_s = 640, 8.0, 1.5
+    tile_size, late_s, wait_s = 640, 8.0, 30.0
 
     @ray.remote(num_cpus=0)
-    class Starts:
+    class Calls:
         def __init__(self) -> None:
-            self.count = 0
+            self.started, self.took = 0, set()
 
-        def next(self) -> int:
-            self.count += 1
-            return self.count
+        def start(self) -> int:
+            self.started += 1
+            return self.started
+
+        def take(self, actor: int) -> bool:
+            """Note a window taken by ``actor``; whether another actor has taken one."""
+            self.took.add(actor)
+            return len(self.took) > 1
 
     class Loader:
         def __call__(self, batch: pa.Table) -> pa.Table:
             return batch.append_column("pixels", pa.array([bytes(tile_size * tile_size * 3)], pa.large_binary()))
 
     class FcnActor:
-        def __init__(self, starts) -> None:
-            self.order = ray.get(starts.next.remote())
+        def __init__(self, calls) -> None:
+            self.calls = calls
+            self.order = ray.get(calls.start.remote())
             time.sleep(0 if self.order == 1 else late_s)
 
         def __call__(self, batch: pa.Table) -> pa.Table:
-            time.sleep(call_s)
+            deadline = time.monotonic() + wait_s
+            while not ray.get(self.calls.take.remote(self.order)) and time.monotonic() < deadline:
+                time.sleep(0.2)
             return pa.table({"actor": [self.order] * batch.num_rows})
 
     ds = ray.data.from_arrow([pa.table({"window": [i]}) for i in range(2)])
@@ -122,9 +132,9 @@ def test_fcn_actors_that_start_late_still_take_windows(ray_cluster):
         batch_size=1,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=2),
-        fn_constructor_kwargs={"starts": Starts.remote()},
+        fn_constructor_kwargs={"calls": Calls.remote()},
     )
-    ds = start_actors_first(limit_read_ahead(ds, actors=2, tile_size=tile_size), fit=True)
+    ds = start_actors_first(ds, fit=True)
     actors = [row["actor"] for row in ds.take_all()]
     assert sorted(actors) == [1, 2], actors
 
