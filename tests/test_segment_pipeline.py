@@ -384,6 +384,63 @@ def test_images_whose_names_hold_a_query_get_masks_of_their_own_on_s3(
     _check_masks(output, table, files, model)  # each mask has its own image's size and labels
 
 
+@pytest.mark.parametrize("stage", ["loader", "segmenter"])
+def test_an_image_that_ends_the_process_every_time_becomes_one_error_row(
+    ray_cluster: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage: str
+) -> None:
+    """A loader or FCN actor whose process dies whenever one image is in its call (a decoder's crash, a fatal
+    device error): Ray restarts it and retries; the image is isolated and given up after CRASH_LIMIT deaths,
+    and every other image lands once."""
+    import cloudpickle
+
+    from pipelines.segment import load
+    from pipelines.segment.crashes import CRASH_LIMIT
+
+    deaths = tmp_path / "deaths"
+    deaths.mkdir()
+    files = good_images(seed=5, count=8)
+    poison = sorted(files)[3]
+
+    def die_on_poison(batch) -> None:
+        errors = batch["error"].to_pylist() if "error" in batch.column_names else [None] * batch.num_rows
+        poisoned = any(uri.endswith(poison) and not error for uri, error in zip(batch["image_uri"].to_pylist(), errors))
+        count = len(os.listdir(deaths))
+        if poisoned and count < CRASH_LIMIT + 2:  # a few more than the limit: without the guard, ok rows, not a hang
+            (deaths / str(count)).touch()
+            os._exit(1)
+
+    class PoisonedLoader(load.ImageLoader):
+        def load(self, batch):
+            die_on_poison(batch)
+            return super().load(batch)
+
+    class PoisonedSegmenter(infer.Segmenter):
+        def _segment(self, batch):
+            die_on_poison(batch)
+            return super()._segment(batch)
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import test modules
+    if stage == "loader":
+        monkeypatch.setattr(load, "ImageLoader", PoisonedLoader)
+    else:
+        monkeypatch.setattr(infer, "Segmenter", PoisonedSegmenter)
+    model = tiny_checkpoint(str(tmp_path / "model.pt"), num_classes=NUM_CLASSES)
+    upload(str(tmp_path / "in"), files)
+    output = f"file://{tmp_path}/out"
+
+    summary = run_segmentation(_config(str(tmp_path / "in"), output, model, batch_size=4))
+
+    assert len(os.listdir(deaths)) == CRASH_LIMIT
+    assert (summary.ok, summary.error) == (len(files) - 1, 1)
+    table = _stats(output)
+    _check_one_row_per_key(table, set(files))
+    [failed] = [row for row in table.to_pylist() if row["status"] != "ok"]
+    prefix = "decode: the loader's" if stage == "loader" else "inference: the FCN actor's"
+    assert failed["key"] == poison
+    assert failed["error"].startswith(f"{prefix} process ended {CRASH_LIMIT} times with this row in its call")
+    _check_masks(output, table, files, model)
+
+
 def test_sigint_exits_130_and_the_same_command_resumes(ray_cluster: None, tmp_path: Path) -> None:
 
     model = tiny_checkpoint(str(tmp_path / "model.pt"), num_classes=NUM_CLASSES)

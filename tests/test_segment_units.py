@@ -688,3 +688,30 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_image(
         err = capsys.readouterr().err
         assert "--output: cannot write to" in err and reason in err, err
     assert not fsspec_.filesystem("s3", skip_instance_cache=True).exists("no-such-bucket-here")  # not created
+
+
+def test_the_rows_that_ended_processes_are_counted_per_row_and_window() -> None:
+    """The tally's record of rows in calls: a key is charged once per call that never cleared it (its process
+    died); a window of a tiled image is a row of its own, apart from its image's other windows."""
+    from pipelines.segment.crashes import row_keys
+    from pipelines.segment.progress import Tally
+
+    batch = pa.table(
+        {
+            "image_uri": ["s3://b/a.jpg", "s3://b/big.tif", "s3://b/big.tif"],
+            "window": pa.array([None, [0, 2048, 0, 2048], [0, 2048, 1472, 3520]], pa.list_(pa.int64())),
+        }
+    )
+    keys = row_keys(batch)
+    assert len(set(keys)) == 3 and keys[0] == "s3://b/a.jpg"
+    tally = Tally()
+    assert tally.in_flight(keys) == [0, 0, 0]  # a call that dies with them
+    assert tally.in_flight(keys) == [1, 1, 1]  # its retry
+    tally.done(keys)
+    assert tally.in_flight(keys[2:]) == [1]  # the windows alone: the second one dies too
+    assert tally.in_flight(keys) == [1, 1, 2]
+    tally.done(keys)
+    assert tally.in_flight(keys[:1]) == [1]
+    tally.done(keys[:1])
+    tally.done(keys[:1])
+    assert tally.in_flight(keys[:1]) == [0]  # cleared by the calls that finished

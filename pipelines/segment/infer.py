@@ -19,6 +19,7 @@ import pyarrow as pa
 from fcn.heads import head_key
 from pipelines.common.decode import decode_image, orient
 from pipelines.segment import schema as columns_schema
+from pipelines.segment.crashes import isolate_crashes
 from pipelines.segment.load import DEPTH_MODALITIES
 from pipelines.segment.schema import binary_views, with_columns
 from pipelines.segment.tiles import keep_core
@@ -77,6 +78,7 @@ class Segmenter:
     retried in smaller tiles, and only then does it become an error row. A fatal device error (see
     ``fatal_device_error``) is raised; with ``exit_on_fatal_error`` (set by the Ray job) it ends the
     process instead, so that Ray restarts the actor with a fresh CUDA context and retries the batch.
+    With a ``tally``, a row that keeps ending the process becomes an error row (``crashes.isolate_crashes``).
     """
 
     def __init__(
@@ -112,7 +114,7 @@ class Segmenter:
         )
         self.max_image_pixels = max_image_pixels
         self.keep_pixels = keep_pixels  # overlays of whole images need their RGB pixels downstream
-        self.tally = tally  # a Tally actor (or None): the driver's progress counts images and windows as segmented
+        self.tally = tally  # a Tally actor (or None): the driver's progress, and the rows that end processes
         self.process = f"{socket.gethostname()}:{os.getpid()}"  # names this actor in the bookkeeping of tiled images
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -120,7 +122,7 @@ class Segmenter:
         ``mean_confidence`` and ``inference_ms``; a failure becomes the row's ``error``, except a fatal
         device error (raised, or the end of the process with ``exit_on_fatal_error``)."""
         try:
-            return self._segment(batch)
+            return isolate_crashes(self._segment, batch, self.tally, self._give_up, columns_schema.SEGMENT)
         except Exception as error:
             if self.exit_on_fatal_error and fatal_device_error(error):
                 logger.critical(
@@ -130,6 +132,13 @@ class Segmenter:
                 logging.shutdown()
                 os._exit(1)  # the CUDA context cannot be reset in-process; a clean exit would not be restarted
             raise
+
+    def _give_up(self, row: pa.Table, deaths: int) -> pa.Table:
+        message = (
+            f"inference: the FCN actor's process ended {deaths} times with this row in its call (a fatal device "
+            "error, a crash or the out-of-memory killer); not tried again"
+        )
+        return self._segment(row.set_column(row.schema.get_field_index("error"), "error", pa.array([message])))
 
     def _segment(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
@@ -147,7 +156,7 @@ class Segmenter:
                     inputs = images[i] if isinstance(images[i], dict) else {"rgb": images[i]}
                     inputs[modality] = np.frombuffer(buffer, dtype).reshape(heights[i], widths[i], *shape)
                     images[i] = inputs
-        jpeg_rows = [i for i, valid in enumerate(batch["jpeg"].is_valid().to_pylist()) if valid]
+        jpeg_rows = [i for i, valid in enumerate(batch["jpeg"].is_valid().to_pylist()) if valid and errors[i] is None]
         if jpeg_rows:
             start = time.perf_counter()
             decoded = self._decode_jpegs(batch, jpeg_rows)

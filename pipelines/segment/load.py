@@ -18,6 +18,7 @@ from pipelines.common import objectstore
 from pipelines.common.decode import decode_depth, decode_image, device_jpeg_orientation
 from pipelines.common.storage import PERMANENT_IO_ERRORS, backoff_s
 from pipelines.segment import schema as columns_schema
+from pipelines.segment.crashes import isolate_crashes
 from pipelines.segment.keys import unsafe_key_reason
 from pipelines.segment.schema import with_columns
 from pipelines.segment.tiff import probe_tiled
@@ -69,9 +70,11 @@ def load_images(
     depth_prefix: str | None = None,
     camera: str = "",
     modalities: tuple[str, ...] = ("rgb",),
+    error: str | None = None,
 ) -> pa.Table:
     """Fetch and decode the images of ``batch``: adds ``pixels`` (raw ``HxWx3`` RGB, displayed
-    orientation), ``height``, ``width``, ``read_ms``, ``decode_ms`` and ``error``. With ``device_jpegs``,
+    orientation), ``height``, ``width``, ``read_ms``, ``decode_ms`` and ``error`` (with ``error`` given, every
+    row's, and nothing is read). With ``device_jpegs``,
     JPEGs that nvJPEG decodes are left encoded in ``jpeg`` with their EXIF ``orientation`` for the
     FCN actor to decode on its GPU (the header is still checked here, bomb guard included). A model
     that reads depth gets each image's depth map from ``depth_prefix`` (see ``depth_uri``) as
@@ -81,7 +84,8 @@ def load_images(
     Image.MAX_IMAGE_PIXELS = None  # the decoders apply --max-image-pixels themselves, naming the flag
     n = batch.num_rows
     errors: list[str | None] = [
-        None if reason is None else f"key: {reason}" for reason in map(unsafe_key_reason, batch["key"].to_pylist())
+        error or (None if reason is None else f"key: {reason}")
+        for reason in map(unsafe_key_reason, batch["key"].to_pylist())
     ]
     windows = batch["window"].to_pylist() if "window" in batch.column_names else [None] * n
     # keys that cannot name an output are not even read; the windows of tiled images are read by window
@@ -226,10 +230,23 @@ def _load_depth(
 
 class ImageLoader:
     """Ray actor for the decoding stage: ``load_images`` with fixed options. A long-lived worker
-    (rather than a task per block) imports its libraries once and is never reaped and restarted."""
+    (rather than a task per block) imports its libraries once and is never reaped and restarted. With a
+    ``tally``, a row that keeps ending the process becomes an error row (``crashes.isolate_crashes``)."""
 
-    def __init__(self, **options: Any):
+    def __init__(self, tally: Any | None = None, **options: Any):
+        self.tally = tally
         self.options = options
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        return isolate_crashes(self.load, batch, self.tally, self._give_up, columns_schema.LOAD)
+
+    def load(self, batch: pa.Table) -> pa.Table:
+        """``load_images`` of ``batch`` with this loader's options."""
         return load_images(batch, **self.options)
+
+    def _give_up(self, row: pa.Table, deaths: int) -> pa.Table:
+        message = (
+            f"decode: the loader's process ended {deaths} times with this row in its call (a crash in a decoder "
+            "or the out-of-memory killer); not tried again"
+        )
+        return load_images(row, **self.options, error=message)

@@ -167,6 +167,7 @@ def segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: s
         batch_format="pyarrow",
         batch_size=None,  # a whole input block per call
         fn_constructor_kwargs={
+            "tally": tally,
             "storage_options": config.storage_options,
             "retries": config.read_retries,
             "max_image_pixels": config.max_image_pixels,
@@ -179,7 +180,8 @@ def segment_on_ray(config: SegmentConfig, todo: pa.Table, output: str, run_id: s
         **cpu_stage,
     )
     # Ray Data's actor pools restart a dead actor and redo its batches without limit (max_restarts and
-    # max_task_retries -1): a lost node and a fatal device error (the actor ends itself) are both survived.
+    # max_task_retries -1): a lost node and a fatal device error (the actor ends itself) are both survived;
+    # a row that ends the process each time becomes an error row (crashes.isolate_crashes, with the tally)
     ds = ds.map_batches(
         infer.Segmenter,
         batch_format="pyarrow",

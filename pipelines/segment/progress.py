@@ -114,11 +114,13 @@ def _duration(seconds: float) -> str:
 
 
 class Tally:
-    """A running count of segmented images and windows, run as a Ray actor that the FCN actors add to."""
+    """A run's Ray actor for its workers' shared counts: the segmented images and windows that the FCN actors
+    add to, and the rows in the loaders' and FCN actors' calls (``pipelines.segment.crashes``)."""
 
     def __init__(self) -> None:
         self.images = 0
         self.windows = 0
+        self.calls: dict[str, int] = {}  # row key: calls that took the row and have not cleared it
 
     def add(self, images: int, windows: int = 0) -> None:
         self.images += images
@@ -126,3 +128,19 @@ class Tally:
 
     def get(self) -> tuple[int, int]:
         return self.images, self.windows
+
+    def in_flight(self, keys: list[str]) -> list[int]:
+        """Record ``keys`` as in a call; returns, per key, the calls that took it before and never cleared it
+        (their processes died)."""
+        before = [self.calls.get(key, 0) for key in keys]
+        for key in keys:
+            self.calls[key] = self.calls.get(key, 0) + 1
+        return before
+
+    def done(self, keys: list[str]) -> None:
+        """Clear one call's record of ``keys``."""
+        for key in keys:
+            if self.calls.get(key, 0) > 1:
+                self.calls[key] -= 1
+            else:
+                self.calls.pop(key, None)
