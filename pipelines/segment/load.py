@@ -73,12 +73,12 @@ def load_images(
     error: str | None = None,
 ) -> pa.Table:
     """Fetch and decode the images of ``batch``: adds ``pixels`` (raw ``HxWx3`` RGB, displayed
-    orientation), ``height``, ``width``, ``read_ms``, ``decode_ms`` and ``error`` (with ``error`` given, every
-    row's, and nothing is read). With ``device_jpegs``,
-    JPEGs that nvJPEG decodes are left encoded in ``jpeg`` with their EXIF ``orientation`` for the
-    FCN actor to decode on its GPU (the header is still checked here, bomb guard included). A model
-    that reads depth gets each image's depth map from ``depth_prefix`` (see ``depth_uri``) as
-    ``depth`` (raw float32 metres) and/or ``hha`` (raw ``HxWx3``, computed here with ``camera``)."""
+    orientation), ``height``, ``width``, ``read_ms``, ``decode_ms`` and ``error`` (with ``error`` given,
+    every row's, and nothing is read). With ``device_jpegs``, JPEGs that nvJPEG decodes are left encoded
+    in ``jpeg`` with their EXIF ``orientation`` for the FCN actor to decode on its GPU (the header is
+    still checked here, bomb guard included). A model that reads depth gets each image's depth map from
+    ``depth_prefix`` (see ``depth_uri``) as ``depth`` (raw float32 metres) and/or ``hha`` (raw ``HxWx3``,
+    computed here with ``camera``)."""
     from PIL import Image
 
     Image.MAX_IMAGE_PIXELS = None  # the decoders apply --max-image-pixels themselves, naming the flag
